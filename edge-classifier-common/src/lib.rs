@@ -1,0 +1,208 @@
+//! Map keys, values and layout constants shared by the XDP program and the loader.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding fields so that the kernel and userspace
+//! agree on the bytes; the `user` feature adds `aya::Pod` so the loader can write them into maps.
+#![no_std]
+
+/// Rule tables are double-buffered: userspace fills the inactive half, then flips [`ACTIVE`].
+pub const BUFFERS: u32 = 2;
+
+/// Transport index used in the port tables.
+pub const TRANSPORT_TCP: u32 = 0;
+pub const TRANSPORT_UDP: u32 = 1;
+pub const TRANSPORTS: u32 = 2;
+pub const PORT_SPACE: u32 = 65536;
+/// Entries of the `PORTS` array: buffer × transport × port.
+pub const PORT_ENTRIES: u32 = BUFFERS * TRANSPORTS * PORT_SPACE;
+
+/// Rules that may cover the same (transport, direction, port); more is a catalogue error.
+pub const MAX_CANDIDATES: usize = 8;
+/// Rule slots (counter identities) the program knows.
+pub const MAX_RULES: u32 = 16384;
+/// Distinct port classes per buffer; class 0 means "no rule" and is never stored.
+pub const MAX_CLASSES: u32 = 2 * MAX_RULES + 2;
+/// Prefixes per address family and buffer.
+pub const MAX_PREFIXES: u32 = 1 << 21;
+
+/// Interfaces are looked up by `ifindex % IFACE_SLOTS` and verified against the stored ifindex.
+pub const IFACE_SLOTS: u32 = 4096;
+/// Counter blocks; block 0 counts frames on interfaces that no binding names.
+pub const MAX_IFACES: u32 = 16;
+
+/// Set bit 0: the address is one the Edge protects (a rule's local set or a `protected` set).
+pub const SET_PROTECTED: u64 = 1 << 0;
+/// Set bit 1: every address (the built-in `any` set); every prefix carries it.
+pub const SET_ANY: u64 = 1 << 1;
+/// First bit available to named address sets.
+pub const FIRST_NAMED_SET_BIT: u32 = 2;
+pub const MAX_NAMED_SETS: u32 = 64 - FIRST_NAMED_SET_BIT;
+
+/// Policy flags (`Policy::flags`).
+pub const POLICY_PASS_UNPROTECTED: u32 = 1 << 0;
+pub const POLICY_PASS_FRAGMENTS: u32 = 1 << 1;
+pub const POLICY_PASS_NON_IP: u32 = 1 << 2;
+/// Monitor mode: frames that no rule allows are passed but counted under `no_rule`.
+pub const POLICY_DEFAULT_PASS: u32 = 1 << 3;
+
+/// Rule flags (`RuleMatch::flags`).
+pub const RULE_OUTBOUND: u32 = 1 << 0;
+
+/// Why a frame was passed or dropped. Index into a counter block.
+pub mod reason {
+    pub const PASS_ARP: u32 = 0;
+    pub const PASS_NEIGHBOUR_DISCOVERY: u32 = 1;
+    pub const PASS_ICMP: u32 = 2;
+    pub const PASS_UNPROTECTED: u32 = 3;
+    pub const PASS_NON_IP: u32 = 4;
+    pub const PASS_FRAGMENT: u32 = 5;
+    pub const PASS_MONITOR: u32 = 6;
+    pub const PASS_UNBOUND_INTERFACE: u32 = 7;
+    pub const DROP_NO_RULE: u32 = 8;
+    pub const DROP_FRAGMENT: u32 = 9;
+    pub const DROP_SHORT_FRAGMENT: u32 = 10;
+    pub const DROP_MALFORMED: u32 = 11;
+    pub const DROP_NOT_ESTABLISHED: u32 = 12;
+    pub const DROP_ICMP: u32 = 13;
+    pub const DROP_UNPROTECTED: u32 = 14;
+    pub const DROP_NON_IP: u32 = 15;
+    pub const COUNT: u32 = 16;
+
+    /// Label values, indexed by reason; `true` where the reason is a drop.
+    pub const NAMES: [(&str, bool); COUNT as usize] = [
+        ("arp", false),
+        ("neighbour_discovery", false),
+        ("icmp", false),
+        ("unprotected", false),
+        ("non_ip", false),
+        ("fragment", false),
+        ("monitor", false),
+        ("unbound_interface", false),
+        ("no_rule", true),
+        ("fragment", true),
+        ("short_fragment", true),
+        ("malformed", true),
+        ("not_established", true),
+        ("icmp", true),
+        ("unprotected", true),
+        ("non_ip", true),
+    ];
+}
+
+/// A counter block per interface: the reasons first, then one counter per rule slot.
+pub const RULE_COUNTER_BASE: u32 = 32;
+pub const STATS_STRIDE: u32 = RULE_COUNTER_BASE + MAX_RULES;
+pub const STATS_ENTRIES: u32 = MAX_IFACES * STATS_STRIDE;
+
+/// Per-CPU counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What the program does with frames no rule speaks of; one per buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub flags: u32,
+    pub _pad: u32,
+    /// ICMP types (0..=255) that pass to protected addresses, as a bitmap.
+    pub icmp4: [u64; 4],
+    /// ICMPv6 types that pass; neighbour discovery (133–137) passes regardless.
+    pub icmp6: [u64; 4],
+}
+
+/// Binding of a NIC to a role and a counter block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceInfo {
+    /// 0 marks an empty slot.
+    pub ifindex: u32,
+    /// Bit `1 << role` for the role this NIC has.
+    pub role_mask: u32,
+    /// Counter block index (1..MAX_IFACES).
+    pub block: u32,
+    pub _pad: u32,
+}
+
+/// Port classes of one (buffer, transport, port), looked up by a frame's destination port
+/// (`inbound`, `reply_to`) and by its source port (`reply_from`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    /// Inbound rules whose service port this is.
+    pub inbound: u32,
+    /// Outbound rules whose remote service port this is: replies come from it.
+    pub reply_from: u32,
+    /// Outbound rules whose Edge-side (local) port range holds this port: replies go to it.
+    pub reply_to: u32,
+    pub _pad: u32,
+}
+
+/// One rule as the data plane sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleMatch {
+    /// Set bits that the Edge-side address must carry one of.
+    pub local_mask: u64,
+    /// Set bits that the peer address must carry one of.
+    pub remote_mask: u64,
+    /// Counter slot (stable across reloads for an unchanged rule id).
+    pub slot: u32,
+    pub role_mask: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The rules that cover one port class, in catalogue order (first match wins).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleClass {
+    pub count: u32,
+    pub _pad: u32,
+    pub rules: [RuleMatch; MAX_CANDIDATES],
+}
+
+/// LPM key data for IPv4: the buffer byte first, so one trie holds both halves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lpm4 {
+    pub buffer: u8,
+    pub addr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lpm6 {
+    pub buffer: u8,
+    pub addr: [u8; 16],
+}
+
+/// Bits of the buffer byte in an LPM key.
+pub const LPM_BUFFER_BITS: u32 = 8;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for Policy {}
+    unsafe impl aya::Pod for IfaceInfo {}
+    unsafe impl aya::Pod for PortEntry {}
+    unsafe impl aya::Pod for RuleMatch {}
+    unsafe impl aya::Pod for RuleClass {}
+    unsafe impl aya::Pod for Lpm4 {}
+    unsafe impl aya::Pod for Lpm6 {}
+}
+
+// Padding would leak uninitialised bytes into map values and break byte-wise comparisons.
+const _: () = {
+    assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<Policy>() == 72);
+    assert!(core::mem::size_of::<IfaceInfo>() == 16);
+    assert!(core::mem::size_of::<PortEntry>() == 16);
+    assert!(core::mem::size_of::<RuleMatch>() == 32);
+    assert!(core::mem::size_of::<RuleClass>() == 8 + 32 * MAX_CANDIDATES);
+    assert!(core::mem::size_of::<Lpm4>() == 5);
+    assert!(core::mem::size_of::<Lpm6>() == 17);
+};

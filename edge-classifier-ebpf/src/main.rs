@@ -1,0 +1,285 @@
+//! XDP ingress classifier: every frame is matched against the port matrix in the maps below and
+//! passed or dropped, and counted under the rule or reason that decided it.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use edge_classifier_common::{
+    BUFFERS, Counter, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4, Lpm6, MAX_CANDIDATES,
+    MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP,
+    POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE, Policy, PortEntry, RULE_COUNTER_BASE,
+    RuleClass, SET_ANY, SET_PROTECTED, STATS_ENTRIES, STATS_STRIDE, TRANSPORT_TCP, TRANSPORT_UDP,
+    TRANSPORTS, reason,
+};
+use parse::{Addr, Fragment, L3, L4, Malformed};
+
+#[map]
+static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+static POLICY: Array<Policy> = Array::with_max_entries(BUFFERS, 0);
+#[map]
+static IFACES: Array<IfaceInfo> = Array::with_max_entries(IFACE_SLOTS, 0);
+#[map]
+static PORTS: Array<PortEntry> = Array::with_max_entries(PORT_ENTRIES, 0);
+#[map]
+static CLASSES: Array<RuleClass> = Array::with_max_entries(BUFFERS * MAX_CLASSES, 0);
+#[map]
+static SETS_V4: LpmTrie<Lpm4, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map]
+static SETS_V6: LpmTrie<Lpm6, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map]
+static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+
+/// What to do with a frame and which counter (reason or rule) records it.
+#[derive(Clone, Copy)]
+struct Verdict {
+    action: u32,
+    counter: u32,
+}
+
+impl Verdict {
+    const fn pass(reason: u32) -> Self {
+        Self {
+            action: xdp_action::XDP_PASS,
+            counter: reason,
+        }
+    }
+    const fn drop(reason: u32) -> Self {
+        Self {
+            action: xdp_action::XDP_DROP,
+            counter: reason,
+        }
+    }
+    const fn rule(slot: u32) -> Self {
+        Self {
+            action: xdp_action::XDP_PASS,
+            counter: RULE_COUNTER_BASE + slot,
+        }
+    }
+}
+
+#[xdp]
+pub fn edge_classifier(ctx: XdpContext) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let (block, role_mask) = match IFACES.get(ifindex % IFACE_SLOTS) {
+        Some(iface) if iface.ifindex == ifindex && iface.block != 0 => {
+            (iface.block, iface.role_mask)
+        }
+        _ => (0, 0),
+    };
+    let verdict = if block == 0 {
+        Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
+    } else {
+        let active = match ACTIVE.get(0) {
+            Some(a) => *a & 1,
+            None => 0,
+        };
+        match POLICY.get(active) {
+            Some(policy) => match try_classify(&ctx, active, role_mask, policy) {
+                Ok(v) => v,
+                Err(Malformed) => Verdict::drop(reason::DROP_MALFORMED),
+            },
+            None => Verdict::drop(reason::DROP_MALFORMED),
+        }
+    };
+    count(block, verdict.counter, ctx.data_end() - ctx.data());
+    verdict.action
+}
+
+#[inline(always)]
+fn count(block: u32, counter: u32, len: usize) {
+    if let Some(c) = STATS.get_ptr_mut(block * STATS_STRIDE + counter) {
+        // Per-CPU slot: no other writer, so plain adds are enough.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len as u64;
+        }
+    }
+}
+
+#[inline(always)]
+fn try_classify(
+    ctx: &XdpContext,
+    active: u32,
+    role_mask: u32,
+    policy: &Policy,
+) -> Result<Verdict, Malformed> {
+    let l3 = match parse::l3(ctx)? {
+        L3::Arp => return Ok(Verdict::pass(reason::PASS_ARP)),
+        L3::Other => {
+            return Ok(if policy.flags & POLICY_PASS_NON_IP != 0 {
+                Verdict::pass(reason::PASS_NON_IP)
+            } else {
+                Verdict::drop(reason::DROP_NON_IP)
+            });
+        }
+        L3::Ip(ip) => ip,
+    };
+
+    // Neighbour discovery keeps the link alive whatever the address policy says.
+    if l3.is_v6 && l3.proto == parse::IPPROTO_ICMPV6 && l3.fragment != Fragment::Later {
+        let ty = parse::icmp_type(ctx, &l3)?;
+        if (133..=137).contains(&ty) {
+            return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
+        }
+    }
+
+    let local_bits = set_bits(active, &l3.dst);
+    if local_bits & SET_PROTECTED == 0 {
+        return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
+            Verdict::pass(reason::PASS_UNPROTECTED)
+        } else {
+            Verdict::drop(reason::DROP_UNPROTECTED)
+        });
+    }
+
+    if l3.fragment == Fragment::Later {
+        return Ok(if policy.flags & POLICY_PASS_FRAGMENTS != 0 {
+            Verdict::pass(reason::PASS_FRAGMENT)
+        } else {
+            Verdict::drop(reason::DROP_FRAGMENT)
+        });
+    }
+
+    let (transport, sport, dport) = match parse::l4(ctx, &l3)? {
+        L4::Tcp { sport, dport } => (TRANSPORT_TCP, sport, dport),
+        L4::Udp { sport, dport } => (TRANSPORT_UDP, sport, dport),
+        L4::Icmp { ty } => {
+            let allowed = if l3.is_v6 {
+                &policy.icmp6
+            } else {
+                &policy.icmp4
+            };
+            return Ok(if bit_set(allowed, ty) {
+                Verdict::pass(reason::PASS_ICMP)
+            } else {
+                Verdict::drop(reason::DROP_ICMP)
+            });
+        }
+        L4::ShortFragment => return Ok(Verdict::drop(reason::DROP_SHORT_FRAGMENT)),
+        L4::Other => return Ok(no_rule(policy)),
+    };
+
+    let mut remote = Remote {
+        addr: &l3.src,
+        bits: None,
+        active,
+    };
+    let base = active * TRANSPORTS * PORT_SPACE + transport * PORT_SPACE;
+    let dentry = PORTS.get(base + dport as u32);
+    if let Some(entry) = dentry
+        && entry.inbound != 0
+        && let Some(slot) = match_class(active, entry.inbound, local_bits, &mut remote, role_mask)
+    {
+        return Ok(Verdict::rule(slot));
+    }
+    // A frame from an outbound rule's service port claims to be a reply to a flow the Edge
+    // opened. Without a flow table entry for it, that claim is unproven: fail closed.
+    let reply_to = match dentry {
+        Some(entry) => entry.reply_to,
+        None => 0,
+    };
+    if reply_to != 0 && match_class(active, reply_to, local_bits, &mut remote, role_mask).is_some()
+    {
+        return Ok(Verdict::drop(reason::DROP_NOT_ESTABLISHED));
+    }
+    if let Some(entry) = PORTS.get(base + sport as u32)
+        && entry.reply_from != 0
+        && match_class(active, entry.reply_from, local_bits, &mut remote, role_mask).is_some()
+    {
+        return Ok(Verdict::drop(reason::DROP_NOT_ESTABLISHED));
+    }
+    Ok(no_rule(policy))
+}
+
+#[inline(always)]
+fn no_rule(policy: &Policy) -> Verdict {
+    if policy.flags & POLICY_DEFAULT_PASS != 0 {
+        Verdict::pass(reason::PASS_MONITOR)
+    } else {
+        Verdict::drop(reason::DROP_NO_RULE)
+    }
+}
+
+#[inline(always)]
+fn bit_set(map: &[u64; 4], bit: u8) -> bool {
+    let word = (bit >> 6) as usize;
+    word < 4 && map[word] & (1u64 << (bit & 63)) != 0
+}
+
+/// The peer's set bits, looked up only when a candidate rule narrows the remote side.
+struct Remote<'a> {
+    addr: &'a Addr,
+    bits: Option<u64>,
+    active: u32,
+}
+
+impl Remote<'_> {
+    #[inline(always)]
+    fn bits(&mut self) -> u64 {
+        match self.bits {
+            Some(b) => b,
+            None => {
+                let b = set_bits(self.active, self.addr);
+                self.bits = Some(b);
+                b
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn set_bits(active: u32, addr: &Addr) -> u64 {
+    let buffer = active as u8;
+    let found = match addr {
+        Addr::V4(a) => SETS_V4.get(Key::new(LPM_BUFFER_BITS + 32, Lpm4 { buffer, addr: *a })),
+        Addr::V6(a) => SETS_V6.get(Key::new(LPM_BUFFER_BITS + 128, Lpm6 { buffer, addr: *a })),
+    };
+    match found {
+        Some(bits) => *bits,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn match_class(
+    active: u32,
+    class: u32,
+    local_bits: u64,
+    remote: &mut Remote,
+    role_mask: u32,
+) -> Option<u32> {
+    let class = CLASSES.get(active * MAX_CLASSES + class)?;
+    let n = class.count as usize;
+    for i in 0..MAX_CANDIDATES {
+        if i >= n {
+            break;
+        }
+        let rule = &class.rules[i];
+        if rule.role_mask & role_mask == 0 || rule.local_mask & local_bits == 0 {
+            continue;
+        }
+        if rule.remote_mask & SET_ANY == 0 && rule.remote_mask & remote.bits() == 0 {
+            continue;
+        }
+        return Some(rule.slot);
+    }
+    None
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

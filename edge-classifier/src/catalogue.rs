@@ -1,0 +1,733 @@
+//! The rule catalogue: TOML in, a validated [`Catalogue`] out, with every error pointing at the
+//! file, line and column that caused it.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, ops::Range, path::Path};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The default catalogue: the seed port matrix (S1, P1–P6, X1–X3) on documentation addresses.
+pub const DEFAULT_CATALOGUE: &str = include_str!("default-catalogue.toml");
+pub const DEFAULT_NAME: &str = "<default catalogue>";
+
+/// The built-in set that holds every address.
+pub const ANY: &str = "any";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueError {
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Remote → local:port, matched on ingress.
+    Inbound,
+    /// The Edge opens local → remote:port; ingress sees only the replies.
+    Outbound,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Drop,
+    Pass,
+}
+
+/// An inclusive port range; a single port is `lo == hi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.lo <= port && port <= self.hi
+    }
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.lo <= other.hi && other.lo <= self.hi
+    }
+    pub fn covers(&self, other: &PortRange) -> bool {
+        self.lo <= other.lo && other.hi <= self.hi
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// `port = 5061` or `port = "50000-59999"` as written.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPort {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalogue {
+    #[serde(default)]
+    policy: RawPolicy,
+    interfaces: BTreeMap<String, String>,
+    #[serde(default)]
+    sets: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    default: Option<Action>,
+    #[serde(default)]
+    unprotected: Option<Action>,
+    #[serde(default)]
+    fragments: Option<Action>,
+    #[serde(default)]
+    non_ip: Option<Action>,
+    #[serde(default)]
+    protected: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    icmp: Option<Vec<Spanned<RawIcmp>>>,
+    #[serde(default)]
+    icmpv6: Option<Vec<Spanned<RawIcmp>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawIcmp {
+    Number(i64),
+    Name(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: Spanned<String>,
+    #[serde(default)]
+    seed_row: Option<Spanned<String>>,
+    #[serde(default)]
+    role: Option<String>,
+    protocol: Spanned<String>,
+    transport: Transport,
+    direction: Direction,
+    local: Spanned<String>,
+    remote: Spanned<String>,
+    #[serde(default)]
+    port: Option<Spanned<RawPort>>,
+    #[serde(default)]
+    local_port: Option<Spanned<RawPort>>,
+    interface: Spanned<String>,
+    #[serde(default)]
+    note: String,
+}
+
+/// Which port of a flow a rule's port range names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortSide {
+    /// The service port: the Edge's own for inbound rules, the peer's for outbound rules.
+    Service,
+    /// The Edge's own (source) port of an outbound flow; the peer's port is unrestricted.
+    Local,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub id: String,
+    pub seed_row: Option<String>,
+    pub role: Option<String>,
+    pub protocol: String,
+    pub transport: Transport,
+    pub direction: Direction,
+    pub local: String,
+    pub remote: String,
+    pub ports: PortRange,
+    pub port_side: PortSide,
+    pub interface: String,
+    pub note: String,
+    /// Where the rule starts in the source, for warnings.
+    pub location: Location,
+}
+
+impl Rule {
+    /// The `ports` label: `5061`, `50000-59999`, or `local:50000-59999` for an Edge-side range.
+    pub fn ports_label(&self) -> String {
+        match self.port_side {
+            PortSide::Service => self.ports.to_string(),
+            PortSide::Local => format!("local:{}", self.ports),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub default: Action,
+    pub unprotected: Action,
+    pub fragments: Action,
+    pub non_ip: Action,
+    /// Sets whose addresses are protected; rules' local sets always are.
+    pub protected: Vec<String>,
+    pub icmp: Vec<u8>,
+    pub icmpv6: Vec<u8>,
+}
+
+/// A validated catalogue. Sets and roles keep their names; compiling turns them into bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalogue {
+    pub source_name: String,
+    pub policy: Policy,
+    /// Interface roles and what they are for.
+    pub interfaces: BTreeMap<String, String>,
+    pub sets: BTreeMap<String, Vec<IpNet>>,
+    pub rules: Vec<Rule>,
+}
+
+const ICMP_NAMES: &[(&str, u8)] = &[
+    ("echo-reply", 0),
+    ("destination-unreachable", 3),
+    ("redirect", 5),
+    ("echo-request", 8),
+    ("router-advertisement", 9),
+    ("router-solicitation", 10),
+    ("time-exceeded", 11),
+    ("parameter-problem", 12),
+    ("timestamp-request", 13),
+    ("timestamp-reply", 14),
+];
+
+const ICMPV6_NAMES: &[(&str, u8)] = &[
+    ("destination-unreachable", 1),
+    ("packet-too-big", 2),
+    ("time-exceeded", 3),
+    ("parameter-problem", 4),
+    ("echo-request", 128),
+    ("echo-reply", 129),
+    ("mld-query", 130),
+    ("mld-report", 131),
+    ("mld-done", 132),
+    ("mld2-report", 143),
+];
+
+/// What passes when the catalogue says nothing: errors, PMTU discovery and ping.
+const DEFAULT_ICMP: &[u8] = &[0, 3, 8, 11, 12];
+const DEFAULT_ICMPV6: &[u8] = &[1, 2, 3, 4, 128, 129];
+
+struct Source<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn location(&self, offset: usize) -> Location {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        Location {
+            file: self.name.to_string(),
+            line,
+            column,
+        }
+    }
+
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> CatalogueError {
+        let Location { file, line, column } = self.location(span.start);
+        CatalogueError::Invalid {
+            file,
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+impl Catalogue {
+    pub fn default_catalogue() -> Self {
+        Self::parse(DEFAULT_NAME, DEFAULT_CATALOGUE)
+            .expect("the embedded default catalogue is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Self, CatalogueError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogueError::Read {
+            file: name.clone(),
+            source,
+        })?;
+        Self::parse(&name, &text)
+    }
+
+    pub fn parse(name: &str, text: &str) -> Result<Self, CatalogueError> {
+        let src = Source { name, text };
+        let raw: RawCatalogue = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            src.error(span, e.message().trim().to_string())
+        })?;
+        validate(&src, raw)
+    }
+
+    pub fn rule(&self, id: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.id == id)
+    }
+}
+
+fn is_kebab(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && !s.ends_with('-')
+        && !s.contains("--")
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn is_set_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn parse_port(src: &Source, spanned: &Spanned<RawPort>) -> Result<PortRange, CatalogueError> {
+    let span = spanned.span();
+    let one = |n: i64| -> Result<u16, CatalogueError> {
+        if (1..=65535).contains(&n) {
+            Ok(n as u16)
+        } else {
+            Err(src.error(
+                span.clone(),
+                format!("port {n} is out of range: expected a port from 1 to 65535"),
+            ))
+        }
+    };
+    match spanned.get_ref() {
+        RawPort::Number(n) => {
+            let p = one(*n)?;
+            Ok(PortRange { lo: p, hi: p })
+        }
+        RawPort::Text(t) => {
+            let parse = |s: &str| -> Result<u16, CatalogueError> {
+                let n: i64 = s.trim().parse().map_err(|_| {
+                    src.error(
+                        span.clone(),
+                        format!(
+                            "invalid port `{t}`: expected a port (5061) or a range (\"50000-59999\")"
+                        ),
+                    )
+                })?;
+                one(n)
+            };
+            let (lo, hi) = match t.split_once('-') {
+                Some((a, b)) => (parse(a)?, parse(b)?),
+                None => {
+                    let p = parse(t)?;
+                    (p, p)
+                }
+            };
+            if lo > hi {
+                return Err(src.error(
+                    span,
+                    format!("reversed port range `{t}`: expected low-high with low <= high"),
+                ));
+            }
+            Ok(PortRange { lo, hi })
+        }
+    }
+}
+
+fn parse_icmp(
+    src: &Source,
+    list: Option<Vec<Spanned<RawIcmp>>>,
+    names: &[(&str, u8)],
+    default: &[u8],
+    what: &str,
+) -> Result<Vec<u8>, CatalogueError> {
+    let Some(list) = list else {
+        return Ok(default.to_vec());
+    };
+    let mut out = Vec::new();
+    for item in list {
+        let ty = match item.get_ref() {
+            RawIcmp::Number(n) if (0..=255).contains(n) => *n as u8,
+            RawIcmp::Number(n) => {
+                return Err(src.error(
+                    item.span(),
+                    format!("{what} type {n} is out of range: expected 0 to 255"),
+                ));
+            }
+            RawIcmp::Name(name) => match names.iter().find(|(n, _)| n == name) {
+                Some((_, t)) => *t,
+                None => {
+                    let known: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+                    return Err(src.error(
+                        item.span(),
+                        format!(
+                            "unknown {what} type `{name}`: expected a number or one of {}",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            },
+        };
+        if !out.contains(&ty) {
+            out.push(ty);
+        }
+    }
+    Ok(out)
+}
+
+fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError> {
+    let mut sets = BTreeMap::new();
+    for (name, prefixes) in raw.sets {
+        let set_name = name.get_ref();
+        if set_name == ANY {
+            return Err(src.error(name.span(), "set `any` is built in and cannot be redefined"));
+        }
+        if !is_set_name(set_name) {
+            return Err(src.error(
+                name.span(),
+                format!(
+                    "invalid set name `{set_name}`: expected lowercase letters, digits, `_` or `-`"
+                ),
+            ));
+        }
+        let mut nets = Vec::with_capacity(prefixes.len());
+        for p in prefixes {
+            let text = p.get_ref().trim();
+            let net: IpNet = match text.parse::<IpNet>() {
+                Ok(n) => n,
+                Err(_) => match text.parse::<IpAddr>() {
+                    Ok(a) => IpNet::from(a),
+                    Err(_) => {
+                        return Err(src.error(
+                            p.span(),
+                            format!(
+                                "invalid CIDR prefix `{text}`: expected an IPv4 or IPv6 address or prefix such as 198.51.100.0/24 or 2001:db8::/32"
+                            ),
+                        ));
+                    }
+                },
+            };
+            if net.trunc() != net {
+                return Err(src.error(
+                    p.span(),
+                    format!(
+                        "prefix `{text}` has host bits set: expected {}",
+                        net.trunc()
+                    ),
+                ));
+            }
+            nets.push(net);
+        }
+        sets.insert(set_name.clone(), nets);
+    }
+    if sets.len() > edge_classifier_common::MAX_NAMED_SETS as usize {
+        return Err(src.error(
+            0..0,
+            format!(
+                "{} address sets defined: at most {} fit the set bitmask",
+                sets.len(),
+                edge_classifier_common::MAX_NAMED_SETS
+            ),
+        ));
+    }
+    let known_set = |name: &Spanned<String>, what: &str| -> Result<String, CatalogueError> {
+        let n = name.get_ref();
+        if n == ANY || sets.contains_key(n) {
+            Ok(n.clone())
+        } else {
+            let mut known: Vec<&str> = sets.keys().map(String::as_str).collect();
+            known.push(ANY);
+            Err(src.error(
+                name.span(),
+                format!(
+                    "unknown {what} set `{n}`: expected one of {}",
+                    known.join(", ")
+                ),
+            ))
+        }
+    };
+
+    for role in raw.interfaces.keys() {
+        if !is_set_name(role) {
+            return Err(src.error(
+                0..0,
+                format!("invalid interface role `{role}`: expected lowercase letters, digits, `_` or `-`"),
+            ));
+        }
+    }
+    if raw.interfaces.len() > 32 {
+        return Err(src.error(0..0, "more than 32 interface roles"));
+    }
+
+    let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
+    for r in raw.rules {
+        let id = r.id.get_ref();
+        if !is_kebab(id) {
+            return Err(src.error(
+                r.id.span(),
+                format!("invalid rule id `{id}`: expected kebab-case (lowercase letters, digits, single dashes)"),
+            ));
+        }
+        if let Some(first) = rules.iter().find(|x| &x.id == id) {
+            return Err(src.error(
+                r.id.span(),
+                format!(
+                    "duplicate rule id `{id}`: already used at {}",
+                    first.location
+                ),
+            ));
+        }
+        if let Some(row) = &r.seed_row {
+            let s = row.get_ref();
+            let ok = s.len() <= 8
+                && s.starts_with(|c: char| c.is_ascii_uppercase())
+                && s[1..].chars().all(|c| c.is_ascii_digit())
+                && s.len() > 1;
+            if !ok {
+                return Err(src.error(
+                    row.span(),
+                    format!("invalid seed row `{s}`: expected a row name such as S1, P4 or X3"),
+                ));
+            }
+        }
+        let protocol = r.protocol.get_ref().trim();
+        if protocol.is_empty() {
+            return Err(src.error(
+                r.protocol.span(),
+                "empty protocol label: expected e.g. SIP/MTLS, SIP/TLS, RTP, STUN/MSTURN, XMPP",
+            ));
+        }
+        let local = known_set(&r.local, "local")?;
+        let remote = known_set(&r.remote, "remote")?;
+        let iface = r.interface.get_ref();
+        if !raw.interfaces.contains_key(iface) {
+            let known: Vec<&str> = raw.interfaces.keys().map(String::as_str).collect();
+            return Err(src.error(
+                r.interface.span(),
+                format!(
+                    "unknown interface role `{iface}`: expected one of {} (declare it under [interfaces])",
+                    known.join(", ")
+                ),
+            ));
+        }
+        let (ports, port_side) = match (&r.port, &r.local_port) {
+            (Some(p), None) => (parse_port(src, p)?, PortSide::Service),
+            (None, Some(p)) if r.direction == Direction::Outbound => {
+                (parse_port(src, p)?, PortSide::Local)
+            }
+            (None, Some(p)) => {
+                return Err(src.error(
+                    p.span(),
+                    "`local_port` is for outbound rules (the Edge's own source port range): an inbound rule names its service port with `port`",
+                ));
+            }
+            (Some(_), Some(p)) => {
+                return Err(src.error(
+                    p.span(),
+                    "a rule has either `port` (the service port) or `local_port` (the Edge's own port range), not both",
+                ));
+            }
+            (None, None) => {
+                return Err(src.error(
+                    r.id.span(),
+                    format!("rule `{id}` has no port: expected `port = N` or `port = \"LO-HI\"`"),
+                ));
+            }
+        };
+        rules.push(Rule {
+            id: id.clone(),
+            seed_row: r.seed_row.map(|s| s.into_inner()),
+            role: r.role,
+            protocol: protocol.to_string(),
+            transport: r.transport,
+            direction: r.direction,
+            local,
+            remote,
+            ports,
+            port_side,
+            interface: iface.clone(),
+            note: r.note,
+            location: src.location(r.id.span().start),
+        });
+    }
+
+    let p = raw.policy;
+    let mut protected = Vec::new();
+    for s in p.protected.unwrap_or_default() {
+        let name = known_set(&s, "protected")?;
+        if name == ANY {
+            return Err(src.error(
+                s.span(),
+                "`any` cannot be protected: name the Edge's own address sets",
+            ));
+        }
+        protected.push(name);
+    }
+    let policy = Policy {
+        default: p.default.unwrap_or(Action::Drop),
+        unprotected: p.unprotected.unwrap_or(Action::Pass),
+        fragments: p.fragments.unwrap_or(Action::Drop),
+        non_ip: p.non_ip.unwrap_or(Action::Pass),
+        protected,
+        icmp: parse_icmp(src, p.icmp, ICMP_NAMES, DEFAULT_ICMP, "ICMP")?,
+        icmpv6: parse_icmp(src, p.icmpv6, ICMPV6_NAMES, DEFAULT_ICMPV6, "ICMPv6")?,
+    };
+    for r in &rules {
+        if r.local == ANY {
+            return Err(CatalogueError::Invalid {
+                file: r.location.file.clone(),
+                line: r.location.line,
+                column: r.location.column,
+                message: format!(
+                    "rule `{}` has local = \"any\": the local side must name the Edge's own addresses",
+                    r.id
+                ),
+            });
+        }
+    }
+
+    Ok(Catalogue {
+        source_name: src.name.to_string(),
+        policy,
+        interfaces: raw.interfaces,
+        sets,
+        rules,
+    })
+}
+
+/// A finding of `check` that is not an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub location: Location,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: warning: {}", self.location, self.message)
+    }
+}
+
+impl Catalogue {
+    fn set_covers(&self, outer: &str, inner: &str) -> bool {
+        if outer == ANY || outer == inner {
+            return true;
+        }
+        if inner == ANY {
+            return false;
+        }
+        let (o, i) = (&self.sets[outer], &self.sets[inner]);
+        i.iter().all(|n| o.iter().any(|m| m.contains(n)))
+    }
+
+    fn sets_overlap(&self, a: &str, b: &str) -> bool {
+        if a == ANY || b == ANY || a == b {
+            return true;
+        }
+        let (x, y) = (&self.sets[a], &self.sets[b]);
+        x.iter()
+            .any(|n| y.iter().any(|m| m.contains(n) || n.contains(m)))
+    }
+
+    /// Overlapping and shadowed rules: same transport, direction, port side and interface role.
+    pub fn warnings(&self) -> Vec<Warning> {
+        let mut out = Vec::new();
+        for (j, later) in self.rules.iter().enumerate() {
+            for earlier in &self.rules[..j] {
+                if earlier.transport != later.transport
+                    || earlier.direction != later.direction
+                    || earlier.port_side != later.port_side
+                    || earlier.interface != later.interface
+                    || !earlier.ports.overlaps(&later.ports)
+                    || !self.sets_overlap(&earlier.local, &later.local)
+                    || !self.sets_overlap(&earlier.remote, &later.remote)
+                {
+                    continue;
+                }
+                let shadowed = earlier.ports.covers(&later.ports)
+                    && self.set_covers(&earlier.local, &later.local)
+                    && self.set_covers(&earlier.remote, &later.remote);
+                let message = if shadowed {
+                    format!(
+                        "rule `{}` is shadowed by `{}` ({}): it can never match, so its counters stay at zero",
+                        later.id, earlier.id, earlier.location
+                    )
+                } else {
+                    format!(
+                        "rule `{}` overlaps `{}` ({}): frames in the overlap count against `{}`",
+                        later.id, earlier.id, earlier.location, earlier.id
+                    )
+                };
+                out.push(Warning {
+                    location: later.location.clone(),
+                    message,
+                });
+            }
+        }
+        out
+    }
+}

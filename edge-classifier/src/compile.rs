@@ -1,0 +1,365 @@
+//! Compiles a validated catalogue into the contents of one buffer of the kernel maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use edge_classifier_common::{
+    FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, MAX_RULES, POLICY_DEFAULT_PASS,
+    POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_SPACE, PortEntry,
+    RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
+};
+use ipnet::IpNet;
+
+use crate::catalogue::{ANY, Action, Catalogue, Direction, PortSide, Transport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "{location}: more than {max} rules cover {transport} port {port} ({kind}): {ids}; split the ranges or merge the rules"
+    )]
+    TooManyCandidates {
+        location: String,
+        max: usize,
+        transport: Transport,
+        port: u16,
+        kind: &'static str,
+        ids: String,
+    },
+    #[error("{0} rules: the data plane holds at most {MAX_RULES}")]
+    TooManyRules(usize),
+    #[error("{count} IPv{family} prefixes: the data plane holds at most {max} per family")]
+    TooManyPrefixes { family: u8, count: usize, max: u32 },
+    #[error("{0} distinct port classes: the data plane holds at most {MAX_CLASSES}")]
+    TooManyClasses(usize),
+}
+
+/// What one rule became, with what the exporter and `explain` need to name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledRule {
+    pub id: String,
+    pub seed_row: String,
+    pub direction: Direction,
+    pub transport: Transport,
+    pub ports: String,
+    pub interface: String,
+    /// Counter slot.
+    pub slot: u32,
+    pub matcher: RuleMatch,
+}
+
+/// The contents of one buffer of the rule maps.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub rules: Vec<CompiledRule>,
+    /// Interface roles in bit order.
+    pub roles: Vec<String>,
+    pub policy: edge_classifier_common::Policy,
+    /// `ports[transport * PORT_SPACE + port]`.
+    pub ports: Vec<PortEntry>,
+    /// Class 0 is "no rule" and is stored empty.
+    pub classes: Vec<RuleClass>,
+    pub prefixes_v4: Vec<(IpNet, u64)>,
+    pub prefixes_v6: Vec<(IpNet, u64)>,
+}
+
+impl Compiled {
+    pub fn role_mask(&self, role: &str) -> Option<u32> {
+        self.roles.iter().position(|r| r == role).map(|i| 1u32 << i)
+    }
+}
+
+fn transport_index(t: Transport) -> u32 {
+    match t {
+        Transport::Tcp => TRANSPORT_TCP,
+        Transport::Udp => TRANSPORT_UDP,
+    }
+}
+
+fn bitmap(types: &[u8]) -> [u64; 4] {
+    let mut map = [0u64; 4];
+    for &t in types {
+        map[(t >> 6) as usize] |= 1 << (t & 63);
+    }
+    map
+}
+
+/// The bits each prefix must carry: LPM returns only the longest match, so a prefix also carries
+/// the bits of every shorter prefix that contains it.
+fn push_down(prefixes: BTreeMap<IpNet, u64>) -> Vec<(IpNet, u64)> {
+    let mut out = Vec::with_capacity(prefixes.len());
+    // BTreeMap order is by address then prefix length, so containing prefixes come first; a
+    // stack of the chain of containing prefixes gives each prefix its inherited bits.
+    let mut stack: Vec<(IpNet, u64)> = Vec::new();
+    for (net, bits) in prefixes {
+        while let Some((top, _)) = stack.last() {
+            if top.contains(&net) {
+                break;
+            }
+            stack.pop();
+        }
+        let inherited = stack.last().map_or(0, |(_, b)| *b);
+        let total = bits | inherited;
+        stack.push((net, total));
+        out.push((net, total));
+    }
+    out
+}
+
+/// Which rules a (transport, direction, port) reaches, as class ids per port.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Kind {
+    Inbound,
+    ReplyFrom,
+    ReplyTo,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Inbound => "inbound service port",
+            Kind::ReplyFrom => "outbound remote port",
+            Kind::ReplyTo => "outbound local port",
+        }
+    }
+}
+
+pub fn compile(cat: &Catalogue) -> Result<Compiled, CompileError> {
+    if cat.rules.len() > MAX_RULES as usize {
+        return Err(CompileError::TooManyRules(cat.rules.len()));
+    }
+    let roles: Vec<String> = cat.interfaces.keys().cloned().collect();
+    let set_bit: HashMap<&str, u64> = cat
+        .sets
+        .keys()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), 1u64 << (FIRST_NAMED_SET_BIT as usize + i)))
+        .collect();
+    let mask_of = |set: &str| -> u64 { if set == ANY { SET_ANY } else { set_bit[set] } };
+
+    let mut protected: BTreeSet<&str> = cat.policy.protected.iter().map(String::as_str).collect();
+    protected.extend(cat.rules.iter().map(|r| r.local.as_str()));
+
+    let mut v4: BTreeMap<IpNet, u64> = BTreeMap::new();
+    let mut v6: BTreeMap<IpNet, u64> = BTreeMap::new();
+    // Every address carries `any`, so a lookup never misses.
+    v4.insert("0.0.0.0/0".parse().expect("valid"), SET_ANY);
+    v6.insert("::/0".parse().expect("valid"), SET_ANY);
+    for (name, nets) in &cat.sets {
+        let mut bits = set_bit[name.as_str()];
+        if protected.contains(name.as_str()) {
+            bits |= SET_PROTECTED;
+        }
+        for net in nets {
+            let table = match net.addr() {
+                IpAddr::V4(_) => &mut v4,
+                IpAddr::V6(_) => &mut v6,
+            };
+            *table.entry(*net).or_default() |= bits;
+        }
+    }
+    for (family, table) in [(4u8, &v4), (6u8, &v6)] {
+        if table.len() > MAX_PREFIXES as usize {
+            return Err(CompileError::TooManyPrefixes {
+                family,
+                count: table.len(),
+                max: MAX_PREFIXES,
+            });
+        }
+    }
+
+    let rules: Vec<CompiledRule> = cat
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(slot, r)| {
+            let matcher = RuleMatch {
+                local_mask: mask_of(&r.local),
+                remote_mask: mask_of(&r.remote),
+                slot: slot as u32,
+                role_mask: 1
+                    << roles
+                        .iter()
+                        .position(|x| x == &r.interface)
+                        .expect("validated"),
+                flags: if r.direction == Direction::Outbound {
+                    RULE_OUTBOUND
+                } else {
+                    0
+                },
+                _pad: 0,
+            };
+            CompiledRule {
+                id: r.id.clone(),
+                seed_row: r.seed_row.clone().unwrap_or_default(),
+                direction: r.direction,
+                transport: r.transport,
+                ports: r.ports_label(),
+                interface: r.interface.clone(),
+                slot: slot as u32,
+                matcher,
+            }
+        })
+        .collect();
+
+    // Sweep each (transport, kind) port line: at every range boundary the set of covering rules
+    // changes; each distinct ordered set of rules becomes one class.
+    let mut classes: Vec<RuleClass> = vec![RuleClass::default()];
+    let mut class_ids: HashMap<Vec<usize>, u32> = HashMap::new();
+    let mut ports = vec![PortEntry::default(); 2 * PORT_SPACE as usize];
+    for transport in [Transport::Tcp, Transport::Udp] {
+        for kind in [Kind::Inbound, Kind::ReplyFrom, Kind::ReplyTo] {
+            let members: Vec<usize> = cat
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| {
+                    r.transport == transport
+                        && match kind {
+                            Kind::Inbound => r.direction == Direction::Inbound,
+                            Kind::ReplyFrom => {
+                                r.direction == Direction::Outbound
+                                    && r.port_side == PortSide::Service
+                            }
+                            Kind::ReplyTo => {
+                                r.direction == Direction::Outbound && r.port_side == PortSide::Local
+                            }
+                        }
+                })
+                .map(|(i, _)| i)
+                .collect();
+            let mut events: BTreeMap<u32, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+            for &i in &members {
+                let p = cat.rules[i].ports;
+                events.entry(p.lo as u32).or_default().0.push(i);
+                events.entry(p.hi as u32 + 1).or_default().1.push(i);
+            }
+            let mut active: BTreeSet<usize> = BTreeSet::new();
+            let bounds: Vec<u32> = events.keys().copied().collect();
+            for (k, start) in bounds.iter().enumerate() {
+                let (add, remove) = &events[start];
+                for i in remove {
+                    active.remove(i);
+                }
+                active.extend(add.iter().copied());
+                let end = bounds.get(k + 1).copied().unwrap_or(PORT_SPACE);
+                if active.is_empty() || *start >= PORT_SPACE {
+                    continue;
+                }
+                let list: Vec<usize> = active.iter().copied().collect();
+                if list.len() > MAX_CANDIDATES {
+                    let first = &cat.rules[list[MAX_CANDIDATES]];
+                    return Err(CompileError::TooManyCandidates {
+                        location: first.location.to_string(),
+                        max: MAX_CANDIDATES,
+                        transport,
+                        port: *start as u16,
+                        kind: kind.name(),
+                        ids: list
+                            .iter()
+                            .map(|&i| cat.rules[i].id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+                let id = match class_ids.get(&list) {
+                    Some(id) => *id,
+                    None => {
+                        let mut class = RuleClass {
+                            count: list.len() as u32,
+                            ..Default::default()
+                        };
+                        for (n, &i) in list.iter().enumerate() {
+                            class.rules[n] = rules[i].matcher;
+                        }
+                        let id = classes.len() as u32;
+                        if id >= MAX_CLASSES {
+                            return Err(CompileError::TooManyClasses(id as usize + 1));
+                        }
+                        classes.push(class);
+                        class_ids.insert(list, id);
+                        id
+                    }
+                };
+                let base = (transport_index(transport) * PORT_SPACE) as usize;
+                for port in *start..end {
+                    let e = &mut ports[base + port as usize];
+                    match kind {
+                        Kind::Inbound => e.inbound = id,
+                        Kind::ReplyFrom => e.reply_from = id,
+                        Kind::ReplyTo => e.reply_to = id,
+                    }
+                }
+            }
+        }
+    }
+
+    let p = &cat.policy;
+    let mut flags = 0;
+    if p.default == Action::Pass {
+        flags |= POLICY_DEFAULT_PASS;
+    }
+    if p.unprotected == Action::Pass {
+        flags |= POLICY_PASS_UNPROTECTED;
+    }
+    if p.fragments == Action::Pass {
+        flags |= POLICY_PASS_FRAGMENTS;
+    }
+    if p.non_ip == Action::Pass {
+        flags |= POLICY_PASS_NON_IP;
+    }
+    let policy = edge_classifier_common::Policy {
+        flags,
+        _pad: 0,
+        icmp4: bitmap(&p.icmp),
+        icmp6: bitmap(&p.icmpv6),
+    };
+
+    Ok(Compiled {
+        rules,
+        roles,
+        policy,
+        ports,
+        classes,
+        prefixes_v4: push_down(v4),
+        prefixes_v6: push_down(v6),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalogue::Catalogue;
+
+    #[test]
+    fn default_catalogue_compiles_with_every_seed_row() {
+        let cat = Catalogue::default_catalogue();
+        let c = compile(&cat).expect("default compiles");
+        let rows: BTreeSet<&str> = c.rules.iter().map(|r| r.seed_row.as_str()).collect();
+        for row in ["S1", "P1", "P2", "P3", "P4", "P5", "P6", "X1", "X2", "X3"] {
+            assert!(rows.contains(row), "seed row {row} missing: {rows:?}");
+        }
+        let tcp = |port: u16| c.ports[(TRANSPORT_TCP * PORT_SPACE) as usize + port as usize];
+        assert_ne!(tcp(443).inbound, 0);
+        assert_eq!(tcp(22).inbound, 0);
+        assert_ne!(tcp(50000).reply_to, 0);
+        assert_ne!(tcp(59999).reply_to, 0);
+        assert_eq!(tcp(60000).reply_to, 0);
+        assert_eq!(tcp(49999).reply_to, 0);
+        assert_ne!(tcp(5061).reply_from, 0);
+    }
+
+    #[test]
+    fn push_down_carries_shorter_prefix_bits() {
+        let mut m = BTreeMap::new();
+        m.insert("0.0.0.0/0".parse().unwrap(), 1);
+        m.insert("10.0.0.0/8".parse().unwrap(), 2);
+        m.insert("10.1.0.0/16".parse().unwrap(), 4);
+        m.insert("11.0.0.0/8".parse().unwrap(), 8);
+        let out: HashMap<IpNet, u64> = push_down(m).into_iter().collect();
+        assert_eq!(out[&"10.1.0.0/16".parse().unwrap()], 7);
+        assert_eq!(out[&"11.0.0.0/8".parse().unwrap()], 9);
+        assert_eq!(out[&"10.0.0.0/8".parse().unwrap()], 3);
+    }
+}

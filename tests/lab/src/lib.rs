@@ -1,0 +1,455 @@
+//! The project's own test hosts: network namespaces joined by veth pairs, sockets opened inside
+//! them, and AF_PACKET taps that see what XDP passed.
+//!
+//! Topology (names get a unique prefix per lab):
+//!
+//! ```text
+//!  remote (wan0)  ─── veth ───  (ext0) edge (int0)  ─── veth ───  (lan0) fe
+//!  198.51.100.1/24                198.51.100.10/24    192.0.2.10/24      192.0.2.20/24
+//!  203.0.113.5/32 (IM partner)    2001:db8:100::10/64 2001:db8:200::10/64 2001:db8:200::20/64
+//!  2001:db8:100::1/64
+//!  2001:db8:203::5/128 (IM partner)
+//! ```
+//!
+//! Traffic only ever goes to addresses inside these namespaces.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    os::fd::AsRawFd,
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+pub const EDGE_EXT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10));
+pub const EDGE_EXT_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10));
+pub const EDGE_INT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+pub const EDGE_INT_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 0x10));
+/// A remote client that is in no named set.
+pub const CLIENT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+pub const CLIENT_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1));
+/// A public IM connectivity partner (in `public_im_partners` of the default catalogue).
+pub const PARTNER_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5));
+pub const PARTNER_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, 5));
+pub const FE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
+pub const FE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 0x20));
+
+/// Interface names inside the namespaces.
+pub const EDGE_EXT: &str = "ext0";
+pub const EDGE_INT: &str = "int0";
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2; `cargo xtask setup` installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Three namespaces and two veth pairs; removed on drop, also when a test panics.
+pub struct Lab {
+    pub edge: String,
+    pub remote: String,
+    pub fe: String,
+}
+
+impl Lab {
+    /// `tag` makes the names unique per test; the process id per run.
+    pub fn create(tag: &str) -> anyhow::Result<Lab> {
+        let p = format!("ec{}-{tag}", std::process::id() % 100_000);
+        let lab = Lab {
+            edge: format!("{p}-edge"),
+            remote: format!("{p}-remote"),
+            fe: format!("{p}-fe"),
+        };
+        for ns in [&lab.edge, &lab.remote, &lab.fe] {
+            // A leftover from a killed run of the same pid would make `add` fail.
+            let _ = ip(&["netns", "del", ns]);
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip(&[
+            "link",
+            "add",
+            EDGE_EXT,
+            "netns",
+            &lab.edge,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "wan0",
+            "netns",
+            &lab.remote,
+        ])?;
+        ip(&[
+            "link", "add", EDGE_INT, "netns", &lab.edge, "type", "veth", "peer", "name", "lan0",
+            "netns", &lab.fe,
+        ])?;
+        let addrs: &[(&str, &str, &str)] = &[
+            (&lab.edge, EDGE_EXT, "198.51.100.10/24"),
+            (&lab.edge, EDGE_EXT, "2001:db8:100::10/64"),
+            (&lab.edge, EDGE_INT, "192.0.2.10/24"),
+            (&lab.edge, EDGE_INT, "2001:db8:200::10/64"),
+            (&lab.remote, "wan0", "198.51.100.1/24"),
+            (&lab.remote, "wan0", "203.0.113.5/32"),
+            (&lab.remote, "wan0", "2001:db8:100::1/64"),
+            (&lab.remote, "wan0", "2001:db8:203::5/128"),
+            (&lab.fe, "lan0", "192.0.2.20/24"),
+            (&lab.fe, "lan0", "2001:db8:200::20/64"),
+        ];
+        for (ns, dev, addr) in addrs {
+            if addr.contains(':') {
+                ip(&["-n", ns, "addr", "add", addr, "dev", dev, "nodad"])?;
+            } else {
+                ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+            }
+        }
+        for (ns, dev) in [
+            (&lab.edge, EDGE_EXT),
+            (&lab.edge, EDGE_INT),
+            (&lab.remote, "wan0"),
+            (&lab.fe, "lan0"),
+        ] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        ip(&[
+            "-n",
+            &lab.edge,
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "198.51.100.1",
+        ])?;
+        ip(&[
+            "-n",
+            &lab.edge,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:203::/48",
+            "via",
+            "2001:db8:100::1",
+        ])?;
+        Ok(lab)
+    }
+
+    pub fn netns_path(ns: &str) -> String {
+        format!("/run/netns/{ns}")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in [&self.edge, &self.remote, &self.fe] {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+/// Moves the calling thread into `ns`; sockets it opens from then on live there.
+pub fn enter_netns(ns: &str) -> anyhow::Result<()> {
+    let f = File::open(Lab::netns_path(ns)).with_context(|| format!("open netns {ns}"))?;
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns({ns}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread inside `ns`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter_netns(&ns)?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+}
+
+/// What a listener saw, by remote address.
+#[derive(Default, Debug, Clone)]
+pub struct Seen {
+    pub connections: Vec<SocketAddr>,
+    pub datagrams: Vec<SocketAddr>,
+}
+
+/// TCP and UDP listeners on a set of ports inside a namespace (dual-stack `[::]`).
+pub struct Listeners {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<std::collections::BTreeMap<(char, u16), Seen>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Listeners {
+    pub fn start(ns: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<Listeners> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        for (&port, kind) in tcp
+            .iter()
+            .map(|p| (p, 't'))
+            .chain(udp.iter().map(|p| (p, 'u')))
+        {
+            let (ns, stop, seen, ready) =
+                (ns.to_string(), stop.clone(), seen.clone(), ready_tx.clone());
+            threads.push(std::thread::spawn(move || {
+                let setup = || -> anyhow::Result<Socket> {
+                    enter_netns(&ns)?;
+                    let domain = Domain::IPV6;
+                    let sock = if kind == 't' {
+                        Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?
+                    } else {
+                        Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?
+                    };
+                    sock.set_only_v6(false)?;
+                    sock.set_reuse_address(true)?;
+                    let addr: SocketAddr = (Ipv6Addr::UNSPECIFIED, port).into();
+                    sock.bind(&addr.into())?;
+                    if kind == 't' {
+                        sock.listen(128)?;
+                    }
+                    sock.set_nonblocking(true)?;
+                    Ok(sock)
+                };
+                let sock = match setup() {
+                    Ok(s) => {
+                        let _ = ready.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let (tcp, udp): (Option<TcpListener>, Option<UdpSocket>) = if kind == 't' {
+                    (Some(sock.into()), None)
+                } else {
+                    (None, Some(sock.into()))
+                };
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let got = if let Some(l) = &tcp {
+                        match l.accept() {
+                            Ok((mut s, peer)) => {
+                                let _ = s.set_nonblocking(false);
+                                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                                let _ = s.read(&mut buf);
+                                let _ = s.write_all(b"ok");
+                                Some(peer)
+                            }
+                            Err(_) => None,
+                        }
+                    } else if let Some(u) = &udp {
+                        match u.recv_from(&mut buf) {
+                            Ok((_, peer)) => {
+                                let _ = u.send_to(b"ok", peer);
+                                Some(peer)
+                            }
+                            Err(_) => None,
+                        }
+                    } else {
+                        None
+                    };
+                    match got {
+                        Some(peer) => {
+                            let peer = unmap(peer);
+                            let mut seen = seen.lock().expect("lock");
+                            let e: &mut Seen = seen.entry((kind, port)).or_default();
+                            if kind == 't' {
+                                e.connections.push(peer)
+                            } else {
+                                e.datagrams.push(peer)
+                            }
+                        }
+                        None => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+        }
+        drop(ready_tx);
+        for _ in 0..threads.len() {
+            ready_rx.recv().context("listener thread died")??;
+        }
+        Ok(Listeners {
+            stop,
+            seen,
+            threads,
+        })
+    }
+
+    pub fn tcp(&self, port: u16) -> Seen {
+        self.seen
+            .lock()
+            .expect("lock")
+            .get(&('t', port))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn udp(&self, port: u16) -> Seen {
+        self.seen
+            .lock()
+            .expect("lock")
+            .get(&('u', port))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        _ => a,
+    }
+}
+
+/// A TCP connect from `src` (port chosen by the kernel) to `dst` inside `ns`, sending a line and
+/// waiting for the answer. `Ok(true)` when the connection completed.
+pub fn tcp_connect(
+    ns: &str,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    in_netns(ns, move || {
+        let domain = if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+        match sock.connect_timeout(&dst.into(), timeout) {
+            Ok(()) => {
+                let mut s: std::net::TcpStream = sock.into();
+                s.set_read_timeout(Some(timeout))?;
+                s.write_all(b"hello\n")?;
+                let mut buf = [0u8; 2];
+                let _ = s.read_exact(&mut buf);
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    })
+}
+
+/// A UDP datagram from `src:sport` to `dst`; returns whether an answer came back.
+pub fn udp_send(
+    ns: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    in_netns(ns, move || {
+        let sock = UdpSocket::bind(src)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send_to(b"probe", dst)?;
+        let mut buf = [0u8; 16];
+        Ok(sock.recv_from(&mut buf).is_ok())
+    })
+}
+
+/// An AF_PACKET socket on an interface: sees every frame the interface received and XDP passed.
+pub struct Tap {
+    sock: std::os::fd::OwnedFd,
+}
+
+impl Tap {
+    pub fn open(ns: &str, iface: &str) -> anyhow::Result<Tap> {
+        let iface = iface.to_string();
+        in_netns(ns, move || {
+            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+            let fd = unsafe {
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto)
+            };
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let name = std::ffi::CString::new(iface.clone())?;
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ifindex == 0 {
+                bail!("no interface {iface}");
+            }
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto as u16;
+            sll.sll_ifindex = ifindex as i32;
+            let rc = unsafe {
+                libc::bind(
+                    fd,
+                    &sll as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if rc != 0 {
+                bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
+            }
+            Ok(Tap { sock })
+        })
+    }
+
+    /// Received (not sent) frames waiting in the socket, drained until `quiet` passes with none.
+    pub fn drain(&self, quiet: Duration) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut last = Instant::now();
+        let mut buf = vec![0u8; 65536];
+        while last.elapsed() < quiet {
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            let n = unsafe {
+                libc::recvfrom(
+                    self.sock.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                    &mut sll as *mut _ as *mut libc::sockaddr,
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            if sll.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                out.push(buf[..n as usize].to_vec());
+            }
+            last = Instant::now();
+        }
+        out
+    }
+}

@@ -1,1 +1,257 @@
-//! Helpers shared by the root-only integration tests.
+//! Helpers shared by the root-only integration tests: frames built with etherparse, and the
+//! compiled XDP program run on them with BPF_PROG_TEST_RUN.
+
+use std::net::IpAddr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use edge_classifier::{
+    catalogue::Catalogue,
+    compile::compile,
+    loader::{Binding, Classifier, IfaceStats},
+};
+use edge_classifier_common::{Counter, reason};
+use etherparse::{
+    IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6Header, PacketBuilder, TcpHeader,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// What a frame must be counted under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Counted {
+    Rule(&'static str),
+    Reason(&'static str, bool),
+}
+
+pub fn pass_reason(name: &'static str) -> Counted {
+    Counted::Reason(name, false)
+}
+pub fn drop_reason(name: &'static str) -> Counted {
+    Counted::Reason(name, true)
+}
+
+/// The classifier loaded (not attached) with `lo` bound to `role`: BPF_PROG_TEST_RUN frames
+/// arrive on the loopback device of the calling thread's namespace.
+pub struct Harness {
+    pub classifier: Classifier,
+    pub binding: Binding,
+}
+
+impl Harness {
+    pub fn new(catalogue: &Catalogue, role: &str) -> Harness {
+        let compiled = compile(catalogue).expect("catalogue compiles");
+        let mut classifier = Classifier::load(compiled).unwrap_or_else(|e| panic!("load: {e}"));
+        let binding = classifier
+            .bind("lo", role)
+            .unwrap_or_else(|e| panic!("bind lo: {e}"))
+            .clone();
+        Harness {
+            classifier,
+            binding,
+        }
+    }
+
+    pub fn default_catalogue(role: &str) -> Harness {
+        Self::new(&Catalogue::default_catalogue(), role)
+    }
+
+    pub fn stats(&self) -> IfaceStats {
+        self.classifier
+            .iface_stats(&self.binding)
+            .unwrap_or_else(|e| panic!("stats: {e}"))
+    }
+
+    /// Runs one frame and returns the XDP action.
+    pub fn run(&mut self, frame: &[u8]) -> u32 {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::new()
+        };
+        self.classifier
+            .program()
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}-byte frame: {e}", frame.len()))
+            .return_value
+    }
+
+    /// Runs `frame`, asserts the action and that exactly the expected counter moved by one
+    /// frame of this length (and nothing else moved).
+    pub fn expect(&mut self, name: &str, frame: &[u8], action: u32, counted: &Counted) {
+        let before = self.stats();
+        let got = self.run(frame);
+        let after = self.stats();
+        let mut moved = Vec::new();
+        for (i, (b, a)) in before.reasons.iter().zip(&after.reasons).enumerate() {
+            if a != b {
+                let (n, d) = reason::NAMES[i];
+                moved.push((Counted::Reason(n, d), delta(b, a)));
+            }
+        }
+        let rules = &self.classifier.compiled().rules;
+        for (i, (b, a)) in before.rules.iter().zip(&after.rules).enumerate() {
+            if a != b {
+                let id: &'static str = Box::leak(rules[i].id.clone().into_boxed_str());
+                moved.push((Counted::Rule(id), delta(b, a)));
+            }
+        }
+        let verdict = |a| {
+            if a == XDP_PASS {
+                "PASS"
+            } else if a == XDP_DROP {
+                "DROP"
+            } else {
+                "other"
+            }
+        };
+        assert_eq!(
+            got,
+            action,
+            "{name}: expected XDP_{} got XDP_{} ({got}); frame {}; counters moved {moved:?}",
+            verdict(action),
+            verdict(got),
+            hex(frame)
+        );
+        let want = vec![(
+            counted.clone(),
+            Counter {
+                packets: 1,
+                bytes: frame.len() as u64,
+            },
+        )];
+        assert_eq!(
+            moved, want,
+            "{name}: counters moved {moved:?}, expected {want:?}"
+        );
+    }
+}
+
+fn delta(b: &Counter, a: &Counter) -> Counter {
+    Counter {
+        packets: a.packets - b.packets,
+        bytes: a.bytes - b.bytes,
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn eth() -> etherparse::PacketBuilderStep<etherparse::Ethernet2Header> {
+    PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+}
+
+fn ip_headers(src: IpAddr, dst: IpAddr) -> IpHeaders {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
+            Ipv4Header::new(0, 64, IpNumber::TCP, s.octets(), d.octets()).expect("v4 header"),
+            Default::default(),
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
+            Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: 0,
+                next_header: IpNumber::TCP,
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+            },
+            Default::default(),
+        ),
+        _ => panic!("mixed address families {src} {dst}"),
+    }
+}
+
+/// A TCP SYN from `src:sport` to `dst:dport`.
+pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    tcp_with(ip_headers(src, dst), sport, dport, &[])
+}
+
+pub fn tcp_with(ip: IpHeaders, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = eth().ip(ip).tcp(sport, dport, 1000, 64240).syn();
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("write tcp frame");
+    out
+}
+
+pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    udp_with(ip_headers(src, dst), sport, dport, b"stun")
+}
+
+pub fn udp_with(ip: IpHeaders, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = eth().ip(ip).udp(sport, dport);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("write udp frame");
+    out
+}
+
+/// The same frame with VLAN tags inserted after the MAC addresses (outer first).
+pub fn with_vlans(frame: &[u8], tags: &[(u16, u16)]) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    for (tpid, vid) in tags {
+        out.extend_from_slice(&tpid.to_be_bytes());
+        out.extend_from_slice(&vid.to_be_bytes());
+    }
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+/// IPv4 with options (IHL > 5): record-route style padding of `len` bytes (multiple of 4).
+pub fn ipv4_options(src: [u8; 4], dst: [u8; 4], options: &[u8]) -> IpHeaders {
+    let mut h = Ipv4Header::new(0, 64, IpNumber::TCP, src, dst).expect("v4 header");
+    h.options = options
+        .try_into()
+        .expect("options length is a multiple of 4, at most 40");
+    IpHeaders::Ipv4(h, Default::default())
+}
+
+pub fn ipv6_with_exts(src: [u8; 16], dst: [u8; 16], exts: Ipv6Extensions) -> IpHeaders {
+    IpHeaders::Ipv6(
+        Ipv6Header {
+            traffic_class: 0,
+            flow_label: Default::default(),
+            payload_length: 0,
+            next_header: IpNumber::TCP,
+            hop_limit: 64,
+            source: src,
+            destination: dst,
+        },
+        exts,
+    )
+}
+
+pub fn tcp_header(sport: u16, dport: u16) -> TcpHeader {
+    let mut h = TcpHeader::new(sport, dport, 1, 64240);
+    h.syn = true;
+    h
+}
+
+/// Offset of the L3 header in an untagged frame.
+pub const L3: usize = 14;
+
+/// Cuts an untagged IPv4 frame so that only `l4_bytes` of the L4 header remain, keeping the IP
+/// total length consistent (a well-formed IP datagram whose L4 header is short).
+pub fn ipv4_cut_l4(frame: &[u8], l4_bytes: usize) -> Vec<u8> {
+    let ihl = ((frame[L3] & 0x0f) as usize) * 4;
+    let mut out = frame[..L3 + ihl + l4_bytes].to_vec();
+    let total = (ihl + l4_bytes) as u16;
+    out[L3 + 2..L3 + 4].copy_from_slice(&total.to_be_bytes());
+    out
+}
+
+/// Same for an untagged IPv6 frame without extension headers.
+pub fn ipv6_cut_l4(frame: &[u8], l4_bytes: usize) -> Vec<u8> {
+    let mut out = frame[..L3 + 40 + l4_bytes].to_vec();
+    out[L3 + 4..L3 + 6].copy_from_slice(&(l4_bytes as u16).to_be_bytes());
+    out
+}
+
+/// Sets an untagged IPv4 frame's flags/fragment-offset field.
+pub fn ipv4_set_frag(frame: &mut [u8], more_fragments: bool, offset_units: u16) {
+    let v = (u16::from(more_fragments) << 13) | (offset_units & 0x1fff);
+    frame[L3 + 6..L3 + 8].copy_from_slice(&v.to_be_bytes());
+}

@@ -731,3 +731,169 @@ impl Catalogue {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"[interfaces]
+external = "x"
+[sets]
+edge = ["198.51.100.10/32"]
+"#;
+
+    fn rule(body: &str) -> String {
+        format!(
+            "{BASE}[[rule]]\nid = \"r1\"\nprotocol = \"SIP/TLS\"\ntransport = \"tcp\"\ndirection = \"inbound\"\nlocal = \"edge\"\nremote = \"any\"\ninterface = \"external\"\n{body}\n"
+        )
+    }
+
+    /// Parses `text` and returns "line:column: message" of the error.
+    fn error(text: &str) -> String {
+        match Catalogue::parse("t.toml", text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(CatalogueError::Invalid {
+                file,
+                line,
+                column,
+                message,
+            }) => {
+                assert_eq!(file, "t.toml");
+                format!("{line}:{column}: {message}")
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn default_catalogue_carries_every_seed_row_with_its_reading() {
+        let cat = Catalogue::default_catalogue();
+        let rows: Vec<&str> = cat
+            .rules
+            .iter()
+            .filter_map(|r| r.seed_row.as_deref())
+            .collect();
+        for row in ["S1", "P1", "P2", "P3", "P4", "P5", "P6", "X1", "X2", "X3"] {
+            assert_eq!(
+                rows.iter().filter(|r| **r == row).count(),
+                1,
+                "seed row {row}"
+            );
+        }
+        for r in &cat.rules {
+            assert!(
+                r.note.contains("Read as:"),
+                "rule {} says how its row is read",
+                r.id
+            );
+        }
+        let p4 = cat
+            .rules
+            .iter()
+            .find(|r| r.seed_row.as_deref() == Some("P4"))
+            .unwrap();
+        assert_eq!(p4.port_side, PortSide::Local);
+        assert_eq!(
+            p4.ports,
+            PortRange {
+                lo: 50000,
+                hi: 59999
+            }
+        );
+        assert_eq!(p4.direction, Direction::Outbound);
+    }
+
+    #[test]
+    fn valid_rule_with_range_parses() {
+        let cat = Catalogue::parse("t.toml", &rule("port = \"5060-5061\"")).unwrap();
+        assert_eq!(cat.rules[0].ports, PortRange { lo: 5060, hi: 5061 });
+        assert!(cat.warnings().is_empty());
+    }
+
+    #[test]
+    fn errors_name_line_column_and_what_was_expected() {
+        // Unknown key at the top level and inside a rule.
+        let e = error(&format!("bogus = 1\n{BASE}"));
+        assert!(e.starts_with("1:1: unknown field `bogus`"), "{e}");
+        let e = error(&rule("port = 443\ncolour = \"red\""));
+        assert!(e.starts_with("14:1: unknown field `colour`"), "{e}");
+        // Bad CIDR, host bits.
+        let e = error(&BASE.replace("198.51.100.10/32", "198.51.100.300/32"));
+        assert!(
+            e.starts_with("4:9: invalid CIDR prefix `198.51.100.300/32`"),
+            "{e}"
+        );
+        let e = error(&BASE.replace("198.51.100.10/32", "198.51.100.10/24"));
+        assert!(e.contains("host bits set: expected 198.51.100.0/24"), "{e}");
+        // Ports.
+        let e = error(&rule("port = 0"));
+        assert!(e.starts_with("13:8: port 0 is out of range"), "{e}");
+        let e = error(&rule("port = 65536"));
+        assert!(e.starts_with("13:8: port 65536 is out of range"), "{e}");
+        let e = error(&rule("port = \"6000-5000\""));
+        assert!(
+            e.starts_with("13:8: reversed port range `6000-5000`"),
+            "{e}"
+        );
+        let e = error(&rule("port = \"http\""));
+        assert!(e.contains("invalid port `http`"), "{e}");
+        let e = error(&rule(""));
+        assert!(e.contains("has no port"), "{e}");
+        // Unknown set and role.
+        let e = error(&rule("port = 443").replace("remote = \"any\"", "remote = \"partners\""));
+        assert!(
+            e.starts_with("11:10: unknown remote set `partners`: expected one of edge, any"),
+            "{e}"
+        );
+        let e =
+            error(&rule("port = 443").replace("interface = \"external\"", "interface = \"dmz\""));
+        assert!(e.starts_with("12:13: unknown interface role `dmz`"), "{e}");
+        // Duplicate id.
+        let two = format!(
+            "{}{}",
+            rule("port = 443"),
+            rule("port = 444").replace(BASE, "")
+        );
+        let e = error(&two);
+        assert!(
+            e.starts_with("15:6: duplicate rule id `r1`: already used at t.toml:6:6"),
+            "{e}"
+        );
+        // Transport and direction enums.
+        let e = error(&rule("port = 443").replace("\"tcp\"", "\"sctp\""));
+        assert!(
+            e.contains("unknown variant `sctp`, expected `tcp` or `udp`"),
+            "{e}"
+        );
+        let e = error(&rule("port = 443").replace("\"inbound\"", "\"in\""));
+        assert!(e.contains("expected `inbound` or `outbound`"), "{e}");
+        // Ids are kebab-case.
+        let e = error(&rule("port = 443").replace("\"r1\"", "\"Rule_1\""));
+        assert!(e.contains("expected kebab-case"), "{e}");
+        // local_port only for outbound rules.
+        let e = error(&rule("local_port = \"50000-59999\""));
+        assert!(e.contains("`local_port` is for outbound rules"), "{e}");
+        // TOML syntax.
+        let e = error(&format!("{BASE}[[rule]\n"));
+        assert!(e.starts_with("5:"), "{e}");
+    }
+
+    #[test]
+    fn check_reports_shadowed_and_overlapping_rules() {
+        let text = format!(
+            "{}{}{}",
+            rule("port = \"400-500\""),
+            rule("port = 443")
+                .replace(BASE, "")
+                .replace("\"r1\"", "\"r2\""),
+            rule("port = \"500-600\"")
+                .replace(BASE, "")
+                .replace("\"r1\"", "\"r3\""),
+        );
+        let cat = Catalogue::parse("t.toml", &text).unwrap();
+        let w: Vec<String> = cat.warnings().iter().map(|w| w.to_string()).collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("`r2` is shadowed by `r1`"), "{w:?}");
+        assert!(w[1].contains("`r3` overlaps `r1`"), "{w:?}");
+    }
+}

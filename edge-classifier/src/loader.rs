@@ -21,6 +21,8 @@ use crate::compile::Compiled;
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edge-classifier"));
 pub const PROGRAM_NAME: &str = "edge_classifier";
+/// An empty XDP_PASS program (`xdp_pass`): the floor benchmarks measure against.
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -28,7 +28,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let repeat: u32 = std::env::args().nth(1).map_or(1_000_000, |s| s.parse().expect("REPEAT"));
+    let repeat: u32 = std::env::args()
+        .nth(1)
+        .map_or(1_000_000, |s| s.parse().expect("REPEAT"));
     let mut h = Harness::default_catalogue("external");
     let mut floor = Ebpf::load(FLOOR_OBJECT).expect("load floor object");
     let fp: &mut Xdp = floor.program_mut("xdp_pass").unwrap().try_into().unwrap();
@@ -37,13 +39,23 @@ fn main() {
     let edge: IpAddr = "198.51.100.10".parse().unwrap();
     let partner: IpAddr = "203.0.113.5".parse().unwrap();
     let frames = [
-        ("TCP 5061 SYN from a partner (P1, pass)", tcp(partner, 40000, edge, 5061)),
+        (
+            "TCP 5061 SYN from a partner (P1, pass)",
+            tcp(partner, 40000, edge, 5061),
+        ),
         ("TCP 22 SYN (no rule, drop)", tcp(partner, 40000, edge, 22)),
     ];
     println!("repeat {repeat}, median of 5 runs, ns per frame");
-    println!("{:<42} {:>12} {:>12} {:>8}", "frame", "classifier", "XDP_PASS", "ratio");
+    println!(
+        "{:<42} {:>12} {:>12} {:>8}",
+        "frame", "classifier", "XDP_PASS", "ratio"
+    );
     for (name, frame) in frames {
-        let ours = median((0..5).map(|_| ns_per_frame(h.classifier.program(), &frame, repeat)).collect());
+        let ours = median(
+            (0..5)
+                .map(|_| ns_per_frame(h.classifier.program(), &frame, repeat))
+                .collect(),
+        );
         let base = median((0..5).map(|_| ns_per_frame(fp, &frame, repeat)).collect());
         println!("{name:<42} {ours:>12.1} {base:>12.1} {:>8.2}", ours / base);
     }

@@ -92,18 +92,49 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::setup()?;
             // Tests touch kernel state (namespaces, XDP attachments): one at a time.
-            check(
-                cargo()
-                    .args([
-                        "test",
-                        "--workspace",
-                        "--exclude",
-                        "edge-classifier-ebpf",
-                        "--",
-                    ])
-                    .arg("--test-threads=1")
-                    .args(&args),
-            )
+            let mut child = cargo()
+                .args([
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "edge-classifier-ebpf",
+                    "--",
+                ])
+                .arg("--test-threads=1")
+                .args(&args)
+                .stdout(std::process::Stdio::piped())
+                .spawn()?;
+            let (mut passed, mut failed) = (0u64, 0u64);
+            let stdout = child.stdout.take().context("stdout")?;
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let line = line?;
+                println!("{line}");
+                if let Some(rest) = line.strip_prefix("test result: ") {
+                    // "ok. 6 passed; 0 failed; 0 ignored; ..."
+                    let num = |word: &str| -> u64 {
+                        rest.split(';')
+                            .find_map(|part| {
+                                let mut w = part.split_whitespace().rev();
+                                (w.next() == Some(word)).then(|| w.next()).flatten()
+                            })
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(0)
+                    };
+                    passed += num("passed");
+                    failed += num("failed");
+                }
+            }
+            let status = child.wait()?;
+            // One closing line for the whole workspace: per-crate lines end with doc-test
+            // binaries that hold no tests.
+            println!("{passed} passed, {failed} failed");
+            if !status.success() {
+                bail!("cargo test failed: {status}");
+            }
+            if passed == 0 {
+                bail!("no test ran");
+            }
+            Ok(())
         }
     }
 }

@@ -445,7 +445,7 @@ impl Tap {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
-            if sll.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype != libc::PACKET_OUTGOING {
                 out.push(buf[..n as usize].to_vec());
             }
             last = Instant::now();

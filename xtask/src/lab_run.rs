@@ -151,8 +151,8 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
     }
 
     println!(
-        "\n{:<34} {:<22} {:<9} {:<8} {}",
-        "PROBE", "TO", "EXPECTED", "RESULT", ""
+        "\n{:<34} {:<22} {:<9} {:<8}",
+        "PROBE", "TO", "EXPECTED", "RESULT"
     );
     let mut wrong = 0;
     for p in probes() {

@@ -150,18 +150,9 @@ fn ip_headers(src: IpAddr, dst: IpAddr) -> IpHeaders {
             Ipv4Header::new(0, 64, IpNumber::TCP, s.octets(), d.octets()).expect("v4 header"),
             Default::default(),
         ),
-        (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
-            Ipv6Header {
-                traffic_class: 0,
-                flow_label: Default::default(),
-                payload_length: 0,
-                next_header: IpNumber::TCP,
-                hop_limit: 64,
-                source: s.octets(),
-                destination: d.octets(),
-            },
-            Default::default(),
-        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            ipv6_with_exts(s.octets(), d.octets(), Default::default())
+        }
         _ => panic!("mixed address families {src} {dst}"),
     }
 }

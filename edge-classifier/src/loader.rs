@@ -201,14 +201,14 @@ impl Classifier {
             }
             Err(e) => return Err(LoadError::Program(e)),
         }
+        write_buffer(&mut ebpf, 0, &compiled, None)?;
         let mut c = Self {
             ebpf,
-            compiled: compiled.clone(),
+            compiled,
             active: 0,
             bindings: Vec::new(),
             links: Vec::new(),
         };
-        c.write_buffer(0, &compiled, None)?;
         c.set_active(0)?;
         Ok(c)
     }
@@ -342,102 +342,6 @@ impl Classifier {
         Ok(())
     }
 
-    /// Writes `new` into `buffer`, touching only what differs from `old` (what the buffer holds).
-    fn write_buffer(
-        &mut self,
-        buffer: u32,
-        new: &Compiled,
-        old: Option<&Compiled>,
-    ) -> Result<(), LoadError> {
-        debug_assert!(buffer < BUFFERS);
-        {
-            let mut policy: Array<_, edge_classifier_common::Policy> =
-                Array::try_from(self.ebpf.map_mut("POLICY").expect("POLICY"))
-                    .map_err(map_err("POLICY"))?;
-            policy
-                .set(buffer, new.policy, 0)
-                .map_err(map_err("POLICY"))?;
-        }
-        {
-            let mut classes: Array<_, edge_classifier_common::RuleClass> =
-                Array::try_from(self.ebpf.map_mut("CLASSES").expect("CLASSES"))
-                    .map_err(map_err("CLASSES"))?;
-            for (id, class) in new.classes.iter().enumerate().skip(1) {
-                let unchanged = old.and_then(|o| o.classes.get(id)) == Some(class);
-                if !unchanged {
-                    classes
-                        .set(buffer * MAX_CLASSES + id as u32, class, 0)
-                        .map_err(map_err("CLASSES"))?;
-                }
-            }
-        }
-        {
-            let mut ports: Array<_, PortEntry> =
-                Array::try_from(self.ebpf.map_mut("PORTS").expect("PORTS"))
-                    .map_err(map_err("PORTS"))?;
-            let base = buffer * TRANSPORTS * PORT_SPACE;
-            let zero = PortEntry::default();
-            for (i, entry) in new.ports.iter().enumerate() {
-                let before = old.map_or(&zero, |o| &o.ports[i]);
-                if entry != before {
-                    ports
-                        .set(base + i as u32, entry, 0)
-                        .map_err(map_err("PORTS"))?;
-                }
-            }
-        }
-        let buffer_byte = buffer as u8;
-        {
-            let mut trie: LpmTrie<_, Lpm4, u64> =
-                LpmTrie::try_from(self.ebpf.map_mut("SETS_V4").expect("SETS_V4"))
-                    .map_err(map_err("SETS_V4"))?;
-            let key = |net: &IpNet| {
-                let IpNet::V4(n) = net else {
-                    unreachable!("v4 list")
-                };
-                Key::new(
-                    LPM_BUFFER_BITS + n.prefix_len() as u32,
-                    Lpm4 {
-                        buffer: buffer_byte,
-                        addr: n.addr().octets(),
-                    },
-                )
-            };
-            sync_trie(
-                &mut trie,
-                &new.prefixes_v4,
-                old.map(|o| &o.prefixes_v4[..]),
-                key,
-                "SETS_V4",
-            )?;
-        }
-        {
-            let mut trie: LpmTrie<_, Lpm6, u64> =
-                LpmTrie::try_from(self.ebpf.map_mut("SETS_V6").expect("SETS_V6"))
-                    .map_err(map_err("SETS_V6"))?;
-            let key = |net: &IpNet| {
-                let IpNet::V6(n) = net else {
-                    unreachable!("v6 list")
-                };
-                Key::new(
-                    LPM_BUFFER_BITS + n.prefix_len() as u32,
-                    Lpm6 {
-                        buffer: buffer_byte,
-                        addr: n.addr().octets(),
-                    },
-                )
-            };
-            sync_trie(
-                &mut trie,
-                &new.prefixes_v6,
-                old.map(|o| &o.prefixes_v6[..]),
-                key,
-                "SETS_V6",
-            )?;
-        }
-        Ok(())
-    }
-
     /// Counters of one bound interface, summed over CPUs.
     pub fn iface_stats(&self, binding: &Binding) -> Result<IfaceStats, LoadError> {
         let stats: PerCpuArray<_, Counter> =
@@ -470,6 +374,100 @@ impl Drop for Classifier {
     fn drop(&mut self) {
         self.detach_all();
     }
+}
+
+/// Writes `new` into `buffer`, touching only what differs from `old` (what the buffer holds).
+fn write_buffer(
+    ebpf: &mut Ebpf,
+    buffer: u32,
+    new: &Compiled,
+    old: Option<&Compiled>,
+) -> Result<(), LoadError> {
+    debug_assert!(buffer < BUFFERS);
+    {
+        let mut policy: Array<_, edge_classifier_common::Policy> =
+            Array::try_from(ebpf.map_mut("POLICY").expect("POLICY")).map_err(map_err("POLICY"))?;
+        policy
+            .set(buffer, new.policy, 0)
+            .map_err(map_err("POLICY"))?;
+    }
+    {
+        let mut classes: Array<_, edge_classifier_common::RuleClass> =
+            Array::try_from(ebpf.map_mut("CLASSES").expect("CLASSES"))
+                .map_err(map_err("CLASSES"))?;
+        for (id, class) in new.classes.iter().enumerate().skip(1) {
+            let unchanged = old.and_then(|o| o.classes.get(id)) == Some(class);
+            if !unchanged {
+                classes
+                    .set(buffer * MAX_CLASSES + id as u32, class, 0)
+                    .map_err(map_err("CLASSES"))?;
+            }
+        }
+    }
+    {
+        let mut ports: Array<_, PortEntry> =
+            Array::try_from(ebpf.map_mut("PORTS").expect("PORTS")).map_err(map_err("PORTS"))?;
+        let base = buffer * TRANSPORTS * PORT_SPACE;
+        let zero = PortEntry::default();
+        for (i, entry) in new.ports.iter().enumerate() {
+            let before = old.map_or(&zero, |o| &o.ports[i]);
+            if entry != before {
+                ports
+                    .set(base + i as u32, entry, 0)
+                    .map_err(map_err("PORTS"))?;
+            }
+        }
+    }
+    let buffer_byte = buffer as u8;
+    {
+        let mut trie: LpmTrie<_, Lpm4, u64> =
+            LpmTrie::try_from(ebpf.map_mut("SETS_V4").expect("SETS_V4"))
+                .map_err(map_err("SETS_V4"))?;
+        let key = |net: &IpNet| {
+            let IpNet::V4(n) = net else {
+                unreachable!("v4 list")
+            };
+            Key::new(
+                LPM_BUFFER_BITS + n.prefix_len() as u32,
+                Lpm4 {
+                    buffer: buffer_byte,
+                    addr: n.addr().octets(),
+                },
+            )
+        };
+        sync_trie(
+            &mut trie,
+            &new.prefixes_v4,
+            old.map(|o| &o.prefixes_v4[..]),
+            key,
+            "SETS_V4",
+        )?;
+    }
+    {
+        let mut trie: LpmTrie<_, Lpm6, u64> =
+            LpmTrie::try_from(ebpf.map_mut("SETS_V6").expect("SETS_V6"))
+                .map_err(map_err("SETS_V6"))?;
+        let key = |net: &IpNet| {
+            let IpNet::V6(n) = net else {
+                unreachable!("v6 list")
+            };
+            Key::new(
+                LPM_BUFFER_BITS + n.prefix_len() as u32,
+                Lpm6 {
+                    buffer: buffer_byte,
+                    addr: n.addr().octets(),
+                },
+            )
+        };
+        sync_trie(
+            &mut trie,
+            &new.prefixes_v6,
+            old.map(|o| &o.prefixes_v6[..]),
+            key,
+            "SETS_V6",
+        )?;
+    }
+    Ok(())
 }
 
 fn sync_trie<K: aya::Pod>(

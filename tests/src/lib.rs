@@ -27,6 +27,16 @@ pub enum Counted {
     Reason(&'static str, bool),
 }
 
+impl std::fmt::Display for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Counted::Rule(id) => write!(f, "rule {id}"),
+            Counted::Reason(name, true) => write!(f, "drop {name}"),
+            Counted::Reason(name, false) => write!(f, "pass {name}"),
+        }
+    }
+}
+
 pub fn pass_reason(name: &'static str) -> Counted {
     Counted::Reason(name, false)
 }
@@ -88,14 +98,13 @@ impl Harness {
         for (i, (b, a)) in before.reasons.iter().zip(&after.reasons).enumerate() {
             if a != b {
                 let (n, d) = reason::NAMES[i];
-                moved.push((Counted::Reason(n, d), delta(b, a)));
+                moved.push((Counted::Reason(n, d).to_string(), delta(b, a)));
             }
         }
         let rules = &self.classifier.compiled().rules;
         for (i, (b, a)) in before.rules.iter().zip(&after.rules).enumerate() {
             if a != b {
-                let id: &'static str = Box::leak(rules[i].id.clone().into_boxed_str());
-                moved.push((Counted::Rule(id), delta(b, a)));
+                moved.push((format!("rule {}", rules[i].id), delta(b, a)));
             }
         }
         let verdict = |a| {
@@ -116,7 +125,7 @@ impl Harness {
             hex(frame)
         );
         let want = vec![(
-            counted.clone(),
+            counted.to_string(),
             Counter {
                 packets: 1,
                 bytes: frame.len() as u64,

@@ -43,6 +43,8 @@ pub const POLICY_PASS_FRAGMENTS: u32 = 1 << 1;
 pub const POLICY_PASS_NON_IP: u32 = 1 << 2;
 /// Monitor mode: frames that no rule allows are passed but counted under `no_rule`.
 pub const POLICY_DEFAULT_PASS: u32 = 1 << 3;
+/// Egress frames from protected addresses that no rule allows are dropped, not only counted.
+pub const POLICY_DROP_EGRESS: u32 = 1 << 4;
 
 /// Rule flags (`RuleMatch::flags`).
 pub const RULE_OUTBOUND: u32 = 1 << 0;
@@ -65,7 +67,17 @@ pub mod reason {
     pub const DROP_ICMP: u32 = 13;
     pub const DROP_UNPROTECTED: u32 = 14;
     pub const DROP_NON_IP: u32 = 15;
-    pub const COUNT: u32 = 16;
+    // Egress (TC): frames the Edge sends. Outbound flows count under their rule instead.
+    /// A reply from an inbound rule's service port.
+    pub const PASS_EGRESS_REPLY: u32 = 16;
+    /// From an address the Edge does not protect.
+    pub const PASS_EGRESS_UNPROTECTED: u32 = 17;
+    /// Not a TCP/UDP frame with ports (ARP, ICMP, later fragments, unparsable).
+    pub const PASS_EGRESS_UNTRACKED: u32 = 18;
+    /// No rule allows it; passed because `policy.egress = "pass"`.
+    pub const PASS_EGRESS_NO_RULE: u32 = 19;
+    pub const DROP_EGRESS_NO_RULE: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Label values, indexed by reason; `true` where the reason is a drop.
     pub const NAMES: [(&str, bool); COUNT as usize] = [
@@ -85,11 +97,18 @@ pub mod reason {
         ("icmp", true),
         ("unprotected", true),
         ("non_ip", true),
+        ("egress_inbound_reply", false),
+        ("egress_unprotected", false),
+        ("egress_untracked", false),
+        ("egress_no_rule", false),
+        ("egress_no_rule", true),
     ];
 }
 
-/// A counter block per interface: the reasons first, then one counter per rule slot.
+/// A counter block per interface: the reasons first, then one counter per rule slot. An
+/// outbound rule counts its flows' frames both ways: sent (egress) and replies (ingress).
 pub const RULE_COUNTER_BASE: u32 = 32;
+const _: () = assert!(reason::COUNT <= RULE_COUNTER_BASE);
 pub const STATS_STRIDE: u32 = RULE_COUNTER_BASE + MAX_RULES;
 pub const STATS_ENTRIES: u32 = MAX_IFACES * STATS_STRIDE;
 
@@ -111,6 +130,11 @@ pub struct Policy {
     pub icmp4: [u64; 4],
     /// ICMPv6 types that pass; neighbour discovery (133–137) passes regardless.
     pub icmp6: [u64; 4],
+    /// Flow idle timeouts, in nanoseconds of `bpf_ktime_get_coarse_ns`.
+    pub tcp_idle_ns: u64,
+    pub udp_idle_ns: u64,
+    /// Lifetime of a TCP flow after FIN both ways or a RST.
+    pub tcp_closing_ns: u64,
 }
 
 /// Binding of a NIC to a role and a counter block.
@@ -164,6 +188,54 @@ pub struct RuleClass {
     pub rules: [RuleMatch; MAX_CANDIDATES],
 }
 
+/// An outbound flow, as the Edge sees it: `local` is the Edge's address. Egress fills it from
+/// (src, dst), ingress from (dst, src), so a reply finds the flow its request recorded. IPv4
+/// addresses use the first 4 bytes; the rest stays zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `TRANSPORT_TCP` or `TRANSPORT_UDP`.
+    pub transport: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// `bpf_ktime_get_coarse_ns` of the last frame either way.
+    pub last_seen: u64,
+    /// Counter slot of the outbound rule that allowed the flow.
+    pub slot: u32,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+}
+
+/// TCP teardown seen: the Edge sent a FIN, the peer sent a FIN, either side sent a RST.
+pub const FLOW_FIN_OUT: u32 = 1 << 0;
+pub const FLOW_FIN_IN: u32 = 1 << 1;
+pub const FLOW_RST: u32 = 1 << 2;
+
+/// Capacity compiled into the object; the loader sets the catalogue's before loading.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
+
+/// Flow table events (`FLOW_STATS` index, per CPU). Evictions are what is neither removed
+/// here nor still present: `created - expired - present`.
+pub mod flow_stat {
+    /// A flow recorded on egress (also an expired one revived by a new frame).
+    pub const CREATED: u32 = 0;
+    /// A flow found idle past its timeout (removed, or revived as a new flow on egress).
+    pub const EXPIRED: u32 = 1;
+    /// The kernel could not insert (no free or evictable element): the flow is not recorded.
+    pub const INSERT_FAILED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
 /// LPM key data for IPv4: the buffer byte first, so one trie holds both halves.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -193,12 +265,16 @@ mod pod {
     unsafe impl aya::Pod for RuleClass {}
     unsafe impl aya::Pod for Lpm4 {}
     unsafe impl aya::Pod for Lpm6 {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
 }
 
 // Padding would leak uninitialised bytes into map values and break byte-wise comparisons.
 const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<Policy>() == 72);
+    assert!(core::mem::size_of::<Policy>() == 96);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowState>() == 16);
     assert!(core::mem::size_of::<IfaceInfo>() == 16);
     assert!(core::mem::size_of::<PortEntry>() == 16);
     assert!(core::mem::size_of::<RuleMatch>() == 32);

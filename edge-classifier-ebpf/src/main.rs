@@ -1,24 +1,27 @@
-//! XDP ingress classifier: every frame is matched against the port matrix in the maps below and
-//! passed or dropped, and counted under the rule or reason that decided it.
+//! The data plane. XDP ingress: every frame is matched against the port matrix in the maps below
+//! and passed or dropped. TC egress: frames the Edge sends on outbound rules are recorded in the
+//! flow table that ingress replies must match. Every frame is counted under the rule or reason
+//! that decided it.
 #![no_std]
 #![no_main]
 
+mod flow;
 mod parse;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use edge_classifier_common::{
     BUFFERS, Counter, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4, Lpm6, MAX_CANDIDATES,
-    MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP,
-    POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE, Policy, PortEntry, RULE_COUNTER_BASE,
-    RuleClass, SET_ANY, SET_PROTECTED, STATS_ENTRIES, STATS_STRIDE, TRANSPORT_TCP, TRANSPORT_UDP,
-    TRANSPORTS, reason,
+    MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
+    POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE, Policy, PortEntry,
+    RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, STATS_ENTRIES, STATS_STRIDE,
+    TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
 };
-use parse::{Addr, Fragment, L3, L4, Malformed};
+use parse::{Addr, Fragment, Frame, L3, L4, Malformed};
 
 #[map]
 static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
@@ -37,50 +40,60 @@ static SETS_V6: LpmTrie<Lpm6, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
-/// What to do with a frame and which counter (reason or rule) records it.
+/// Whether a frame passes and which counter (reason or rule) records it.
 #[derive(Clone, Copy)]
 struct Verdict {
-    action: u32,
+    pass: bool,
     counter: u32,
 }
 
 impl Verdict {
     const fn pass(reason: u32) -> Self {
         Self {
-            action: xdp_action::XDP_PASS,
+            pass: true,
             counter: reason,
         }
     }
     const fn drop(reason: u32) -> Self {
         Self {
-            action: xdp_action::XDP_DROP,
+            pass: false,
             counter: reason,
         }
     }
     const fn rule(slot: u32) -> Self {
         Self {
-            action: xdp_action::XDP_PASS,
+            pass: true,
             counter: RULE_COUNTER_BASE + slot,
         }
     }
 }
 
-#[xdp]
-pub fn edge_classifier(ctx: XdpContext) -> u32 {
-    let ifindex = ctx.ingress_ifindex() as u32;
-    let (block, role_mask) = match IFACES.get(ifindex % IFACE_SLOTS) {
+/// The binding of the interface a frame is on: (counter block, role bit); block 0 is unbound.
+#[inline(always)]
+fn binding(ifindex: u32) -> (u32, u32) {
+    match IFACES.get(ifindex % IFACE_SLOTS) {
         Some(iface) if iface.ifindex == ifindex && iface.block != 0 => {
             (iface.block, iface.role_mask)
         }
         _ => (0, 0),
-    };
+    }
+}
+
+#[inline(always)]
+fn active_buffer() -> u32 {
+    match ACTIVE.get(0) {
+        Some(a) => *a & 1,
+        None => 0,
+    }
+}
+
+#[xdp]
+pub fn edge_classifier(ctx: XdpContext) -> u32 {
+    let (block, role_mask) = binding(ctx.ingress_ifindex() as u32);
     let verdict = if block == 0 {
         Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
     } else {
-        let active = match ACTIVE.get(0) {
-            Some(a) => *a & 1,
-            None => 0,
-        };
+        let active = active_buffer();
         match POLICY.get(active) {
             Some(policy) => match try_classify(&ctx, active, role_mask, policy) {
                 Ok(v) => v,
@@ -89,16 +102,57 @@ pub fn edge_classifier(ctx: XdpContext) -> u32 {
             None => Verdict::drop(reason::DROP_MALFORMED),
         }
     };
-    count(block, verdict.counter, ctx.data_end() - ctx.data());
-    verdict.action
+    count(block, verdict.counter, 1, Frame::len(&ctx));
+    if verdict.pass {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// Bytes pulled into the linear area so the parser can read up to the ports of a frame with two
+/// VLAN tags and IPv6 extension headers.
+const EGRESS_PULL: u32 = 14 + 8 + 40 + 512 + 20;
+
+#[classifier]
+pub fn edge_egress(ctx: TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (block, role_mask) = binding(ifindex);
+    // A GSO skb is many frames on the wire; count them as such.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1);
+    let verdict = if block == 0 {
+        Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
+    } else {
+        let want = ctx.len().min(EGRESS_PULL);
+        if ((ctx.data_end() - ctx.data()) as u32) < want {
+            // Locally built headers are linear already; this is for the odd forwarded skb.
+            let _ = ctx.pull_data(want);
+        }
+        let active = active_buffer();
+        match POLICY.get(active) {
+            Some(policy) => match try_egress(&ctx, active, role_mask, policy) {
+                Ok(v) => v,
+                // Egress is the Edge's own traffic: what it cannot parse is not ours to stop.
+                Err(Malformed) => Verdict::pass(reason::PASS_EGRESS_UNTRACKED),
+            },
+            None => Verdict::pass(reason::PASS_EGRESS_UNTRACKED),
+        }
+    };
+    count(block, verdict.counter, segs as u64, Frame::len(&ctx));
+    if verdict.pass {
+        // Let any later tc program have its say; with none, the frame is sent.
+        TC_ACT_UNSPEC
+    } else {
+        TC_ACT_SHOT as i32
+    }
 }
 
 #[inline(always)]
-fn count(block: u32, counter: u32, len: usize) {
+fn count(block: u32, counter: u32, packets: u64, len: usize) {
     if let Some(c) = STATS.get_ptr_mut(block * STATS_STRIDE + counter) {
         // Per-CPU slot: no other writer, so plain adds are enough.
         unsafe {
-            (*c).packets += 1;
+            (*c).packets += packets;
             (*c).bytes += len as u64;
         }
     }
@@ -148,9 +202,13 @@ fn try_classify(
         });
     }
 
-    let (transport, sport, dport) = match parse::l4(ctx, &l3)? {
-        L4::Tcp { sport, dport } => (TRANSPORT_TCP, sport, dport),
-        L4::Udp { sport, dport } => (TRANSPORT_UDP, sport, dport),
+    let (transport, sport, dport, tcp_flags) = match parse::l4(ctx, &l3)? {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        } => (TRANSPORT_TCP, sport, dport, flags),
+        L4::Udp { sport, dport } => (TRANSPORT_UDP, sport, dport, 0),
         L4::Icmp { ty } => {
             let allowed = if l3.is_v6 {
                 &policy.icmp6
@@ -180,23 +238,98 @@ fn try_classify(
     {
         return Ok(Verdict::rule(slot));
     }
-    // A frame from an outbound rule's service port claims to be a reply to a flow the Edge
-    // opened. Without a flow table entry for it, that claim is unproven: fail closed.
-    let reply_to = match dentry {
-        Some(entry) => entry.reply_to,
-        None => 0,
-    };
-    if reply_to != 0 && match_class(active, reply_to, local_bits, &mut remote, role_mask).is_some()
-    {
-        return Ok(Verdict::drop(reason::DROP_NOT_ESTABLISHED));
-    }
+    // A frame from an outbound rule's remote service port, or to its local port range, claims to
+    // answer a flow the Edge opened. Anyone can forge that claim; only the flow table, filled on
+    // egress, can prove it.
+    let mut slot = None;
     if let Some(entry) = PORTS.get(base + sport as u32)
         && entry.reply_from != 0
-        && match_class(active, entry.reply_from, local_bits, &mut remote, role_mask).is_some()
     {
-        return Ok(Verdict::drop(reason::DROP_NOT_ESTABLISHED));
+        slot = match_class(active, entry.reply_from, local_bits, &mut remote, role_mask);
+    }
+    if slot.is_none()
+        && let Some(entry) = dentry
+        && entry.reply_to != 0
+    {
+        slot = match_class(active, entry.reply_to, local_bits, &mut remote, role_mask);
+    }
+    if let Some(slot) = slot {
+        let key = flow::key(transport, &l3.dst, &l3.src, dport, sport);
+        return Ok(if flow::reply(&key, policy, transport, tcp_flags) {
+            Verdict::rule(slot)
+        } else {
+            Verdict::drop(reason::DROP_NOT_ESTABLISHED)
+        });
     }
     Ok(no_rule(policy))
+}
+
+/// Egress: the Edge's side of the matrix. Frames of flows an outbound rule allows are recorded
+/// and counted under the rule; replies from inbound services and everything else are counted.
+#[inline(always)]
+fn try_egress(
+    ctx: &TcContext,
+    active: u32,
+    role_mask: u32,
+    policy: &Policy,
+) -> Result<Verdict, Malformed> {
+    let l3 = match parse::l3(ctx)? {
+        L3::Ip(ip) => ip,
+        L3::Arp | L3::Other => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
+    };
+    let local_bits = set_bits(active, &l3.src);
+    if local_bits & SET_PROTECTED == 0 {
+        return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
+    }
+    if l3.fragment == Fragment::Later {
+        return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED));
+    }
+    let (transport, sport, dport, tcp_flags) = match parse::l4(ctx, &l3)? {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        } => (TRANSPORT_TCP, sport, dport, flags),
+        L4::Udp { sport, dport } => (TRANSPORT_UDP, sport, dport, 0),
+        _ => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
+    };
+    let mut remote = Remote {
+        addr: &l3.dst,
+        bits: None,
+        active,
+    };
+    let base = active * TRANSPORTS * PORT_SPACE + transport * PORT_SPACE;
+    // The same classes ingress uses for replies, seen from the other side: an outbound rule's
+    // remote service port is this frame's destination, its local range holds the source.
+    let mut slot = None;
+    if let Some(entry) = PORTS.get(base + dport as u32)
+        && entry.reply_from != 0
+    {
+        slot = match_class(active, entry.reply_from, local_bits, &mut remote, role_mask);
+    }
+    let sentry = PORTS.get(base + sport as u32);
+    if slot.is_none()
+        && let Some(entry) = sentry
+        && entry.reply_to != 0
+    {
+        slot = match_class(active, entry.reply_to, local_bits, &mut remote, role_mask);
+    }
+    if let Some(slot) = slot {
+        let key = flow::key(transport, &l3.src, &l3.dst, sport, dport);
+        flow::record(&key, slot, policy, transport, tcp_flags);
+        return Ok(Verdict::rule(slot));
+    }
+    if let Some(entry) = sentry
+        && entry.inbound != 0
+        && match_class(active, entry.inbound, local_bits, &mut remote, role_mask).is_some()
+    {
+        return Ok(Verdict::pass(reason::PASS_EGRESS_REPLY));
+    }
+    Ok(if policy.flags & POLICY_DROP_EGRESS != 0 {
+        Verdict::drop(reason::DROP_EGRESS_NO_RULE)
+    } else {
+        Verdict::pass(reason::PASS_EGRESS_NO_RULE)
+    })
 }
 
 #[inline(always)]

@@ -2,7 +2,46 @@
 //! is checked against both the frame and the IP datagram it sits in, so Ethernet padding or a
 //! short capture is never read as a port.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+/// What the parser needs of a program context. `data..data_end` is what can be read directly;
+/// `len` is the whole packet, which on egress may go on in skb fragments (GSO), so IP lengths
+/// are checked against `len` while every read is checked against `data_end`.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn len(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+}
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -15,6 +54,11 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_HLEN: usize = 14;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 const VLAN_HLEN: usize = 4;
 const MAX_VLAN_TAGS: usize = 2;
 
@@ -62,6 +106,7 @@ pub enum L4 {
     Tcp {
         sport: u16,
         dport: u16,
+        flags: u8,
     },
     Udp {
         sport: u16,
@@ -76,7 +121,7 @@ pub enum L4 {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
+fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Result<*const T, Malformed> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -86,19 +131,19 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
 }
 
 #[inline(always)]
-fn u8_at(ctx: &XdpContext, offset: usize) -> Result<u8, Malformed> {
+fn u8_at(ctx: &impl Frame, offset: usize) -> Result<u8, Malformed> {
     Ok(unsafe { *ptr_at::<u8>(ctx, offset)? })
 }
 
 #[inline(always)]
-fn u16_at(ctx: &XdpContext, offset: usize) -> Result<u16, Malformed> {
+fn u16_at(ctx: &impl Frame, offset: usize) -> Result<u16, Malformed> {
     Ok(u16::from_be_bytes(unsafe {
         *ptr_at::<[u8; 2]>(ctx, offset)?
     }))
 }
 
 #[inline(always)]
-pub fn l3(ctx: &XdpContext) -> Result<L3, Malformed> {
+pub fn l3(ctx: &impl Frame) -> Result<L3, Malformed> {
     let mut ethertype = u16_at(ctx, ETH_HLEN - 2)?;
     let mut off = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -119,7 +164,7 @@ pub fn l3(ctx: &XdpContext) -> Result<L3, Malformed> {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
+fn ipv4(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     let hdr = unsafe { &*ptr_at::<[u8; 20]>(ctx, off)? };
     if hdr[0] >> 4 != 4 {
         return Err(Malformed);
@@ -131,7 +176,7 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
     }
     let end = off + total;
     // The whole datagram must be in the frame; anything after it is link-layer padding.
-    if ctx.data() + end > ctx.data_end() {
+    if end > ctx.len() {
         return Err(Malformed);
     }
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
@@ -154,7 +199,7 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
+fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     let hdr = unsafe { &*ptr_at::<[u8; 40]>(ctx, off)? };
     if hdr[0] >> 4 != 6 {
         return Err(Malformed);
@@ -166,7 +211,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
     if payload == 0 && hdr[6] != 59 {
         return Err(Malformed);
     }
-    if ctx.data() + end > ctx.data_end() {
+    if end > ctx.len() {
         return Err(Malformed);
     }
     let mut src = [0u8; 16];
@@ -233,7 +278,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
 
 /// The ICMP/ICMPv6 type byte, for the neighbour-discovery check.
 #[inline(always)]
-pub fn icmp_type(ctx: &XdpContext, ip: &Ip) -> Result<u8, Malformed> {
+pub fn icmp_type(ctx: &impl Frame, ip: &Ip) -> Result<u8, Malformed> {
     if ip.l4_off + 4 > ip.l4_end {
         return Err(Malformed);
     }
@@ -241,7 +286,7 @@ pub fn icmp_type(ctx: &XdpContext, ip: &Ip) -> Result<u8, Malformed> {
 }
 
 #[inline(always)]
-pub fn l4(ctx: &XdpContext, ip: &Ip) -> Result<L4, Malformed> {
+pub fn l4(ctx: &impl Frame, ip: &Ip) -> Result<L4, Malformed> {
     let off = ip.l4_off;
     let avail = ip.l4_end.saturating_sub(off);
     let fragmented = ip.fragment == Fragment::First;
@@ -261,6 +306,7 @@ pub fn l4(ctx: &XdpContext, ip: &Ip) -> Result<L4, Malformed> {
             Ok(L4::Tcp {
                 sport: u16::from_be_bytes([h[0], h[1]]),
                 dport: u16::from_be_bytes([h[2], h[3]]),
+                flags: h[13],
             })
         }
         IPPROTO_UDP => {

@@ -120,6 +120,21 @@ struct RawCatalogue {
     sets: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    flows: RawFlows,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFlows {
+    #[serde(default)]
+    capacity: Option<Spanned<i64>>,
+    #[serde(default)]
+    tcp_idle: Option<Spanned<i64>>,
+    #[serde(default)]
+    udp_idle: Option<Spanned<i64>>,
+    #[serde(default)]
+    tcp_closing: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -139,6 +154,8 @@ struct RawPolicy {
     icmp: Option<Vec<Spanned<RawIcmp>>>,
     #[serde(default)]
     icmpv6: Option<Vec<Spanned<RawIcmp>>>,
+    #[serde(default)]
+    egress: Option<Action>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,7 +247,41 @@ pub struct Policy {
     pub protected: Vec<String>,
     pub icmp: Vec<u8>,
     pub icmpv6: Vec<u8>,
+    /// Egress frames from protected addresses that no rule allows (neither an outbound rule nor
+    /// a reply to an inbound one): counted, and dropped only when this says so.
+    pub egress: Action,
 }
+
+/// The egress flow table that makes outbound rows stateful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flows {
+    /// Flows held at most; beyond it the least recently used are evicted.
+    pub capacity: u32,
+    /// Seconds a flow may idle before its replies stop passing.
+    pub tcp_idle: u32,
+    pub udp_idle: u32,
+    /// Seconds a TCP flow lives on after FIN both ways or a RST (late ACKs, retransmissions).
+    pub tcp_closing: u32,
+}
+
+impl Default for Flows {
+    fn default() -> Self {
+        // TCP: beyond the 2 h default keepalive, so an idle SIP/XMPP connection with keepalives
+        // stays open; UDP: like nf_conntrack's assured UDP stream; closing: like its TCP CLOSE.
+        Flows {
+            capacity: DEFAULT_FLOW_CAPACITY,
+            tcp_idle: 7440,
+            udp_idle: 180,
+            tcp_closing: 10,
+        }
+    }
+}
+
+pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
+/// Bounds of `[flows]` values: capacity is kernel memory (about 128 bytes per flow), idle time
+/// beyond ten days keeps dead flows.
+pub const MAX_FLOW_CAPACITY: u32 = 16 * 1024 * 1024;
+pub const MAX_FLOW_TIMEOUT: u32 = 10 * 24 * 3600;
 
 /// A validated catalogue. Sets and roles keep their names; compiling turns them into bits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +292,7 @@ pub struct Catalogue {
     pub interfaces: BTreeMap<String, String>,
     pub sets: BTreeMap<String, Vec<IpNet>>,
     pub rules: Vec<Rule>,
+    pub flows: Flows,
 }
 
 const ICMP_NAMES: &[(&str, u8)] = &[
@@ -635,7 +687,9 @@ fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError
         protected,
         icmp: parse_icmp(src, p.icmp, ICMP_NAMES, DEFAULT_ICMP, "ICMP")?,
         icmpv6: parse_icmp(src, p.icmpv6, ICMPV6_NAMES, DEFAULT_ICMPV6, "ICMPv6")?,
+        egress: p.egress.unwrap_or(Action::Pass),
     };
+    let flows = parse_flows(src, raw.flows)?;
     for r in &rules {
         if r.local == ANY {
             return Err(CatalogueError::Invalid {
@@ -656,6 +710,53 @@ fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError
         interfaces: raw.interfaces,
         sets,
         rules,
+        flows,
+    })
+}
+
+fn parse_flows(src: &Source, raw: RawFlows) -> Result<Flows, CatalogueError> {
+    let d = Flows::default();
+    let bounded = |v: Option<Spanned<i64>>, default: u32, max: u32, what: &str, unit: &str| {
+        let Some(v) = v else { return Ok(default) };
+        let n = *v.get_ref();
+        if (1..=max as i64).contains(&n) {
+            Ok(n as u32)
+        } else {
+            Err(src.error(
+                v.span(),
+                format!("flows.{what} = {n} is out of range: expected 1 to {max} {unit}"),
+            ))
+        }
+    };
+    Ok(Flows {
+        capacity: bounded(
+            raw.capacity,
+            d.capacity,
+            MAX_FLOW_CAPACITY,
+            "capacity",
+            "flows",
+        )?,
+        tcp_idle: bounded(
+            raw.tcp_idle,
+            d.tcp_idle,
+            MAX_FLOW_TIMEOUT,
+            "tcp_idle",
+            "seconds",
+        )?,
+        udp_idle: bounded(
+            raw.udp_idle,
+            d.udp_idle,
+            MAX_FLOW_TIMEOUT,
+            "udp_idle",
+            "seconds",
+        )?,
+        tcp_closing: bounded(
+            raw.tcp_closing,
+            d.tcp_closing,
+            MAX_FLOW_TIMEOUT,
+            "tcp_closing",
+            "seconds",
+        )?,
     })
 }
 
@@ -801,6 +902,41 @@ edge = ["198.51.100.10/32"]
             }
         );
         assert_eq!(p4.direction, Direction::Outbound);
+    }
+
+    #[test]
+    fn flows_and_egress_policy_parse_with_defaults_and_bounds() {
+        let cat = Catalogue::parse("t.toml", BASE).unwrap();
+        assert_eq!(cat.flows, Flows::default());
+        assert_eq!(cat.policy.egress, Action::Pass);
+        let text = format!(
+            "{BASE}[policy]\negress = \"drop\"\n[flows]\ncapacity = 1024\ntcp_idle = 600\nudp_idle = 30\ntcp_closing = 5\n"
+        );
+        let cat = Catalogue::parse("t.toml", &text).unwrap();
+        assert_eq!(cat.policy.egress, Action::Drop);
+        assert_eq!(
+            cat.flows,
+            Flows {
+                capacity: 1024,
+                tcp_idle: 600,
+                udp_idle: 30,
+                tcp_closing: 5
+            }
+        );
+        let e = error(&format!("{BASE}[flows]\ncapacity = 0\n"));
+        assert!(
+            e.starts_with("6:12: flows.capacity = 0 is out of range: expected 1 to 16777216 flows"),
+            "{e}"
+        );
+        let e = error(&format!("{BASE}[flows]\nudp_idle = 864001\n"));
+        assert!(
+            e.starts_with("6:12: flows.udp_idle = 864001 is out of range"),
+            "{e}"
+        );
+        let e = error(&format!("{BASE}[flows]\nudp_timeout = 5\n"));
+        assert!(e.starts_with("6:1: unknown field `udp_timeout`"), "{e}");
+        let e = error(&format!("{BASE}[policy]\negress = \"count\"\n"));
+        assert!(e.starts_with("6:10: unknown variant `count`"), "{e}");
     }
 
     #[test]

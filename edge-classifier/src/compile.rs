@@ -7,8 +7,9 @@ use std::{
 
 use edge_classifier_common::{
     FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, MAX_RULES, POLICY_DEFAULT_PASS,
-    POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_SPACE, PortEntry,
-    RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
+    POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
+    PORT_SPACE, PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED,
+    TRANSPORT_TCP, TRANSPORT_UDP,
 };
 use ipnet::IpNet;
 
@@ -62,6 +63,8 @@ pub struct Compiled {
     pub classes: Vec<RuleClass>,
     pub prefixes_v4: Vec<(IpNet, u64)>,
     pub prefixes_v6: Vec<(IpNet, u64)>,
+    /// Size of the flow table; fixed once the program is loaded.
+    pub flow_capacity: u32,
 }
 
 impl Compiled {
@@ -309,11 +312,18 @@ pub fn compile(cat: &Catalogue) -> Result<Compiled, CompileError> {
     if p.non_ip == Action::Pass {
         flags |= POLICY_PASS_NON_IP;
     }
+    if p.egress == Action::Drop {
+        flags |= POLICY_DROP_EGRESS;
+    }
+    const NS: u64 = 1_000_000_000;
     let policy = edge_classifier_common::Policy {
         flags,
         _pad: 0,
         icmp4: bitmap(&p.icmp),
         icmp6: bitmap(&p.icmpv6),
+        tcp_idle_ns: cat.flows.tcp_idle as u64 * NS,
+        udp_idle_ns: cat.flows.udp_idle as u64 * NS,
+        tcp_closing_ns: cat.flows.tcp_closing as u64 * NS,
     };
 
     Ok(Compiled {
@@ -324,6 +334,7 @@ pub fn compile(cat: &Catalogue) -> Result<Compiled, CompileError> {
         classes,
         prefixes_v4: push_down(v4),
         prefixes_v6: push_down(v6),
+        flow_capacity: cat.flows.capacity,
     })
 }
 

@@ -1,17 +1,20 @@
-//! Loads the embedded XDP object, fills its maps from a compiled catalogue, binds NICs to roles
-//! and attaches.
+//! Loads the embedded eBPF object (XDP ingress classifier and TC egress flow recorder), fills its
+//! maps from a compiled catalogue, binds NICs to roles and attaches.
 
 use std::{ffi::CString, fmt, io};
 
 pub use aya::programs::XdpMode;
 use aya::{
-    Ebpf, EbpfError,
-    maps::{Array, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
-    programs::{ProgramError, Xdp, xdp::XdpLinkId},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    },
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4, Lpm6, MAX_CLASSES, MAX_IFACES,
-    PORT_SPACE, PortEntry, RULE_COUNTER_BASE, STATS_STRIDE, TRANSPORTS, reason,
+    BUFFERS, Counter, FlowKey, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4, Lpm6,
+    MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, STATS_STRIDE, TRANSPORTS,
+    flow_stat, reason,
 };
 use ipnet::IpNet;
 
@@ -21,6 +24,8 @@ use crate::compile::Compiled;
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edge-classifier"));
 pub const PROGRAM_NAME: &str = "edge_classifier";
+/// The TC egress program that records outbound flows.
+pub const EGRESS_PROGRAM_NAME: &str = "edge_egress";
 /// An empty XDP_PASS program (`xdp_pass`): the floor benchmarks measure against.
 pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
 
@@ -32,8 +37,14 @@ pub enum LoadError {
     NotPrivileged(String),
     #[error("no network interface named `{0}`: check the name with `ip link show`")]
     UnknownInterface(String),
-    #[error("the kernel verifier rejected the XDP program ({io_error}); verifier log:\n{log}")]
-    Verifier { io_error: io::Error, log: String },
+    #[error(
+        "the kernel verifier rejected the {program} program ({io_error}); verifier log:\n{log}"
+    )]
+    Verifier {
+        program: &'static str,
+        io_error: io::Error,
+        log: String,
+    },
     #[error("interface role `{role}` is not in the catalogue: expected one of {known}")]
     UnknownRole { role: String, known: String },
     #[error("at most {} interfaces can be bound", MAX_IFACES - 1)]
@@ -45,6 +56,12 @@ pub enum LoadError {
         name: String,
         ifindex: u32,
         other: String,
+    },
+    #[error("attaching the TC egress flow recorder to `{iface}` failed: {source}")]
+    AttachEgress {
+        iface: String,
+        #[source]
+        source: ProgramError,
     },
     #[error("attaching XDP to `{iface}` in {mode} mode failed: {source}")]
     Attach {
@@ -107,12 +124,51 @@ pub struct IfaceStats {
     pub rules: Vec<Counter>,
 }
 
+/// The flow table's state, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub capacity: u32,
+    /// Entries in the table now (live or idle but not yet removed).
+    pub present: u64,
+    pub created: u64,
+    pub expired: u64,
+    pub insert_failed: u64,
+    /// Flows pushed out by the LRU to make room: neither expired nor present.
+    pub evicted: u64,
+}
+
+/// One recorded outbound flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub key: FlowKey,
+    pub state: FlowState,
+}
+
+impl Flow {
+    pub fn local(&self) -> std::net::SocketAddr {
+        sock(self.key.family, &self.key.local, self.key.local_port)
+    }
+    pub fn remote(&self) -> std::net::SocketAddr {
+        sock(self.key.family, &self.key.remote, self.key.remote_port)
+    }
+}
+
+fn sock(family: u8, addr: &[u8; 16], port: u16) -> std::net::SocketAddr {
+    let ip: std::net::IpAddr = if family == 4 {
+        std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).into()
+    } else {
+        std::net::Ipv6Addr::from(*addr).into()
+    };
+    std::net::SocketAddr::new(ip, port)
+}
+
 pub struct Classifier {
     ebpf: Ebpf,
     compiled: Compiled,
     active: u32,
     bindings: Vec<Binding>,
     links: Vec<XdpLinkId>,
+    egress_links: Vec<SchedClassifierLinkId>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LoadError {
@@ -169,7 +225,10 @@ impl Classifier {
     /// Loads the program and writes `compiled` into buffer 0. Nothing is attached yet.
     pub fn load(compiled: Compiled) -> Result<Self, LoadError> {
         check_privileges()?;
-        let mut ebpf = match Ebpf::load(EBPF_OBJECT) {
+        let mut ebpf = match EbpfLoader::new()
+            .map_max_entries("FLOWS", compiled.flow_capacity)
+            .load(EBPF_OBJECT)
+        {
             Ok(e) => e,
             Err(EbpfError::MapError(MapError::CreateError { io_error, .. }))
                 if is_eperm(&io_error) =>
@@ -180,27 +239,18 @@ impl Classifier {
             }
             Err(e) => return Err(e.into()),
         };
-        let prog: &mut Xdp = ebpf
+        let xdp: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
-            .expect("the object has the program")
+            .expect("the object has the XDP program")
             .try_into()
             .map_err(LoadError::Program)?;
-        match prog.load() {
-            Ok(()) => {}
-            Err(ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            }) => {
-                if is_eperm(&io_error) && verifier_log.to_string().trim().is_empty() {
-                    return Err(LoadError::NotPrivileged(io_error.to_string()));
-                }
-                return Err(LoadError::Verifier {
-                    io_error,
-                    log: verifier_log.to_string(),
-                });
-            }
-            Err(e) => return Err(LoadError::Program(e)),
-        }
+        verified("XDP", xdp.load())?;
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut(EGRESS_PROGRAM_NAME)
+            .expect("the object has the egress program")
+            .try_into()
+            .map_err(LoadError::Program)?;
+        verified("TC egress", egress.load())?;
         write_buffer(&mut ebpf, 0, &compiled, None)?;
         let mut c = Self {
             ebpf,
@@ -208,6 +258,7 @@ impl Classifier {
             active: 0,
             bindings: Vec::new(),
             links: Vec::new(),
+            egress_links: Vec::new(),
         };
         c.set_active(0)?;
         Ok(c)
@@ -229,7 +280,16 @@ impl Classifier {
             .expect("XDP program")
     }
 
-    /// Tells the program that frames arriving on `name` come from a NIC of `role`.
+    /// The TC egress program (for BPF_PROG_TEST_RUN).
+    pub fn egress_program(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(EGRESS_PROGRAM_NAME)
+            .expect("loaded")
+            .try_into()
+            .expect("TC program")
+    }
+
+    /// Tells the programs that frames on `name` are on a NIC of `role`.
     pub fn bind(&mut self, name: &str, role: &str) -> Result<&Binding, LoadError> {
         let role_mask = self
             .compiled
@@ -280,7 +340,8 @@ impl Classifier {
         Ok(self.bindings.last().expect("just pushed"))
     }
 
-    /// Binds and attaches. `Auto` tries native XDP first and falls back to generic with a warning.
+    /// Binds and attaches XDP on ingress and the flow recorder on egress. `Auto` tries native
+    /// XDP first and falls back to generic with a warning.
     pub fn attach(
         &mut self,
         name: &str,
@@ -288,6 +349,9 @@ impl Classifier {
         mode: AttachMode,
     ) -> Result<ModeName, LoadError> {
         self.bind(name, role)?;
+        // Egress first: once XDP drops unrecorded replies, every outbound flow must already be
+        // recorded, or connections opened in between would stall.
+        self.attach_egress(name)?;
         let tries: &[XdpMode] = match mode {
             AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
             AttachMode::Native => &[XdpMode::Driver],
@@ -324,13 +388,77 @@ impl Classifier {
         })
     }
 
+    fn attach_egress(&mut self, name: &str) -> Result<(), LoadError> {
+        let first = self.egress_program().attach(name, TcAttachType::Egress);
+        let link = match first {
+            Ok(link) => link,
+            // Kernels before tcx (6.6) attach through a clsact qdisc, which may be missing.
+            Err(_) => {
+                let _ = aya::programs::tc::qdisc_add_clsact(name);
+                self.egress_program()
+                    .attach(name, TcAttachType::Egress)
+                    .map_err(|source| LoadError::AttachEgress {
+                        iface: name.to_string(),
+                        source,
+                    })?
+            }
+        };
+        self.egress_links.push(link);
+        Ok(())
+    }
+
     /// Detaches from every NIC (also done on drop).
     pub fn detach_all(&mut self) {
+        // XDP first, so no reply is judged against a flow table that stopped being filled.
         for link in std::mem::take(&mut self.links) {
             if let Err(e) = self.program().detach(link) {
-                log::warn!("detach: {e}");
+                log::warn!("detach XDP: {e}");
             }
         }
+        for link in std::mem::take(&mut self.egress_links) {
+            if let Err(e) = self.egress_program().detach(link) {
+                log::warn!("detach TC egress: {e}");
+            }
+        }
+    }
+
+    /// The flow table: occupancy and events, summed over CPUs.
+    pub fn flow_stats(&self) -> Result<FlowStats, LoadError> {
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("FLOW_STATS").expect("FLOW_STATS"))
+                .map_err(map_err("FLOW_STATS"))?;
+        let read = |i: u32| -> Result<u64, LoadError> {
+            Ok(stats
+                .get(&i, 0)
+                .map_err(map_err("FLOW_STATS"))?
+                .iter()
+                .sum())
+        };
+        let flows: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.ebpf.map("FLOWS").expect("FLOWS")).map_err(map_err("FLOWS"))?;
+        // Keys may vanish while we walk; a failed step just ends the count.
+        let present = flows.keys().take_while(Result::is_ok).count() as u64;
+        let created = read(flow_stat::CREATED)?;
+        let expired = read(flow_stat::EXPIRED)?;
+        Ok(FlowStats {
+            capacity: self.compiled.flow_capacity,
+            present,
+            created,
+            expired,
+            insert_failed: read(flow_stat::INSERT_FAILED)?,
+            evicted: created.saturating_sub(expired).saturating_sub(present),
+        })
+    }
+
+    /// Every recorded flow (a walk of the table: for inspection, not the hot path).
+    pub fn flows(&self) -> Result<Vec<Flow>, LoadError> {
+        let flows: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.ebpf.map("FLOWS").expect("FLOWS")).map_err(map_err("FLOWS"))?;
+        Ok(flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, state)| Flow { key, state })
+            .collect())
     }
 
     fn set_active(&mut self, buffer: u32) -> Result<(), LoadError> {
@@ -373,6 +501,27 @@ impl Classifier {
 impl Drop for Classifier {
     fn drop(&mut self) {
         self.detach_all();
+    }
+}
+
+/// Maps a program load failure to what an operator can act on.
+fn verified(program: &'static str, result: Result<(), ProgramError>) -> Result<(), LoadError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => {
+            if is_eperm(&io_error) && verifier_log.to_string().trim().is_empty() {
+                return Err(LoadError::NotPrivileged(io_error.to_string()));
+            }
+            Err(LoadError::Verifier {
+                program,
+                io_error,
+                log: verifier_log.to_string(),
+            })
+        }
+        Err(e) => Err(LoadError::Program(e)),
     }
 }
 

@@ -16,6 +16,18 @@ use etherparse::{
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+/// TC verdicts as BPF_PROG_TEST_RUN returns them (`TC_ACT_UNSPEC` is -1).
+pub const TC_NEXT: u32 = u32::MAX;
+pub const TC_DROP: u32 = 2;
+
+/// Which program a frame goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// XDP, as a frame arriving on the NIC.
+    In,
+    /// TC egress, as a frame the Edge sends.
+    Out,
+}
 
 pub const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -69,30 +81,59 @@ impl Harness {
         Self::new(&Catalogue::default_catalogue(), role)
     }
 
+    /// The default catalogue with some of its text replaced (each `from` must occur).
+    pub fn edited_default(role: &str, edits: &[(&str, &str)]) -> Harness {
+        Self::new(&edited_default_catalogue(edits), role)
+    }
+
     pub fn stats(&self) -> IfaceStats {
         self.classifier
             .iface_stats(&self.binding)
             .unwrap_or_else(|e| panic!("stats: {e}"))
     }
 
-    /// Runs one frame and returns the XDP action.
+    /// Runs one frame through XDP and returns the action.
     pub fn run(&mut self, frame: &[u8]) -> u32 {
+        self.run_dir(Dir::In, frame)
+    }
+
+    /// Runs one frame through the XDP (`In`) or TC egress (`Out`) program; returns its verdict.
+    pub fn run_dir(&mut self, dir: Dir, frame: &[u8]) -> u32 {
         let opts = TestRunOptions {
             data_in: Some(frame),
             ..TestRunOptions::new()
         };
-        self.classifier
-            .program()
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}-byte frame: {e}", frame.len()))
+        let result = match dir {
+            Dir::In => self.classifier.program().test_run(opts),
+            Dir::Out => self.classifier.egress_program().test_run(opts),
+        };
+        result
+            .unwrap_or_else(|e| {
+                panic!(
+                    "BPF_PROG_TEST_RUN ({dir:?}) on {}-byte frame: {e}",
+                    frame.len()
+                )
+            })
             .return_value
     }
 
-    /// Runs `frame`, asserts the action and that exactly the expected counter moved by one
-    /// frame of this length (and nothing else moved).
+    /// Runs `frame` through XDP, asserts the action and that exactly the expected counter moved
+    /// by one frame of this length (and nothing else moved).
     pub fn expect(&mut self, name: &str, frame: &[u8], action: u32, counted: &Counted) {
+        self.expect_dir(Dir::In, name, frame, action, counted)
+    }
+
+    /// The same for either program.
+    pub fn expect_dir(
+        &mut self,
+        dir: Dir,
+        name: &str,
+        frame: &[u8],
+        action: u32,
+        counted: &Counted,
+    ) {
         let before = self.stats();
-        let got = self.run(frame);
+        let got = self.run_dir(dir, frame);
         let after = self.stats();
         let mut moved = Vec::new();
         for (i, (b, a)) in before.reasons.iter().zip(&after.reasons).enumerate() {
@@ -107,19 +148,17 @@ impl Harness {
                 moved.push((format!("rule {}", rules[i].id), delta(b, a)));
             }
         }
-        let verdict = |a| {
-            if a == XDP_PASS {
-                "PASS"
-            } else if a == XDP_DROP {
-                "DROP"
-            } else {
-                "other"
-            }
+        let verdict = |a| match (dir, a) {
+            (Dir::In, XDP_PASS) => "XDP_PASS",
+            (Dir::In, XDP_DROP) => "XDP_DROP",
+            (Dir::Out, TC_NEXT) => "TC_ACT_UNSPEC",
+            (Dir::Out, TC_DROP) => "TC_ACT_SHOT",
+            _ => "other",
         };
         assert_eq!(
             got,
             action,
-            "{name}: expected XDP_{} got XDP_{} ({got}); frame {}; counters moved {moved:?}",
+            "{name}: expected {} got {} ({got}); frame {}; counters moved {moved:?}",
             verdict(action),
             verdict(got),
             hex(frame)
@@ -136,6 +175,17 @@ impl Harness {
             "{name}: counters moved {moved:?}, expected {want:?}"
         );
     }
+}
+
+/// The default catalogue with `edits` applied to its text; panics if an edit does not apply.
+pub fn edited_default_catalogue(edits: &[(&str, &str)]) -> Catalogue {
+    let mut text = edge_classifier::catalogue::DEFAULT_CATALOGUE.to_string();
+    for (from, to) in edits {
+        assert!(text.contains(from), "default catalogue has no `{from}`");
+        text = text.replacen(from, to, 1);
+    }
+    Catalogue::parse("edited-default.toml", &text)
+        .unwrap_or_else(|e| panic!("edited catalogue: {e}"))
 }
 
 fn delta(b: &Counter, a: &Counter) -> Counter {
@@ -169,6 +219,34 @@ fn ip_headers(src: IpAddr, dst: IpAddr) -> IpHeaders {
 /// A TCP SYN from `src:sport` to `dst:dport`.
 pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
     tcp_with(ip_headers(src, dst), sport, dport, &[])
+}
+
+/// TCP flag bits for [`tcp_segment`].
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const ACK: u8 = 0x10;
+
+/// A TCP segment with the given flags (any of [`FIN`], [`SYN`], [`RST`], [`ACK`]).
+pub fn tcp_segment(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut b = eth()
+        .ip(ip_headers(src, dst))
+        .tcp(sport, dport, 1000, 64240);
+    if flags & SYN != 0 {
+        b = b.syn();
+    }
+    if flags & ACK != 0 {
+        b = b.ack(1);
+    }
+    if flags & FIN != 0 {
+        b = b.fin();
+    }
+    if flags & RST != 0 {
+        b = b.rst();
+    }
+    let mut out = Vec::with_capacity(b.size(0));
+    b.write(&mut out, &[]).expect("write tcp frame");
+    out
 }
 
 pub fn tcp_with(ip: IpHeaders, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {

@@ -1,0 +1,173 @@
+//! The outbound flow table: egress records the flows outbound rules allow, ingress lets a reply
+//! through only while its flow is recorded and alive. Ingress never creates an entry.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
+use edge_classifier_common::{
+    DEFAULT_FLOW_CAPACITY, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState, Policy,
+    TRANSPORT_TCP, flow_stat,
+};
+
+use crate::parse::{Addr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+/// Sized by the loader from the catalogue's `[flows] capacity` before the object is loaded.
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+#[map]
+static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(flow_stat::COUNT, 0);
+
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+pub fn key(
+    transport: u32,
+    local: &Addr,
+    remote: &Addr,
+    local_port: u16,
+    remote_port: u16,
+) -> FlowKey {
+    let mut k = FlowKey {
+        local_port,
+        remote_port,
+        transport: transport as u8,
+        ..FlowKey::default()
+    };
+    match (local, remote) {
+        (Addr::V4(l), Addr::V4(r)) => {
+            k.family = 4;
+            k.local[..4].copy_from_slice(l);
+            k.remote[..4].copy_from_slice(r);
+        }
+        (Addr::V6(l), Addr::V6(r)) => {
+            k.family = 6;
+            k.local = *l;
+            k.remote = *r;
+        }
+        // Both addresses come from one IP header.
+        _ => {}
+    }
+    k
+}
+
+#[inline(always)]
+fn stat(index: u32) {
+    if let Some(c) = FLOW_STATS.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // The coarse clock (jiffy resolution) is plenty for second-scale timeouts and cheaper.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+fn closing(flags: u32) -> bool {
+    flags & FLOW_RST != 0 || flags & (FLOW_FIN_OUT | FLOW_FIN_IN) == FLOW_FIN_OUT | FLOW_FIN_IN
+}
+
+#[inline(always)]
+fn expired(state: &FlowState, now: u64, policy: &Policy, transport: u32) -> bool {
+    let timeout = if transport != TRANSPORT_TCP {
+        policy.udp_idle_ns
+    } else if closing(state.flags) {
+        policy.tcp_closing_ns
+    } else {
+        policy.tcp_idle_ns
+    };
+    // Another CPU may have stamped a later time than ours: that is not idle.
+    now.saturating_sub(state.last_seen) > timeout
+}
+
+#[inline(always)]
+fn touch(state: &mut FlowState, now: u64) {
+    // Skip the store when the coarse clock has not moved: saves dirtying a shared cache line
+    // on every frame of a busy flow.
+    if state.last_seen < now {
+        state.last_seen = now;
+    }
+}
+
+/// Egress: records (or refreshes) the flow an outbound rule allowed.
+#[inline(always)]
+pub fn record(key: &FlowKey, slot: u32, policy: &Policy, transport: u32, tcp_flags: u8) {
+    let now = now();
+    let tcp = transport == TRANSPORT_TCP;
+    let mut teardown = 0;
+    if tcp && tcp_flags & TCP_FIN != 0 {
+        teardown |= FLOW_FIN_OUT;
+    }
+    if tcp && tcp_flags & TCP_RST != 0 {
+        teardown |= FLOW_RST;
+    }
+    if let Some(p) = FLOWS.get_ptr_mut(key) {
+        let state = unsafe { &mut *p };
+        let syn = tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if expired(state, now, policy, transport) || (syn && closing(state.flags)) {
+            // The old flow is over; this frame starts a new one on the same 5-tuple.
+            stat(flow_stat::EXPIRED);
+            stat(flow_stat::CREATED);
+            state.flags = 0;
+        }
+        state.slot = slot;
+        touch(state, now);
+        if teardown != 0 {
+            // A plain read-modify-write: a FIN lost to a concurrent update on another CPU only
+            // leaves the flow to its idle timeout, which fails safe.
+            state.flags |= teardown;
+        }
+        return;
+    }
+    // A RST for a flow we do not know opens nothing.
+    if teardown & FLOW_RST != 0 {
+        return;
+    }
+    let state = FlowState {
+        last_seen: now,
+        slot,
+        flags: teardown,
+    };
+    match FLOWS.insert(key, &state, BPF_NOEXIST as u64) {
+        Ok(()) => stat(flow_stat::CREATED),
+        // Another CPU recorded the same flow a moment ago.
+        Err(e) if e == -EEXIST => {}
+        Err(_) => stat(flow_stat::INSERT_FAILED),
+    }
+}
+
+/// Ingress: whether a reply belongs to a recorded, live flow; refreshes it if so.
+#[inline(always)]
+pub fn reply(key: &FlowKey, policy: &Policy, transport: u32, tcp_flags: u8) -> bool {
+    let Some(p) = FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    let state = unsafe { &mut *p };
+    let now = now();
+    if expired(state, now, policy, transport) {
+        if FLOWS.remove(key).is_ok() {
+            stat(flow_stat::EXPIRED);
+        }
+        return false;
+    }
+    touch(state, now);
+    if transport == TRANSPORT_TCP {
+        let mut teardown = 0;
+        if tcp_flags & TCP_FIN != 0 {
+            teardown |= FLOW_FIN_IN;
+        }
+        if tcp_flags & TCP_RST != 0 {
+            teardown |= FLOW_RST;
+        }
+        if teardown != 0 && state.flags & teardown != teardown {
+            state.flags |= teardown;
+        }
+    }
+    true
+}

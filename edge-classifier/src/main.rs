@@ -137,23 +137,40 @@ async fn run(catalogue: Option<PathBuf>, ifaces: Vec<String>, mode: Mode) -> any
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = usr1.recv() => print_table(&classifier)?,
+            _ = usr1.recv() => print_table(&classifier),
         }
     }
-    print_table(&classifier)?;
+    print_table(&classifier);
     classifier.detach_all();
     log::info!("detached");
     Ok(())
 }
 
-fn print_table(classifier: &Classifier) -> anyhow::Result<()> {
-    let stats = classifier
-        .bindings()
-        .iter()
-        .map(|b| Ok((b.clone(), classifier.iface_stats(b)?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    print!("{}", report::table(classifier.compiled(), &stats));
+/// Prints the counter tables. Best effort: a reader that went away (closed pipe) must not stop
+/// the classifier from detaching cleanly.
+fn print_table(classifier: &Classifier) {
+    let text =
+        (|| -> anyhow::Result<String> {
+            let stats = classifier
+                .bindings()
+                .iter()
+                .map(|b| Ok((b.clone(), classifier.iface_stats(b)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(report::table(classifier.compiled(), &stats)
+                + &report::flows(&classifier.flow_stats()?))
+        })();
     use std::io::Write as _;
-    std::io::stdout().flush()?;
-    Ok(())
+    let written = match text {
+        Ok(t) => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(t.as_bytes()).and_then(|()| out.flush())
+        }
+        Err(e) => {
+            log::warn!("reading counters: {e:#}");
+            Ok(())
+        }
+    };
+    if let Err(e) = written {
+        log::warn!("printing counters: {e}");
+    }
 }

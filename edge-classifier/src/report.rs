@@ -6,8 +6,16 @@ use edge_classifier_common::reason;
 
 use crate::{
     compile::Compiled,
-    loader::{Binding, IfaceStats},
+    loader::{Binding, FlowStats, IfaceStats},
 };
+
+/// The flow table in one line.
+pub fn flows(s: &FlowStats) -> String {
+    format!(
+        "flow table: {} of {} entries; {} created, {} expired, {} evicted, {} not recorded (table busy)\n",
+        s.present, s.capacity, s.created, s.expired, s.evicted, s.insert_failed
+    )
+}
 
 /// One table: a row per rule and interface of the rule's role, then non-zero reasons.
 pub fn table(compiled: &Compiled, stats: &[(Binding, IfaceStats)]) -> String {

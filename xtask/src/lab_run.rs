@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use edge_classifier_lab::{
     CLIENT_V4, CLIENT_V6, EDGE_EXT, EDGE_EXT_V4, EDGE_EXT_V6, EDGE_INT, EDGE_INT_V4, EDGE_INT_V6,
-    FE_V4, FE_V6, Lab, Listeners, PARTNER_V4, PARTNER_V6, tcp_connect, udp_send,
+    FE_V4, FE_V6, Lab, Listeners, PARTNER_V4, PARTNER_V6, tcp_exchange, udp_send,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -21,11 +21,22 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// Which host a probe starts on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Host {
+    Remote,
+    FrontEnd,
+    /// The edge itself opens the flow (outbound rows).
+    Edge,
+}
+
 struct Probe {
     what: &'static str,
-    ns_is_fe: bool,
+    from: Host,
     udp: bool,
     src: IpAddr,
+    /// Source port; 0 lets the kernel choose.
+    sport: u16,
     dst: IpAddr,
     port: u16,
     allowed: bool,
@@ -37,19 +48,31 @@ fn probes() -> Vec<Probe> {
         (CLIENT_V4, PARTNER_V4, EDGE_EXT_V4, EDGE_INT_V4, FE_V4),
         (CLIENT_V6, PARTNER_V6, EDGE_EXT_V6, EDGE_INT_V6, FE_V6),
     ] {
-        let p = |what, ns_is_fe, udp, src, dst, port, allowed| Probe {
+        let p = |what, from, udp, src, dst, port, allowed| Probe {
             what,
-            ns_is_fe,
+            from,
             udp,
             src,
+            sport: if udp { 40000 } else { 0 },
             dst,
             port,
             allowed,
         };
+        let forged = |what, udp, sport, dport| Probe {
+            what,
+            from: Host::Remote,
+            udp,
+            src: client,
+            sport,
+            dst: ext,
+            port: dport,
+            allowed: false,
+        };
+        use Host::*;
         v.extend([
             p(
                 "P1 IM partner -> SIP/MTLS 5061",
-                false,
+                Remote,
                 false,
                 partner,
                 ext,
@@ -58,7 +81,7 @@ fn probes() -> Vec<Probe> {
             ),
             p(
                 "P3 client -> SIP/TLS 443",
-                false,
+                Remote,
                 false,
                 client,
                 ext,
@@ -67,7 +90,7 @@ fn probes() -> Vec<Probe> {
             ),
             p(
                 "P6 client -> STUN udp 3478",
-                false,
+                Remote,
                 true,
                 client,
                 ext,
@@ -76,7 +99,7 @@ fn probes() -> Vec<Probe> {
             ),
             p(
                 "X1 XMPP peer -> 5269",
-                false,
+                Remote,
                 false,
                 client,
                 ext,
@@ -85,7 +108,7 @@ fn probes() -> Vec<Probe> {
             ),
             p(
                 "X3 front end -> internal 23456",
-                true,
+                FrontEnd,
                 false,
                 fe,
                 int,
@@ -94,19 +117,96 @@ fn probes() -> Vec<Probe> {
             ),
             p(
                 "non-partner -> 5061",
-                false,
+                Remote,
                 false,
                 client,
                 ext,
                 5061,
                 false,
             ),
-            p("client -> ssh 22", false, false, client, ext, 22, false),
-            p("client -> rdp 3389", false, false, client, ext, 3389, false),
-            p("client -> udp 5061", false, true, client, ext, 5061, false),
+            p("client -> ssh 22", Remote, false, client, ext, 22, false),
+            p(
+                "client -> rdp 3389",
+                Remote,
+                false,
+                client,
+                ext,
+                3389,
+                false,
+            ),
+            p("client -> udp 5061", Remote, true, client, ext, 5061, false),
+            // Claimed replies to flows the edge never opened.
+            forged("forged reply from 5061", false, 5061, 40000),
+            forged("forged reply from 5269", false, 5269, 40000),
+            forged("forged reply from udp 3478", true, 3478, 40001),
+            forged("unsolicited -> media port 50020", false, 33000, 50020),
+            // The edge opens these; the replies pass because egress recorded the flow.
+            p(
+                "P2 edge -> IM partner 5061",
+                Edge,
+                false,
+                ext,
+                partner,
+                5061,
+                true,
+            ),
+            p(
+                "S1 edge -> federated peer 5061",
+                Edge,
+                false,
+                ext,
+                client,
+                5061,
+                true,
+            ),
+            p(
+                "X2 edge -> XMPP peer 5269",
+                Edge,
+                false,
+                ext,
+                client,
+                5269,
+                true,
+            ),
+            p(
+                "P5 edge -> STUN udp 3478",
+                Edge,
+                true,
+                ext,
+                client,
+                3478,
+                true,
+            ),
+            Probe {
+                sport: 50010,
+                ..p(
+                    "P4 edge media 50010 -> tcp 7000",
+                    Edge,
+                    false,
+                    ext,
+                    client,
+                    7000,
+                    true,
+                )
+            },
         ]);
     }
+    // The forged probes borrow the remote peers' service ports as source ports: all of them go
+    // before the remote listeners of the outbound probes take those ports.
+    v.sort_by_key(|p| p.from == Host::Edge);
     v
+}
+
+/// The daemon, stopped (SIGTERM, then waited for) however `run` ends.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
 }
 
 pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Result<()> {
@@ -114,9 +214,12 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
     println!("lab: namespaces {}, {}, {}", lab.remote, lab.edge, lab.fe);
     let _listeners = Listeners::start(
         &lab.edge,
-        &[443, 5061, 5269, 23456, 22, 3389],
-        &[3478, 5061],
+        &[443, 5061, 5269, 23456, 22, 3389, 40000, 50020],
+        &[3478, 5061, 40001],
     )?;
+    // Peers for the outbound rows; started once the forged probes (which borrow these source
+    // ports on the remote host) are done.
+    let mut remote_listeners = None;
 
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -134,6 +237,7 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
         .spawn()
         .context("starting edge-classifier in the edge namespace")?;
     let stdout = child.stdout.take().context("stdout")?;
+    let mut child = Daemon(child);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let relay = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -145,8 +249,8 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
         }
     });
     if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
+        let _ = child.0.kill();
+        let _ = child.0.wait();
         bail!("edge-classifier did not attach (see its messages above)");
     }
 
@@ -156,13 +260,21 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
     );
     let mut wrong = 0;
     for p in probes() {
-        let ns = if p.ns_is_fe { &lab.fe } else { &lab.remote };
+        let ns = match p.from {
+            Host::Remote => &lab.remote,
+            Host::FrontEnd => &lab.fe,
+            Host::Edge => &lab.edge,
+        };
+        if p.from == Host::Edge && remote_listeners.is_none() {
+            remote_listeners = Some(Listeners::start(&lab.remote, &[5061, 5269, 7000], &[3478])?);
+        }
+        let src = SocketAddr::new(p.src, p.sport);
         let dst = SocketAddr::new(p.dst, p.port);
         let t = Duration::from_millis(if p.allowed { 2000 } else { 400 });
         let ok = if p.udp {
-            udp_send(ns, SocketAddr::new(p.src, 40000), dst, t)?
+            udp_send(ns, src, dst, t)?
         } else {
-            tcp_connect(ns, p.src, dst, t)?
+            tcp_exchange(ns, src, dst, t)?.answered
         };
         let mark = if ok == p.allowed {
             ""
@@ -181,7 +293,7 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
         );
     }
     println!();
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGUSR1) };
     std::thread::sleep(Duration::from_millis(300));
 
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs(s));
@@ -190,14 +302,15 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
         None => println!("running; Ctrl-C detaches and removes the lab"),
     }
     while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.0.try_wait()? {
             bail!("edge-classifier exited early: {status}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait()?;
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait()?;
     let _ = relay.join();
+    drop(remote_listeners);
     drop(lab);
     println!("lab removed");
     if !status.success() {

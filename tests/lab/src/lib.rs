@@ -367,6 +367,50 @@ pub fn tcp_connect(
     })
 }
 
+/// What a TCP exchange got to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exchange {
+    pub connected: bool,
+    /// The listener's answer came back over the connection.
+    pub answered: bool,
+}
+
+/// A TCP connect from `src` (port 0: chosen by the kernel) to `dst` inside `ns`, sending a line
+/// and reading the answer.
+pub fn tcp_exchange(
+    ns: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<Exchange> {
+    in_netns(ns, move || {
+        let domain = if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&SockAddr::from(src))
+            .with_context(|| format!("bind {src}"))?;
+        if sock.connect_timeout(&dst.into(), timeout).is_err() {
+            return Ok(Exchange {
+                connected: false,
+                answered: false,
+            });
+        }
+        let mut s: std::net::TcpStream = sock.into();
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"hello\n")?;
+        let mut buf = [0u8; 2];
+        let answered = s.read_exact(&mut buf).is_ok() && &buf == b"ok";
+        Ok(Exchange {
+            connected: true,
+            answered,
+        })
+    })
+}
+
 /// A UDP datagram from `src:sport` to `dst`; returns whether an answer came back.
 pub fn udp_send(
     ns: &str,
@@ -425,7 +469,14 @@ impl Tap {
 
     /// Received (not sent) frames waiting in the socket, drained until `quiet` passes with none.
     pub fn drain(&self, quiet: Duration) -> Vec<Vec<u8>> {
+        self.drain_split(quiet).0
+    }
+
+    /// (received, sent) frames waiting in the socket. Sent frames are seen after TC egress, so
+    /// a frame TC dropped is not among them.
+    pub fn drain_split(&self, quiet: Duration) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let mut out = Vec::new();
+        let mut sent = Vec::new();
         let mut last = Instant::now();
         let mut buf = vec![0u8; 65536];
         while last.elapsed() < quiet {
@@ -447,9 +498,11 @@ impl Tap {
             }
             if sll.sll_pkttype != libc::PACKET_OUTGOING {
                 out.push(buf[..n as usize].to_vec());
+            } else {
+                sent.push(buf[..n as usize].to_vec());
             }
             last = Instant::now();
         }
-        out
+        (out, sent)
     }
 }

@@ -210,10 +210,13 @@ pub struct FlowKey {
 pub struct FlowState {
     /// `bpf_ktime_get_coarse_ns` of the last frame either way.
     pub last_seen: u64,
-    /// Counter slot of the outbound rule that allowed the flow.
+    /// Counter slot of the outbound rule that allowed the flow; its replies count there too.
     pub slot: u32,
     /// `FLOW_*` bits.
     pub flags: u32,
+    /// Role bit of the NIC the flow left by: replies must come back on a NIC of that role.
+    pub role_mask: u32,
+    pub _pad: u32,
 }
 
 /// TCP teardown seen: the Edge sent a FIN, the peer sent a FIN, either side sent a RST.
@@ -274,7 +277,7 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<Policy>() == 96);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowState>() == 16);
+    assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<IfaceInfo>() == 16);
     assert!(core::mem::size_of::<PortEntry>() == 16);
     assert!(core::mem::size_of::<RuleMatch>() == 32);

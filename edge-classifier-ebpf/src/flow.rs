@@ -97,7 +97,14 @@ fn touch(state: &mut FlowState, now: u64) {
 
 /// Egress: records (or refreshes) the flow an outbound rule allowed.
 #[inline(always)]
-pub fn record(key: &FlowKey, slot: u32, policy: &Policy, transport: u32, tcp_flags: u8) {
+pub fn record(
+    key: &FlowKey,
+    slot: u32,
+    role_mask: u32,
+    policy: &Policy,
+    transport: u32,
+    tcp_flags: u8,
+) {
     let now = now();
     let tcp = transport == TRANSPORT_TCP;
     let mut teardown = 0;
@@ -117,6 +124,7 @@ pub fn record(key: &FlowKey, slot: u32, policy: &Policy, transport: u32, tcp_fla
             state.flags = 0;
         }
         state.slot = slot;
+        state.role_mask = role_mask;
         touch(state, now);
         if teardown != 0 {
             // A plain read-modify-write: a FIN lost to a concurrent update on another CPU only
@@ -133,8 +141,10 @@ pub fn record(key: &FlowKey, slot: u32, policy: &Policy, transport: u32, tcp_fla
         last_seen: now,
         slot,
         flags: teardown,
+        role_mask,
+        _pad: 0,
     };
-    match FLOWS.insert(key, &state, BPF_NOEXIST as u64) {
+    match FLOWS.insert(key, state, BPF_NOEXIST as u64) {
         Ok(()) => stat(flow_stat::CREATED),
         // Another CPU recorded the same flow a moment ago.
         Err(e) if e == -EEXIST => {}
@@ -142,19 +152,26 @@ pub fn record(key: &FlowKey, slot: u32, policy: &Policy, transport: u32, tcp_fla
     }
 }
 
-/// Ingress: whether a reply belongs to a recorded, live flow; refreshes it if so.
+/// Ingress: the rule slot of the recorded, live flow a reply belongs to (refreshing the flow),
+/// or `None`.
 #[inline(always)]
-pub fn reply(key: &FlowKey, policy: &Policy, transport: u32, tcp_flags: u8) -> bool {
-    let Some(p) = FLOWS.get_ptr_mut(key) else {
-        return false;
-    };
-    let state = unsafe { &mut *p };
+pub fn reply(
+    key: &FlowKey,
+    role_mask: u32,
+    policy: &Policy,
+    transport: u32,
+    tcp_flags: u8,
+) -> Option<u32> {
+    let state = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    if state.role_mask & role_mask == 0 {
+        return None;
+    }
     let now = now();
     if expired(state, now, policy, transport) {
         if FLOWS.remove(key).is_ok() {
             stat(flow_stat::EXPIRED);
         }
-        return false;
+        return None;
     }
     touch(state, now);
     if transport == TRANSPORT_TCP {
@@ -169,5 +186,5 @@ pub fn reply(key: &FlowKey, policy: &Policy, transport: u32, tcp_flags: u8) -> b
             state.flags |= teardown;
         }
     }
-    true
+    Some(state.slot)
 }

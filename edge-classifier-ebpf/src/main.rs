@@ -143,7 +143,7 @@ pub fn edge_egress(ctx: TcContext) -> i32 {
         // Let any later tc program have its say; with none, the frame is sent.
         TC_ACT_UNSPEC
     } else {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     }
 }
 
@@ -240,28 +240,32 @@ fn try_classify(
     }
     // A frame from an outbound rule's remote service port, or to its local port range, claims to
     // answer a flow the Edge opened. Anyone can forge that claim; only the flow table, filled on
-    // egress, can prove it.
-    let mut slot = None;
-    if let Some(entry) = PORTS.get(base + sport as u32)
-        && entry.reply_from != 0
-    {
-        slot = match_class(active, entry.reply_from, local_bits, &mut remote, role_mask);
+    // egress, can prove it. The flow names its rule, so a reply needs no rule matching at all:
+    // a flow lives on until it ends even if a reload changes its rule, like conntrack.
+    let reply_from = match PORTS.get(base + sport as u32) {
+        Some(entry) => entry.reply_from,
+        None => 0,
+    };
+    let reply_to = match dentry {
+        Some(entry) => entry.reply_to,
+        None => 0,
+    };
+    if reply_from == 0 && reply_to == 0 {
+        return Ok(no_rule(policy));
     }
-    if slot.is_none()
-        && let Some(entry) = dentry
-        && entry.reply_to != 0
-    {
-        slot = match_class(active, entry.reply_to, local_bits, &mut remote, role_mask);
+    let key = flow::key(transport, &l3.dst, &l3.src, dport, sport);
+    if let Some(slot) = flow::reply(&key, role_mask, policy, transport, tcp_flags) {
+        return Ok(Verdict::rule(slot));
     }
-    if let Some(slot) = slot {
-        let key = flow::key(transport, &l3.dst, &l3.src, dport, sport);
-        return Ok(if flow::reply(&key, policy, transport, tcp_flags) {
-            Verdict::rule(slot)
-        } else {
-            Verdict::drop(reason::DROP_NOT_ESTABLISHED)
-        });
-    }
-    Ok(no_rule(policy))
+    let claimed = (reply_from != 0
+        && match_class(active, reply_from, local_bits, &mut remote, role_mask).is_some())
+        || (reply_to != 0
+            && match_class(active, reply_to, local_bits, &mut remote, role_mask).is_some());
+    Ok(if claimed {
+        Verdict::drop(reason::DROP_NOT_ESTABLISHED)
+    } else {
+        no_rule(policy)
+    })
 }
 
 /// Egress: the Edge's side of the matrix. Frames of flows an outbound rule allows are recorded
@@ -316,7 +320,7 @@ fn try_egress(
     }
     if let Some(slot) = slot {
         let key = flow::key(transport, &l3.src, &l3.dst, sport, dport);
-        flow::record(&key, slot, policy, transport, tcp_flags);
+        flow::record(&key, slot, role_mask, policy, transport, tcp_flags);
         return Ok(Verdict::rule(slot));
     }
     if let Some(entry) = sentry

@@ -6,12 +6,18 @@ use std::net::IpAddr;
 
 use aya::{
     Ebpf,
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{TestRun, TestRunOptions, Xdp},
 };
 use edge_classifier::loader::FLOOR_OBJECT;
-use edge_classifier_tests::{Harness, tcp};
+use edge_classifier_tests::{ACK, Dir, Harness, SYN, TC_NEXT, tcp, tcp_segment, udp};
 
-fn ns_per_frame(prog: &mut Xdp, frame: &[u8], repeat: u32) -> f64 {
+fn ns_per_frame<
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+>(
+    prog: &P,
+    frame: &[u8],
+    repeat: u32,
+) -> f64 {
     let opts = TestRunOptions {
         data_in: Some(frame),
         repeat,
@@ -20,6 +26,31 @@ fn ns_per_frame(prog: &mut Xdp, frame: &[u8], repeat: u32) -> f64 {
     let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
     // The kernel reports the mean duration per repetition.
     r.duration.as_nanos() as f64
+}
+
+/// Flows recorded to fill the big table: remote addresses × local ports.
+const BIG_TABLE: u32 = 1_000_000;
+
+/// Memory the kernel charges for the flow maps of `capacity` entries (bpftool's memlock).
+fn flow_table_bytes(capacity: u32) -> Option<u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    // One object per map; pick FLOWS of this capacity without a JSON dependency.
+    text.split("},{").find_map(|m| {
+        (m.contains("\"name\":\"FLOWS\"") && m.contains(&format!("\"max_entries\":{capacity},")))
+            .then(|| {
+                let at = m.find("\"bytes_memlock\":")? + "\"bytes_memlock\":".len();
+                m[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .flatten()
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -38,12 +69,22 @@ fn main() {
 
     let edge: IpAddr = "198.51.100.10".parse().unwrap();
     let partner: IpAddr = "203.0.113.5".parse().unwrap();
+    let peer: IpAddr = "198.51.100.77".parse().unwrap();
+    // The flow the reply frames belong to, recorded as the TC egress program would.
+    let request = tcp_segment(edge, 41000, peer, 5061, SYN);
+    assert_eq!(h.run_dir(Dir::Out, &request), TC_NEXT);
+    let reply = tcp_segment(peer, 5061, edge, 41000, ACK);
     let frames = [
         (
             "TCP 5061 SYN from a partner (P1, pass)",
             tcp(partner, 40000, edge, 5061),
         ),
         ("TCP 22 SYN (no rule, drop)", tcp(partner, 40000, edge, 22)),
+        ("S1 reply, flow recorded (pass)", reply.clone()),
+        (
+            "S1 forged reply, no flow (drop)",
+            tcp_segment(peer, 5061, edge, 41001, ACK),
+        ),
     ];
     println!("repeat {repeat}, median of 5 runs, ns per frame");
     println!(
@@ -58,5 +99,44 @@ fn main() {
         );
         let base = median((0..5).map(|_| ns_per_frame(fp, &frame, repeat)).collect());
         println!("{name:<42} {ours:>12.1} {base:>12.1} {:>8.2}", ours / base);
+    }
+    let egress = median(
+        (0..5)
+            .map(|_| ns_per_frame(h.classifier.egress_program(), &request, repeat))
+            .collect(),
+    );
+    println!(
+        "{:<42} {egress:>12.1}   (TC egress, flow refresh)",
+        "S1 request"
+    );
+
+    // The same reply against a table holding a million other flows.
+    let mut big = Harness::edited_default(
+        "external",
+        &[("capacity = 262144", &format!("capacity = {BIG_TABLE}"))],
+    );
+    for i in 0..BIG_TABLE {
+        let remote: IpAddr = std::net::Ipv4Addr::from(0xC633_6400u32 + 20 + (i / 50_000)).into();
+        let frame = udp(edge, 1 + (i % 50_000) as u16, remote, 3478);
+        big.run_dir(Dir::Out, &frame);
+    }
+    assert_eq!(big.run_dir(Dir::Out, &request), TC_NEXT);
+    let stats = big.classifier.flow_stats().expect("flow stats");
+    let ours = median(
+        (0..5)
+            .map(|_| ns_per_frame(big.classifier.program(), &reply, repeat))
+            .collect(),
+    );
+    println!(
+        "{:<42} {ours:>12.1}   ({} flows present, {} evicted)",
+        "S1 reply, 1,000,000-flow table", stats.present, stats.evicted
+    );
+    match flow_table_bytes(BIG_TABLE) {
+        Some(b) => println!(
+            "flow table memory at capacity {BIG_TABLE}: {:.1} MiB ({:.0} bytes per flow)",
+            b as f64 / (1024.0 * 1024.0),
+            b as f64 / BIG_TABLE as f64
+        ),
+        None => println!("flow table memory: bpftool not available"),
     }
 }

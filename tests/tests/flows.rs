@@ -573,3 +573,30 @@ fn a_full_table_evicts_the_least_recently_used_flows() {
         );
     }
 }
+
+#[test]
+fn a_reply_must_come_back_on_a_nic_of_the_role_the_flow_left_by() {
+    let mut h = short_timeouts();
+    let (edge, peer) = (IpAddr::from(EXT4), IpAddr::from(PEER4));
+    let rule = "sip-federation-out";
+    out_rule(
+        &mut h,
+        "SYN out on external",
+        &tcp_segment(edge, 41600, peer, 5061, SYN),
+        rule,
+    );
+    let reply = tcp_segment(peer, 5061, edge, 41600, SYN | ACK);
+    // The same device, now bound as the internal NIC.
+    h.binding = h
+        .classifier
+        .bind("lo", "internal")
+        .expect("rebind lo")
+        .clone();
+    in_drop(&mut h, "reply on an internal NIC", &reply, "no_rule");
+    h.binding = h
+        .classifier
+        .bind("lo", "external")
+        .expect("rebind lo")
+        .clone();
+    in_rule(&mut h, "reply on the external NIC", &reply, rule);
+}

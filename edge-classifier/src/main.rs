@@ -23,7 +23,9 @@ struct Cli {
 enum Command {
     /// Attach the classifier to NICs and run until SIGINT/SIGTERM, then detach.
     ///
-    /// Sending SIGUSR1 prints the per-rule counter table.
+    /// On each NIC: XDP on ingress, and a TC egress program that records the flows outbound
+    /// rules allow, so that only their replies pass. Sending SIGUSR1 prints the per-rule counter
+    /// table and the flow table's state.
     Run {
         /// Rule catalogue (TOML); the embedded default catalogue when omitted.
         #[arg(long, value_name = "FILE")]

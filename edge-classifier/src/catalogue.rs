@@ -287,6 +287,8 @@ pub const MAX_FLOW_TIMEOUT: u32 = 10 * 24 * 3600;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Catalogue {
     pub source_name: String,
+    /// SHA-256 of the source text, hex: tells which catalogue a running classifier holds.
+    pub digest: String,
     pub policy: Policy,
     /// Interface roles and what they are for.
     pub interfaces: BTreeMap<String, String>,
@@ -706,6 +708,13 @@ fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError
 
     Ok(Catalogue {
         source_name: src.name.to_string(),
+        digest: {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(src.text.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        },
         policy,
         interfaces: raw.interfaces,
         sets,

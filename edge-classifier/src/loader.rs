@@ -125,7 +125,7 @@ pub struct IfaceStats {
 }
 
 /// The flow table's state, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FlowStats {
     pub capacity: u32,
     /// Entries in the table now (live or idle but not yet removed).

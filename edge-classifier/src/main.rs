@@ -1,4 +1,8 @@
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -6,7 +10,9 @@ use edge_classifier::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE},
     compile::compile,
     loader::{AttachMode, Classifier},
+    metrics::{self, DEFAULT_METRICS_ADDR},
     report,
+    snapshot::{CatalogueInfo, Reloads, Snapshot, unix_now},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -37,6 +43,21 @@ enum Command {
         /// XDP mode: native with a fallback to generic (auto), or exactly one.
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
+        /// Where to serve Prometheus `/metrics` (and `/snapshot` for `stats`).
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
+        metrics: String,
+    },
+    /// Print the counters of a running classifier: per rule, per reason, the flow table.
+    Stats {
+        /// The running classifier's --metrics address.
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
+        metrics: String,
+        /// Refresh every second, with per-second rates.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
     },
     /// Validate a catalogue; report errors as file:line:column, and overlapping or shadowed rules.
     Check {
@@ -70,12 +91,55 @@ fn main() -> anyhow::Result<()> {
             catalogue,
             ifaces,
             mode,
+            metrics,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run(catalogue, ifaces, mode))
+            rt.block_on(run(catalogue, ifaces, mode, metrics))
         }
+        Command::Stats {
+            metrics,
+            watch,
+            count,
+        } => stats(&metrics, watch, count),
+    }
+}
+
+fn stats(addr: &str, watch: bool, count: Option<u64>) -> anyhow::Result<()> {
+    let mut prev: Option<Snapshot> = None;
+    let mut shown = 0u64;
+    loop {
+        let s = metrics::fetch(addr)?;
+        if watch {
+            // Clear the screen and go home, as `watch` does.
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{}", report::snapshot_table(&s, prev.as_ref()));
+        shown += 1;
+        if !watch || count.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+        prev = Some(s);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// What the exporter reads: the classifier and what it knows of its catalogue and reloads.
+struct Daemon {
+    classifier: Classifier,
+    catalogue: CatalogueInfo,
+    reloads: Reloads,
+    /// Evictions are derived from a walk that is not atomic: never report fewer than before.
+    evicted_floor: u64,
+}
+
+impl Daemon {
+    fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let mut s = Snapshot::read(&self.classifier, self.catalogue.clone(), self.reloads)?;
+        s.flows.evicted = s.flows.evicted.max(self.evicted_floor);
+        self.evicted_floor = s.flows.evicted;
+        Ok(s)
     }
 }
 
@@ -105,7 +169,12 @@ fn parse_iface(spec: &str) -> anyhow::Result<(String, String)> {
     Ok((name.to_string(), role.to_string()))
 }
 
-async fn run(catalogue: Option<PathBuf>, ifaces: Vec<String>, mode: Mode) -> anyhow::Result<()> {
+async fn run(
+    catalogue: Option<PathBuf>,
+    ifaces: Vec<String>,
+    mode: Mode,
+    metrics_addr: String,
+) -> anyhow::Result<()> {
     let cat = match &catalogue {
         Some(path) => Catalogue::load(path)?,
         None => Catalogue::default_catalogue(),
@@ -115,6 +184,10 @@ async fn run(catalogue: Option<PathBuf>, ifaces: Vec<String>, mode: Mode) -> any
         .iter()
         .map(|s| parse_iface(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Bind before attaching: a taken port is an error to fix before any NIC is touched.
+    let listener = tokio::net::TcpListener::bind(&metrics_addr)
+        .await
+        .with_context(|| format!("--metrics {metrics_addr}: cannot listen there"))?;
     let mut classifier = Classifier::load(compiled)?;
     let mode = match mode {
         Mode::Auto => AttachMode::Auto,
@@ -130,6 +203,31 @@ async fn run(catalogue: Option<PathBuf>, ifaces: Vec<String>, mode: Mode) -> any
         cat.rules.len(),
         cat.source_name
     );
+    let daemon = Arc::new(Mutex::new(Daemon {
+        classifier,
+        catalogue: CatalogueInfo {
+            source: cat.source_name.clone(),
+            digest: cat.digest.clone(),
+            rules: cat.rules.len(),
+        },
+        reloads: Reloads {
+            last: unix_now(),
+            ..Reloads::default()
+        },
+        evicted_floor: 0,
+    }));
+    let for_exporter = daemon.clone();
+    let snapshot: metrics::SnapshotFn = Arc::new(move || {
+        for_exporter
+            .lock()
+            .map_err(|_| anyhow::anyhow!("classifier state poisoned"))?
+            .snapshot()
+    });
+    log::info!(
+        "serving metrics on http://{}/metrics",
+        listener.local_addr()?
+    );
+    let server = tokio::spawn(metrics::serve(listener, snapshot));
     // Tells a supervisor (and the lab) that every NIC is protected.
     println!("ready");
 
@@ -139,11 +237,13 @@ async fn run(catalogue: Option<PathBuf>, ifaces: Vec<String>, mode: Mode) -> any
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = usr1.recv() => print_table(&classifier),
+            _ = usr1.recv() => print_table(&daemon.lock().expect("lock").classifier),
         }
     }
-    print_table(&classifier);
-    classifier.detach_all();
+    server.abort();
+    let mut d = daemon.lock().expect("lock");
+    print_table(&d.classifier);
+    d.classifier.detach_all();
     log::info!("detached");
     Ok(())
 }

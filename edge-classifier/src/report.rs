@@ -7,6 +7,7 @@ use edge_classifier_common::reason;
 use crate::{
     compile::Compiled,
     loader::{Binding, FlowStats, IfaceStats},
+    snapshot::Snapshot,
 };
 
 /// The flow table in one line.
@@ -65,5 +66,107 @@ pub fn table(compiled: &Compiled, stats: &[(Binding, IfaceStats)]) -> String {
             );
         }
     }
+    out
+}
+
+/// `edge-classifier stats`: a snapshot as tables; with the previous snapshot, per-second rates.
+pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
+    let mut out = String::new();
+    let dt = prev.map(|p| s.taken - p.taken).filter(|d| *d > 0.0);
+    let rate = |now: u64, before: Option<u64>| -> String {
+        match (dt, before) {
+            (Some(dt), Some(b)) => format!("{:.1}", now.saturating_sub(b) as f64 / dt),
+            _ => "-".to_string(),
+        }
+    };
+    let _ = writeln!(
+        out,
+        "catalogue {} ({} rules, sha256 {}), edge-classifier {}",
+        s.catalogue.source,
+        s.catalogue.rules,
+        &s.catalogue.digest[..s.catalogue.digest.len().min(12)],
+        s.version
+    );
+    for i in &s.interfaces {
+        let _ = writeln!(
+            out,
+            "interface {} ({}): {}",
+            i.name,
+            i.role,
+            match &i.mode {
+                Some(m) => format!("attached, XDP {m} mode"),
+                None => "not attached".to_string(),
+            }
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<26} {:<4} {:<9} {:<4} {:<18} {:<10} {:>10} {:>12} {:>10} {:>12}",
+        "RULE",
+        "ROW",
+        "DIRECTION",
+        "L4",
+        "PORTS",
+        "INTERFACE",
+        "PACKETS",
+        "BYTES",
+        "PKT/S",
+        "BYTES/S"
+    );
+    let before = |iface: &str| prev.and_then(|p| p.interfaces.iter().find(|i| i.name == iface));
+    for i in &s.interfaces {
+        let p = before(&i.name);
+        for r in &i.rules {
+            let pr = p.and_then(|p| p.rules.iter().find(|x| x.id == r.id));
+            let _ = writeln!(
+                out,
+                "{:<26} {:<4} {:<9} {:<4} {:<18} {:<10} {:>10} {:>12} {:>10} {:>12}",
+                r.id,
+                r.seed_row,
+                r.direction,
+                r.transport,
+                r.ports,
+                i.name,
+                r.packets,
+                r.bytes,
+                rate(r.packets, pr.map(|x| x.packets)),
+                rate(r.bytes, pr.map(|x| x.bytes)),
+            );
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<8} {:<22} {:<10} {:>10} {:>12} {:>10}",
+        "VERDICT", "REASON", "INTERFACE", "PACKETS", "BYTES", "PKT/S"
+    );
+    for i in &s.interfaces {
+        let p = before(&i.name);
+        for c in i.reasons.iter().filter(|c| c.packets > 0) {
+            let pc = p.and_then(|p| {
+                p.reasons
+                    .iter()
+                    .find(|x| x.reason == c.reason && x.drop == c.drop)
+            });
+            let _ = writeln!(
+                out,
+                "{:<8} {:<22} {:<10} {:>10} {:>12} {:>10}",
+                if c.drop { "drop" } else { "pass" },
+                c.reason,
+                i.name,
+                c.packets,
+                c.bytes,
+                rate(c.packets, pc.map(|x| x.packets)),
+            );
+        }
+    }
+    let _ = writeln!(out);
+    out.push_str(&flows(&s.flows));
+    let _ = writeln!(
+        out,
+        "reloads: {} succeeded, {} failed",
+        s.reloads.succeeded, s.reloads.failed
+    );
     out
 }

@@ -1,0 +1,137 @@
+//! One read of every counter of a running classifier: what `/metrics` renders and what
+//! `edge-classifier stats` prints, so the two can never disagree.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use edge_classifier_common::reason;
+use serde::{Deserialize, Serialize};
+
+use crate::loader::{Classifier, FlowStats, LoadError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: String,
+    /// When the counters were read, in seconds since the Unix epoch.
+    pub taken: f64,
+    /// How long reading the maps took.
+    pub read_seconds: f64,
+    pub catalogue: CatalogueInfo,
+    pub reloads: Reloads,
+    pub interfaces: Vec<Interface>,
+    pub flows: FlowStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogueInfo {
+    pub source: String,
+    /// SHA-256 of the catalogue text.
+    pub digest: String,
+    pub rules: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reloads {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// When the running rules were loaded (start or last successful reload), Unix seconds.
+    pub last: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    pub name: String,
+    pub role: String,
+    /// XDP mode (`native`, `generic`) when attached.
+    pub mode: Option<String>,
+    /// The rules of this interface's role.
+    pub rules: Vec<RuleCounter>,
+    /// Every reason, zero or not, so rates exist from the first scrape.
+    pub reasons: Vec<ReasonCounter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCounter {
+    pub id: String,
+    pub seed_row: String,
+    pub direction: String,
+    pub transport: String,
+    pub ports: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonCounter {
+    pub reason: String,
+    pub drop: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Snapshot {
+    /// Reads every counter of `classifier` (one syscall per counter, summed over CPUs).
+    pub fn read(
+        classifier: &Classifier,
+        catalogue: CatalogueInfo,
+        reloads: Reloads,
+    ) -> Result<Snapshot, LoadError> {
+        let started = Instant::now();
+        let compiled = classifier.compiled();
+        let mut interfaces = Vec::new();
+        for b in classifier.bindings() {
+            let stats = classifier.iface_stats(b)?;
+            let rules = compiled
+                .rules
+                .iter()
+                .zip(&stats.rules)
+                .filter(|(r, _)| r.interface == b.role)
+                .map(|(r, c)| RuleCounter {
+                    id: r.id.clone(),
+                    seed_row: r.seed_row.clone(),
+                    direction: r.direction.to_string(),
+                    transport: r.transport.to_string(),
+                    ports: r.ports.clone(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                })
+                .collect();
+            let reasons = stats
+                .reasons
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let (name, drop) = reason::NAMES[i];
+                    ReasonCounter {
+                        reason: name.to_string(),
+                        drop,
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    }
+                })
+                .collect();
+            interfaces.push(Interface {
+                name: b.name.clone(),
+                role: b.role.clone(),
+                mode: b.mode.map(|m| m.to_string()),
+                rules,
+                reasons,
+            });
+        }
+        let flows = classifier.flow_stats()?;
+        Ok(Snapshot {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            taken: unix_now(),
+            read_seconds: started.elapsed().as_secs_f64(),
+            catalogue,
+            reloads,
+            interfaces,
+            flows,
+        })
+    }
+}

@@ -112,3 +112,19 @@ fn missing_privilege_is_explained() {
         "{stderr}"
     );
 }
+
+#[test]
+fn stats_without_a_running_classifier_says_what_to_check() {
+    // Port 1 on loopback: nothing listens there.
+    let out = bin()
+        .args(["stats", "--metrics", "127.0.0.1:1"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no classifier answers at http://127.0.0.1:1/snapshot")
+            && stderr.contains("--metrics 127.0.0.1:1"),
+        "{stderr}"
+    );
+}

@@ -6,8 +6,15 @@ use anyhow::{Context as _, bail};
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the build and the tests use.
-const PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "util-linux"];
+/// Debian packages the build and the tests use: LLVM for bpf-linker, `ip` and `nsenter` for the
+/// namespace lab, the Prometheus server and promtool for the observability test.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "util-linux",
+    "prometheus",
+];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;

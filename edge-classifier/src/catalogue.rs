@@ -330,20 +330,31 @@ const DEFAULT_ICMPV6: &[u8] = &[1, 2, 3, 4, 128, 129];
 struct Source<'a> {
     name: &'a str,
     text: &'a str,
+    /// Byte offset where each line starts: every rule records its location, and rescanning
+    /// the text for each of 10,000 rules would be quadratic.
+    line_starts: Vec<usize>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    fn new(name: &'a str, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Source {
+            name,
+            text,
+            line_starts,
+        }
+    }
+
     fn location(&self, offset: usize) -> Location {
-        let before = &self.text[..offset.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let column = before
-            .rfind('\n')
-            .map_or(before.len(), |nl| before.len() - nl - 1)
-            + 1;
+        let offset = offset.min(self.text.len());
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let start = self.line_starts[line - 1];
         Location {
             file: self.name.to_string(),
             line,
-            column,
+            column: self.text[start..offset].chars().count() + 1,
         }
     }
 
@@ -374,7 +385,7 @@ impl Catalogue {
     }
 
     pub fn parse(name: &str, text: &str) -> Result<Self, CatalogueError> {
-        let src = Source { name, text };
+        let src = Source::new(name, text);
         let raw: RawCatalogue = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             src.error(span, e.message().trim().to_string())
@@ -578,6 +589,7 @@ fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError
     }
 
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
+    let mut seen_ids: std::collections::HashMap<String, usize> = Default::default();
     for r in raw.rules {
         let id = r.id.get_ref();
         if !is_kebab(id) {
@@ -586,15 +598,16 @@ fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError
                 format!("invalid rule id `{id}`: expected kebab-case (lowercase letters, digits, single dashes)"),
             ));
         }
-        if let Some(first) = rules.iter().find(|x| &x.id == id) {
+        if let Some(&first) = seen_ids.get(id) {
             return Err(src.error(
                 r.id.span(),
                 format!(
                     "duplicate rule id `{id}`: already used at {}",
-                    first.location
+                    rules[first].location
                 ),
             ));
         }
+        seen_ids.insert(id.clone(), rules.len());
         if let Some(row) = &r.seed_row {
             let s = row.get_ref();
             let ok = s.len() <= 8

@@ -11,7 +11,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
 
 use crate::snapshot::Snapshot;
 
@@ -21,32 +24,48 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 /// Takes a snapshot of the running classifier (blocking: it reads kernel maps).
 pub type SnapshotFn = Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync>;
 
-fn counter(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
-}
+/// One metric family being filled. Families are built directly (no registry): a scrape is a
+/// fresh read of the maps, and with 10,000 rules the registry's per-series label hashing cost
+/// more than reading the kernel.
+struct Family(MetricFamily);
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
-    let g = GaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
-}
-
-fn int_gauge(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> prometheus::Result<IntGaugeVec> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
+impl Family {
+    fn new(name: &str, help: &str, kind: MetricType) -> Family {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(kind);
+        Family(mf)
+    }
+    fn counter(name: &str, help: &str) -> Family {
+        Family::new(name, help, MetricType::COUNTER)
+    }
+    fn gauge(name: &str, help: &str) -> Family {
+        Family::new(name, help, MetricType::GAUGE)
+    }
+    fn push(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        let labels = labels
+            .iter()
+            .map(|(n, v)| {
+                let mut l = LabelPair::default();
+                l.set_name(n.to_string());
+                l.set_value(v.to_string());
+                l
+            })
+            .collect();
+        let mut m = Metric::from_label(labels);
+        if self.0.get_field_type() == MetricType::COUNTER {
+            let mut c = Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        }
+        self.0.mut_metric().push(m);
+        self
+    }
 }
 
 fn kernel_release() -> String {
@@ -57,188 +76,185 @@ fn kernel_release() -> String {
 
 /// The snapshot as Prometheus text exposition format.
 pub fn render(s: &Snapshot) -> prometheus::Result<String> {
-    let r = Registry::new();
-    let rule_labels = [
-        "rule",
-        "seed_row",
-        "direction",
-        "transport",
-        "ports",
-        "interface",
-    ];
-    let rule_packets = counter(
-        &r,
+    let mut rule_packets = Family::counter(
         "edge_classifier_rule_packets_total",
         "Frames a rule allowed (outbound rules: their flows both ways), by rule and interface.",
-        &rule_labels,
-    )?;
-    let rule_bytes = counter(
-        &r,
+    );
+    let mut rule_bytes = Family::counter(
         "edge_classifier_rule_bytes_total",
         "Bytes of the frames a rule allowed, by rule and interface.",
-        &rule_labels,
-    )?;
-    let dropped = counter(
-        &r,
+    );
+    let mut dropped = Family::counter(
         "edge_classifier_dropped_packets_total",
         "Frames dropped, by reason and interface.",
-        &["reason", "interface"],
-    )?;
-    let dropped_bytes = counter(
-        &r,
+    );
+    let mut dropped_bytes = Family::counter(
         "edge_classifier_dropped_bytes_total",
         "Bytes of the frames dropped, by reason and interface.",
-        &["reason", "interface"],
-    )?;
-    let passed = counter(
-        &r,
+    );
+    let mut passed = Family::counter(
         "edge_classifier_passed_packets_total",
         "Frames passed without a rule (ARP, ICMP, unprotected, egress, ...), by reason and interface.",
-        &["reason", "interface"],
-    )?;
-    let passed_bytes = counter(
-        &r,
+    );
+    let mut passed_bytes = Family::counter(
         "edge_classifier_passed_bytes_total",
         "Bytes of the frames passed without a rule, by reason and interface.",
-        &["reason", "interface"],
-    )?;
-    let attached = int_gauge(
-        &r,
+    );
+    let mut attached = Family::gauge(
         "edge_classifier_interface_attached",
         "1 when the classifier is attached to the interface (XDP ingress and TC egress), else 0.",
-        &["interface", "role", "xdp_mode"],
-    )?;
+    );
     for i in &s.interfaces {
         for rule in &i.rules {
             let l = [
-                rule.id.as_str(),
-                &rule.seed_row,
-                &rule.direction,
-                &rule.transport,
-                &rule.ports,
-                &i.name,
+                ("rule", rule.id.as_str()),
+                ("seed_row", &rule.seed_row),
+                ("direction", &rule.direction),
+                ("transport", &rule.transport),
+                ("ports", &rule.ports),
+                ("interface", &i.name),
             ];
-            rule_packets.with_label_values(&l).inc_by(rule.packets);
-            rule_bytes.with_label_values(&l).inc_by(rule.bytes);
+            rule_packets.push(&l, rule.packets as f64);
+            rule_bytes.push(&l, rule.bytes as f64);
         }
         for c in &i.reasons {
-            let l = [c.reason.as_str(), &i.name];
-            if c.drop {
-                dropped.with_label_values(&l).inc_by(c.packets);
-                dropped_bytes.with_label_values(&l).inc_by(c.bytes);
+            let l = [("reason", c.reason.as_str()), ("interface", &i.name)];
+            let (p, b) = if c.drop {
+                (&mut dropped, &mut dropped_bytes)
             } else {
-                passed.with_label_values(&l).inc_by(c.packets);
-                passed_bytes.with_label_values(&l).inc_by(c.bytes);
-            }
+                (&mut passed, &mut passed_bytes)
+            };
+            p.push(&l, c.packets as f64);
+            b.push(&l, c.bytes as f64);
         }
-        attached
-            .with_label_values(&[
-                i.name.as_str(),
-                &i.role,
-                i.mode.as_deref().unwrap_or("none"),
-            ])
-            .set(i64::from(i.mode.is_some()));
+        attached.push(
+            &[
+                ("interface", i.name.as_str()),
+                ("role", &i.role),
+                ("xdp_mode", i.mode.as_deref().unwrap_or("none")),
+            ],
+            if i.mode.is_some() { 1.0 } else { 0.0 },
+        );
     }
 
     let f = &s.flows;
-    int_gauge(
-        &r,
-        "edge_classifier_flow_table_entries",
-        "Outbound flows in the flow table now.",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .set(f.present as i64);
-    int_gauge(
-        &r,
-        "edge_classifier_flow_table_capacity",
-        "Flows the flow table holds before it evicts the least recently used.",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .set(i64::from(f.capacity));
-    for (name, help, v) in [
-        (
-            "edge_classifier_flows_created_total",
-            "Outbound flows recorded on egress.",
-            f.created,
+    let mut families = vec![
+        rule_packets,
+        rule_bytes,
+        dropped,
+        dropped_bytes,
+        passed,
+        passed_bytes,
+        attached,
+    ];
+    let one = |mut fam: Family, v: f64| {
+        fam.push(&[], v);
+        fam
+    };
+    families.extend([
+        one(
+            Family::gauge(
+                "edge_classifier_flow_table_entries",
+                "Outbound flows in the flow table now.",
+            ),
+            f.present as f64,
         ),
-        (
-            "edge_classifier_flows_expired_total",
-            "Flows that idled out or closed and were removed or replaced.",
-            f.expired,
+        one(
+            Family::gauge(
+                "edge_classifier_flow_table_capacity",
+                "Flows the flow table holds before it evicts the least recently used.",
+            ),
+            f64::from(f.capacity),
         ),
-        (
-            "edge_classifier_flows_evicted_total",
-            "Flows pushed out of a full table (least recently used first).",
-            f.evicted,
+        one(
+            Family::counter(
+                "edge_classifier_flows_created_total",
+                "Outbound flows recorded on egress.",
+            ),
+            f.created as f64,
         ),
-        (
-            "edge_classifier_flow_insert_failures_total",
-            "Outbound flows the kernel could not record (replies to them drop as not_established).",
-            f.insert_failed,
+        one(
+            Family::counter(
+                "edge_classifier_flows_expired_total",
+                "Flows that idled out or closed and were removed or replaced.",
+            ),
+            f.expired as f64,
         ),
-    ] {
-        counter(&r, name, help, &[])?
-            .with_label_values::<&str>(&[])
-            .inc_by(v);
-    }
-
-    let reloads = counter(
-        &r,
+        one(
+            Family::counter(
+                "edge_classifier_flows_evicted_total",
+                "Flows pushed out of a full table (least recently used first).",
+            ),
+            f.evicted as f64,
+        ),
+        one(
+            Family::counter(
+                "edge_classifier_flow_insert_failures_total",
+                "Outbound flows the kernel could not record (replies to them drop as not_established).",
+            ),
+            f.insert_failed as f64,
+        ),
+    ]);
+    let mut reloads = Family::counter(
         "edge_classifier_reloads_total",
         "Catalogue reloads, by result (success: swapped in; failure: rejected, old rules kept).",
-        &["result"],
-    )?;
+    );
     reloads
-        .with_label_values(&["success"])
-        .inc_by(s.reloads.succeeded);
-    reloads
-        .with_label_values(&["failure"])
-        .inc_by(s.reloads.failed);
-    gauge(
-        &r,
-        "edge_classifier_last_reload_timestamp_seconds",
-        "When the running rules were loaded (start or last successful reload), Unix time.",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .set(s.reloads.last);
-    int_gauge(
-        &r,
+        .push(&[("result", "success")], s.reloads.succeeded as f64)
+        .push(&[("result", "failure")], s.reloads.failed as f64);
+    families.push(reloads);
+    let mut info = Family::gauge(
         "edge_classifier_catalogue_info",
         "The running catalogue: its source and SHA-256 (value is always 1).",
-        &["source", "hash"],
-    )?
-    .with_label_values(&[s.catalogue.source.as_str(), &s.catalogue.digest])
-    .set(1);
-    int_gauge(
-        &r,
-        "edge_classifier_catalogue_rules",
-        "Rules in the running catalogue.",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .set(s.catalogue.rules as i64);
-    int_gauge(
-        &r,
+    );
+    info.push(
+        &[
+            ("source", s.catalogue.source.as_str()),
+            ("hash", &s.catalogue.digest),
+        ],
+        1.0,
+    );
+    families.push(info);
+    let mut build = Family::gauge(
         "edge_classifier_build_info",
         "Version of edge-classifier, of aya, and the kernel release (value is always 1).",
-        &["version", "aya_version", "kernel"],
-    )?
-    .with_label_values(&[s.version.as_str(), "0.14.0", &kernel_release()])
-    .set(1);
-    gauge(
-        &r,
-        "edge_classifier_scrape_read_seconds",
-        "Time this scrape spent reading the kernel maps.",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .set(s.read_seconds);
+    );
+    build.push(
+        &[
+            ("version", s.version.as_str()),
+            ("aya_version", "0.14.0"),
+            ("kernel", &kernel_release()),
+        ],
+        1.0,
+    );
+    families.push(build);
+    families.extend([
+        one(
+            Family::gauge(
+                "edge_classifier_last_reload_timestamp_seconds",
+                "When the running rules were loaded (start or last successful reload), Unix time.",
+            ),
+            s.reloads.last,
+        ),
+        one(
+            Family::gauge(
+                "edge_classifier_catalogue_rules",
+                "Rules in the running catalogue.",
+            ),
+            s.catalogue.rules as f64,
+        ),
+        one(
+            Family::gauge(
+                "edge_classifier_scrape_read_seconds",
+                "Time this scrape spent reading the kernel maps.",
+            ),
+            s.read_seconds,
+        ),
+    ]);
 
+    let families: Vec<MetricFamily> = families.into_iter().map(|f| f.0).collect();
     let mut out = Vec::new();
-    TextEncoder::new().encode(&r.gather(), &mut out)?;
+    TextEncoder::new().encode(&families, &mut out)?;
     Ok(String::from_utf8(out).expect("the text encoder writes UTF-8"))
 }
 

@@ -239,10 +239,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     wait_for(
         "Prometheus to scrape the classifier",
         Duration::from_secs(30),
-        || {
-            std::panic::catch_unwind(|| scalar(&lab.edge, "up{job=\"edge-classifier\"}") == 1.0)
-                .unwrap_or(false)
-        },
+        || scraped_up(&lab.edge),
     );
 
     // Known traffic: UDP is one frame per datagram, TCP is counted against a packet tap.

@@ -34,6 +34,47 @@ pub enum CompileError {
     TooManyPrefixes { family: u8, count: usize, max: u32 },
     #[error("{0} distinct port classes: the data plane holds at most {MAX_CLASSES}")]
     TooManyClasses(usize),
+    #[error("more than 32 interface roles have been used since the classifier started; restart it")]
+    TooManyRoles,
+}
+
+/// Counter slots by rule id and role bits by role name. A reload keeps them for every id and
+/// role it still has, so counters continue and the interface bindings stay valid.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Assignments {
+    pub slots: BTreeMap<String, u32>,
+    pub roles: BTreeMap<String, u32>,
+}
+
+impl Assignments {
+    /// Keeps what `prev` gave to names still present and gives the lowest free numbers to new
+    /// names, in `names` order.
+    fn assign<'a>(
+        prev: &BTreeMap<String, u32>,
+        names: impl Iterator<Item = &'a str> + Clone,
+        limit: u32,
+    ) -> Option<BTreeMap<String, u32>> {
+        let mut out: BTreeMap<String, u32> = names
+            .clone()
+            .filter_map(|n| prev.get(n).map(|v| (n.to_string(), *v)))
+            .collect();
+        let mut used: BTreeSet<u32> = out.values().copied().collect();
+        let mut next = 0u32;
+        for n in names {
+            if out.contains_key(n) {
+                continue;
+            }
+            while used.contains(&next) {
+                next += 1;
+            }
+            if next >= limit {
+                return None;
+            }
+            used.insert(next);
+            out.insert(n.to_string(), next);
+        }
+        Some(out)
+    }
 }
 
 /// What one rule became, with what the exporter and `explain` need to name it.
@@ -54,7 +95,7 @@ pub struct CompiledRule {
 #[derive(Debug, Clone)]
 pub struct Compiled {
     pub rules: Vec<CompiledRule>,
-    /// Interface roles in bit order.
+    /// Interface roles of the catalogue.
     pub roles: Vec<String>,
     pub policy: edge_classifier_common::Policy,
     /// `ports[transport * PORT_SPACE + port]`.
@@ -65,11 +106,21 @@ pub struct Compiled {
     pub prefixes_v6: Vec<(IpNet, u64)>,
     /// Size of the flow table; fixed once the program is loaded.
     pub flow_capacity: u32,
+    pub assignments: Assignments,
 }
 
 impl Compiled {
     pub fn role_mask(&self, role: &str) -> Option<u32> {
-        self.roles.iter().position(|r| r == role).map(|i| 1u32 << i)
+        self.assignments.roles.get(role).map(|bit| 1u32 << bit)
+    }
+
+    /// Slots of the outbound rules (the ones flows are recorded for).
+    pub fn outbound_slots(&self) -> BTreeSet<u32> {
+        self.rules
+            .iter()
+            .filter(|r| r.direction == Direction::Outbound)
+            .map(|r| r.slot)
+            .collect()
     }
 }
 
@@ -129,10 +180,25 @@ impl Kind {
 }
 
 pub fn compile(cat: &Catalogue) -> Result<Compiled, CompileError> {
+    compile_with(cat, &Assignments::default())
+}
+
+/// Compiles keeping `prev`'s slots and role bits for the ids and roles `cat` still has.
+pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, CompileError> {
     if cat.rules.len() > MAX_RULES as usize {
         return Err(CompileError::TooManyRules(cat.rules.len()));
     }
     let roles: Vec<String> = cat.interfaces.keys().cloned().collect();
+    let assignments = Assignments {
+        slots: Assignments::assign(
+            &prev.slots,
+            cat.rules.iter().map(|r| r.id.as_str()),
+            MAX_RULES,
+        )
+        .ok_or(CompileError::TooManyRules(cat.rules.len()))?,
+        roles: Assignments::assign(&prev.roles, roles.iter().map(String::as_str), 32)
+            .ok_or(CompileError::TooManyRoles)?,
+    };
     let set_bit: HashMap<&str, u64> = cat
         .sets
         .keys()
@@ -175,17 +241,13 @@ pub fn compile(cat: &Catalogue) -> Result<Compiled, CompileError> {
     let rules: Vec<CompiledRule> = cat
         .rules
         .iter()
-        .enumerate()
-        .map(|(slot, r)| {
+        .map(|r| {
+            let slot = assignments.slots[&r.id];
             let matcher = RuleMatch {
                 local_mask: mask_of(&r.local),
                 remote_mask: mask_of(&r.remote),
-                slot: slot as u32,
-                role_mask: 1
-                    << roles
-                        .iter()
-                        .position(|x| x == &r.interface)
-                        .expect("validated"),
+                slot,
+                role_mask: 1 << assignments.roles[&r.interface],
                 flags: if r.direction == Direction::Outbound {
                     RULE_OUTBOUND
                 } else {
@@ -200,7 +262,7 @@ pub fn compile(cat: &Catalogue) -> Result<Compiled, CompileError> {
                 transport: r.transport,
                 ports: r.ports_label(),
                 interface: r.interface.clone(),
-                slot: slot as u32,
+                slot,
                 matcher,
             }
         })
@@ -335,6 +397,7 @@ pub fn compile(cat: &Catalogue) -> Result<Compiled, CompileError> {
         prefixes_v4: push_down(v4),
         prefixes_v6: push_down(v6),
         flow_capacity: cat.flows.capacity,
+        assignments,
     })
 }
 
@@ -359,6 +422,32 @@ mod tests {
         assert_eq!(tcp(60000).reply_to, 0);
         assert_eq!(tcp(49999).reply_to, 0);
         assert_ne!(tcp(5061).reply_from, 0);
+    }
+
+    #[test]
+    fn slots_and_role_bits_survive_a_recompile() {
+        let a = compile(&Catalogue::default_catalogue()).unwrap();
+        let text = crate::catalogue::DEFAULT_CATALOGUE
+            .replace("id = \"public-im-sip-in\"", "id = \"public-im-sip-in-v2\"")
+            .replace("internal = \"NIC facing", "dmz = \"x\"\ninternal = \"NIC facing");
+        let cat = Catalogue::parse("b.toml", &text).unwrap();
+        let b = compile_with(&cat, &a.assignments).unwrap();
+        for r in &b.rules {
+            match a.rules.iter().find(|x| x.id == r.id) {
+                Some(old) => assert_eq!(old.slot, r.slot, "{} keeps its slot", r.id),
+                None => {
+                    assert_eq!(r.id, "public-im-sip-in-v2");
+                    // The slot the removed id had is the lowest free one.
+                    assert_eq!(r.slot, 0, "{r:?}");
+                }
+            }
+        }
+        let slots: BTreeSet<u32> = b.rules.iter().map(|r| r.slot).collect();
+        assert_eq!(slots.len(), b.rules.len(), "slots are distinct");
+        for role in ["external", "internal"] {
+            assert_eq!(a.role_mask(role), b.role_mask(role), "role {role} keeps its bit");
+        }
+        assert_eq!(b.role_mask("dmz"), Some(1 << 2), "a new role gets a free bit");
     }
 
     #[test]

@@ -429,7 +429,10 @@ mod tests {
         let a = compile(&Catalogue::default_catalogue()).unwrap();
         let text = crate::catalogue::DEFAULT_CATALOGUE
             .replace("id = \"public-im-sip-in\"", "id = \"public-im-sip-in-v2\"")
-            .replace("internal = \"NIC facing", "dmz = \"x\"\ninternal = \"NIC facing");
+            .replace(
+                "internal = \"NIC facing",
+                "dmz = \"x\"\ninternal = \"NIC facing",
+            );
         let cat = Catalogue::parse("b.toml", &text).unwrap();
         let b = compile_with(&cat, &a.assignments).unwrap();
         for r in &b.rules {
@@ -445,9 +448,17 @@ mod tests {
         let slots: BTreeSet<u32> = b.rules.iter().map(|r| r.slot).collect();
         assert_eq!(slots.len(), b.rules.len(), "slots are distinct");
         for role in ["external", "internal"] {
-            assert_eq!(a.role_mask(role), b.role_mask(role), "role {role} keeps its bit");
+            assert_eq!(
+                a.role_mask(role),
+                b.role_mask(role),
+                "role {role} keeps its bit"
+            );
         }
-        assert_eq!(b.role_mask("dmz"), Some(1 << 2), "a new role gets a free bit");
+        assert_eq!(
+            b.role_mask("dmz"),
+            Some(1 << 2),
+            "a new role gets a free bit"
+        );
     }
 
     #[test]

@@ -2,13 +2,17 @@
 //!
 //! - [`catalogue`]: the TOML rule catalogue, validated with file:line:column errors.
 //! - [`compile`]: catalogue → contents of the kernel maps.
-//! - [`loader`]: loads the embedded XDP object, fills the maps, binds NICs to roles, attaches.
+//! - [`maps`]: every read and write of the kernel maps, including the double-buffered swap.
+//! - [`loader`]: loads the embedded eBPF object, binds NICs to roles, attaches (and pins).
+//! - [`instance`]: where a pinned instance keeps its pins and state, across processes.
 //! - [`snapshot`]: one read of every counter, as the exporter and `stats` see it.
 //! - [`metrics`]: the Prometheus exporter (`/metrics`) and its JSON twin (`/snapshot`).
 //! - [`report`]: counter tables for people.
 pub mod catalogue;
 pub mod compile;
+pub mod instance;
 pub mod loader;
+pub mod maps;
 pub mod metrics;
 pub mod report;
 pub mod snapshot;

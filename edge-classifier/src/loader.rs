@@ -6,19 +6,22 @@ use std::{ffi::CString, fmt, io};
 pub use aya::programs::XdpMode;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
+    maps::MapError,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
     },
 };
-use edge_classifier_common::{
-    BUFFERS, Counter, FlowKey, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4, Lpm6,
-    MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, STATS_STRIDE, TRANSPORTS,
-    flow_stat, reason,
-};
-use ipnet::IpNet;
+use edge_classifier_common::{IFACE_SLOTS, IfaceInfo, MAX_IFACES};
 
-use crate::compile::Compiled;
+pub use crate::maps::{Flow, FlowStats, IfaceStats};
+use crate::{
+    compile::Compiled,
+    instance::{BoundIface, Instance},
+    maps::{MAP_NAMES, Maps, MapsError},
+};
 
 /// The XDP program, as built by build.rs from `edge-classifier-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -74,11 +77,13 @@ pub enum LoadError {
     Ebpf(#[from] EbpfError),
     #[error("eBPF program: {0}")]
     Program(#[source] ProgramError),
-    #[error("writing map {map}: {source}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: MapError,
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("pinning {what} at {path}: {message}")]
+    Pin {
+        what: String,
+        path: String,
+        message: String,
     },
 }
 
@@ -116,63 +121,25 @@ pub struct Binding {
     pub mode: Option<ModeName>,
 }
 
-/// Counters of one interface, summed over CPUs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct IfaceStats {
-    pub reasons: Vec<Counter>,
-    /// By rule slot.
-    pub rules: Vec<Counter>,
-}
-
-/// The flow table's state, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FlowStats {
-    pub capacity: u32,
-    /// Entries in the table now (live or idle but not yet removed).
-    pub present: u64,
-    pub created: u64,
-    pub expired: u64,
-    pub insert_failed: u64,
-    /// Flows pushed out by the LRU to make room: neither expired nor present.
-    pub evicted: u64,
-}
-
-/// One recorded outbound flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Flow {
-    pub key: FlowKey,
-    pub state: FlowState,
-}
-
-impl Flow {
-    pub fn local(&self) -> std::net::SocketAddr {
-        sock(self.key.family, &self.key.local, self.key.local_port)
-    }
-    pub fn remote(&self) -> std::net::SocketAddr {
-        sock(self.key.family, &self.key.remote, self.key.remote_port)
-    }
-}
-
-fn sock(family: u8, addr: &[u8; 16], port: u16) -> std::net::SocketAddr {
-    let ip: std::net::IpAddr = if family == 4 {
-        std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).into()
-    } else {
-        std::net::Ipv6Addr::from(*addr).into()
-    };
-    std::net::SocketAddr::new(ip, port)
-}
-
 pub struct Classifier {
     ebpf: Ebpf,
+    maps: Maps,
     compiled: Compiled,
-    active: u32,
     bindings: Vec<Binding>,
     links: Vec<XdpLinkId>,
     egress_links: Vec<SchedClassifierLinkId>,
+    /// Set when maps and links are pinned: they then outlive this process.
+    instance: Option<Instance>,
+    pinned_links: Vec<PinnedLink>,
 }
 
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LoadError {
-    move |source| LoadError::Map { map, source }
+/// How the program reached an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// Newly attached.
+    Fresh(ModeName),
+    /// Already attached (pinned link): the new program replaced the old one atomically.
+    Replaced,
 }
 
 /// Effective capabilities, from /proc/self/status.
@@ -222,13 +189,33 @@ fn is_eperm(e: &io::Error) -> bool {
 }
 
 impl Classifier {
-    /// Loads the program and writes `compiled` into buffer 0. Nothing is attached yet.
+    /// Loads the programs and writes `compiled` into buffer 0. Nothing is attached or pinned.
     pub fn load(compiled: Compiled) -> Result<Self, LoadError> {
+        let mut c = Self::load_object(compiled, None)?;
+        let compiled = c.compiled.clone();
+        c.maps.write_buffer(0, &compiled, None)?;
+        c.maps.set_active(0)?;
+        Ok(c)
+    }
+
+    /// Loads the programs with every map pinned under the instance's directory: maps pinned by
+    /// an earlier run are reused as they are (rules, counters, flows). The caller decides what
+    /// to write into them.
+    pub fn load_pinned(compiled: Compiled, instance: &Instance) -> Result<Self, LoadError> {
+        Self::load_object(compiled, Some(instance))
+    }
+
+    fn load_object(compiled: Compiled, instance: Option<&Instance>) -> Result<Self, LoadError> {
         check_privileges()?;
-        let mut ebpf = match EbpfLoader::new()
-            .map_max_entries("FLOWS", compiled.flow_capacity)
-            .load(EBPF_OBJECT)
-        {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries("FLOWS", compiled.flow_capacity);
+        let pins: Vec<(&str, std::path::PathBuf)> = instance
+            .map(|i| MAP_NAMES.iter().map(|n| (*n, i.map_pin(n))).collect())
+            .unwrap_or_default();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = match loader.load(EBPF_OBJECT) {
             Ok(e) => e,
             Err(EbpfError::MapError(MapError::CreateError { io_error, .. }))
                 if is_eperm(&io_error) =>
@@ -251,17 +238,31 @@ impl Classifier {
             .try_into()
             .map_err(LoadError::Program)?;
         verified("TC egress", egress.load())?;
-        write_buffer(&mut ebpf, 0, &compiled, None)?;
-        let mut c = Self {
+        let maps = Maps::take(&mut ebpf);
+        Ok(Self {
             ebpf,
+            maps,
             compiled,
-            active: 0,
             bindings: Vec::new(),
             links: Vec::new(),
             egress_links: Vec::new(),
-        };
-        c.set_active(0)?;
-        Ok(c)
+            instance: instance.cloned(),
+            pinned_links: Vec::new(),
+        })
+    }
+
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// Replaces what the exporter and `bind` consider the running rules (after a reload that
+    /// another process made, or one this process made through [`Maps::swap_in`]).
+    pub fn set_compiled(&mut self, compiled: Compiled) {
+        self.compiled = compiled;
     }
 
     pub fn compiled(&self) -> &Compiled {
@@ -291,6 +292,17 @@ impl Classifier {
 
     /// Tells the programs that frames on `name` are on a NIC of `role`.
     pub fn bind(&mut self, name: &str, role: &str) -> Result<&Binding, LoadError> {
+        self.bind_block(name, role, None)
+    }
+
+    /// `bind`, keeping counter block `block` when it is free (an adopted interface keeps its
+    /// counters).
+    pub fn bind_block(
+        &mut self,
+        name: &str,
+        role: &str,
+        block: Option<u32>,
+    ) -> Result<&Binding, LoadError> {
         let role_mask = self
             .compiled
             .role_mask(role)
@@ -312,24 +324,19 @@ impl Classifier {
                 other: other.name.clone(),
             });
         }
-        let block = (1..MAX_IFACES)
-            .find(|b| self.bindings.iter().all(|x| x.block != *b))
-            .ok_or(LoadError::TooManyInterfaces)?;
-        let mut ifaces: Array<_, IfaceInfo> =
-            Array::try_from(self.ebpf.map_mut("IFACES").expect("IFACES"))
-                .map_err(map_err("IFACES"))?;
-        ifaces
-            .set(
-                ifindex % IFACE_SLOTS,
-                IfaceInfo {
-                    ifindex,
-                    role_mask,
-                    block,
-                    _pad: 0,
-                },
-                0,
-            )
-            .map_err(map_err("IFACES"))?;
+        let free = |b: &u32| self.bindings.iter().all(|x| x.block != *b);
+        let block = match block.filter(|b| (1..MAX_IFACES).contains(b) && free(b)) {
+            Some(b) => b,
+            None => (1..MAX_IFACES)
+                .find(free)
+                .ok_or(LoadError::TooManyInterfaces)?,
+        };
+        self.maps.set_iface(IfaceInfo {
+            ifindex,
+            role_mask,
+            block,
+            _pad: 0,
+        })?;
         self.bindings.push(Binding {
             name: name.to_string(),
             ifindex,
@@ -341,16 +348,84 @@ impl Classifier {
     }
 
     /// Binds and attaches XDP on ingress and the flow recorder on egress. `Auto` tries native
-    /// XDP first and falls back to generic with a warning.
+    /// XDP first and falls back to generic with a warning. When pinned, the links are pinned
+    /// too; links an earlier run pinned for this interface get the new programs in place.
     pub fn attach(
         &mut self,
         name: &str,
         role: &str,
         mode: AttachMode,
     ) -> Result<ModeName, LoadError> {
-        self.bind(name, role)?;
-        // Egress first: once XDP drops unrecorded replies, every outbound flow must already be
-        // recorded, or connections opened in between would stall.
+        match self.attach_keeping(name, role, mode, None)? {
+            Attached::Fresh(m) => Ok(m),
+            Attached::Replaced => Ok(self
+                .binding(name)
+                .and_then(|b| b.mode)
+                .unwrap_or(ModeName(XdpMode::Default))),
+        }
+    }
+
+    fn binding(&self, name: &str) -> Option<&Binding> {
+        self.bindings.iter().find(|b| b.name == name)
+    }
+
+    /// `attach` for a pinned instance, adopting `before` (this interface as the pinned state
+    /// knows it) when its links are still there.
+    pub fn attach_keeping(
+        &mut self,
+        name: &str,
+        role: &str,
+        mode: AttachMode,
+        before: Option<&BoundIface>,
+    ) -> Result<Attached, LoadError> {
+        let ifindex = ifindex(name)?;
+        let before = before.filter(|b| b.ifindex == ifindex);
+        self.bind_block(name, role, before.map(|b| b.block))?;
+        if let (Some(instance), Some(before)) = (self.instance.clone(), before) {
+            let xdp_pin = instance.link_pin(name, "xdp");
+            let tc_pin = instance.link_pin(name, "tc");
+            if let (Ok(xdp), Ok(tc)) = (
+                PinnedLink::from_pin(&xdp_pin),
+                PinnedLink::from_pin(&tc_pin),
+            ) {
+                // Egress first, as on a fresh attach.
+                let tc: SchedClassifierLink = FdLink::from(tc)
+                    .try_into()
+                    .map_err(|e| pin_err(name, &tc_pin, e))?;
+                let id = self.egress_program().attach_to_link(tc).map_err(|source| {
+                    LoadError::AttachEgress {
+                        iface: name.to_string(),
+                        source,
+                    }
+                })?;
+                self.egress_links.push(id);
+                let xdp: XdpLink = FdLink::from(xdp)
+                    .try_into()
+                    .map_err(|e| pin_err(name, &xdp_pin, e))?;
+                let mode_name = before.mode.clone().unwrap_or_default();
+                let id =
+                    self.program()
+                        .attach_to_link(xdp)
+                        .map_err(|source| LoadError::Attach {
+                            iface: name.to_string(),
+                            mode: ModeName(XdpMode::Default),
+                            source,
+                        })?;
+                self.links.push(id);
+                let b = self
+                    .bindings
+                    .iter_mut()
+                    .find(|b| b.name == name)
+                    .expect("bound");
+                b.mode = Some(ModeName(match mode_name.as_str() {
+                    "generic" => XdpMode::Skb,
+                    "offload" => XdpMode::Hardware,
+                    _ => XdpMode::Driver,
+                }));
+                return Ok(Attached::Replaced);
+            }
+            log::warn!("{name}: pinned links are gone; attaching afresh");
+        }
         self.attach_egress(name)?;
         let tries: &[XdpMode] = match mode {
             AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
@@ -361,14 +436,14 @@ impl Classifier {
         for &m in tries {
             match self.program().attach(name, m) {
                 Ok(link) => {
-                    self.links.push(link);
+                    self.keep_xdp_link(name, link)?;
                     let b = self
                         .bindings
                         .iter_mut()
                         .find(|b| b.name == name)
                         .expect("bound above");
                     b.mode = Some(ModeName(m));
-                    return Ok(ModeName(m));
+                    return Ok(Attached::Fresh(ModeName(m)));
                 }
                 Err(e) => {
                     if m == XdpMode::Driver && mode == AttachMode::Auto {
@@ -388,6 +463,37 @@ impl Classifier {
         })
     }
 
+    fn keep_xdp_link(&mut self, name: &str, id: XdpLinkId) -> Result<(), LoadError> {
+        let Some(instance) = self.instance.clone() else {
+            self.links.push(id);
+            return Ok(());
+        };
+        let path = instance.link_pin(name, "xdp");
+        let link = self.program().take_link(id).map_err(LoadError::Program)?;
+        let fd: FdLink = link.try_into().map_err(|e| pin_err(name, &path, e))?;
+        let _ = std::fs::remove_file(&path);
+        let pinned = fd.pin(&path).map_err(|e| pin_err(name, &path, e))?;
+        self.pinned_links.push(pinned);
+        Ok(())
+    }
+
+    fn keep_tc_link(&mut self, name: &str, id: SchedClassifierLinkId) -> Result<(), LoadError> {
+        let Some(instance) = self.instance.clone() else {
+            self.egress_links.push(id);
+            return Ok(());
+        };
+        let path = instance.link_pin(name, "tc");
+        let link = self
+            .egress_program()
+            .take_link(id)
+            .map_err(LoadError::Program)?;
+        let fd: FdLink = link.try_into().map_err(|e| pin_err(name, &path, e))?;
+        let _ = std::fs::remove_file(&path);
+        let pinned = fd.pin(&path).map_err(|e| pin_err(name, &path, e))?;
+        self.pinned_links.push(pinned);
+        Ok(())
+    }
+
     fn attach_egress(&mut self, name: &str) -> Result<(), LoadError> {
         let first = self.egress_program().attach(name, TcAttachType::Egress);
         let link = match first {
@@ -403,12 +509,17 @@ impl Classifier {
                     })?
             }
         };
-        self.egress_links.push(link);
-        Ok(())
+        self.keep_tc_link(name, link)
     }
 
-    /// Detaches from every NIC (also done on drop).
+    /// Detaches from every NIC and, for a pinned instance, removes its pins. Without pins this
+    /// also happens on drop; a pinned instance stays attached when the process ends.
     pub fn detach_all(&mut self) {
+        if let Some(instance) = &self.instance {
+            // A pinned link lives as long as its pin: remove the pins first.
+            let _ = std::fs::remove_dir_all(instance.links_dir());
+        }
+        self.pinned_links.clear();
         // XDP first, so no reply is judged against a flow table that stopped being filled.
         for link in std::mem::take(&mut self.links) {
             if let Err(e) = self.program().detach(link) {
@@ -420,87 +531,59 @@ impl Classifier {
                 log::warn!("detach TC egress: {e}");
             }
         }
+        for b in &mut self.bindings {
+            b.mode = None;
+        }
+    }
+
+    /// Removes the binding of an interface that an earlier run attached and this one does not
+    /// want any more: its pinned links go, so it is detached.
+    pub fn forget_pinned(&mut self, name: &str) {
+        if let Some(instance) = &self.instance {
+            for kind in ["xdp", "tc"] {
+                let _ = std::fs::remove_file(instance.link_pin(name, kind));
+            }
+        }
     }
 
     /// The flow table: occupancy and events, summed over CPUs.
     pub fn flow_stats(&self) -> Result<FlowStats, LoadError> {
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("FLOW_STATS").expect("FLOW_STATS"))
-                .map_err(map_err("FLOW_STATS"))?;
-        let read = |i: u32| -> Result<u64, LoadError> {
-            Ok(stats
-                .get(&i, 0)
-                .map_err(map_err("FLOW_STATS"))?
-                .iter()
-                .sum())
-        };
-        let flows: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.ebpf.map("FLOWS").expect("FLOWS")).map_err(map_err("FLOWS"))?;
-        // Keys may vanish while we walk; a failed step just ends the count.
-        let present = flows.keys().take_while(Result::is_ok).count() as u64;
-        let created = read(flow_stat::CREATED)?;
-        let expired = read(flow_stat::EXPIRED)?;
-        Ok(FlowStats {
-            capacity: self.compiled.flow_capacity,
-            present,
-            created,
-            expired,
-            insert_failed: read(flow_stat::INSERT_FAILED)?,
-            evicted: created.saturating_sub(expired).saturating_sub(present),
-        })
+        Ok(self.maps.flow_stats()?)
     }
 
     /// Every recorded flow (a walk of the table: for inspection, not the hot path).
     pub fn flows(&self) -> Result<Vec<Flow>, LoadError> {
-        let flows: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.ebpf.map("FLOWS").expect("FLOWS")).map_err(map_err("FLOWS"))?;
-        Ok(flows
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(key, state)| Flow { key, state })
-            .collect())
+        Ok(self.maps.flows()?)
     }
 
-    fn set_active(&mut self, buffer: u32) -> Result<(), LoadError> {
-        let mut active: Array<_, u32> =
-            Array::try_from(self.ebpf.map_mut("ACTIVE").expect("ACTIVE"))
-                .map_err(map_err("ACTIVE"))?;
-        active.set(0, buffer, 0).map_err(map_err("ACTIVE"))?;
-        self.active = buffer;
-        Ok(())
-    }
-
-    /// Counters of one bound interface, summed over CPUs.
+    /// Counters of one bound interface, summed over CPUs; `rules` in catalogue order.
     pub fn iface_stats(&self, binding: &Binding) -> Result<IfaceStats, LoadError> {
-        let stats: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(self.ebpf.map("STATS").expect("STATS"))
-                .map_err(map_err("STATS"))?;
-        let base = binding.block * STATS_STRIDE;
-        let read = |i: u32| -> Result<Counter, LoadError> {
-            let per_cpu = stats.get(&(base + i), 0).map_err(map_err("STATS"))?;
-            Ok(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-            }))
-        };
-        let reasons = (0..reason::COUNT).map(read).collect::<Result<_, _>>()?;
-        let rules = self
-            .compiled
-            .rules
-            .iter()
-            .map(|r| read(RULE_COUNTER_BASE + r.slot))
-            .collect::<Result<_, _>>()?;
-        Ok(IfaceStats { reasons, rules })
+        let slots: Vec<u32> = self.compiled.rules.iter().map(|r| r.slot).collect();
+        Ok(self.maps.iface_stats(binding.block, &slots)?)
     }
 
-    pub fn active_buffer(&self) -> u32 {
-        self.active
+    pub fn active_buffer(&self) -> Result<u32, LoadError> {
+        Ok(self.maps.active()?)
+    }
+
+    pub fn instance(&self) -> Option<&Instance> {
+        self.instance.as_ref()
+    }
+}
+
+fn pin_err(iface: &str, path: &std::path::Path, e: impl fmt::Display) -> LoadError {
+    LoadError::Pin {
+        what: format!("the link of {iface}"),
+        path: path.display().to_string(),
+        message: e.to_string(),
     }
 }
 
 impl Drop for Classifier {
     fn drop(&mut self) {
-        self.detach_all();
+        if self.instance.is_none() {
+            self.detach_all();
+        }
     }
 }
 
@@ -523,124 +606,4 @@ fn verified(program: &'static str, result: Result<(), ProgramError>) -> Result<(
         }
         Err(e) => Err(LoadError::Program(e)),
     }
-}
-
-/// Writes `new` into `buffer`, touching only what differs from `old` (what the buffer holds).
-fn write_buffer(
-    ebpf: &mut Ebpf,
-    buffer: u32,
-    new: &Compiled,
-    old: Option<&Compiled>,
-) -> Result<(), LoadError> {
-    debug_assert!(buffer < BUFFERS);
-    {
-        let mut policy: Array<_, edge_classifier_common::Policy> =
-            Array::try_from(ebpf.map_mut("POLICY").expect("POLICY")).map_err(map_err("POLICY"))?;
-        policy
-            .set(buffer, new.policy, 0)
-            .map_err(map_err("POLICY"))?;
-    }
-    {
-        let mut classes: Array<_, edge_classifier_common::RuleClass> =
-            Array::try_from(ebpf.map_mut("CLASSES").expect("CLASSES"))
-                .map_err(map_err("CLASSES"))?;
-        for (id, class) in new.classes.iter().enumerate().skip(1) {
-            let unchanged = old.and_then(|o| o.classes.get(id)) == Some(class);
-            if !unchanged {
-                classes
-                    .set(buffer * MAX_CLASSES + id as u32, class, 0)
-                    .map_err(map_err("CLASSES"))?;
-            }
-        }
-    }
-    {
-        let mut ports: Array<_, PortEntry> =
-            Array::try_from(ebpf.map_mut("PORTS").expect("PORTS")).map_err(map_err("PORTS"))?;
-        let base = buffer * TRANSPORTS * PORT_SPACE;
-        let zero = PortEntry::default();
-        for (i, entry) in new.ports.iter().enumerate() {
-            let before = old.map_or(&zero, |o| &o.ports[i]);
-            if entry != before {
-                ports
-                    .set(base + i as u32, entry, 0)
-                    .map_err(map_err("PORTS"))?;
-            }
-        }
-    }
-    let buffer_byte = buffer as u8;
-    {
-        let mut trie: LpmTrie<_, Lpm4, u64> =
-            LpmTrie::try_from(ebpf.map_mut("SETS_V4").expect("SETS_V4"))
-                .map_err(map_err("SETS_V4"))?;
-        let key = |net: &IpNet| {
-            let IpNet::V4(n) = net else {
-                unreachable!("v4 list")
-            };
-            Key::new(
-                LPM_BUFFER_BITS + n.prefix_len() as u32,
-                Lpm4 {
-                    buffer: buffer_byte,
-                    addr: n.addr().octets(),
-                },
-            )
-        };
-        sync_trie(
-            &mut trie,
-            &new.prefixes_v4,
-            old.map(|o| &o.prefixes_v4[..]),
-            key,
-            "SETS_V4",
-        )?;
-    }
-    {
-        let mut trie: LpmTrie<_, Lpm6, u64> =
-            LpmTrie::try_from(ebpf.map_mut("SETS_V6").expect("SETS_V6"))
-                .map_err(map_err("SETS_V6"))?;
-        let key = |net: &IpNet| {
-            let IpNet::V6(n) = net else {
-                unreachable!("v6 list")
-            };
-            Key::new(
-                LPM_BUFFER_BITS + n.prefix_len() as u32,
-                Lpm6 {
-                    buffer: buffer_byte,
-                    addr: n.addr().octets(),
-                },
-            )
-        };
-        sync_trie(
-            &mut trie,
-            &new.prefixes_v6,
-            old.map(|o| &o.prefixes_v6[..]),
-            key,
-            "SETS_V6",
-        )?;
-    }
-    Ok(())
-}
-
-fn sync_trie<K: aya::Pod>(
-    trie: &mut LpmTrie<&mut aya::maps::MapData, K, u64>,
-    new: &[(IpNet, u64)],
-    old: Option<&[(IpNet, u64)]>,
-    key: impl Fn(&IpNet) -> Key<K>,
-    name: &'static str,
-) -> Result<(), LoadError> {
-    let old: std::collections::HashMap<&IpNet, u64> = old
-        .unwrap_or_default()
-        .iter()
-        .map(|(n, b)| (n, *b))
-        .collect();
-    for (net, bits) in new {
-        if old.get(net) != Some(bits) {
-            trie.insert(&key(net), bits, 0).map_err(map_err(name))?;
-        }
-    }
-    let keep: std::collections::HashSet<&IpNet> = new.iter().map(|(n, _)| n).collect();
-    for net in old.keys() {
-        if !keep.contains(net) {
-            trie.remove(&key(net)).map_err(map_err(name))?;
-        }
-    }
-    Ok(())
 }

@@ -1,0 +1,295 @@
+//! A classifier instance outlives the process that started it: its maps and links are pinned
+//! under `/sys/fs/bpf/edge-classifier/NAME/`, and what the maps hold (the catalogue text of
+//! each rule buffer, slots, bindings, reload counts) is kept in `/run/edge-classifier/NAME.json`.
+//! Both vanish at reboot, together.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    catalogue::{Catalogue, CatalogueError},
+    compile::{Assignments, CompileError, Compiled, compile_with},
+    snapshot::Reloads,
+};
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/edge-classifier";
+pub const STATE_ROOT: &str = "/run/edge-classifier";
+pub const DEFAULT_INSTANCE: &str = "default";
+/// Bumped whenever map layouts change: pins of another layout are not adopted.
+pub const LAYOUT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("instance name `{0}`: expected letters, digits, `-` or `_`")]
+    BadName(String),
+    #[error(
+        "no classifier instance `{0}` is running (no state in {STATE_ROOT}): start one with `edge-classifier run`"
+    )]
+    NotRunning(String),
+    #[error(
+        "instance `{name}` was pinned by an incompatible version (layout {found}, this one uses {LAYOUT}): run `edge-classifier stop --instance {name}` first"
+    )]
+    Layout { name: String, found: u32 },
+    #[error("instance `{name}` is already served by process {pid}; stop it first")]
+    Busy { name: String, pid: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path}: unreadable state ({source}); `edge-classifier stop --instance NAME` clears it"
+    )]
+    State {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("mounting bpffs on {BPFFS}: {0}")]
+    Mount(io::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstanceError + '_ {
+    move |source| InstanceError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What one rule buffer holds: enough to compile it again, bit for bit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Loaded {
+    pub source: String,
+    pub text: String,
+    pub assignments: Assignments,
+}
+
+impl Loaded {
+    pub fn new(cat: &Catalogue, text: &str, compiled: &Compiled) -> Loaded {
+        Loaded {
+            source: cat.source_name.clone(),
+            text: text.to_string(),
+            assignments: compiled.assignments.clone(),
+        }
+    }
+
+    pub fn catalogue(&self) -> Result<Catalogue, CatalogueError> {
+        Catalogue::parse(&self.source, &self.text)
+    }
+
+    pub fn compile(&self) -> Result<(Catalogue, Compiled), String> {
+        let cat = self.catalogue().map_err(|e| e.to_string())?;
+        let compiled =
+            compile_with(&cat, &self.assignments).map_err(|e: CompileError| e.to_string())?;
+        Ok((cat, compiled))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundIface {
+    pub name: String,
+    pub ifindex: u32,
+    pub role: String,
+    pub block: u32,
+    pub mode: Option<String>,
+}
+
+/// What the pinned maps hold, kept beside them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub layout: u32,
+    /// Bumped by every change, so a daemon sees a reload another process made.
+    pub generation: u64,
+    pub active: u32,
+    /// By buffer. `None`: empty, or left half-written by an interrupted reload.
+    pub buffers: [Option<Loaded>; 2],
+    pub bindings: Vec<BoundIface>,
+    pub reloads: Reloads,
+    pub flow_capacity: u32,
+}
+
+impl State {
+    pub fn active(&self) -> Option<&Loaded> {
+        self.buffers[self.active as usize & 1].as_ref()
+    }
+}
+
+/// Paths of one instance.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub name: String,
+}
+
+impl Instance {
+    pub fn new(name: &str) -> Result<Instance, InstanceError> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(InstanceError::BadName(name.to_string()));
+        }
+        Ok(Instance {
+            name: name.to_string(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new(PIN_ROOT).join(&self.name)
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.pin_dir().join("maps")
+    }
+    pub fn map_pin(&self, map: &str) -> PathBuf {
+        self.maps_dir().join(map)
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.pin_dir().join("links")
+    }
+    /// `xdp` or `tc` link of an interface.
+    pub fn link_pin(&self, iface: &str, kind: &str) -> PathBuf {
+        self.links_dir().join(format!("{iface}.{kind}"))
+    }
+    pub fn state_file(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(format!("{}.json", self.name))
+    }
+    fn lock_file(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(format!("{}.lock", self.name))
+    }
+    fn pid_file(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(format!("{}.pid", self.name))
+    }
+
+    /// Mounts bpffs if needed and creates the pin and state directories.
+    pub fn prepare(&self) -> Result<(), InstanceError> {
+        ensure_bpffs()?;
+        for dir in [self.maps_dir(), self.links_dir(), PathBuf::from(STATE_ROOT)] {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        Ok(())
+    }
+
+    pub fn read_state(&self) -> Result<Option<State>, InstanceError> {
+        let path = self.state_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let state: State = serde_json::from_str(&text).map_err(|source| InstanceError::State {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if state.layout != LAYOUT {
+            return Err(InstanceError::Layout {
+                name: self.name.clone(),
+                found: state.layout,
+            });
+        }
+        Ok(Some(state))
+    }
+
+    pub fn require_state(&self) -> Result<State, InstanceError> {
+        self.read_state()?
+            .ok_or_else(|| InstanceError::NotRunning(self.name.clone()))
+    }
+
+    /// Replaces the state file atomically (write, fsync, rename).
+    pub fn write_state(&self, state: &State) -> Result<(), InstanceError> {
+        let path = self.state_file();
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(state).expect("state serialises");
+        {
+            use std::io::Write as _;
+            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    /// Serialises writers of the pinned maps and the state (run start-up, reload, stop).
+    pub fn lock(&self) -> Result<Lock, InstanceError> {
+        std::fs::create_dir_all(STATE_ROOT).map_err(io_err(Path::new(STATE_ROOT)))?;
+        let path = self.lock_file();
+        let f = File::create(&path).map_err(io_err(&path))?;
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_err(&path)(io::Error::last_os_error()));
+        }
+        Ok(Lock(f))
+    }
+
+    /// Held by the process that serves the instance for as long as it runs.
+    pub fn claim(&self) -> Result<Lock, InstanceError> {
+        std::fs::create_dir_all(STATE_ROOT).map_err(io_err(Path::new(STATE_ROOT)))?;
+        let path = self.pid_file();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(InstanceError::Busy {
+                name: self.name.clone(),
+                pid: pid.trim().to_string(),
+            });
+        }
+        f.set_len(0).map_err(io_err(&path))?;
+        std::fs::write(&path, std::process::id().to_string()).map_err(io_err(&path))?;
+        Ok(Lock(f))
+    }
+
+    /// Removes the pins and the state. Links whose last reference was the pin detach.
+    pub fn remove(&self) -> Result<(), InstanceError> {
+        let dir = self.pin_dir();
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        for f in [self.state_file(), self.pid_file(), self.lock_file()] {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&f)(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An flock held until dropped.
+pub struct Lock(#[allow(dead_code)] File);
+
+fn ensure_bpffs() -> Result<(), InstanceError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let c = std::ffi::CString::new(BPFFS).expect("no NUL");
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fstype = std::ffi::CString::new("bpf").expect("no NUL");
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            c.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(InstanceError::Mount(io::Error::last_os_error()));
+    }
+    Ok(())
+}

@@ -1,0 +1,469 @@
+//! The kernel maps, however they were obtained: from a freshly loaded object, or opened from
+//! their pins by another process (`reload`). Everything that reads or writes them lives here, so
+//! the daemon and `reload` share one implementation of the double-buffered swap.
+
+use std::collections::{BTreeSet, HashMap as StdHashMap, HashSet};
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
+};
+use edge_classifier_common::{
+    BUFFERS, Counter, FlowKey, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4, Lpm6,
+    MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, RuleClass, STATS_STRIDE,
+    TRANSPORTS, flow_stat, reason,
+};
+use ipnet::IpNet;
+
+use crate::{compile::Compiled, instance::Instance};
+
+/// Every map of the object, by its name in the ELF.
+pub const MAP_NAMES: [&str; 10] = [
+    "ACTIVE",
+    "POLICY",
+    "IFACES",
+    "PORTS",
+    "CLASSES",
+    "SETS_V4",
+    "SETS_V6",
+    "STATS",
+    "FLOWS",
+    "FLOW_STATS",
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("map {map}: {source}")]
+pub struct MapsError {
+    pub map: &'static str,
+    #[source]
+    pub source: MapError,
+}
+
+fn err(map: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError { map, source }
+}
+
+/// Counters of one interface, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IfaceStats {
+    pub reasons: Vec<Counter>,
+    /// In the order of the slots asked for.
+    pub rules: Vec<Counter>,
+}
+
+/// The flow table's state, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowStats {
+    pub capacity: u32,
+    /// Entries in the table now (live or idle but not yet removed).
+    pub present: u64,
+    pub created: u64,
+    /// Removed: idled out, closed and replaced, or purged because a reload removed its rule.
+    pub expired: u64,
+    pub insert_failed: u64,
+    /// Flows pushed out by the LRU to make room: neither expired nor present.
+    pub evicted: u64,
+}
+
+/// One recorded outbound flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub key: FlowKey,
+    pub state: FlowState,
+}
+
+impl Flow {
+    pub fn local(&self) -> std::net::SocketAddr {
+        sock(self.key.family, &self.key.local, self.key.local_port)
+    }
+    pub fn remote(&self) -> std::net::SocketAddr {
+        sock(self.key.family, &self.key.remote, self.key.remote_port)
+    }
+}
+
+fn sock(family: u8, addr: &[u8; 16], port: u16) -> std::net::SocketAddr {
+    let ip: std::net::IpAddr = if family == 4 {
+        std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).into()
+    } else {
+        std::net::Ipv6Addr::from(*addr).into()
+    };
+    std::net::SocketAddr::new(ip, port)
+}
+
+pub struct Maps(StdHashMap<&'static str, Map>);
+
+impl Maps {
+    /// Takes every map out of a loaded object (the programs keep their references).
+    pub fn take(ebpf: &mut Ebpf) -> Maps {
+        Maps(
+            MAP_NAMES
+                .iter()
+                .map(|n| (*n, ebpf.take_map(n).unwrap_or_else(|| panic!("map {n}"))))
+                .collect(),
+        )
+    }
+
+    /// Opens the pinned maps of a running instance.
+    pub fn open_pinned(instance: &Instance) -> Result<Maps, MapsError> {
+        let mut out = StdHashMap::new();
+        for name in MAP_NAMES {
+            let data = MapData::from_pin(instance.map_pin(name)).map_err(err(name))?;
+            let map = match name {
+                "SETS_V4" | "SETS_V6" => Map::LpmTrie(data),
+                "STATS" | "FLOW_STATS" => Map::PerCpuArray(data),
+                "FLOWS" => Map::LruHashMap(data),
+                _ => Map::Array(data),
+            };
+            out.insert(name, map);
+        }
+        Ok(Maps(out))
+    }
+
+    fn get(&self, name: &'static str) -> &Map {
+        &self.0[name]
+    }
+
+    fn get_mut(&mut self, name: &'static str) -> &mut Map {
+        self.0.get_mut(name).expect("every map is held")
+    }
+
+    pub fn active(&self) -> Result<u32, MapsError> {
+        let a: Array<_, u32> = Array::try_from(self.get("ACTIVE")).map_err(err("ACTIVE"))?;
+        Ok(a.get(&0, 0).map_err(err("ACTIVE"))? & 1)
+    }
+
+    pub fn set_active(&mut self, buffer: u32) -> Result<(), MapsError> {
+        let mut a: Array<_, u32> =
+            Array::try_from(self.get_mut("ACTIVE")).map_err(err("ACTIVE"))?;
+        a.set(0, buffer, 0).map_err(err("ACTIVE"))
+    }
+
+    /// Capacity of the flow table as the kernel made it.
+    pub fn flow_capacity(&self) -> Result<u32, MapsError> {
+        let Map::LruHashMap(data) = self.get("FLOWS") else {
+            unreachable!("FLOWS is an LRU hash")
+        };
+        Ok(data.info().map_err(err("FLOWS"))?.max_entries())
+    }
+
+    pub fn set_iface(&mut self, info: IfaceInfo) -> Result<(), MapsError> {
+        let mut a: Array<_, IfaceInfo> =
+            Array::try_from(self.get_mut("IFACES")).map_err(err("IFACES"))?;
+        a.set(info.ifindex % IFACE_SLOTS, info, 0)
+            .map_err(err("IFACES"))
+    }
+
+    pub fn iface(&self, ifindex: u32) -> Result<IfaceInfo, MapsError> {
+        let a: Array<_, IfaceInfo> = Array::try_from(self.get("IFACES")).map_err(err("IFACES"))?;
+        a.get(&(ifindex % IFACE_SLOTS), 0).map_err(err("IFACES"))
+    }
+
+    /// Counters of one counter block, summed over CPUs: every reason, then `slots` in order.
+    pub fn iface_stats(&self, block: u32, slots: &[u32]) -> Result<IfaceStats, MapsError> {
+        let stats: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(self.get("STATS")).map_err(err("STATS"))?;
+        let base = block * STATS_STRIDE;
+        let read = |i: u32| -> Result<Counter, MapsError> {
+            let per_cpu = stats.get(&(base + i), 0).map_err(err("STATS"))?;
+            Ok(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            }))
+        };
+        Ok(IfaceStats {
+            reasons: (0..reason::COUNT).map(read).collect::<Result<_, _>>()?,
+            rules: slots
+                .iter()
+                .map(|s| read(RULE_COUNTER_BASE + s))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Zeroes the counters of `slots` in every block: a slot given to a new rule starts at 0.
+    pub fn zero_slots(&mut self, slots: &BTreeSet<u32>) -> Result<(), MapsError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+            err("STATS")(MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }))
+        })?;
+        let mut stats: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(self.get_mut("STATS")).map_err(err("STATS"))?;
+        for block in 0..MAX_IFACES {
+            for slot in slots {
+                let zero = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| {
+                    err("STATS")(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "per-cpu values",
+                        io_error: e,
+                    }))
+                })?;
+                stats
+                    .set(block * STATS_STRIDE + RULE_COUNTER_BASE + slot, zero, 0)
+                    .map_err(err("STATS"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The flow table: occupancy and events, summed over CPUs.
+    pub fn flow_stats(&self) -> Result<FlowStats, MapsError> {
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.get("FLOW_STATS")).map_err(err("FLOW_STATS"))?;
+        let read = |i: u32| -> Result<u64, MapsError> {
+            Ok(stats.get(&i, 0).map_err(err("FLOW_STATS"))?.iter().sum())
+        };
+        let flows: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.get("FLOWS")).map_err(err("FLOWS"))?;
+        // Keys may vanish while we walk; a failed step just ends the count.
+        let present = flows.keys().take_while(Result::is_ok).count() as u64;
+        let created = read(flow_stat::CREATED)?;
+        let expired = read(flow_stat::EXPIRED)?;
+        Ok(FlowStats {
+            capacity: self.flow_capacity()?,
+            present,
+            created,
+            expired,
+            insert_failed: read(flow_stat::INSERT_FAILED)?,
+            evicted: created.saturating_sub(expired).saturating_sub(present),
+        })
+    }
+
+    /// Every recorded flow (a walk of the table: for inspection, not the hot path).
+    pub fn flows(&self) -> Result<Vec<Flow>, MapsError> {
+        let flows: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.get("FLOWS")).map_err(err("FLOWS"))?;
+        Ok(flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, state)| Flow { key, state })
+            .collect())
+    }
+
+    /// Removes the flows of rules that are gone (their slot may be given to a new rule), and
+    /// counts them as expired so evictions stay `created - expired - present`.
+    pub fn purge_flows(&mut self, keep_slots: &BTreeSet<u32>) -> Result<u64, MapsError> {
+        let stale: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|f| !keep_slots.contains(&f.state.slot))
+            .map(|f| f.key)
+            .collect();
+        let mut removed = 0u64;
+        {
+            let mut flows: HashMap<_, FlowKey, FlowState> =
+                HashMap::try_from(self.get_mut("FLOWS")).map_err(err("FLOWS"))?;
+            for k in &stale {
+                if flows.remove(k).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            let mut stats: PerCpuArray<_, u64> =
+                PerCpuArray::try_from(self.get_mut("FLOW_STATS")).map_err(err("FLOW_STATS"))?;
+            let mut values: Vec<u64> = stats
+                .get(&flow_stat::EXPIRED, 0)
+                .map_err(err("FLOW_STATS"))?
+                .iter()
+                .copied()
+                .collect();
+            values[0] += removed;
+            let values = PerCpuValues::try_from(values).expect("one value per CPU, as read");
+            stats
+                .set(flow_stat::EXPIRED, values, 0)
+                .map_err(err("FLOW_STATS"))?;
+        }
+        Ok(removed)
+    }
+
+    /// Writes `new` into `buffer`, touching only what differs from `old` (what the buffer
+    /// holds). With `old` unknown, the buffer is cleared first.
+    pub fn write_buffer(
+        &mut self,
+        buffer: u32,
+        new: &Compiled,
+        old: Option<&Compiled>,
+    ) -> Result<(), MapsError> {
+        debug_assert!(buffer < BUFFERS);
+        if old.is_none() {
+            self.clear_buffer(buffer)?;
+        }
+        {
+            let mut policy: Array<_, edge_classifier_common::Policy> =
+                Array::try_from(self.get_mut("POLICY")).map_err(err("POLICY"))?;
+            policy.set(buffer, new.policy, 0).map_err(err("POLICY"))?;
+        }
+        {
+            let mut classes: Array<_, RuleClass> =
+                Array::try_from(self.get_mut("CLASSES")).map_err(err("CLASSES"))?;
+            for (id, class) in new.classes.iter().enumerate().skip(1) {
+                let unchanged = old.and_then(|o| o.classes.get(id)) == Some(class);
+                if !unchanged {
+                    classes
+                        .set(buffer * MAX_CLASSES + id as u32, class, 0)
+                        .map_err(err("CLASSES"))?;
+                }
+            }
+        }
+        {
+            let mut ports: Array<_, PortEntry> =
+                Array::try_from(self.get_mut("PORTS")).map_err(err("PORTS"))?;
+            let base = buffer * TRANSPORTS * PORT_SPACE;
+            let zero = PortEntry::default();
+            for (i, entry) in new.ports.iter().enumerate() {
+                let before = old.map_or(&zero, |o| &o.ports[i]);
+                if entry != before {
+                    ports.set(base + i as u32, entry, 0).map_err(err("PORTS"))?;
+                }
+            }
+        }
+        let b = buffer as u8;
+        {
+            let mut trie: LpmTrie<_, Lpm4, u64> =
+                LpmTrie::try_from(self.get_mut("SETS_V4")).map_err(err("SETS_V4"))?;
+            let key = |net: &IpNet| {
+                let IpNet::V4(n) = net else {
+                    unreachable!("v4 list")
+                };
+                Key::new(
+                    LPM_BUFFER_BITS + n.prefix_len() as u32,
+                    Lpm4 {
+                        buffer: b,
+                        addr: n.addr().octets(),
+                    },
+                )
+            };
+            sync_trie(
+                &mut trie,
+                &new.prefixes_v4,
+                old.map(|o| &o.prefixes_v4[..]),
+                key,
+                "SETS_V4",
+            )?;
+        }
+        {
+            let mut trie: LpmTrie<_, Lpm6, u64> =
+                LpmTrie::try_from(self.get_mut("SETS_V6")).map_err(err("SETS_V6"))?;
+            let key = |net: &IpNet| {
+                let IpNet::V6(n) = net else {
+                    unreachable!("v6 list")
+                };
+                Key::new(
+                    LPM_BUFFER_BITS + n.prefix_len() as u32,
+                    Lpm6 {
+                        buffer: b,
+                        addr: n.addr().octets(),
+                    },
+                )
+            };
+            sync_trie(
+                &mut trie,
+                &new.prefixes_v6,
+                old.map(|o| &o.prefixes_v6[..]),
+                key,
+                "SETS_V6",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Empties a buffer whose contents are unknown (an interrupted reload): no port leads to a
+    /// class and no prefix of it is left in the tries.
+    fn clear_buffer(&mut self, buffer: u32) -> Result<(), MapsError> {
+        {
+            let mut ports: Array<_, PortEntry> =
+                Array::try_from(self.get_mut("PORTS")).map_err(err("PORTS"))?;
+            let base = buffer * TRANSPORTS * PORT_SPACE;
+            for i in 0..TRANSPORTS * PORT_SPACE {
+                if ports.get(&(base + i), 0).map_err(err("PORTS"))? != PortEntry::default() {
+                    ports
+                        .set(base + i, PortEntry::default(), 0)
+                        .map_err(err("PORTS"))?;
+                }
+            }
+        }
+        {
+            let mut trie: LpmTrie<_, Lpm4, u64> =
+                LpmTrie::try_from(self.get_mut("SETS_V4")).map_err(err("SETS_V4"))?;
+            let stale: Vec<Key<Lpm4>> = trie
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.data().buffer == buffer as u8)
+                .collect();
+            for k in stale {
+                trie.remove(&k).map_err(err("SETS_V4"))?;
+            }
+        }
+        {
+            let mut trie: LpmTrie<_, Lpm6, u64> =
+                LpmTrie::try_from(self.get_mut("SETS_V6")).map_err(err("SETS_V6"))?;
+            let stale: Vec<Key<Lpm6>> = trie
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.data().buffer == buffer as u8)
+                .collect();
+            for k in stale {
+                trie.remove(&k).map_err(err("SETS_V6"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The reload: `new` goes into the inactive buffer (which holds `inactive_old`), new slots
+    /// are zeroed, then one word flips the program to it. Flows of rules that are gone are
+    /// purged. Returns the buffer now active.
+    pub fn swap_in(
+        &mut self,
+        new: &Compiled,
+        inactive_old: Option<&Compiled>,
+        active_old: Option<&Compiled>,
+    ) -> Result<u32, MapsError> {
+        let active = self.active()?;
+        let target = 1 - active;
+        self.write_buffer(target, new, inactive_old)?;
+        let before: HashSet<u32> = active_old
+            .map(|o| o.rules.iter().map(|r| r.slot).collect())
+            .unwrap_or_default();
+        let fresh: BTreeSet<u32> = new
+            .rules
+            .iter()
+            .map(|r| r.slot)
+            .filter(|s| !before.contains(s))
+            .collect();
+        self.zero_slots(&fresh)?;
+        self.set_active(target)?;
+        self.purge_flows(&new.outbound_slots())?;
+        Ok(target)
+    }
+}
+
+fn sync_trie<K: aya::Pod>(
+    trie: &mut LpmTrie<&mut MapData, K, u64>,
+    new: &[(IpNet, u64)],
+    old: Option<&[(IpNet, u64)]>,
+    key: impl Fn(&IpNet) -> Key<K>,
+    name: &'static str,
+) -> Result<(), MapsError> {
+    let old: StdHashMap<&IpNet, u64> = old
+        .unwrap_or_default()
+        .iter()
+        .map(|(n, b)| (n, *b))
+        .collect();
+    for (net, bits) in new {
+        if old.get(net) != Some(bits) {
+            trie.insert(&key(net), bits, 0).map_err(err(name))?;
+        }
+    }
+    let keep: HashSet<&IpNet> = new.iter().map(|(n, _)| n).collect();
+    for net in old.keys() {
+        if !keep.contains(net) {
+            trie.remove(&key(net)).map_err(err(name))?;
+        }
+    }
+    Ok(())
+}

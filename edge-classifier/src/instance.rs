@@ -109,8 +109,11 @@ pub struct State {
     /// Bumped by every change, so a daemon sees a reload another process made.
     pub generation: u64,
     pub active: u32,
-    /// By buffer. `None`: empty, or left half-written by an interrupted reload.
+    /// By buffer. `None`: empty (see `empty`), or left half-written by an interrupted reload.
     pub buffers: [Option<Loaded>; 2],
+    /// By buffer: never written since the maps were created.
+    #[serde(default)]
+    pub empty: [bool; 2],
     pub bindings: Vec<BoundIface>,
     pub reloads: Reloads,
     pub flow_capacity: u32,
@@ -119,6 +122,14 @@ pub struct State {
 impl State {
     pub fn active(&self) -> Option<&Loaded> {
         self.buffers[self.active as usize & 1].as_ref()
+    }
+
+    /// What `buffer` holds, compiled again for diffing.
+    pub fn holds(&self, buffer: u32) -> Option<Compiled> {
+        self.buffers[buffer as usize & 1]
+            .as_ref()
+            .and_then(|l| l.compile().ok())
+            .map(|x| x.1)
     }
 }
 
@@ -155,9 +166,11 @@ impl Instance {
     pub fn links_dir(&self) -> PathBuf {
         self.pin_dir().join("links")
     }
-    /// `xdp` or `tc` link of an interface.
+    /// `xdp` or `tc` link of an interface. bpffs reserves names with a dot, which interface
+    /// names may have (`eth0.100`); `:` never occurs in one, so it stands in.
     pub fn link_pin(&self, iface: &str, kind: &str) -> PathBuf {
-        self.links_dir().join(format!("{iface}.{kind}"))
+        self.links_dir()
+            .join(format!("{}-{kind}", iface.replace('.', ":")))
     }
     pub fn state_file(&self) -> PathBuf {
         Path::new(STATE_ROOT).join(format!("{}.json", self.name))

@@ -5,12 +5,14 @@
 //! - [`maps`]: every read and write of the kernel maps, including the double-buffered swap.
 //! - [`loader`]: loads the embedded eBPF object, binds NICs to roles, attaches (and pins).
 //! - [`instance`]: where a pinned instance keeps its pins and state, across processes.
+//! - [`lifecycle`]: start (or adopt), reload and stop a pinned instance.
 //! - [`snapshot`]: one read of every counter, as the exporter and `stats` see it.
 //! - [`metrics`]: the Prometheus exporter (`/metrics`) and its JSON twin (`/snapshot`).
 //! - [`report`]: counter tables for people.
 pub mod catalogue;
 pub mod compile;
 pub mod instance;
+pub mod lifecycle;
 pub mod loader;
 pub mod maps;
 pub mod metrics;

@@ -193,7 +193,8 @@ impl Classifier {
     pub fn load(compiled: Compiled) -> Result<Self, LoadError> {
         let mut c = Self::load_object(compiled, None)?;
         let compiled = c.compiled.clone();
-        c.maps.write_buffer(0, &compiled, None)?;
+        c.maps
+            .write_buffer(0, &compiled, crate::maps::Holds::Empty)?;
         c.maps.set_active(0)?;
         Ok(c)
     }
@@ -571,11 +572,18 @@ impl Classifier {
     }
 }
 
-fn pin_err(iface: &str, path: &std::path::Path, e: impl fmt::Display) -> LoadError {
+fn pin_err(iface: &str, path: &std::path::Path, e: impl std::error::Error) -> LoadError {
+    // aya's pin errors keep the errno in their source.
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(&format!(": {s}"));
+        source = s.source();
+    }
     LoadError::Pin {
         what: format!("the link of {iface}"),
         path: path.display().to_string(),
-        message: e.to_string(),
+        message,
     }
 }
 

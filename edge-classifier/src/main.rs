@@ -8,11 +8,14 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use edge_classifier::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE},
+    compile::Compiled,
     compile::compile,
+    instance::{DEFAULT_INSTANCE, Instance, State},
+    lifecycle,
     loader::{AttachMode, Classifier},
     metrics::{self, DEFAULT_METRICS_ADDR},
     report,
-    snapshot::{CatalogueInfo, Reloads, Snapshot, unix_now},
+    snapshot::{CatalogueInfo, Reloads, Snapshot},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -27,13 +30,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the classifier to NICs and run until SIGINT/SIGTERM, then detach.
+    /// Attach the classifier to NICs and serve metrics until SIGINT/SIGTERM.
     ///
     /// On each NIC: XDP on ingress, and a TC egress program that records the flows outbound
-    /// rules allow, so that only their replies pass. Sending SIGUSR1 prints the per-rule counter
-    /// table and the flow table's state.
+    /// rules allow, so that only their replies pass. Maps and links are pinned under
+    /// /sys/fs/bpf/edge-classifier/INSTANCE/: when this process ends (even killed) the NICs stay
+    /// protected, and the next `run` adopts them without a gap. `stop` (or --detach-on-exit)
+    /// detaches. SIGUSR1 prints the per-rule counter table and the flow table's state.
     Run {
-        /// Rule catalogue (TOML); the embedded default catalogue when omitted.
+        /// Rule catalogue (TOML). Without it: the catalogue a pinned instance is running, else
+        /// the embedded default.
         #[arg(long, value_name = "FILE")]
         catalogue: Option<PathBuf>,
         /// NIC to attach to and its role in the catalogue (`eth0=external`); role defaults to
@@ -46,6 +52,26 @@ enum Command {
         /// Where to serve Prometheus `/metrics` (and `/snapshot` for `stats`).
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
         metrics: String,
+        /// Name of this classifier instance (its pin directory and state file).
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+        /// Detach and remove the pins on SIGINT/SIGTERM instead of leaving the NICs protected.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Swap a new catalogue into a running instance atomically; an invalid one changes nothing.
+    ///
+    /// Without --catalogue, the file the instance runs from is read again.
+    Reload {
+        #[arg(long, value_name = "FILE")]
+        catalogue: Option<PathBuf>,
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+    },
+    /// Detach an instance from its NICs and remove its pins and state (stopping its daemon).
+    Stop {
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
     },
     /// Print the counters of a running classifier: per rule, per reason, the flow table.
     Stats {
@@ -92,11 +118,46 @@ fn main() -> anyhow::Result<()> {
             ifaces,
             mode,
             metrics,
+            instance,
+            detach_on_exit,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run(catalogue, ifaces, mode, metrics))
+            rt.block_on(run(RunArgs {
+                catalogue,
+                ifaces,
+                mode,
+                metrics_addr: metrics,
+                instance: Instance::new(&instance)?,
+                detach_on_exit,
+            }))
+        }
+        Command::Reload {
+            catalogue,
+            instance,
+        } => {
+            let r = lifecycle::reload(&Instance::new(&instance)?, catalogue.as_deref())?;
+            println!(
+                "reloaded instance {instance}: {} rules from {}, buffer {} active, in {:.1} ms",
+                r.rules,
+                r.source,
+                r.active,
+                r.elapsed.as_secs_f64() * 1000.0
+            );
+            Ok(())
+        }
+        Command::Stop { instance } => {
+            let names = lifecycle::stop(&Instance::new(&instance)?)?;
+            println!(
+                "stopped instance {instance}: detached from {}",
+                if names.is_empty() {
+                    "no interface".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+            Ok(())
         }
         Command::Stats {
             metrics,
@@ -128,14 +189,50 @@ fn stats(addr: &str, watch: bool, count: Option<u64>) -> anyhow::Result<()> {
 /// What the exporter reads: the classifier and what it knows of its catalogue and reloads.
 struct Daemon {
     classifier: Classifier,
+    instance: Instance,
     catalogue: CatalogueInfo,
     reloads: Reloads,
+    /// The state generation `classifier` reflects.
+    generation: u64,
     /// Evictions are derived from a walk that is not atomic: never report fewer than before.
     evicted_floor: u64,
 }
 
+fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
+    let loaded = state
+        .active()
+        .context("no active rule buffer in the state")?;
+    let (cat, compiled) = loaded
+        .compile()
+        .map_err(|e| anyhow::anyhow!("the running catalogue does not compile: {e}"))?;
+    Ok((
+        CatalogueInfo {
+            source: cat.source_name.clone(),
+            digest: cat.digest.clone(),
+            rules: cat.rules.len(),
+        },
+        compiled,
+    ))
+}
+
 impl Daemon {
+    /// Catches up with reloads other processes made (`edge-classifier reload`).
+    fn refresh(&mut self) -> anyhow::Result<()> {
+        let Some(state) = self.instance.read_state()? else {
+            return Ok(());
+        };
+        self.reloads = state.reloads;
+        if state.generation != self.generation {
+            let (info, compiled) = catalogue_info(&state)?;
+            self.classifier.set_compiled(compiled);
+            self.catalogue = info;
+            self.generation = state.generation;
+        }
+        Ok(())
+    }
+
     fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        self.refresh()?;
         let mut s = Snapshot::read(&self.classifier, self.catalogue.clone(), self.reloads)?;
         s.flows.evicted = s.flows.evicted.max(self.evicted_floor);
         self.evicted_floor = s.flows.evicted;
@@ -169,51 +266,60 @@ fn parse_iface(spec: &str) -> anyhow::Result<(String, String)> {
     Ok((name.to_string(), role.to_string()))
 }
 
-async fn run(
+struct RunArgs {
     catalogue: Option<PathBuf>,
     ifaces: Vec<String>,
     mode: Mode,
     metrics_addr: String,
-) -> anyhow::Result<()> {
-    let cat = match &catalogue {
-        Some(path) => Catalogue::load(path)?,
-        None => Catalogue::default_catalogue(),
-    };
-    let compiled = compile(&cat).with_context(|| format!("compiling {}", cat.source_name))?;
-    let specs = ifaces
+    instance: Instance,
+    detach_on_exit: bool,
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let specs = args
+        .ifaces
         .iter()
         .map(|s| parse_iface(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(path) = &args.catalogue {
+        // Fail on a bad catalogue before touching anything.
+        let cat = Catalogue::load(path)?;
+        compile(&cat).with_context(|| format!("compiling {}", cat.source_name))?;
+    }
     // Bind before attaching: a taken port is an error to fix before any NIC is touched.
-    let listener = tokio::net::TcpListener::bind(&metrics_addr)
+    let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
         .await
-        .with_context(|| format!("--metrics {metrics_addr}: cannot listen there"))?;
-    let mut classifier = Classifier::load(compiled)?;
-    let mode = match mode {
+        .with_context(|| format!("--metrics {}: cannot listen there", args.metrics_addr))?;
+    let mode = match args.mode {
         Mode::Auto => AttachMode::Auto,
         Mode::Native => AttachMode::Native,
         Mode::Generic => AttachMode::Generic,
     };
-    for (name, role) in &specs {
-        let m = classifier.attach(name, role, mode)?;
-        log::info!("attached to {name} as {role} ({m} mode)");
-    }
+    let started = lifecycle::start(&args.instance, args.catalogue.as_deref(), &specs, mode)?;
+    let (info, _) = catalogue_info(&started.state)?;
     log::info!(
-        "classifying with {} rules from {}; SIGUSR1 prints counters, SIGINT/SIGTERM detaches",
-        cat.rules.len(),
-        cat.source_name
+        "{} instance {} with {} rules from {}; SIGUSR1 prints counters; on SIGINT/SIGTERM {}",
+        if started.adopted {
+            "adopted"
+        } else {
+            "started"
+        },
+        args.instance.name,
+        info.rules,
+        info.source,
+        if args.detach_on_exit {
+            "detaches"
+        } else {
+            "the NICs stay protected (`edge-classifier stop` detaches)"
+        }
     );
+    let _claim = started.claim;
     let daemon = Arc::new(Mutex::new(Daemon {
-        classifier,
-        catalogue: CatalogueInfo {
-            source: cat.source_name.clone(),
-            digest: cat.digest.clone(),
-            rules: cat.rules.len(),
-        },
-        reloads: Reloads {
-            last: unix_now(),
-            ..Reloads::default()
-        },
+        classifier: started.classifier,
+        instance: args.instance.clone(),
+        catalogue: info,
+        reloads: started.state.reloads,
+        generation: started.state.generation,
         evicted_floor: 0,
     }));
     let for_exporter = daemon.clone();
@@ -237,14 +343,34 @@ async fn run(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = usr1.recv() => print_table(&daemon.lock().expect("lock").classifier),
+            _ = usr1.recv() => {
+                let mut d = daemon.lock().expect("lock");
+                if let Err(e) = d.refresh() {
+                    log::warn!("reading the instance state: {e:#}");
+                }
+                print_table(&d.classifier);
+            }
         }
     }
     server.abort();
     let mut d = daemon.lock().expect("lock");
+    let _ = d.refresh();
     print_table(&d.classifier);
-    d.classifier.detach_all();
-    log::info!("detached");
+    if args.detach_on_exit {
+        let _lock = args.instance.lock()?;
+        d.classifier.detach_all();
+        args.instance.remove()?;
+        log::info!(
+            "detached and removed the pins of instance {}",
+            args.instance.name
+        );
+    } else {
+        log::info!(
+            "exiting; instance {} stays attached (`edge-classifier stop --instance {}` detaches)",
+            args.instance.name,
+            args.instance.name
+        );
+    }
     Ok(())
 }
 

@@ -94,6 +94,28 @@ fn sock(family: u8, addr: &[u8; 16], port: u16) -> std::net::SocketAddr {
 
 pub struct Maps(StdHashMap<&'static str, Map>);
 
+/// What a rule buffer holds before it is written.
+#[derive(Clone, Copy)]
+pub enum Holds<'a> {
+    /// Nothing: freshly created maps.
+    Empty,
+    /// Unknown (an interrupted reload): cleared before writing.
+    Unknown,
+    Compiled(&'a Compiled),
+}
+
+impl<'a> Holds<'a> {
+    pub fn from(c: Option<&'a Compiled>) -> Holds<'a> {
+        c.map_or(Holds::Unknown, Holds::Compiled)
+    }
+    fn compiled(self) -> Option<&'a Compiled> {
+        match self {
+            Holds::Compiled(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
 impl Maps {
     /// Takes every map out of a loaded object (the programs keep their references).
     pub fn take(ebpf: &mut Ebpf) -> Maps {
@@ -281,18 +303,19 @@ impl Maps {
         Ok(removed)
     }
 
-    /// Writes `new` into `buffer`, touching only what differs from `old` (what the buffer
-    /// holds). With `old` unknown, the buffer is cleared first.
+    /// Writes `new` into `buffer`, touching only what differs from what the buffer holds.
+    /// A buffer of unknown contents is cleared first.
     pub fn write_buffer(
         &mut self,
         buffer: u32,
         new: &Compiled,
-        old: Option<&Compiled>,
+        holds: Holds,
     ) -> Result<(), MapsError> {
         debug_assert!(buffer < BUFFERS);
-        if old.is_none() {
+        if let Holds::Unknown = holds {
             self.clear_buffer(buffer)?;
         }
+        let old = holds.compiled();
         {
             let mut policy: Array<_, edge_classifier_common::Policy> =
                 Array::try_from(self.get_mut("POLICY")).map_err(err("POLICY"))?;
@@ -420,7 +443,7 @@ impl Maps {
     pub fn swap_in(
         &mut self,
         new: &Compiled,
-        inactive_old: Option<&Compiled>,
+        inactive_old: Holds,
         active_old: Option<&Compiled>,
     ) -> Result<u32, MapsError> {
         let active = self.active()?;

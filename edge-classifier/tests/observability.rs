@@ -195,6 +195,8 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
             "int0=internal",
         ])
         .args(["--metrics", METRICS])
+        .args(["--instance", &format!("obs{}", std::process::id())])
+        .arg("--detach-on-exit")
         .stdout(Stdio::piped())
         .spawn()
         .expect("start edge-classifier");

@@ -232,6 +232,8 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
         .arg("run")
         .args(["--iface", &format!("{EDGE_EXT}=external")])
         .args(["--iface", &format!("{EDGE_INT}=internal")])
+        // The lab's NICs vanish with the lab: nothing should stay pinned for them.
+        .args(["--instance", "lab", "--detach-on-exit"])
         .args(extra)
         .stdout(Stdio::piped())
         .spawn()

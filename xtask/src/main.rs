@@ -1,4 +1,4 @@
-//! `cargo xtask setup | run | test`.
+//! `cargo xtask setup | run | reload | test`.
 
 mod lab_run;
 mod setup;
@@ -30,6 +30,16 @@ enum Task {
         /// Lab only: stop by itself after this many seconds instead of waiting for Ctrl-C.
         #[arg(long, value_name = "SECS")]
         duration: Option<u64>,
+    },
+    /// Validate a catalogue and swap it into the running classifier atomically
+    /// (`edge-classifier reload`); an invalid one changes nothing and exits non-zero.
+    Reload {
+        /// The new catalogue; without it, the running instance's file is read again.
+        #[arg(long, value_name = "FILE")]
+        catalogue: Option<std::path::PathBuf>,
+        /// The classifier instance (`edge-classifier run --instance`).
+        #[arg(long, value_name = "NAME", default_value = "default")]
+        instance: String,
     },
     /// Run every test (unit, BPF_PROG_TEST_RUN fixtures, namespace end-to-end), one at a time.
     Test {
@@ -88,6 +98,19 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(status.code().unwrap_or(1));
             }
             lab_run::run(&bin, &args, duration)
+        }
+        Task::Reload {
+            catalogue,
+            instance,
+        } => {
+            let bin = build_binary()?;
+            let mut cmd = Command::new(&bin);
+            cmd.args(["reload", "--instance", &instance]);
+            if let Some(c) = catalogue {
+                cmd.arg("--catalogue").arg(c);
+            }
+            let status = cmd.status()?;
+            std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => {
             setup::setup()?;

@@ -1,0 +1,335 @@
+//! Start (or adopt), reload and stop a pinned classifier instance. Every step that changes the
+//! maps holds the instance lock and leaves the state file describing exactly what they hold.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    catalogue::{Catalogue, DEFAULT_CATALOGUE, DEFAULT_NAME},
+    compile::{Compiled, compile_with},
+    instance::{BoundIface, Instance, LAYOUT, Loaded, Lock, State},
+    loader::{AttachMode, Attached, Classifier, check_privileges},
+    maps::{Holds, Maps},
+    snapshot::{Reloads, unix_now},
+};
+
+/// A catalogue and the text it was parsed from (the state keeps the text).
+pub struct Source {
+    pub catalogue: Catalogue,
+    pub text: String,
+}
+
+impl Source {
+    pub fn read(path: &Path) -> anyhow::Result<Source> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading catalogue {}", path.display()))?;
+        let catalogue = Catalogue::parse(&path.display().to_string(), &text)?;
+        Ok(Source { catalogue, text })
+    }
+
+    pub fn default_catalogue() -> Source {
+        Source {
+            catalogue: Catalogue::default_catalogue(),
+            text: DEFAULT_CATALOGUE.to_string(),
+        }
+    }
+
+    fn from_loaded(l: &Loaded) -> anyhow::Result<Source> {
+        Ok(Source {
+            catalogue: l.catalogue()?,
+            text: l.text.clone(),
+        })
+    }
+}
+
+/// A running, pinned classifier as `run` holds it.
+pub struct Started {
+    pub classifier: Classifier,
+    pub state: State,
+    /// Held for the life of the process: one daemon per instance.
+    pub claim: Lock,
+    pub adopted: bool,
+}
+
+/// Starts instance `instance` on `ifaces`, or adopts it if an earlier run left it pinned: the
+/// new programs replace the old ones in their links, maps (rules, counters, flows) are kept,
+/// and `catalogue` (or, without one, the catalogue it was running) is swapped in.
+pub fn start(
+    instance: &Instance,
+    catalogue: Option<&Path>,
+    ifaces: &[(String, String)],
+    mode: AttachMode,
+) -> anyhow::Result<Started> {
+    check_privileges()?;
+    instance.prepare()?;
+    let claim = instance.claim()?;
+    let _lock = instance.lock()?;
+    let mut prior = instance.read_state()?;
+    let pins_present = instance.map_pin("ACTIVE").exists();
+    if prior.is_some() && !pins_present {
+        log::warn!(
+            "instance {}: state without pinned maps (bpffs remounted?); starting afresh",
+            instance.name
+        );
+        prior = None;
+    }
+    if prior.is_none() && pins_present {
+        // Pins no state describes cannot be trusted: start from empty maps.
+        std::fs::remove_dir_all(instance.pin_dir()).ok();
+        instance.prepare()?;
+    }
+    let source = match (catalogue, prior.as_ref().and_then(State::active)) {
+        (Some(path), _) => Source::read(path)?,
+        (None, Some(active)) => Source::from_loaded(active)?,
+        (None, None) => Source::default_catalogue(),
+    };
+    let prev_assign = prior
+        .as_ref()
+        .and_then(State::active)
+        .map(|l| l.assignments.clone())
+        .unwrap_or_default();
+    let compiled = compile_with(&source.catalogue, &prev_assign)
+        .with_context(|| format!("compiling {}", source.catalogue.source_name))?;
+    let mut classifier = Classifier::load_pinned(compiled.clone(), instance)?;
+    let capacity = classifier.maps().flow_capacity()?;
+    if capacity != compiled.flow_capacity {
+        log::warn!(
+            "the pinned flow table holds {capacity} flows; [flows] capacity = {} takes effect after `edge-classifier stop`",
+            compiled.flow_capacity
+        );
+    }
+    let adopted = prior.is_some();
+    let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
+    let mut state = match prior {
+        Some(mut st) => {
+            let running = st.active().cloned();
+            if running.as_ref() != Some(&loaded) {
+                let active_old = running.as_ref().and_then(|l| l.compile().ok()).map(|x| x.1);
+                let target = 1 - classifier.maps().active()?;
+                let inactive_old = st.holds(target);
+                let holds = if st.empty[target as usize] {
+                    Holds::Empty
+                } else {
+                    Holds::from(inactive_old.as_ref())
+                };
+                st.buffers[target as usize] = None;
+                st.empty[target as usize] = false;
+                instance.write_state(&st)?;
+                let now = classifier
+                    .maps_mut()
+                    .swap_in(&compiled, holds, active_old.as_ref())?;
+                st.active = now;
+                st.buffers[now as usize] = Some(loaded);
+                st.reloads.last = unix_now();
+            }
+            st
+        }
+        None => {
+            classifier
+                .maps_mut()
+                .write_buffer(0, &compiled, Holds::Empty)?;
+            classifier.maps_mut().set_active(0)?;
+            State {
+                layout: LAYOUT,
+                generation: 0,
+                active: 0,
+                buffers: [Some(loaded), None],
+                empty: [false, true],
+                bindings: Vec::new(),
+                reloads: Reloads {
+                    last: unix_now(),
+                    ..Reloads::default()
+                },
+                flow_capacity: capacity,
+            }
+        }
+    };
+    for (name, role) in ifaces {
+        let before = state.bindings.iter().find(|b| &b.name == name);
+        match classifier.attach_keeping(name, role, mode, before)? {
+            Attached::Fresh(m) => log::info!("attached to {name} as {role} ({m} mode)"),
+            Attached::Replaced => log::info!(
+                "{name}: adopted the pinned attachment; the new program replaced the old one in place"
+            ),
+        }
+    }
+    for gone in state
+        .bindings
+        .iter()
+        .filter(|b| !ifaces.iter().any(|(n, _)| n == &b.name))
+    {
+        log::info!(
+            "{}: attached by an earlier run but not named now; detaching",
+            gone.name
+        );
+        classifier.forget_pinned(&gone.name);
+    }
+    state.bindings = bound(&classifier);
+    state.generation += 1;
+    instance.write_state(&state)?;
+    Ok(Started {
+        classifier,
+        state,
+        claim,
+        adopted,
+    })
+}
+
+fn bound(c: &Classifier) -> Vec<BoundIface> {
+    c.bindings()
+        .iter()
+        .map(|b| BoundIface {
+            name: b.name.clone(),
+            ifindex: b.ifindex,
+            role: b.role.clone(),
+            block: b.block,
+            mode: b.mode.map(|m| m.to_string()),
+        })
+        .collect()
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub source: String,
+    pub rules: usize,
+    pub active: u32,
+    pub elapsed: Duration,
+}
+
+/// Validates and compiles `catalogue` (without one: the file the instance runs from, read
+/// again), writes it into the inactive buffer of the pinned maps and flips to it. Any error
+/// leaves the running rules untouched; failures and successes are counted in the state.
+pub fn reload(instance: &Instance, catalogue: Option<&Path>) -> anyhow::Result<Reloaded> {
+    check_privileges()?;
+    let _lock = instance.lock()?;
+    let mut state = instance.require_state()?;
+    let started = Instant::now();
+    let result = swap(instance, &mut state, catalogue);
+    match &result {
+        Ok(_) => {
+            state.reloads.succeeded += 1;
+            state.reloads.last = unix_now();
+        }
+        Err(_) => state.reloads.failed += 1,
+    }
+    state.generation += 1;
+    instance.write_state(&state)?;
+    let (source, rules, active) = result?;
+    Ok(Reloaded {
+        source,
+        rules,
+        active,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn swap(
+    instance: &Instance,
+    state: &mut State,
+    catalogue: Option<&Path>,
+) -> anyhow::Result<(String, usize, u32)> {
+    let running = state
+        .active()
+        .cloned()
+        .context("the instance's active rule buffer is unknown; restart it with `run`")?;
+    let source = match catalogue {
+        Some(path) => Source::read(path)?,
+        None if running.source == DEFAULT_NAME => Source::default_catalogue(),
+        None => Source::read(&PathBuf::from(&running.source))?,
+    };
+    let (_, active_old) = running
+        .compile()
+        .map_err(|e| anyhow::anyhow!("the running catalogue no longer compiles: {e}"))?;
+    let compiled: Compiled = compile_with(&source.catalogue, &active_old.assignments)
+        .with_context(|| {
+            format!(
+                "{}: does not fit the data plane",
+                source.catalogue.source_name
+            )
+        })?;
+    for b in &state.bindings {
+        if compiled.role_mask(&b.role).is_none() {
+            bail!(
+                "{}: interface {} is bound to role `{}`, which this catalogue does not declare under [interfaces]",
+                source.catalogue.source_name,
+                b.name,
+                b.role
+            );
+        }
+    }
+    if compiled.flow_capacity != state.flow_capacity {
+        log::warn!(
+            "[flows] capacity {} differs from the running table's {}: it takes effect after `edge-classifier stop` and `run`",
+            compiled.flow_capacity,
+            state.flow_capacity
+        );
+    }
+    let mut maps = Maps::open_pinned(instance)?;
+    let active = maps.active()?;
+    let target = 1 - active;
+    let inactive_old = state.holds(target);
+    let holds = if state.empty[target as usize] {
+        Holds::Empty
+    } else {
+        Holds::from(inactive_old.as_ref())
+    };
+    // Until the swap completes, nobody may trust what the target buffer holds.
+    state.buffers[target as usize] = None;
+    state.empty[target as usize] = false;
+    instance.write_state(state)?;
+    let now = maps.swap_in(&compiled, holds, Some(&active_old))?;
+    state.active = now;
+    state.buffers[now as usize] = Some(Loaded::new(&source.catalogue, &source.text, &compiled));
+    Ok((
+        source.catalogue.source_name.clone(),
+        compiled.rules.len(),
+        now,
+    ))
+}
+
+/// Stops instance `instance`: asks its daemon (if any) to exit, removes the link pins (which
+/// detaches the programs), the map pins and the state.
+pub fn stop(instance: &Instance) -> anyhow::Result<Vec<String>> {
+    check_privileges()?;
+    let claim = match instance.claim() {
+        Ok(c) => c,
+        Err(crate::instance::InstanceError::Busy { pid, .. }) => {
+            let pid: i32 = pid.parse().with_context(|| {
+                format!("instance {} is busy but names no process", instance.name)
+            })?;
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match instance.claim() {
+                    Ok(c) => break c,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let _lock = instance.lock()?;
+    let state = instance.read_state().ok().flatten();
+    if state.is_none() && !instance.pin_dir().exists() {
+        drop(claim);
+        instance.remove()?;
+        bail!(
+            "no classifier instance `{}` is running: nothing to stop",
+            instance.name
+        );
+    }
+    let names = state
+        .map(|s| s.bindings.into_iter().map(|b| b.name).collect())
+        .unwrap_or_default();
+    drop(claim);
+    instance.remove()?;
+    Ok(names)
+}

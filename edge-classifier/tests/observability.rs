@@ -8,60 +8,20 @@ use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::*;
 use edge_classifier_lab::*;
 use serde_json::Value;
 
-const METRICS: &str = "127.0.0.1:9477";
 const PROMETHEUS: &str = "127.0.0.1:9090";
 
 fn dashboards() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards")
-}
-
-/// A child process killed (SIGTERM, then waited for) when the test ends, also on panic.
-struct Process(Child, &'static str);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            eprintln!("{} did not stop on SIGTERM; killing it", self.1);
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn in_edge(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net={}", Lab::netns_path(ns))).arg(program);
-    c
-}
-
-/// GET `http://{addr}{path}` from inside `ns`; the body.
-fn http_get(ns: &str, addr: &'static str, path: String) -> String {
-    let shown = path.clone();
-    in_netns(ns, move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(10)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let url = format!("http://{addr}{path}");
-        Ok(agent.get(&url).call()?.body_mut().read_to_string()?)
-    })
-    .unwrap_or_else(|e| panic!("GET {addr}{shown}: {e:#}"))
 }
 
 fn urlencode(s: &str) -> String {
@@ -186,7 +146,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     let lab = Lab::create("obs").expect("lab");
     // The daemon as an operator starts it, inside the edge namespace (nsenter keeps the host's
     // /sys/fs/bpf visible, unlike `ip netns exec`).
-    let mut daemon = in_edge(&lab.edge, env!("CARGO_BIN_EXE_edge-classifier"))
+    let mut daemon = in_ns(&lab.edge, env!("CARGO_BIN_EXE_edge-classifier"))
         .args([
             "run",
             "--iface",
@@ -230,7 +190,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     let storage_arg = format!("--storage.tsdb.path={}", dir.join("data").display());
     let listen_arg = format!("--web.listen-address={PROMETHEUS}");
     let prometheus = Process(
-        in_edge(&lab.edge, "prometheus")
+        in_ns(&lab.edge, "prometheus")
             .args([&config_arg, &storage_arg, &listen_arg])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -497,7 +457,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
 
     // `edge-classifier stats` prints the same numbers; `--watch` adds per-second rates.
     let stats = |args: &[&str]| -> String {
-        let out = in_edge(&lab.edge, env!("CARGO_BIN_EXE_edge-classifier"))
+        let out = in_ns(&lab.edge, env!("CARGO_BIN_EXE_edge-classifier"))
             .args(["stats", "--metrics", METRICS])
             .args(args)
             .output()

@@ -506,3 +506,75 @@ impl Tap {
         (out, sent)
     }
 }
+
+/// The MAC address of `iface` in `ns`.
+pub fn mac(ns: &str, iface: &str) -> anyhow::Result<[u8; 6]> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "dev", iface])
+        .output()
+        .context("running `ip`")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text
+        .find("link/ether ")
+        .with_context(|| format!("no MAC for {iface} in {ns}: {text}"))?
+        + "link/ether ".len();
+    let mut mac = [0u8; 6];
+    for (i, part) in text[at..at + 17].split(':').enumerate() {
+        mac[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(mac)
+}
+
+/// An AF_PACKET socket that sends whole Ethernet frames out of an interface in a namespace:
+/// frames reach the peer veth as if from a NIC, so the peer's XDP program sees them first.
+pub struct RawSender {
+    sock: std::os::fd::OwnedFd,
+}
+
+impl RawSender {
+    pub fn open(ns: &str, iface: &str) -> anyhow::Result<RawSender> {
+        let iface = iface.to_string();
+        in_netns(ns, move || {
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let name = std::ffi::CString::new(iface.clone())?;
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ifindex == 0 {
+                bail!("no interface {iface}");
+            }
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = ifindex as i32;
+            let rc = unsafe {
+                libc::bind(
+                    fd,
+                    &sll as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if rc != 0 {
+                bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
+            }
+            Ok(RawSender { sock })
+        })
+    }
+
+    /// Sends one frame; blocks while the device queue is full, so nothing is lost here.
+    pub fn send(&self, frame: &[u8]) -> anyhow::Result<()> {
+        let n = unsafe {
+            libc::send(
+                self.sock.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+            )
+        };
+        if n != frame.len() as isize {
+            bail!("AF_PACKET send: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}

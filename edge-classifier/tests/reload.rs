@@ -1,0 +1,450 @@
+//! Reloads and restarts of a pinned classifier, with the real binary on a namespace lab: no
+//! shared allowed frame lost and no forbidden frame passed while 100 reloads flip between two
+//! catalogues; an invalid catalogue changes nothing; after `kill -9` the NICs stay protected and
+//! the next daemon adopts the pins, counters continuing.
+
+mod common;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::*;
+use edge_classifier::catalogue::DEFAULT_CATALOGUE;
+use edge_classifier_lab::*;
+use etherparse::PacketBuilder;
+
+/// Catalogue B: the default without P3 (443), with a rule for 8443 instead, and a wider partner
+/// set. P1 (5061 from partners) and P6 (udp 3478) are in both.
+fn catalogue_b() -> String {
+    let p3 = DEFAULT_CATALOGUE
+        .find("id = \"client-sip-tls-in\"")
+        .expect("P3 in the default");
+    let start = DEFAULT_CATALOGUE[..p3].rfind("[[rule]]").unwrap();
+    let end = start + DEFAULT_CATALOGUE[start + 1..].find("[[rule]]").unwrap() + 1;
+    let mut text = format!(
+        "{}{}",
+        &DEFAULT_CATALOGUE[..start],
+        &DEFAULT_CATALOGUE[end..]
+    );
+    text = text.replace(
+        "public_im_partners = [\"203.0.113.0/24\", \"2001:db8:203::/48\"]",
+        "public_im_partners = [\"203.0.113.0/24\", \"2001:db8:203::/48\", \"192.0.2.128/25\"]",
+    );
+    text.push_str(
+        "\n[[rule]]\nid = \"alt-https-in\"\nprotocol = \"SIP/TLS\"\ntransport = \"tcp\"\ndirection = \"inbound\"\nlocal = \"access_edge\"\nremote = \"any\"\nport = 8443\ninterface = \"external\"\nnote = \"Read as: test rule only in catalogue B.\"\n",
+    );
+    text
+}
+
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new(tag: &str) -> Files {
+        let dir = std::env::temp_dir().join(format!("ec-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Files { dir }
+    }
+    fn write(&self, name: &str, text: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stops the instance when the test ends, however it ends.
+struct Stop(String);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = cli(&["stop", "--instance", &self.0]);
+    }
+}
+
+fn scrape(ns: &str) -> String {
+    http_get(ns, METRICS, "/metrics".into())
+}
+
+fn rule(text: &str, id: &str) -> f64 {
+    metric(
+        text,
+        "edge_classifier_rule_packets_total",
+        &[("rule", id), ("interface", EDGE_EXT)],
+    )
+    .unwrap_or(0.0)
+}
+
+fn dropped(text: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        "edge_classifier_dropped_packets_total",
+        &[("reason", reason), ("interface", EDGE_EXT)],
+    )
+    .unwrap_or_else(|| panic!("no dropped{{{reason}}} in\n{text}"))
+}
+
+fn frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    udp: bool,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+        panic!("v4 only")
+    };
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(s.octets(), d.octets(), 64);
+    let mut out = Vec::new();
+    if udp {
+        b.udp(sport, dport).write(&mut out, b"probe").unwrap();
+    } else {
+        b.tcp(sport, dport, 1, 64240)
+            .syn()
+            .write(&mut out, &[])
+            .unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_hundred_reloads_under_traffic_lose_no_shared_frame_and_pass_no_forbidden_one() {
+    let lab = Lab::create("rld").expect("lab");
+    let files = Files::new("rld");
+    let a = files.write("a.toml", DEFAULT_CATALOGUE);
+    let b = files.write("b.toml", &catalogue_b());
+    let instance = format!("rld{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let _daemon = start_daemon(
+        &lab.edge,
+        &[
+            "--catalogue",
+            &a,
+            "--iface",
+            "ext0=external",
+            "--iface",
+            "int0=internal",
+            "--instance",
+            &instance,
+            "--metrics",
+            METRICS,
+        ],
+    );
+    let before = scrape(&lab.edge);
+
+    let (wan_mac, ext_mac) = (
+        mac(&lab.remote, "wan0").unwrap(),
+        mac(&lab.edge, EDGE_EXT).unwrap(),
+    );
+    let f = |src: IpAddr, udp, sport, dport| {
+        frame(wan_mac, ext_mac, src, EDGE_EXT_V4, udp, sport, dport)
+    };
+    // (kind, frame): 0 = allowed by both, 1 = forbidden by both, 2 = allowed by one of them.
+    let kinds: Vec<(usize, Vec<u8>)> = vec![
+        (0, f(PARTNER_V4, false, 41000, 5061)),
+        (0, f(CLIENT_V4, true, 41001, 3478)),
+        (1, f(CLIENT_V4, false, 41002, 22)),
+        (1, f(CLIENT_V4, true, 41003, 5061)),
+        (1, f(CLIENT_V4, false, 41004, 5061)),
+        (2, f(CLIENT_V4, false, 41005, 443)),
+        (2, f(CLIENT_V4, false, 41006, 8443)),
+    ];
+    let sent: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+    let p1_sent = Arc::new(AtomicU64::new(0));
+    let p6_sent = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let tx = RawSender::open(&lab.remote, "wan0").expect("raw sender");
+    let sender = {
+        let (sent, p1_sent, p6_sent, done) =
+            (sent.clone(), p1_sent.clone(), p6_sent.clone(), done.clone());
+        std::thread::spawn(move || {
+            // Bounded: at most 400,000 frames or 90 s, whichever comes first.
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut total = 0u64;
+            while !done.load(Ordering::Relaxed) && total < 400_000 && Instant::now() < deadline {
+                for (i, (kind, frame)) in kinds.iter().enumerate() {
+                    tx.send(frame).expect("send");
+                    sent[*kind].fetch_add(1, Ordering::Relaxed);
+                    match i {
+                        0 => p1_sent.fetch_add(1, Ordering::Relaxed),
+                        1 => p6_sent.fetch_add(1, Ordering::Relaxed),
+                        _ => 0,
+                    };
+                    total += 1;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+
+    // 100 reloads, alternating, while the frames flow; the shared counters never go back.
+    let mut last_p1 = rule(&before, "public-im-sip-in");
+    let started = Instant::now();
+    for i in 0..100 {
+        let file = if i % 2 == 0 { &b } else { &a };
+        let (ok, out, err) = cli(&["reload", "--instance", &instance, "--catalogue", file]);
+        assert!(ok, "reload {i} to {file}: {out}{err}");
+        if i % 10 == 0 {
+            let p1 = rule(&scrape(&lab.edge), "public-im-sip-in");
+            assert!(
+                p1 >= last_p1,
+                "P1 went back from {last_p1} to {p1} at reload {i}"
+            );
+            last_p1 = p1;
+        }
+    }
+    let reload_time = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    sender.join().expect("sender");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = scrape(&lab.edge);
+
+    let [allowed, forbidden, changing] = [0, 1, 2].map(|k| sent[k].load(Ordering::Relaxed));
+    let (p1, p6) = (
+        p1_sent.load(Ordering::Relaxed),
+        p6_sent.load(Ordering::Relaxed),
+    );
+    assert!(
+        allowed >= 1000,
+        "only {allowed} shared frames sent in {reload_time:?}"
+    );
+    let d = |f: &dyn Fn(&str) -> f64| f(&after) - f(&before);
+    // Every shared frame passed, each counted once under its rule, across every flip.
+    assert_eq!(
+        d(&|t| rule(t, "public-im-sip-in")) as u64,
+        p1,
+        "P1 frames passed of {p1} sent"
+    );
+    assert_eq!(
+        d(&|t| rule(t, "messenger-stun-in")) as u64,
+        p6,
+        "P6 frames passed of {p6} sent"
+    );
+    // Every frame is accounted for: forbidden ones always dropped; the changing ones passed
+    // under whichever rule held at that moment or dropped.
+    let passed_changing = d(&|t| rule(t, "client-sip-tls-in")) + d(&|t| rule(t, "alt-https-in"));
+    let no_rule = d(&|t| dropped(t, "no_rule"));
+    assert_eq!(
+        (passed_changing + no_rule) as u64,
+        forbidden + changing,
+        "changing passed {passed_changing} + no_rule {no_rule} vs forbidden {forbidden} + changing {changing}"
+    );
+    assert!(
+        no_rule as u64 >= forbidden,
+        "no_rule {no_rule} < forbidden frames {forbidden}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "edge_classifier_reloads_total",
+            &[("result", "success")]
+        ),
+        Some(100.0)
+    );
+    // The last reload (to A) is what runs: 8443 is gone again from /metrics, 443 is back.
+    assert!(after.contains("rule=\"client-sip-tls-in\""));
+    assert!(
+        !after.contains("rule=\"alt-https-in\""),
+        "removed rule still exported"
+    );
+    eprintln!(
+        "100 reloads in {reload_time:?} under {} frames: shared {allowed}, forbidden {forbidden}, changing {changing}",
+        allowed + forbidden + changing
+    );
+    drop(_daemon);
+    drop(lab);
+}
+
+#[test]
+fn an_invalid_or_oversized_catalogue_changes_nothing() {
+    let lab = Lab::create("bad").expect("lab");
+    let files = Files::new("bad");
+    let a = files.write("a.toml", DEFAULT_CATALOGUE);
+    let instance = format!("bad{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let _daemon = start_daemon(
+        &lab.edge,
+        &[
+            "--catalogue",
+            &a,
+            "--iface",
+            "ext0=external",
+            "--instance",
+            &instance,
+            "--metrics",
+            METRICS,
+        ],
+    );
+    let listeners = Listeners::start(&lab.edge, &[443, 8443], &[]).expect("listeners");
+    // B with a port out of range on a known line.
+    let mut bad = catalogue_b();
+    let line = bad.lines().count() - 2;
+    bad = bad.replace("port = 8443", "port = 84430");
+    let bad = files.write("bad.toml", &bad);
+    let (ok, _, err) = cli(&["reload", "--instance", &instance, "--catalogue", &bad]);
+    assert!(!ok, "an invalid catalogue must be rejected");
+    assert!(
+        err.contains(&format!("{bad}:{line}:8: port 84430 is out of range")),
+        "error names file:line:column: {err}"
+    );
+    // Nine rules on one port do not fit the candidate list: rejected with the location too.
+    let mut crowded = DEFAULT_CATALOGUE.to_string();
+    for i in 0..9 {
+        crowded.push_str(&format!(
+            "\n[[rule]]\nid = \"crowd-{i}\"\nprotocol = \"SIP/TLS\"\ntransport = \"tcp\"\ndirection = \"inbound\"\nlocal = \"access_edge\"\nremote = \"any\"\nport = 9000\ninterface = \"external\"\n"
+        ));
+    }
+    let crowded = files.write("crowded.toml", &crowded);
+    let (ok, _, err) = cli(&["reload", "--instance", &instance, "--catalogue", &crowded]);
+    assert!(!ok, "a catalogue that does not fit must be rejected");
+    assert!(
+        err.contains(&format!("{crowded}:"))
+            && err.contains("more than 8 rules cover tcp port 9000"),
+        "{err}"
+    );
+    // The old rules are in force: 443 connects, 8443 (only in the rejected B) does not.
+    let ok443 = tcp_exchange(
+        &lab.remote,
+        SocketAddr::new(CLIENT_V4, 0),
+        SocketAddr::new(EDGE_EXT_V4, 443),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert!(ok443.answered, "443 still allowed: {ok443:?}");
+    let ok8443 = tcp_exchange(
+        &lab.remote,
+        SocketAddr::new(CLIENT_V4, 0),
+        SocketAddr::new(EDGE_EXT_V4, 8443),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    assert!(!ok8443.connected, "8443 must stay dropped");
+    assert!(listeners.tcp(8443).connections.is_empty());
+    let text = scrape(&lab.edge);
+    assert_eq!(
+        metric(
+            &text,
+            "edge_classifier_reloads_total",
+            &[("result", "failure")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "edge_classifier_reloads_total",
+            &[("result", "success")]
+        ),
+        Some(0.0)
+    );
+    drop(listeners);
+    drop(_daemon);
+    drop(lab);
+}
+
+#[test]
+fn after_kill_9_the_nic_stays_protected_and_a_new_daemon_adopts_it() {
+    let lab = Lab::create("k9").expect("lab");
+    let instance = format!("k9{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let args = [
+        "--iface",
+        "ext0=external",
+        "--iface",
+        "int0=internal",
+        "--instance",
+        &instance,
+        "--metrics",
+        METRICS,
+    ];
+    let listeners = Listeners::start(&lab.edge, &[443, 22], &[]).expect("listeners");
+    let connect = |port: u16, t: u64| {
+        tcp_exchange(
+            &lab.remote,
+            SocketAddr::new(CLIENT_V4, 0),
+            SocketAddr::new(EDGE_EXT_V4, port),
+            Duration::from_millis(t),
+        )
+        .unwrap()
+    };
+    let daemon = start_daemon(&lab.edge, &args);
+    assert!(connect(443, 3000).answered);
+    let p3_before = rule(&scrape(&lab.edge), "client-sip-tls-in");
+    assert!(p3_before >= 3.0, "P3 counted {p3_before}");
+    let xdp_before = xdp_prog(&lab.edge);
+
+    unsafe { libc::kill(daemon.pid(), libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    drop(daemon);
+    // Nobody serves the instance now; the kernel still does the work.
+    assert_eq!(
+        xdp_prog(&lab.edge),
+        xdp_before,
+        "XDP still attached after kill -9"
+    );
+    for _ in 0..3 {
+        assert!(
+            connect(443, 3000).answered,
+            "443 still allowed with no daemon"
+        );
+        assert!(
+            !connect(22, 300).connected,
+            "22 still dropped with no daemon"
+        );
+    }
+    assert!(listeners.tcp(22).connections.is_empty());
+
+    let daemon = start_daemon(&lab.edge, &args);
+    let text = scrape(&lab.edge);
+    let p3_after = rule(&text, "client-sip-tls-in");
+    // The frames of the three connections made while no daemon ran were counted too.
+    assert!(
+        p3_after >= p3_before + 9.0,
+        "P3 counter continued: {p3_before} before kill, {p3_after} after adoption"
+    );
+    let xdp_after = xdp_prog(&lab.edge);
+    assert!(
+        xdp_after.is_some() && xdp_after != xdp_before,
+        "the new program replaced the old in place: {xdp_before:?} -> {xdp_after:?}"
+    );
+    assert!(connect(443, 3000).answered);
+    assert!(!connect(22, 300).connected);
+
+    // `stop` detaches: 22 reaches its listener again.
+    let (ok, out, err) = cli(&["stop", "--instance", &instance]);
+    assert!(ok, "stop: {out}{err}");
+    assert!(out.contains("detached from ext0, int0"), "{out}");
+    assert_eq!(xdp_prog(&lab.edge), None, "XDP detached by stop");
+    assert!(connect(22, 3000).connected, "22 reachable once stopped");
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/edge-classifier/{instance}")).exists());
+    drop(daemon);
+    drop(listeners);
+    drop(lab);
+}
+
+/// The id of the XDP program on ext0, as `ip link` shows it.
+fn xdp_prog(ns: &str) -> Option<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", "dev", EDGE_EXT])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("prog/xdp id ")? + "prog/xdp id ".len();
+    text[at..].split_whitespace().next()?.parse().ok()
+}

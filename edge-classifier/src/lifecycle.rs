@@ -65,6 +65,33 @@ pub fn start(
     mode: AttachMode,
 ) -> anyhow::Result<Started> {
     check_privileges()?;
+    // What can be checked without touching the kernel is checked first: a typo in a NIC name
+    // must not leave pins behind.
+    for (name, _) in ifaces {
+        crate::loader::ifindex(name)?;
+    }
+    let declared = match (
+        catalogue,
+        instance.read_state()?.as_ref().and_then(State::active),
+    ) {
+        (Some(path), _) => Source::read(path)?.catalogue,
+        (None, Some(active)) => active.catalogue()?,
+        (None, None) => Catalogue::default_catalogue(),
+    };
+    for (_, role) in ifaces {
+        if !declared.interfaces.contains_key(role) {
+            return Err(crate::loader::LoadError::UnknownRole {
+                role: role.clone(),
+                known: declared
+                    .interfaces
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
+        }
+    }
     instance.prepare()?;
     let claim = instance.claim()?;
     let _lock = instance.lock()?;
@@ -94,6 +121,38 @@ pub fn start(
         .unwrap_or_default();
     let compiled = compile_with(&source.catalogue, &prev_assign)
         .with_context(|| format!("compiling {}", source.catalogue.source_name))?;
+    for (_, role) in ifaces {
+        if compiled.role_mask(role).is_none() {
+            return Err(crate::loader::LoadError::UnknownRole {
+                role: role.clone(),
+                known: compiled.roles.join(", "),
+            }
+            .into());
+        }
+    }
+    let fresh = prior.is_none();
+    let result = bring_up(instance, prior, source, compiled, ifaces, mode);
+    if result.is_err() && fresh {
+        // Nothing of a failed fresh start may stay pinned or attached.
+        let _ = instance.remove();
+    }
+    let (classifier, state) = result?;
+    Ok(Started {
+        classifier,
+        state,
+        claim,
+        adopted: !fresh,
+    })
+}
+
+fn bring_up(
+    instance: &Instance,
+    prior: Option<State>,
+    source: Source,
+    compiled: Compiled,
+    ifaces: &[(String, String)],
+    mode: AttachMode,
+) -> anyhow::Result<(Classifier, State)> {
     let mut classifier = Classifier::load_pinned(compiled.clone(), instance)?;
     let capacity = classifier.maps().flow_capacity()?;
     if capacity != compiled.flow_capacity {
@@ -102,7 +161,6 @@ pub fn start(
             compiled.flow_capacity
         );
     }
-    let adopted = prior.is_some();
     let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
     let mut state = match prior {
         Some(mut st) => {
@@ -171,12 +229,7 @@ pub fn start(
     state.bindings = bound(&classifier);
     state.generation += 1;
     instance.write_state(&state)?;
-    Ok(Started {
-        classifier,
-        state,
-        claim,
-        adopted,
-    })
+    Ok((classifier, state))
 }
 
 fn bound(c: &Classifier) -> Vec<BoundIface> {

@@ -63,8 +63,17 @@ fn bad_catalogue_is_rejected_with_its_location() {
 
 #[test]
 fn unknown_interface_and_role_say_what_to_do() {
+    let instance = format!("cli{}", std::process::id());
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/edge-classifier/{instance}"));
     let out = bin()
-        .args(["run", "--iface", "nosuch0=external"])
+        .args([
+            "run",
+            "--iface",
+            "nosuch0=external",
+            "--instance",
+            &instance,
+        ])
+        .args(["--metrics", "127.0.0.1:0"])
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -73,8 +82,14 @@ fn unknown_interface_and_role_say_what_to_do() {
         stderr.contains("no network interface named `nosuch0`"),
         "{stderr}"
     );
+    assert!(
+        !pins.exists(),
+        "a failed start left pins at {}",
+        pins.display()
+    );
     let out = bin()
-        .args(["run", "--iface", "lo=dmz"])
+        .args(["run", "--iface", "lo=dmz", "--instance", &instance])
+        .args(["--metrics", "127.0.0.1:0"])
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -83,6 +98,36 @@ fn unknown_interface_and_role_say_what_to_do() {
         stderr.contains("interface role `dmz` is not in the catalogue"),
         "{stderr}"
     );
+    assert!(
+        !pins.exists(),
+        "a failed start left pins at {}",
+        pins.display()
+    );
+    let _ = std::fs::remove_dir_all(&pins);
+    for ext in ["json", "pid", "lock"] {
+        let _ = std::fs::remove_file(format!("/run/edge-classifier/{instance}.{ext}"));
+    }
+}
+
+#[test]
+fn reload_and_stop_without_an_instance_say_so() {
+    let instance = format!("none{}", std::process::id());
+    for args in [
+        vec!["reload", "--instance", instance.as_str()],
+        vec!["stop", "--instance", instance.as_str()],
+    ] {
+        let out = bin().args(&args).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(
+            stderr.contains(&format!("no classifier instance `{instance}` is running")),
+            "{args:?}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/edge-classifier/{instance}"));
+    for ext in ["json", "pid", "lock"] {
+        let _ = std::fs::remove_file(format!("/run/edge-classifier/{instance}.{ext}"));
+    }
 }
 
 #[test]

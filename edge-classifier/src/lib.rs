@@ -8,7 +8,10 @@
 //! - [`lifecycle`]: start (or adopt), reload and stop a pinned instance.
 //! - [`snapshot`]: one read of every counter, as the exporter and `stats` see it.
 //! - [`metrics`]: the Prometheus exporter (`/metrics`) and its JSON twin (`/snapshot`).
+//! - [`reference`]: the classifier written a second time in plain Rust (`explain`, and the
+//!   differential test of the kernel program).
 //! - [`report`]: counter tables for people.
+pub mod capture;
 pub mod catalogue;
 pub mod compile;
 pub mod instance;
@@ -16,5 +19,6 @@ pub mod lifecycle;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod reference;
 pub mod report;
 pub mod snapshot;

@@ -266,6 +266,13 @@ impl Maps {
             .collect())
     }
 
+    /// Records a flow as the egress program would (for tests and dry runs).
+    pub fn insert_flow(&mut self, key: &FlowKey, state: &FlowState) -> Result<(), MapsError> {
+        let mut flows: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.get_mut("FLOWS")).map_err(err("FLOWS"))?;
+        flows.insert(key, state, 0).map_err(err("FLOWS"))
+    }
+
     /// Removes the flows of rules that are gone (their slot may be given to a new rule), and
     /// counts them as expired so evictions stay `created - expired - present`.
     pub fn purge_flows(&mut self, keep_slots: &BTreeSet<u32>) -> Result<u64, MapsError> {

@@ -1,0 +1,552 @@
+//! The kernel program against the reference classifier, frame by frame: the same verdict and
+//! the same counter for every frame. Structured frames near every rule boundary, then mutations
+//! of them (VLAN stacks, IPv6 extension chains, fragments, bad IHL and data offsets,
+//! truncations at every offset, corrupted bytes, random bytes). At least 50,000 frames per run;
+//! `EC_DIFF_FRAMES=5000000` (or `cargo xtask test --long`) for a long run. A disagreement is
+//! written to `tests/fixtures/differential/` as a pcap, where `fixtures_still_agree` keeps it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use edge_classifier::{
+    capture,
+    reference::{Counted as RefCounted, FlowTable, Reference},
+};
+use edge_classifier_common::{FlowKey, FlowState, TRANSPORT_TCP, TRANSPORT_UDP, reason};
+use edge_classifier_tests::*;
+use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
+
+const EXT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const EXT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+const PEER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+
+/// Flows recorded in both the kernel table and the reference table before the run; their
+/// last-seen time is far in the future so that they never idle out during it.
+const FAR_FUTURE: u64 = u64::MAX / 4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/differential")
+}
+
+/// xorshift64*: reproducible frames without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}
+
+fn ip(a: &str) -> IpAddr {
+    a.parse().unwrap()
+}
+
+/// Addresses inside and outside every set of the default catalogue, by family.
+fn addresses() -> [Vec<IpAddr>; 2] {
+    [
+        [
+            "198.51.100.10",
+            "192.0.2.10",
+            "203.0.113.5",
+            "203.0.113.0",
+            "203.0.113.255",
+            "203.0.114.1",
+            "203.0.112.255",
+            "198.51.100.1",
+            "198.51.100.11",
+            "192.0.2.20",
+            "10.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+        ]
+        .map(ip)
+        .to_vec(),
+        [
+            "2001:db8:100::10",
+            "2001:db8:200::10",
+            "2001:db8:203::5",
+            "2001:db8:203:ffff::1",
+            "2001:db8:204::1",
+            "2001:db8:202:ffff::1",
+            "2001:db8:100::1",
+            "2001:db8:100::11",
+            "::1",
+            "ff02::1",
+        ]
+        .map(ip)
+        .to_vec(),
+    ]
+}
+
+/// Each seed port and its neighbours, the media range's ends and neighbours, extremes.
+fn ports() -> Vec<u16> {
+    let mut v = vec![0, 1, 22, 7000, 40000, 41000, 42000, 50010, 65535];
+    for p in [443u16, 5061, 5269, 3478, 23456, 50000, 59999] {
+        v.extend([p - 1, p, p + 1]);
+    }
+    v
+}
+
+fn flows_seeded() -> Vec<(FlowKey, &'static str)> {
+    let mut out = Vec::new();
+    for (l, r) in [
+        (IpAddr::V4(EXT4), IpAddr::V4(PEER4)),
+        (IpAddr::V6(EXT6), IpAddr::V6(PEER6)),
+    ] {
+        for (lp, rp, t, rule) in [
+            (41000u16, 5061u16, TRANSPORT_TCP, "sip-federation-out"),
+            (41000, 5269, TRANSPORT_TCP, "xmpp-federation-out"),
+            (50010, 7000, TRANSPORT_TCP, "messenger-rtp-tcp-out"),
+            (42000, 3478, TRANSPORT_UDP, "messenger-stun-out"),
+        ] {
+            let mut k = FlowKey {
+                local_port: lp,
+                remote_port: rp,
+                transport: t as u8,
+                ..FlowKey::default()
+            };
+            match (l, r) {
+                (IpAddr::V4(l), IpAddr::V4(r)) => {
+                    k.family = 4;
+                    k.local[..4].copy_from_slice(&l.octets());
+                    k.remote[..4].copy_from_slice(&r.octets());
+                }
+                (IpAddr::V6(l), IpAddr::V6(r)) => {
+                    k.family = 6;
+                    k.local = l.octets();
+                    k.remote = r.octets();
+                }
+                _ => unreachable!(),
+            }
+            out.push((k, rule));
+        }
+    }
+    out
+}
+
+/// Structured frames: every transport, family, destination, source and port combination.
+fn structured(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let ports = ports();
+    let [a4, a6] = addresses();
+    for addrs in [&a4, &a6] {
+        for &dst in addrs.iter().take(3).chain([&addrs[7]]) {
+            for &src in addrs {
+                if src == dst {
+                    continue;
+                }
+                for &dport in &ports {
+                    let sport = *rng.pick(&ports);
+                    let flags = *rng.pick(&[SYN, ACK, SYN | ACK, FIN | ACK, RST, RST | ACK, 0]);
+                    out.push(tcp_segment(src, sport, dst, dport, flags));
+                    out.push(udp(src, sport, dst, dport));
+                    // Replies to the seeded flows and their near misses.
+                    let (rs, rd) = (
+                        *rng.pick(&[5061u16, 5269, 7000, 3478, 5062]),
+                        *rng.pick(&[41000u16, 50010, 42000, 41001]),
+                    );
+                    out.push(tcp_segment(src, rs, dst, rd, flags));
+                    out.push(udp(src, rs, dst, rd));
+                }
+            }
+        }
+    }
+    // First fragments whose L4 header is cut short, with consistent IP lengths.
+    for n in 0..20 {
+        let mut f = ipv4_cut_l4(&tcp_segment(a4[2], 40000, a4[0], 5061, SYN), n);
+        ipv4_set_frag(&mut f, true, 0);
+        out.push(f);
+        let mut f = ipv4_cut_l4(&udp(a4[7], 40000, a4[0], 3478), n.min(12));
+        ipv4_set_frag(&mut f, true, 0);
+        out.push(f);
+    }
+    // ICMP of every type, both families, to a protected address.
+    for ty in 0..=255u8 {
+        let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+            .ipv4([203, 0, 113, 5], EXT4.octets(), 64)
+            .icmpv4_raw(ty, 0, [0; 4]);
+        let mut f = Vec::new();
+        b.write(&mut f, b"x").unwrap();
+        out.push(f);
+        let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+            .ipv6(PEER6.octets(), EXT6.octets(), 64)
+            .icmpv6_raw(ty, 0, [0; 4]);
+        let mut f = Vec::new();
+        b.write(&mut f, b"x").unwrap();
+        out.push(f);
+    }
+    out
+}
+
+const L3: usize = 14;
+
+/// One random mutation of a structured frame.
+fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
+    let mut f = base.to_vec();
+    let is_v4 = f.len() > L3 && f[12..14] == [0x08, 0x00];
+    let is_v6 = f.len() > L3 && f[12..14] == [0x86, 0xdd];
+    match rng.below(11) {
+        // VLAN stacks of 1 to 3 tags with either TPID (or a stray one).
+        0 => {
+            let n = 1 + rng.below(3);
+            let tags: Vec<(u16, u16)> = (0..n)
+                .map(|_| {
+                    (
+                        *rng.pick(&[0x8100u16, 0x88a8, 0x9100]),
+                        rng.next() as u16 & 0x0fff,
+                    )
+                })
+                .collect();
+            f = with_vlans(&f, &tags);
+        }
+        // Truncation at a random offset (past the Ethernet header).
+        1 => {
+            let cut = L3 + rng.below(f.len() - L3 + 1);
+            f.truncate(cut.max(L3));
+        }
+        // 1 to 3 corrupted bytes anywhere in the headers.
+        2 => {
+            for _ in 0..1 + rng.below(3) {
+                let i = rng.below(f.len().min(80));
+                f[i] = rng.next() as u8;
+            }
+        }
+        // IPv4: IHL nibble, flags/fragment offset, total length.
+        3 if is_v4 => f[L3] = 0x40 | (rng.next() as u8 & 0x0f),
+        4 if is_v4 => {
+            let v = rng.next() as u16 & *rng.pick(&[0x3fffu16, 0x2000, 0x1fff, 0x0001]);
+            f[L3 + 6..L3 + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        5 if is_v4 || is_v6 => {
+            let at = if is_v4 { L3 + 2 } else { L3 + 4 };
+            let v = u16::from_be_bytes([f[at], f[at + 1]]);
+            let nv = match rng.below(3) {
+                0 => v.wrapping_add(1 + rng.below(8) as u16),
+                1 => v.saturating_sub(1 + rng.below(8) as u16),
+                _ => rng.next() as u16,
+            };
+            f[at..at + 2].copy_from_slice(&nv.to_be_bytes());
+        }
+        // TCP data offset (IPv4 without options, IPv6 without extensions).
+        6 if (is_v4 || is_v6) => {
+            let l4 = if is_v4 { L3 + 20 } else { L3 + 40 };
+            if f.len() > l4 + 12 {
+                f[l4 + 12] = (rng.next() as u8) & 0xf0;
+            }
+        }
+        // IPv6: a random chain of extension headers before the L4 header.
+        7 if is_v6 => f = with_ipv6_exts(rng, &f),
+        // Ethernet padding after the datagram.
+        8 => f.extend(std::iter::repeat_n(0u8, 1 + rng.below(40))),
+        // IPv4 options of random length.
+        9 if is_v4 => {
+            let n = 4 * (1 + rng.below(10));
+            let mut h = Ipv4Header::new(0, 64, IpNumber(f[L3 + 9]), [0; 4], [0; 4]).unwrap();
+            h.source.copy_from_slice(&f[L3 + 12..L3 + 16]);
+            h.destination.copy_from_slice(&f[L3 + 16..L3 + 20]);
+            h.options = (&vec![1u8; n][..]).try_into().unwrap();
+            h.total_len = (u16::from_be_bytes([f[L3 + 2], f[L3 + 3]]) as usize + n) as u16;
+            let mut out = f[..L3].to_vec();
+            h.write(&mut out).unwrap();
+            out.extend_from_slice(&f[L3 + 20..]);
+            f = out;
+        }
+        // Random bytes behind a chosen ethertype.
+        _ => {
+            let len = L3 + rng.below(120);
+            f = (0..len).map(|_| rng.next() as u8).collect();
+            let et: [u8; 2] = *rng.pick(&[
+                [0x08u8, 0x00],
+                [0x86, 0xdd],
+                [0x81, 0x00],
+                [0x08, 0x06],
+                [0x88, 0xcc],
+            ]);
+            f[12..14].copy_from_slice(&et);
+            if f.len() > L3 && et == [0x08, 0x00] {
+                f[L3] = 0x45;
+            }
+            if f.len() > L3 && et == [0x86, 0xdd] {
+                f[L3] = 0x60;
+            }
+        }
+    }
+    f
+}
+
+/// Inserts 1–9 IPv6 extension headers (hop-by-hop, routing, destination options, fragment,
+/// AH) of random sizes between the fixed header and the upper-layer header.
+fn with_ipv6_exts(rng: &mut Rng, f: &[u8]) -> Vec<u8> {
+    if f.len() < L3 + 40 {
+        return f.to_vec();
+    }
+    let n = 1 + rng.below(9);
+    let mut next = f[L3 + 6];
+    let mut exts: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..n {
+        let ty = *rng.pick(&[0u8, 43, 60, 44, 51]);
+        let h = match ty {
+            44 => {
+                let off = *rng.pick(&[0u16, 0, 1, 8, 185]);
+                let m = rng.below(2) as u16;
+                let v = (off << 3) | m;
+                vec![next, 0, (v >> 8) as u8, v as u8, 1, 2, 3, 4]
+            }
+            51 => {
+                let len = rng.below(4) as u8;
+                let mut h = vec![next, len];
+                h.resize((len as usize + 2) * 4, 0);
+                h
+            }
+            _ => {
+                let len = rng.below(3) as u8;
+                let mut h = vec![next, len];
+                h.resize((len as usize + 1) * 8, 0);
+                h
+            }
+        };
+        exts.push(h);
+        next = ty;
+    }
+    exts.reverse();
+    let mut out = f[..L3 + 40].to_vec();
+    out[L3 + 6] = next;
+    let added: usize = exts.iter().map(Vec::len).sum();
+    let payload = u16::from_be_bytes([f[L3 + 4], f[L3 + 5]]) as usize + added;
+    out[L3 + 4..L3 + 6].copy_from_slice(&(payload as u16).to_be_bytes());
+    for e in exts {
+        out.extend(e);
+    }
+    out.extend_from_slice(&f[L3 + 40..]);
+    out
+}
+
+struct Checker {
+    /// Counters the kernel moved, over the run: the coverage of the frame set.
+    seen: std::collections::BTreeSet<String>,
+    h: Harness,
+    compiled: &'static edge_classifier::compile::Compiled,
+    reference: Reference<'static>,
+    flows: FlowTable,
+    role_mask: u32,
+    last: edge_classifier::loader::IfaceStats,
+    checked: u64,
+    disagreements: Vec<(Vec<u8>, String)>,
+}
+
+impl Checker {
+    fn new() -> Checker {
+        let mut h = Harness::default_catalogue("external");
+        // The reference lives as long as the test process.
+        let compiled: &'static _ = Box::leak(Box::new(h.classifier.compiled().clone()));
+        let role_mask = compiled.role_mask("external").unwrap();
+        let mut flows = FlowTable::default();
+        for (key, id) in flows_seeded() {
+            let rule = compiled.rules.iter().find(|r| r.id == id).expect(id);
+            let state = FlowState {
+                last_seen: FAR_FUTURE,
+                slot: rule.slot,
+                flags: 0,
+                role_mask,
+                _pad: 0,
+            };
+            h.classifier
+                .maps_mut()
+                .insert_flow(&key, &state)
+                .expect("seed flow");
+            flows.flows.insert(key, state);
+        }
+        let last = h.stats();
+        Checker {
+            seen: Default::default(),
+            h,
+            compiled,
+            reference: Reference::new(compiled),
+            flows,
+            role_mask,
+            last,
+            checked: 0,
+            disagreements: Vec::new(),
+        }
+    }
+
+    fn check(&mut self, frame: &[u8]) {
+        if frame.len() < 14 {
+            return;
+        }
+        let compiled = self.compiled;
+        let want = self
+            .reference
+            .ingress(frame, self.role_mask, &mut self.flows, 0);
+        let got = self.h.run(frame);
+        let now = self.h.stats();
+        let mut moved = Vec::new();
+        for (i, (b, a)) in self.last.reasons.iter().zip(&now.reasons).enumerate() {
+            if a.packets != b.packets {
+                moved.push(RefCounted::Reason(i as u32));
+            }
+        }
+        for (i, (b, a)) in self.last.rules.iter().zip(&now.rules).enumerate() {
+            if a.packets != b.packets {
+                moved.push(RefCounted::Rule(compiled.rules[i].slot));
+            }
+        }
+        self.last = now;
+        self.checked += 1;
+        let got_pass = got == XDP_PASS;
+        let name = |c: &RefCounted| match c {
+            RefCounted::Rule(s) => format!(
+                "rule {}",
+                compiled
+                    .rules
+                    .iter()
+                    .find(|r| r.slot == *s)
+                    .map_or("?", |r| &r.id)
+            ),
+            RefCounted::Reason(r) => {
+                let (n, d) = reason::NAMES[*r as usize];
+                format!("{} {n}", if d { "drop" } else { "pass" })
+            }
+        };
+        for m in &moved {
+            self.seen.insert(name(m));
+        }
+        if got_pass != want.pass || moved != [want.counted] {
+            self.disagreements.push((
+                frame.to_vec(),
+                format!(
+                    "kernel {} {:?}, reference {} {}: {}",
+                    if got_pass { "PASS" } else { "DROP" },
+                    moved.iter().map(name).collect::<Vec<_>>(),
+                    if want.pass { "PASS" } else { "DROP" },
+                    name(&want.counted),
+                    hex(frame)
+                ),
+            ));
+        }
+    }
+
+    /// Saves disagreements as a pcap fixture and fails with the first few.
+    fn finish(self, what: &str) -> u64 {
+        if !self.disagreements.is_empty() {
+            std::fs::create_dir_all(fixtures()).unwrap();
+            let path = fixtures().join(format!("{what}-{}.pcap", std::process::id()));
+            capture::write_pcap(&path, self.disagreements.iter().map(|(f, _)| f.as_slice()))
+                .unwrap();
+            let first: Vec<&str> = self
+                .disagreements
+                .iter()
+                .take(5)
+                .map(|(_, m)| m.as_str())
+                .collect();
+            panic!(
+                "{} of {} frames disagree (saved to {}):\n{}",
+                self.disagreements.len(),
+                self.checked,
+                path.display(),
+                first.join("\n")
+            );
+        }
+        self.checked
+    }
+}
+
+#[test]
+fn kernel_and_reference_agree_on_every_frame() {
+    let target: u64 = std::env::var("EC_DIFF_FRAMES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50_000);
+    let mut rng = Rng(0x5eed_0f_ed9e_c1a5);
+    let mut c = Checker::new();
+    let started = std::time::Instant::now();
+    let base = structured(&mut rng);
+    for f in &base {
+        c.check(f);
+    }
+    // Truncations at every byte offset of a few representative frames.
+    let [a4, a6] = addresses();
+    let reps = [
+        tcp_segment(a4[2], 40000, a4[0], 5061, SYN),
+        udp(a6[7], 3478, a6[0], 42000),
+        with_vlans(
+            &tcp_segment(a4[7], 5061, a4[0], 41000, ACK),
+            &[(0x88a8, 1), (0x8100, 2)],
+        ),
+        with_ipv6_exts(&mut Rng(7), &tcp_segment(a6[2], 40000, a6[0], 5061, SYN)),
+    ];
+    for f in &reps {
+        for cut in 14..=f.len() {
+            c.check(&f[..cut]);
+        }
+    }
+    while c.checked < target {
+        let i = rng.below(base.len());
+        let f = mutate(&mut rng, &base[i]);
+        c.check(&f);
+    }
+    let elapsed = started.elapsed();
+    let seen = c.seen.clone();
+    let n = c.finish("random");
+    // The frame set reaches every counter an external NIC can move.
+    for want in [
+        "rule public-im-sip-in",
+        "rule client-sip-tls-in",
+        "rule messenger-stun-in",
+        "rule xmpp-federation-in",
+        "rule sip-federation-out",
+        "rule xmpp-federation-out",
+        "rule messenger-rtp-tcp-out",
+        "rule messenger-stun-out",
+        "pass arp",
+        "pass neighbour_discovery",
+        "pass icmp",
+        "pass unprotected",
+        "pass non_ip",
+        "drop no_rule",
+        "drop fragment",
+        "drop short_fragment",
+        "drop malformed",
+        "drop not_established",
+        "drop icmp",
+    ] {
+        assert!(seen.contains(want), "no frame reached `{want}`: {seen:?}");
+    }
+    eprintln!(
+        "{n} frames: kernel and reference agree ({:.0} frames/s)",
+        n as f64 / elapsed.as_secs_f64()
+    );
+    assert!(n >= target);
+}
+
+#[test]
+fn fixtures_still_agree() {
+    let Ok(dir) = std::fs::read_dir(fixtures()) else {
+        return;
+    };
+    let mut c = Checker::new();
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if path
+            .extension()
+            .is_some_and(|e| e == "pcap" || e == "pcapng")
+        {
+            for f in capture::read_frames(&path).unwrap() {
+                c.check(&f);
+            }
+        }
+    }
+    c.finish("fixture");
+}

@@ -10,15 +10,20 @@
 //! - [`metrics`]: the Prometheus exporter (`/metrics`) and its JSON twin (`/snapshot`).
 //! - [`reference`]: the classifier written a second time in plain Rust (`explain`, and the
 //!   differential test of the kernel program).
+//! - [`explain`]: one flow's verdict and why, from the reference classifier.
+//! - [`replay`]: a capture through the kernel program beside the reference classifier.
+//! - [`capture`]: pcap/pcapng in and out.
 //! - [`report`]: counter tables for people.
 pub mod capture;
 pub mod catalogue;
 pub mod compile;
+pub mod explain;
 pub mod instance;
 pub mod lifecycle;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod reference;
+pub mod replay;
 pub mod report;
 pub mod snapshot;

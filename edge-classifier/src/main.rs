@@ -68,6 +68,45 @@ enum Command {
         #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
         instance: String,
     },
+    /// Say what the classifier would do with a flow's first frame, and why (no kernel needed).
+    ///
+    /// Example: explain --iface external tcp 203.0.113.5:40000 198.51.100.10:5061
+    Explain {
+        /// Rule catalogue; the embedded default when omitted.
+        #[arg(long, value_name = "FILE")]
+        catalogue: Option<PathBuf>,
+        /// Role of the NIC the frame is on.
+        #[arg(long = "iface", value_name = "ROLE", default_value = "external")]
+        role: String,
+        /// The Edge sends the frame (egress) instead of receiving it.
+        #[arg(long)]
+        out: bool,
+        /// The Edge has opened the reverse flow first (for replies to outbound rules).
+        #[arg(long)]
+        established: bool,
+        /// tcp or udp.
+        #[arg(value_enum)]
+        transport: L4,
+        /// Source, `ADDR:PORT` or `[ADDR6]:PORT`.
+        src: std::net::SocketAddr,
+        /// Destination.
+        dst: std::net::SocketAddr,
+    },
+    /// Run every frame of a capture through the kernel program with a catalogue (a dry run):
+    /// per-rule and per-reason counts, and any frame where the kernel and the reference
+    /// classifier disagree.
+    Replay {
+        #[arg(long, value_name = "FILE")]
+        catalogue: Option<PathBuf>,
+        /// Role of the NIC the capture was taken on.
+        #[arg(long = "iface", value_name = "ROLE", default_value = "external")]
+        role: String,
+        /// Write the frames the kernel dropped to this pcap.
+        #[arg(long, value_name = "PCAP")]
+        write_dropped: Option<PathBuf>,
+        /// pcap or pcapng capture of Ethernet frames.
+        capture: PathBuf,
+    },
     /// Detach an instance from its NICs and remove its pins and state (stopping its daemon).
     Stop {
         #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
@@ -95,6 +134,12 @@ enum Command {
         #[arg(long, required = true)]
         default: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum L4 {
+    Tcp,
+    Udp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,6 +192,45 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Explain {
+            catalogue,
+            role,
+            out,
+            established,
+            transport,
+            src,
+            dst,
+        } => {
+            let cat = match &catalogue {
+                Some(p) => Catalogue::load(p)?,
+                None => Catalogue::default_catalogue(),
+            };
+            let compiled = compile(&cat)?;
+            let e = edge_classifier::explain::explain(
+                &compiled,
+                &role,
+                if out {
+                    edge_classifier::explain::Way::Out
+                } else {
+                    edge_classifier::explain::Way::In
+                },
+                match transport {
+                    L4::Tcp => edge_classifier::catalogue::Transport::Tcp,
+                    L4::Udp => edge_classifier::catalogue::Transport::Udp,
+                },
+                src,
+                dst,
+                established,
+            )?;
+            println!("{e}");
+            Ok(())
+        }
+        Command::Replay {
+            catalogue,
+            role,
+            write_dropped,
+            capture,
+        } => replay(catalogue, &role, write_dropped, &capture),
         Command::Stop { instance } => {
             let names = lifecycle::stop(&Instance::new(&instance)?)?;
             println!(
@@ -164,6 +248,64 @@ fn main() -> anyhow::Result<()> {
             watch,
             count,
         } => stats(&metrics, watch, count),
+    }
+}
+
+fn replay(
+    catalogue: Option<PathBuf>,
+    role: &str,
+    write_dropped: Option<PathBuf>,
+    capture: &std::path::Path,
+) -> anyhow::Result<()> {
+    let cat = match &catalogue {
+        Some(p) => Catalogue::load(p)?,
+        None => Catalogue::default_catalogue(),
+    };
+    let compiled = compile(&cat)?;
+    let frames = edge_classifier::capture::read_frames(capture)?;
+    let r = edge_classifier::replay::replay(compiled, role, &frames)?;
+    println!(
+        "{}: {} frames through the kernel program with {} as a {role} NIC",
+        capture.display(),
+        r.frames,
+        cat.source_name
+    );
+    if r.too_short > 0 {
+        println!(
+            "{} frames shorter than an Ethernet header skipped",
+            r.too_short
+        );
+    }
+    println!("\n{:<34} {:>10}", "RULE", "FRAMES");
+    for (id, n) in &r.rules {
+        println!("{id:<34} {n:>10}");
+    }
+    println!("\n{:<8} {:<25} {:>10}", "VERDICT", "REASON", "FRAMES");
+    for (v, name, n) in &r.reasons {
+        println!("{v:<8} {name:<25} {n:>10}");
+    }
+    if let Some(path) = write_dropped {
+        edge_classifier::capture::write_pcap(
+            &path,
+            r.dropped.iter().map(|&i| frames[i].as_slice()),
+        )?;
+        println!(
+            "\n{} dropped frames written to {}",
+            r.dropped.len(),
+            path.display()
+        );
+    }
+    if r.disagreements.is_empty() {
+        println!("\nkernel and reference classifier agree on every frame");
+        Ok(())
+    } else {
+        for (i, kernel, reference) in r.disagreements.iter().take(20) {
+            println!("frame {}: kernel {kernel}, reference {reference}", i + 1);
+        }
+        bail!(
+            "kernel and reference classifier disagree on {} frames",
+            r.disagreements.len()
+        )
     }
 }
 

@@ -173,3 +173,130 @@ fn stats_without_a_running_classifier_says_what_to_check() {
         "{stderr}"
     );
 }
+
+#[test]
+fn explain_names_the_rule_or_the_reason() {
+    let explain = |args: &[&str]| -> String {
+        let out = bin().arg("explain").args(args).output().expect("run");
+        assert!(
+            out.status.success(),
+            "explain {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["tcp", "203.0.113.5:40000", "198.51.100.10:5061"],
+            "pass: rule public-im-sip-in, seed row P1 (inbound tcp 5061)",
+        ),
+        (
+            &["tcp", "198.51.100.1:40000", "198.51.100.10:5061"],
+            "drop: no_rule",
+        ),
+        (
+            &["udp", "[2001:db8:100::1]:40000", "[2001:db8:100::10]:3478"],
+            "pass: rule messenger-stun-in, seed row P6",
+        ),
+        (
+            &["tcp", "198.51.100.1:5269", "198.51.100.10:41000"],
+            "drop: not_established",
+        ),
+        (
+            &[
+                "--established",
+                "tcp",
+                "198.51.100.1:5269",
+                "198.51.100.10:41000",
+            ],
+            "pass: rule xmpp-federation-out, seed row X2",
+        ),
+        (
+            &["--out", "tcp", "198.51.100.10:50010", "198.51.100.1:7000"],
+            "pass: rule messenger-rtp-tcp-out, seed row P4",
+        ),
+        (
+            &[
+                "--iface",
+                "internal",
+                "tcp",
+                "192.0.2.20:40000",
+                "192.0.2.10:23456",
+            ],
+            "pass: rule xmpp-gateway-internal-in, seed row X3",
+        ),
+        (
+            &["tcp", "192.0.2.20:40000", "192.0.2.10:23456"],
+            "drop: no_rule",
+        ),
+    ];
+    for (args, want) in cases {
+        let got = explain(args);
+        assert!(got.contains(want), "explain {args:?}: {got}");
+    }
+    let out = bin()
+        .args(["explain", "tcp", "203.0.113.5:1", "[2001:db8::1]:2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("different address families"));
+}
+
+#[test]
+fn replay_counts_a_capture_and_writes_the_dropped_frames() {
+    use etherparse::PacketBuilder;
+    let dir = std::env::temp_dir().join(format!("ec-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let syn = |src: [u8; 4], dport: u16| {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(src, [198, 51, 100, 10], 64)
+            .tcp(40000, dport, 1, 64240)
+            .syn()
+            .write(&mut f, &[])
+            .unwrap();
+        f
+    };
+    // 3 × P1, 2 × P3, 4 × denied, 1 runt.
+    let mut frames = vec![syn([203, 0, 113, 5], 5061); 3];
+    frames.extend(vec![syn([198, 51, 100, 1], 443); 2]);
+    frames.extend(vec![syn([198, 51, 100, 1], 22); 4]);
+    frames.push(vec![0u8; 10]);
+    let capture = dir.join("in.pcap");
+    edge_classifier::capture::write_pcap(&capture, frames.iter().map(Vec::as_slice)).unwrap();
+    let dropped = dir.join("dropped.pcap");
+    let out = bin()
+        .arg("replay")
+        .arg("--write-dropped")
+        .arg(&dropped)
+        .arg(&capture)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |label: &str| -> u64 {
+        stdout
+            .lines()
+            .find(|l| {
+                l.split_whitespace().next() == Some(label) || l.contains(&format!(" {label} "))
+            })
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {label} line in\n{stdout}"))
+    };
+    assert_eq!(count("public-im-sip-in"), 3, "{stdout}");
+    assert_eq!(count("client-sip-tls-in"), 2, "{stdout}");
+    assert_eq!(count("no_rule"), 4, "{stdout}");
+    assert!(
+        stdout.contains("1 frames shorter than an Ethernet header skipped"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("agree on every frame"), "{stdout}");
+    let written = edge_classifier::capture::read_frames(&dropped).unwrap();
+    assert_eq!(written, vec![syn([198, 51, 100, 1], 22); 4]);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -21,8 +21,10 @@ pub const MAX_CANDIDATES: usize = 8;
 pub const MAX_RULES: u32 = 16384;
 /// Distinct port classes per buffer; class 0 means "no rule" and is never stored.
 pub const MAX_CLASSES: u32 = 2 * MAX_RULES + 2;
-/// Prefixes per address family and buffer.
+/// Entries of each LPM trie (one per address family), shared by both buffers.
 pub const MAX_PREFIXES: u32 = 1 << 21;
+/// Prefixes one catalogue may have per address family: both buffers must fit during a reload.
+pub const MAX_PREFIXES_PER_BUFFER: u32 = MAX_PREFIXES / BUFFERS;
 
 /// Interfaces are looked up by `ifindex % IFACE_SLOTS` and verified against the stored ifindex.
 pub const IFACE_SLOTS: u32 = 4096;

@@ -6,7 +6,7 @@ use std::{
 };
 
 use edge_classifier_common::{
-    FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, MAX_RULES, POLICY_DEFAULT_PASS,
+    FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
     PORT_SPACE, PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED,
     TRANSPORT_TCP, TRANSPORT_UDP,
@@ -28,9 +28,11 @@ pub enum CompileError {
         kind: &'static str,
         ids: String,
     },
-    #[error("{0} rules: the data plane holds at most {MAX_RULES}")]
+    #[error("{0} rules: the data plane holds at most {MAX_RULES}; merge rules that differ only in port into ranges")]
     TooManyRules(usize),
-    #[error("{count} IPv{family} prefixes: the data plane holds at most {max} per family")]
+    #[error(
+        "{count} IPv{family} prefixes (with the built-in default route): the data plane holds at most {max} per family; merge adjacent prefixes into shorter ones"
+    )]
     TooManyPrefixes { family: u8, count: usize, max: u32 },
     #[error("{0} distinct port classes: the data plane holds at most {MAX_CLASSES}")]
     TooManyClasses(usize),
@@ -231,11 +233,11 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         }
     }
     for (family, table) in [(4u8, &v4), (6u8, &v6)] {
-        if table.len() > MAX_PREFIXES as usize {
+        if table.len() > MAX_PREFIXES_PER_BUFFER as usize {
             return Err(CompileError::TooManyPrefixes {
                 family,
                 count: table.len(),
-                max: MAX_PREFIXES,
+                max: MAX_PREFIXES_PER_BUFFER,
             });
         }
     }
@@ -461,6 +463,38 @@ mod tests {
             Some(1 << 2),
             "a new role gets a free bit"
         );
+    }
+
+    #[test]
+    fn limits_are_errors_with_numbers() {
+        let mut cat = Catalogue::default_catalogue();
+        // 2^20 - 1 prefixes plus the built-in 0.0.0.0/0 fit exactly; one more does not.
+        let fit = (1u32 << 20) - 1 - cat.sets.values().flatten().filter(|n| n.addr().is_ipv4()).count() as u32;
+        let many: Vec<IpNet> = (0..fit)
+            .map(|i| IpNet::new(std::net::Ipv4Addr::from(0x0a00_0000u32 + (i << 4)).into(), 28).unwrap())
+            .collect();
+        cat.sets.insert("big".into(), many.clone());
+        let c = compile(&cat).expect("2^20 IPv4 prefixes fit");
+        assert_eq!(c.prefixes_v4.len(), 1 << 20);
+        let mut more = many;
+        more.push("11.0.0.0/28".parse().unwrap());
+        cat.sets.insert("big".into(), more);
+        let e = compile(&cat).unwrap_err().to_string();
+        assert!(
+            e.starts_with("1048577 IPv4 prefixes (with the built-in default route): the data plane holds at most 1048576 per family"),
+            "{e}"
+        );
+        let mut cat = Catalogue::default_catalogue();
+        let template = cat.rules[0].clone();
+        cat.rules = (0..=MAX_RULES)
+            .map(|i| {
+                let mut r = template.clone();
+                r.id = format!("r{i}");
+                r
+            })
+            .collect();
+        let e = compile(&cat).unwrap_err().to_string();
+        assert!(e.starts_with("16385 rules: the data plane holds at most 16384"), "{e}");
     }
 
     #[test]

@@ -349,13 +349,18 @@ fn swap(
 /// detaches the programs), the map pins and the state.
 pub fn stop(instance: &Instance) -> anyhow::Result<Vec<String>> {
     check_privileges()?;
+    // Read first: a daemon started with --detach-on-exit cleans up itself when signalled.
+    let state = instance.read_state().ok().flatten();
+    let pinned = instance.pin_dir().exists();
+    let mut signalled = false;
     let claim = match instance.claim() {
         Ok(c) => c,
         Err(crate::instance::InstanceError::Busy { pid, .. }) => {
-            let pid: i32 = pid.parse().with_context(|| {
-                format!("instance {} is busy but names no process", instance.name)
-            })?;
+            let pid: i32 = pid
+                .parse()
+                .with_context(|| format!("instance {} is busy but names no process", instance.name))?;
             unsafe { libc::kill(pid, libc::SIGTERM) };
+            signalled = true;
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 match instance.claim() {
@@ -370,8 +375,7 @@ pub fn stop(instance: &Instance) -> anyhow::Result<Vec<String>> {
         Err(e) => return Err(e.into()),
     };
     let _lock = instance.lock()?;
-    let state = instance.read_state().ok().flatten();
-    if state.is_none() && !instance.pin_dir().exists() {
+    if state.is_none() && !pinned && !signalled {
         drop(claim);
         instance.remove()?;
         bail!(

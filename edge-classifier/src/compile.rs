@@ -6,10 +6,10 @@ use std::{
 };
 
 use edge_classifier_common::{
-    FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES, POLICY_DEFAULT_PASS,
-    POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    PORT_SPACE, PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED,
-    TRANSPORT_TCP, TRANSPORT_UDP,
+    FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES,
+    POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP,
+    POLICY_PASS_UNPROTECTED, PORT_SPACE, PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY,
+    SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
 };
 use ipnet::IpNet;
 
@@ -28,7 +28,9 @@ pub enum CompileError {
         kind: &'static str,
         ids: String,
     },
-    #[error("{0} rules: the data plane holds at most {MAX_RULES}; merge rules that differ only in port into ranges")]
+    #[error(
+        "{0} rules: the data plane holds at most {MAX_RULES}; merge rules that differ only in port into ranges"
+    )]
     TooManyRules(usize),
     #[error(
         "{count} IPv{family} prefixes (with the built-in default route): the data plane holds at most {max} per family; merge adjacent prefixes into shorter ones"
@@ -469,9 +471,22 @@ mod tests {
     fn limits_are_errors_with_numbers() {
         let mut cat = Catalogue::default_catalogue();
         // 2^20 - 1 prefixes plus the built-in 0.0.0.0/0 fit exactly; one more does not.
-        let fit = (1u32 << 20) - 1 - cat.sets.values().flatten().filter(|n| n.addr().is_ipv4()).count() as u32;
+        let fit = (1u32 << 20)
+            - 1
+            - cat
+                .sets
+                .values()
+                .flatten()
+                .filter(|n| n.addr().is_ipv4())
+                .count() as u32;
         let many: Vec<IpNet> = (0..fit)
-            .map(|i| IpNet::new(std::net::Ipv4Addr::from(0x0a00_0000u32 + (i << 4)).into(), 28).unwrap())
+            .map(|i| {
+                IpNet::new(
+                    std::net::Ipv4Addr::from(0x0a00_0000u32 + (i << 4)).into(),
+                    28,
+                )
+                .unwrap()
+            })
             .collect();
         cat.sets.insert("big".into(), many.clone());
         let c = compile(&cat).expect("2^20 IPv4 prefixes fit");
@@ -494,7 +509,10 @@ mod tests {
             })
             .collect();
         let e = compile(&cat).unwrap_err().to_string();
-        assert!(e.starts_with("16385 rules: the data plane holds at most 16384"), "{e}");
+        assert!(
+            e.starts_with("16385 rules: the data plane holds at most 16384"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -356,9 +356,9 @@ pub fn stop(instance: &Instance) -> anyhow::Result<Vec<String>> {
     let claim = match instance.claim() {
         Ok(c) => c,
         Err(crate::instance::InstanceError::Busy { pid, .. }) => {
-            let pid: i32 = pid
-                .parse()
-                .with_context(|| format!("instance {} is busy but names no process", instance.name))?;
+            let pid: i32 = pid.parse().with_context(|| {
+                format!("instance {} is busy but names no process", instance.name)
+            })?;
             unsafe { libc::kill(pid, libc::SIGTERM) };
             signalled = true;
             let deadline = Instant::now() + Duration::from_secs(10);

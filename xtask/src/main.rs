@@ -41,8 +41,12 @@ enum Task {
         #[arg(long, value_name = "NAME", default_value = "default")]
         instance: String,
     },
-    /// Run every test (unit, BPF_PROG_TEST_RUN fixtures, namespace end-to-end), one at a time.
+    /// Run every test (unit, BPF_PROG_TEST_RUN fixtures, differential, namespace end-to-end,
+    /// Prometheus), one at a time, then bounded fuzz runs of the catalogue and frame parsers.
     Test {
+        /// Long run: 5,000,000 differential frames and 10 minutes per fuzz target.
+        #[arg(long)]
+        long: bool,
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -83,6 +87,47 @@ fn build_binary() -> anyhow::Result<std::path::PathBuf> {
     Ok(std::path::Path::new(&meta[start..end]).join("debug/edge-classifier"))
 }
 
+/// Bounded libFuzzer runs of each target from its seeds; a crash fails (the input is kept in
+/// tests/fuzz/artifacts/TARGET/).
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    for target in ["catalogue", "frame"] {
+        let corpus = std::env::temp_dir().join(format!("ec-fuzz-{target}"));
+        std::fs::create_dir_all(&corpus)?;
+        let out = Command::new("cargo")
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "tests/fuzz",
+                target,
+            ])
+            .arg(&corpus)
+            .arg(format!("tests/fuzz/seeds/{target}"))
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=1024",
+                "-timeout=10",
+            ])
+            .output()
+            .with_context(|| format!("running cargo fuzz for {target}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let runs = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Done "))
+            .unwrap_or("(no summary)")
+            .to_string();
+        if !out.status.success() {
+            eprintln!("{stderr}");
+            bail!("fuzz target {target} failed: {}", out.status);
+        }
+        println!("fuzz {target}: {runs}, no crash");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -112,10 +157,11 @@ fn main() -> anyhow::Result<()> {
             let status = cmd.status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Task::Test { args } => {
+        Task::Test { long, args } => {
             setup::setup()?;
             // Tests touch kernel state (namespaces, XDP attachments): one at a time.
             let mut child = cargo()
+                .env("EC_DIFF_FRAMES", if long { "5000000" } else { "50000" })
                 .args([
                     "test",
                     "--workspace",
@@ -148,16 +194,19 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             let status = child.wait()?;
-            // One closing line for the whole workspace: per-crate lines end with doc-test
-            // binaries that hold no tests.
-            println!("{passed} passed, {failed} failed");
-            if !status.success() {
+            // One closing line for the whole workspace, last: per-crate lines end with
+            // doc-test binaries that hold no tests.
+            if !status.success() || passed == 0 {
+                println!("{passed} passed, {failed} failed");
                 bail!("cargo test failed: {status}");
             }
-            if passed == 0 {
-                bail!("no test ran");
-            }
-            Ok(())
+            let fuzzed = fuzz(if long { 600 } else { 15 });
+            let fuzz_note = match &fuzzed {
+                Ok(()) => "fuzz targets clean",
+                Err(_) => "a fuzz target failed",
+            };
+            println!("{passed} passed, {failed} failed; {fuzz_note}");
+            fuzzed
         }
     }
 }

@@ -6,6 +6,8 @@ use anyhow::{Context as _, bail};
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// libFuzzer driver for the bounded fuzz runs of `cargo xtask test`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Debian packages the build and the tests use: LLVM for bpf-linker, `ip` and `nsenter` for the
 /// namespace lab, the Prometheus server and promtool for the observability test.
 const PACKAGES: &[&str] = &[
@@ -86,6 +88,18 @@ pub fn setup() -> anyhow::Result<()> {
                 "llvm-22",
             ])
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    }
+
+    let fuzz = output(Command::new("cargo").args(["fuzz", "--version"]));
+    if !fuzz.is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
     }
 
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();

@@ -1,4 +1,4 @@
-//! `cargo xtask setup | run | reload | test`.
+//! `cargo xtask setup | run | reload | test | bench`.
 
 mod lab_run;
 mod setup;
@@ -41,6 +41,10 @@ enum Task {
         #[arg(long, value_name = "NAME", default_value = "default")]
         instance: String,
     },
+    /// Run the benchmarks side by side (per-frame cost vs xdp-filter and an empty program,
+    /// scaling, live frames through the stack vs nftables/iptables, a trafgen flood, reload
+    /// latency) and write benchmarks/RESULTS.md with SVG plots. Never part of `test`.
+    Bench,
     /// Run every test (unit, BPF_PROG_TEST_RUN fixtures, differential, namespace end-to-end,
     /// Prometheus), one at a time, then bounded fuzz runs of the catalogue and frame parsers.
     Test {
@@ -74,6 +78,10 @@ fn build_binary() -> anyhow::Result<std::path::PathBuf> {
         "--bin",
         "edge-classifier",
     ]))?;
+    Ok(target_dir()?.join("debug/edge-classifier"))
+}
+
+fn target_dir() -> anyhow::Result<std::path::PathBuf> {
     let out = cargo()
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .output()?;
@@ -84,7 +92,7 @@ fn build_binary() -> anyhow::Result<std::path::PathBuf> {
         .context("cargo metadata has no target_directory")?
         + key.len();
     let end = start + meta[start..].find('"').context("bad metadata")?;
-    Ok(std::path::Path::new(&meta[start..end]).join("debug/edge-classifier"))
+    Ok(std::path::PathBuf::from(&meta[start..end]))
 }
 
 /// Bounded libFuzzer runs of each target from its seeds; a crash fails (the input is kept in
@@ -143,6 +151,30 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(status.code().unwrap_or(1));
             }
             lab_run::run(&bin, &args, duration)
+        }
+        Task::Bench => {
+            setup::setup()?;
+            check(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "edge-classifier",
+                "--package",
+                "edge-classifier-tests",
+                "--bin",
+                "edge-classifier",
+                "--bin",
+                "edge-classifier-bench",
+            ]))?;
+            let dir = target_dir()?.join("release");
+            let status = Command::new(dir.join("edge-classifier-bench"))
+                .arg("benchmarks")
+                .arg(dir.join("edge-classifier"))
+                .status()?;
+            if !status.success() {
+                bail!("benchmarks failed: {status}");
+            }
+            Ok(())
         }
         Task::Reload {
             catalogue,

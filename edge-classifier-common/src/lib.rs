@@ -256,6 +256,24 @@ pub struct Lpm6 {
     pub addr: [u8; 16],
 }
 
+/// The Edge's own host addresses (/32, /128 of protected sets) with the set bits an LPM lookup
+/// would give them, one per buffer. Nearly every frame is addressed to one of them; comparing
+/// a handful of addresses costs less than a trie walk. Addresses beyond these few, and every
+/// other address, go to the tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Locals {
+    pub v4_count: u32,
+    pub v6_count: u32,
+    pub v4: [[u8; 4]; LOCALS_V4],
+    pub v4_bits: [u64; LOCALS_V4],
+    pub v6: [[u8; 16]; LOCALS_V6],
+    pub v6_bits: [u64; LOCALS_V6],
+}
+
+pub const LOCALS_V4: usize = 8;
+pub const LOCALS_V6: usize = 4;
+
 /// Bits of the buffer byte in an LPM key.
 pub const LPM_BUFFER_BITS: u32 = 8;
 
@@ -271,6 +289,7 @@ mod pod {
     unsafe impl aya::Pod for Lpm4 {}
     unsafe impl aya::Pod for Lpm6 {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Locals {}
     unsafe impl aya::Pod for FlowState {}
 }
 
@@ -279,6 +298,10 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<Policy>() == 96);
     assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(
+        core::mem::size_of::<Locals>()
+            == 8 + 4 * LOCALS_V4 + 8 * LOCALS_V4 + 16 * LOCALS_V6 + 8 * LOCALS_V6
+    );
     assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<IfaceInfo>() == 16);
     assert!(core::mem::size_of::<PortEntry>() == 16);

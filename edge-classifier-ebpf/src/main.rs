@@ -15,11 +15,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4, Lpm6, MAX_CANDIDATES,
-    MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
-    POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE, Policy, PortEntry,
-    RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, STATS_ENTRIES, STATS_STRIDE,
-    TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
+    BUFFERS, Counter, IFACE_SLOTS, IfaceInfo, LOCALS_V4, LOCALS_V6, LPM_BUFFER_BITS, Locals, Lpm4,
+    Lpm6, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS,
+    POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE,
+    Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, STATS_ENTRIES,
+    STATS_STRIDE, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
 };
 use parse::{Addr, Fragment, Frame, L3, L4, Malformed};
 
@@ -37,6 +37,8 @@ static CLASSES: Array<RuleClass> = Array::with_max_entries(BUFFERS * MAX_CLASSES
 static SETS_V4: LpmTrie<Lpm4, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 #[map]
 static SETS_V6: LpmTrie<Lpm6, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map]
+static LOCALS: Array<Locals> = Array::with_max_entries(BUFFERS, 0);
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
@@ -185,7 +187,7 @@ fn try_classify(
         }
     }
 
-    let local_bits = set_bits(active, &l3.dst);
+    let local_bits = local_bits(active, &l3.dst);
     if local_bits & SET_PROTECTED == 0 {
         return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
             Verdict::pass(reason::PASS_UNPROTECTED)
@@ -281,7 +283,7 @@ fn try_egress(
         L3::Ip(ip) => ip,
         L3::Arp | L3::Other => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
     };
-    let local_bits = set_bits(active, &l3.src);
+    let local_bits = local_bits(active, &l3.src);
     if local_bits & SET_PROTECTED == 0 {
         return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
     }
@@ -370,6 +372,37 @@ impl Remote<'_> {
             }
         }
     }
+}
+
+/// Set bits of an address the Edge sends from or receives on: its own host addresses are
+/// compared directly; anything else goes to the tries.
+#[inline(always)]
+fn local_bits(active: u32, addr: &Addr) -> u64 {
+    if let Some(l) = LOCALS.get(active) {
+        match addr {
+            Addr::V4(a) => {
+                for i in 0..LOCALS_V4 {
+                    if i as u32 >= l.v4_count {
+                        break;
+                    }
+                    if l.v4[i] == *a {
+                        return l.v4_bits[i];
+                    }
+                }
+            }
+            Addr::V6(a) => {
+                for i in 0..LOCALS_V6 {
+                    if i as u32 >= l.v6_count {
+                        break;
+                    }
+                    if l.v6[i] == *a {
+                        return l.v6_bits[i];
+                    }
+                }
+            }
+        }
+    }
+    set_bits(active, addr)
 }
 
 #[inline(always)]

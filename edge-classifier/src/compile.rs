@@ -112,6 +112,8 @@ pub struct Compiled {
     pub prefixes_v6: Vec<(IpNet, u64)>,
     /// Size of the flow table; fixed once the program is loaded.
     pub flow_capacity: u32,
+    /// The Edge's own host addresses, compared before the tries are walked.
+    pub locals: edge_classifier_common::Locals,
     pub assignments: Assignments,
 }
 
@@ -366,6 +368,30 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         }
     }
 
+    let prefixes_v4 = push_down(v4);
+    let prefixes_v6 = push_down(v6);
+    let mut locals = edge_classifier_common::Locals::default();
+    for (net, bits) in prefixes_v4.iter().chain(&prefixes_v6) {
+        if bits & SET_PROTECTED == 0 || net.prefix_len() != net.max_prefix_len() {
+            continue;
+        }
+        match net {
+            IpNet::V4(n) if (locals.v4_count as usize) < edge_classifier_common::LOCALS_V4 => {
+                let i = locals.v4_count as usize;
+                locals.v4[i] = n.addr().octets();
+                locals.v4_bits[i] = *bits;
+                locals.v4_count += 1;
+            }
+            IpNet::V6(n) if (locals.v6_count as usize) < edge_classifier_common::LOCALS_V6 => {
+                let i = locals.v6_count as usize;
+                locals.v6[i] = n.addr().octets();
+                locals.v6_bits[i] = *bits;
+                locals.v6_count += 1;
+            }
+            _ => {}
+        }
+    }
+
     let p = &cat.policy;
     let mut flags = 0;
     if p.default == Action::Pass {
@@ -400,10 +426,11 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         policy,
         ports,
         classes,
-        prefixes_v4: push_down(v4),
-        prefixes_v6: push_down(v6),
+        prefixes_v4,
+        prefixes_v6,
         flow_capacity: cat.flows.capacity,
         assignments,
+        locals,
     })
 }
 

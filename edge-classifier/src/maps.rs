@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use crate::{compile::Compiled, instance::Instance};
 
 /// Every map of the object, by its name in the ELF.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 11] = [
     "ACTIVE",
     "POLICY",
     "IFACES",
@@ -28,6 +28,7 @@ pub const MAP_NAMES: [&str; 10] = [
     "CLASSES",
     "SETS_V4",
     "SETS_V6",
+    "LOCALS",
     "STATS",
     "FLOWS",
     "FLOW_STATS",
@@ -327,6 +328,11 @@ impl Maps {
             let mut policy: Array<_, edge_classifier_common::Policy> =
                 Array::try_from(self.get_mut("POLICY")).map_err(err("POLICY"))?;
             policy.set(buffer, new.policy, 0).map_err(err("POLICY"))?;
+        }
+        {
+            let mut locals: Array<_, edge_classifier_common::Locals> =
+                Array::try_from(self.get_mut("LOCALS")).map_err(err("LOCALS"))?;
+            locals.set(buffer, new.locals, 0).map_err(err("LOCALS"))?;
         }
         {
             let mut classes: Array<_, RuleClass> =

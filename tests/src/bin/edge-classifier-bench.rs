@@ -841,7 +841,7 @@ fn main() -> anyhow::Result<()> {
     writeln!(md, "## A bounded trafgen flood over veth\n")?;
     writeln!(
         md,
-        "{} TCP 22 SYNs sent by trafgen (one CPU, at most 400,000 frames/s) on the remote host's veth in {:.1} s ({:.0} frames/s). The classifier dropped {} of them as `no_rule`; the veth dropped {} before XDP saw them (its ring to the peer's native XDP was full). Meanwhile {} TCP exchanges (connect, request, answer) with P1 on 5061 completed, {} failed; exchange time p50 {:.2} ms, p99 {:.2} ms.\n",
+        "{} TCP 22 SYNs sent by trafgen (one CPU, at most 400,000 frames/s) on the remote host's veth in {:.1} s ({:.0} frames/s). The classifier dropped {} of them as `no_rule`; the veth dropped {} before XDP saw them (it does when its ring to the peer's native XDP is full). Meanwhile {} TCP exchanges (connect, request, answer) with P1 on 5061 completed, {} failed; exchange time p50 {:.2} ms, p99 {:.2} ms.\n",
         fl.sent,
         fl.seconds,
         fl.sent as f64 / fl.seconds,

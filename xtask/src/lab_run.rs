@@ -232,8 +232,9 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
         .arg("run")
         .args(["--iface", &format!("{EDGE_EXT}=external")])
         .args(["--iface", &format!("{EDGE_INT}=internal")])
-        // The lab's NICs vanish with the lab: nothing should stay pinned for them.
-        .args(["--instance", "lab", "--detach-on-exit"])
+        // The default instance, so that `cargo xtask reload` reaches it; the lab's NICs vanish
+        // with the lab, so nothing may stay pinned for them.
+        .arg("--detach-on-exit")
         .args(extra)
         .stdout(Stdio::piped())
         .spawn()
@@ -300,8 +301,12 @@ pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Resul
 
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs(s));
     match deadline {
-        Some(_) => println!("running; stops by itself (--duration) or on Ctrl-C"),
-        None => println!("running; Ctrl-C detaches and removes the lab"),
+        Some(_) => println!(
+            "running; `cargo xtask reload --catalogue FILE` swaps rules in; stops by itself (--duration) or on Ctrl-C"
+        ),
+        None => println!(
+            "running; `cargo xtask reload --catalogue FILE` swaps rules in; Ctrl-C detaches and removes the lab"
+        ),
     }
     while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
         if let Some(status) = child.0.try_wait()? {

@@ -274,6 +274,22 @@ pub struct Locals {
 pub const LOCALS_V4: usize = 8;
 pub const LOCALS_V6: usize = 4;
 
+/// A catalogue's whole IPv4 prefix table when it is this small, longest prefix first, one per
+/// buffer: a scan of a few masked compares answers any IPv4 address without a trie walk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Small4 {
+    /// Entries in use; 0 when the table does not fit (then the tries answer).
+    pub count: u32,
+    pub _pad: u32,
+    /// Network address and mask, host byte order.
+    pub net: [u32; SMALL4],
+    pub mask: [u32; SMALL4],
+    pub bits: [u64; SMALL4],
+}
+
+pub const SMALL4: usize = 8;
+
 /// Bits of the buffer byte in an LPM key.
 pub const LPM_BUFFER_BITS: u32 = 8;
 
@@ -290,6 +306,7 @@ mod pod {
     unsafe impl aya::Pod for Lpm6 {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Locals {}
+    unsafe impl aya::Pod for Small4 {}
     unsafe impl aya::Pod for FlowState {}
 }
 
@@ -298,6 +315,7 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<Policy>() == 96);
     assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<Small4>() == 8 + 4 * SMALL4 + 4 * SMALL4 + 8 * SMALL4);
     assert!(
         core::mem::size_of::<Locals>()
             == 8 + 4 * LOCALS_V4 + 8 * LOCALS_V4 + 16 * LOCALS_V6 + 8 * LOCALS_V6

@@ -18,8 +18,8 @@ use edge_classifier_common::{
     BUFFERS, Counter, IFACE_SLOTS, IfaceInfo, LOCALS_V4, LOCALS_V6, LPM_BUFFER_BITS, Locals, Lpm4,
     Lpm6, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS,
     POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE,
-    Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, STATS_ENTRIES,
-    STATS_STRIDE, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
+    Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, SMALL4, STATS_ENTRIES,
+    STATS_STRIDE, Small4, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
 };
 use parse::{Addr, Fragment, Frame, L3, L4, Malformed};
 
@@ -39,6 +39,8 @@ static SETS_V4: LpmTrie<Lpm4, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 static SETS_V6: LpmTrie<Lpm6, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 #[map]
 static LOCALS: Array<Locals> = Array::with_max_entries(BUFFERS, 0);
+#[map]
+static SMALL_V4: Array<Small4> = Array::with_max_entries(BUFFERS, 0);
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
@@ -378,6 +380,9 @@ impl Remote<'_> {
 /// compared directly; anything else goes to the tries.
 #[inline(always)]
 fn local_bits(active: u32, addr: &Addr) -> u64 {
+    if let Some(bits) = small_v4(active, addr) {
+        return bits;
+    }
     if let Some(l) = LOCALS.get(active) {
         match addr {
             Addr::V4(a) => {
@@ -405,8 +410,30 @@ fn local_bits(active: u32, addr: &Addr) -> u64 {
     set_bits(active, addr)
 }
 
+/// The longest match from the small IPv4 table, when the catalogue's fits in it.
+#[inline(always)]
+fn small_v4(active: u32, addr: &Addr) -> Option<u64> {
+    let Addr::V4(a) = addr else {
+        return None;
+    };
+    let t = SMALL_V4.get(active)?;
+    let a = u32::from_be_bytes(*a);
+    for i in 0..SMALL4 {
+        if i as u32 >= t.count {
+            break;
+        }
+        if a & t.mask[i] == t.net[i] {
+            return Some(t.bits[i]);
+        }
+    }
+    None
+}
+
 #[inline(always)]
 fn set_bits(active: u32, addr: &Addr) -> u64 {
+    if let Some(bits) = small_v4(active, addr) {
+        return bits;
+    }
     let buffer = active as u8;
     let found = match addr {
         Addr::V4(a) => SETS_V4.get(Key::new(LPM_BUFFER_BITS + 32, Lpm4 { buffer, addr: *a })),

@@ -114,6 +114,8 @@ pub struct Compiled {
     pub flow_capacity: u32,
     /// The Edge's own host addresses, compared before the tries are walked.
     pub locals: edge_classifier_common::Locals,
+    /// The whole IPv4 table when it is small enough to scan.
+    pub small_v4: edge_classifier_common::Small4,
     pub assignments: Assignments,
 }
 
@@ -392,6 +394,20 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         }
     }
 
+    let mut small_v4 = edge_classifier_common::Small4::default();
+    if prefixes_v4.len() <= edge_classifier_common::SMALL4 {
+        // Longest first, so the first match of a scan is the longest-prefix match.
+        let mut by_len: Vec<&(IpNet, u64)> = prefixes_v4.iter().collect();
+        by_len.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        for (i, (net, bits)) in by_len.into_iter().enumerate() {
+            let IpNet::V4(n) = net else { continue };
+            small_v4.net[i] = u32::from(n.network());
+            small_v4.mask[i] = u32::from(n.netmask());
+            small_v4.bits[i] = *bits;
+            small_v4.count += 1;
+        }
+    }
+
     let p = &cat.policy;
     let mut flags = 0;
     if p.default == Action::Pass {
@@ -431,6 +447,7 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         flow_capacity: cat.flows.capacity,
         assignments,
         locals,
+        small_v4,
     })
 }
 

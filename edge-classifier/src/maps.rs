@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use crate::{compile::Compiled, instance::Instance};
 
 /// Every map of the object, by its name in the ELF.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
     "ACTIVE",
     "POLICY",
     "IFACES",
@@ -29,6 +29,7 @@ pub const MAP_NAMES: [&str; 11] = [
     "SETS_V4",
     "SETS_V6",
     "LOCALS",
+    "SMALL_V4",
     "STATS",
     "FLOWS",
     "FLOW_STATS",
@@ -333,6 +334,13 @@ impl Maps {
             let mut locals: Array<_, edge_classifier_common::Locals> =
                 Array::try_from(self.get_mut("LOCALS")).map_err(err("LOCALS"))?;
             locals.set(buffer, new.locals, 0).map_err(err("LOCALS"))?;
+        }
+        {
+            let mut small: Array<_, edge_classifier_common::Small4> =
+                Array::try_from(self.get_mut("SMALL_V4")).map_err(err("SMALL_V4"))?;
+            small
+                .set(buffer, new.small_v4, 0)
+                .map_err(err("SMALL_V4"))?;
         }
         {
             let mut classes: Array<_, RuleClass> =

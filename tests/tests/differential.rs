@@ -348,7 +348,10 @@ struct Checker {
 
 impl Checker {
     fn new() -> Checker {
-        let mut h = Harness::default_catalogue("external");
+        Checker::with(Harness::default_catalogue("external"))
+    }
+
+    fn with(mut h: Harness) -> Checker {
         // The reference lives as long as the test process.
         let compiled: &'static _ = Box::leak(Box::new(h.classifier.compiled().clone()));
         let role_mask = compiled.role_mask("external").unwrap();
@@ -463,6 +466,47 @@ impl Checker {
     }
 }
 
+/// The default catalogue with more IPv4 prefixes than the small table holds (nested and
+/// overlapping ones among them), so that every address goes through the tries.
+fn large_catalogue() -> Harness {
+    let mut partners: Vec<String> = (0..40u32)
+        .map(|i| format!("\"203.0.{}.0/24\"", 100 + i))
+        .collect();
+    partners.extend(
+        [
+            "\"203.0.113.0/25\"",
+            "\"203.0.113.4/30\"",
+            "\"198.51.100.0/28\"",
+            "\"2001:db8:203::/48\"",
+        ]
+        .map(String::from),
+    );
+    Harness::edited_default(
+        "external",
+        &[(
+            "public_im_partners = [\"203.0.113.0/24\", \"2001:db8:203::/48\"]",
+            &format!("public_im_partners = [{}]", partners.join(", ")),
+        )],
+    )
+}
+
+#[test]
+fn kernel_and_reference_agree_with_a_large_catalogue() {
+    let mut rng = Rng(0x0bad_cafe_f00d_0001);
+    let mut c = Checker::with(large_catalogue());
+    assert_eq!(c.compiled.small_v4.count, 0, "the tries must answer here");
+    let base = structured(&mut rng);
+    for f in &base {
+        c.check(f);
+    }
+    while c.checked < 20_000 {
+        let i = rng.below(base.len());
+        let f = mutate(&mut rng, &base[i]);
+        c.check(&f);
+    }
+    c.finish("large");
+}
+
 #[test]
 fn kernel_and_reference_agree_on_every_frame() {
     let target: u64 = std::env::var("EC_DIFF_FRAMES")
@@ -471,6 +515,10 @@ fn kernel_and_reference_agree_on_every_frame() {
         .unwrap_or(50_000);
     let mut rng = Rng(0x005e_ed0f_ed9e_c1a5);
     let mut c = Checker::new();
+    assert!(
+        c.compiled.small_v4.count > 0,
+        "the small IPv4 table answers here"
+    );
     let started = std::time::Instant::now();
     let base = structured(&mut rng);
     for f in &base {

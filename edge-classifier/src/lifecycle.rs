@@ -167,21 +167,14 @@ fn bring_up(
             let running = st.active().cloned();
             if running.as_ref() != Some(&loaded) {
                 let active_old = running.as_ref().and_then(|l| l.compile().ok()).map(|x| x.1);
-                let target = 1 - classifier.maps().active()?;
-                let inactive_old = st.holds(target);
-                let holds = if st.empty[target as usize] {
-                    Holds::Empty
-                } else {
-                    Holds::from(inactive_old.as_ref())
-                };
-                st.buffers[target as usize] = None;
-                st.empty[target as usize] = false;
-                instance.write_state(&st)?;
-                let now = classifier
-                    .maps_mut()
-                    .swap_in(&compiled, holds, active_old.as_ref())?;
-                st.active = now;
-                st.buffers[now as usize] = Some(loaded);
+                swap_recorded(
+                    instance,
+                    &mut st,
+                    classifier.maps_mut(),
+                    &compiled,
+                    loaded,
+                    active_old.as_ref(),
+                )?;
                 st.reloads.last = unix_now();
             }
             st
@@ -323,26 +316,46 @@ fn swap(
         );
     }
     let mut maps = Maps::open_pinned(instance)?;
-    let active = maps.active()?;
-    let target = 1 - active;
+    let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
+    let now = swap_recorded(
+        instance,
+        state,
+        &mut maps,
+        &compiled,
+        loaded,
+        Some(&active_old),
+    )?;
+    Ok((
+        source.catalogue.source_name.clone(),
+        compiled.rules.len(),
+        now,
+    ))
+}
+
+/// Swaps `new` into the inactive buffer and flips to it, keeping the state file true at every
+/// step: the target buffer is marked unknown before it is touched, and recorded once active.
+fn swap_recorded(
+    instance: &Instance,
+    state: &mut State,
+    maps: &mut Maps,
+    new: &Compiled,
+    loaded: Loaded,
+    active_old: Option<&Compiled>,
+) -> anyhow::Result<u32> {
+    let target = 1 - maps.active()?;
     let inactive_old = state.holds(target);
     let holds = if state.empty[target as usize] {
         Holds::Empty
     } else {
         Holds::from(inactive_old.as_ref())
     };
-    // Until the swap completes, nobody may trust what the target buffer holds.
     state.buffers[target as usize] = None;
     state.empty[target as usize] = false;
     instance.write_state(state)?;
-    let now = maps.swap_in(&compiled, holds, Some(&active_old))?;
+    let now = maps.swap_in(new, holds, active_old)?;
     state.active = now;
-    state.buffers[now as usize] = Some(Loaded::new(&source.catalogue, &source.text, &compiled));
-    Ok((
-        source.catalogue.source_name.clone(),
-        compiled.rules.len(),
-        now,
-    ))
+    state.buffers[now as usize] = Some(loaded);
+    Ok(now)
 }
 
 /// Stops instance `instance`: asks its daemon (if any) to exit, removes the link pins (which

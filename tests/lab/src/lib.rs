@@ -434,36 +434,9 @@ pub struct Tap {
 
 impl Tap {
     pub fn open(ns: &str, iface: &str) -> anyhow::Result<Tap> {
-        let iface = iface.to_string();
-        in_netns(ns, move || {
-            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-            let fd = unsafe {
-                libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto)
-            };
-            if fd < 0 {
-                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-            }
-            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            let name = std::ffi::CString::new(iface.clone())?;
-            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            if ifindex == 0 {
-                bail!("no interface {iface}");
-            }
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto as u16;
-            sll.sll_ifindex = ifindex as i32;
-            let rc = unsafe {
-                libc::bind(
-                    fd,
-                    &sll as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if rc != 0 {
-                bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
-            }
-            Ok(Tap { sock })
+        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+        Ok(Tap {
+            sock: af_packet(ns, iface, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto)?,
         })
     }
 
@@ -533,32 +506,9 @@ pub struct RawSender {
 
 impl RawSender {
     pub fn open(ns: &str, iface: &str) -> anyhow::Result<RawSender> {
-        let iface = iface.to_string();
-        in_netns(ns, move || {
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-            if fd < 0 {
-                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-            }
-            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            let name = std::ffi::CString::new(iface.clone())?;
-            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            if ifindex == 0 {
-                bail!("no interface {iface}");
-            }
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_ifindex = ifindex as i32;
-            let rc = unsafe {
-                libc::bind(
-                    fd,
-                    &sll as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if rc != 0 {
-                bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
-            }
-            Ok(RawSender { sock })
+        // Protocol 0: this socket only sends.
+        Ok(RawSender {
+            sock: af_packet(ns, iface, libc::SOCK_RAW, 0)?,
         })
     }
 
@@ -577,4 +527,36 @@ impl RawSender {
         }
         Ok(())
     }
+}
+
+/// An AF_PACKET socket of `kind` and `proto` (network byte order) bound to `iface` in `ns`.
+fn af_packet(ns: &str, iface: &str, kind: i32, proto: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
+    let iface = iface.to_string();
+    in_netns(ns, move || {
+        let fd = unsafe { libc::socket(libc::AF_PACKET, kind, proto) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(iface.clone())?;
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {iface}");
+        }
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto as u16;
+        sll.sll_ifindex = ifindex as i32;
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
+        }
+        Ok(sock)
+    })
 }

@@ -407,7 +407,7 @@ fn local_bits(active: u32, addr: &Addr) -> u64 {
             }
         }
     }
-    set_bits(active, addr)
+    trie_bits(active, addr)
 }
 
 /// The longest match from the small IPv4 table, when the catalogue's fits in it.
@@ -429,11 +429,17 @@ fn small_v4(active: u32, addr: &Addr) -> Option<u64> {
     None
 }
 
+/// Set bits of any address (a peer's): the small IPv4 table when there is one, else the tries.
 #[inline(always)]
 fn set_bits(active: u32, addr: &Addr) -> u64 {
-    if let Some(bits) = small_v4(active, addr) {
-        return bits;
+    match small_v4(active, addr) {
+        Some(bits) => bits,
+        None => trie_bits(active, addr),
     }
+}
+
+#[inline(always)]
+fn trie_bits(active: u32, addr: &Addr) -> u64 {
     let buffer = active as u8;
     let found = match addr {
         Addr::V4(a) => SETS_V4.get(Key::new(LPM_BUFFER_BITS + 32, Lpm4 { buffer, addr: *a })),

@@ -6,6 +6,14 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_edge-classifier"))
 }
 
+/// Removes whatever an instance of a test may have left in bpffs and /run.
+fn remove_instance(instance: &str) {
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/edge-classifier/{instance}"));
+    for ext in ["json", "pid", "lock"] {
+        let _ = std::fs::remove_file(format!("/run/edge-classifier/{instance}.{ext}"));
+    }
+}
+
 fn tmp(name: &str, text: &str) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("ec-cli-{}-{name}", std::process::id()));
     std::fs::write(&p, text).expect("write temp catalogue");
@@ -65,48 +73,25 @@ fn bad_catalogue_is_rejected_with_its_location() {
 fn unknown_interface_and_role_say_what_to_do() {
     let instance = format!("cli{}", std::process::id());
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/edge-classifier/{instance}"));
-    let out = bin()
-        .args([
-            "run",
-            "--iface",
-            "nosuch0=external",
-            "--instance",
-            &instance,
-        ])
-        .args(["--metrics", "127.0.0.1:0"])
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("no network interface named `nosuch0`"),
-        "{stderr}"
-    );
-    assert!(
-        !pins.exists(),
-        "a failed start left pins at {}",
-        pins.display()
-    );
-    let out = bin()
-        .args(["run", "--iface", "lo=dmz", "--instance", &instance])
-        .args(["--metrics", "127.0.0.1:0"])
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("interface role `dmz` is not in the catalogue"),
-        "{stderr}"
-    );
-    assert!(
-        !pins.exists(),
-        "a failed start left pins at {}",
-        pins.display()
-    );
-    let _ = std::fs::remove_dir_all(&pins);
-    for ext in ["json", "pid", "lock"] {
-        let _ = std::fs::remove_file(format!("/run/edge-classifier/{instance}.{ext}"));
+    for (iface, want) in [
+        ("nosuch0=external", "no network interface named `nosuch0`"),
+        ("lo=dmz", "interface role `dmz` is not in the catalogue"),
+    ] {
+        let out = bin()
+            .args(["run", "--iface", iface, "--instance", &instance])
+            .args(["--metrics", "127.0.0.1:0"])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--iface {iface} must fail");
+        assert!(stderr.contains(want), "--iface {iface}: {stderr}");
+        assert!(
+            !pins.exists(),
+            "a failed start (--iface {iface}) left pins at {}",
+            pins.display()
+        );
     }
+    remove_instance(&instance);
 }
 
 #[test]
@@ -124,10 +109,7 @@ fn reload_and_stop_without_an_instance_say_so() {
             "{args:?}: {stderr}"
         );
     }
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/edge-classifier/{instance}"));
-    for ext in ["json", "pid", "lock"] {
-        let _ = std::fs::remove_file(format!("/run/edge-classifier/{instance}.{ext}"));
-    }
+    remove_instance(&instance);
 }
 
 #[test]

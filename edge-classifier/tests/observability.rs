@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -146,33 +145,21 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     let lab = Lab::create("obs").expect("lab");
     // The daemon as an operator starts it, inside the edge namespace (nsenter keeps the host's
     // /sys/fs/bpf visible, unlike `ip netns exec`).
-    let mut daemon = in_ns(&lab.edge, env!("CARGO_BIN_EXE_edge-classifier"))
-        .args([
-            "run",
+    let instance = format!("obs{}", std::process::id());
+    let daemon = start_daemon(
+        &lab.edge,
+        &[
             "--iface",
             "ext0=external",
             "--iface",
             "int0=internal",
-        ])
-        .args(["--metrics", METRICS])
-        .args(["--instance", &format!("obs{}", std::process::id())])
-        .arg("--detach-on-exit")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start edge-classifier");
-    let stdout = daemon.stdout.take().expect("daemon stdout");
-    let daemon = Process(daemon, "edge-classifier");
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line == "ready" {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("edge-classifier attached and printed `ready`");
+            "--metrics",
+            METRICS,
+            "--instance",
+            &instance,
+            "--detach-on-exit",
+        ],
+    );
 
     let dir = std::env::temp_dir().join(format!("ec-prom-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -76,6 +76,21 @@ impl Drop for Stop {
     }
 }
 
+const EXT: &str = "ext0=external";
+const INT: &str = "int0=internal";
+
+/// `run` arguments for an instance on the lab's NICs.
+fn run_args<'a>(instance: &'a str, catalogue: Option<&'a str>, ifaces: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--instance", instance, "--metrics", METRICS];
+    if let Some(c) = catalogue {
+        args.extend(["--catalogue", c]);
+    }
+    for i in ifaces {
+        args.extend(["--iface", *i]);
+    }
+    args
+}
+
 fn scrape(ns: &str) -> String {
     http_get(ns, METRICS, "/metrics".into())
 }
@@ -131,21 +146,7 @@ fn a_hundred_reloads_under_traffic_lose_no_shared_frame_and_pass_no_forbidden_on
     let b = files.write("b.toml", &catalogue_b());
     let instance = format!("rld{}", std::process::id());
     let _stop = Stop(instance.clone());
-    let _daemon = start_daemon(
-        &lab.edge,
-        &[
-            "--catalogue",
-            &a,
-            "--iface",
-            "ext0=external",
-            "--iface",
-            "int0=internal",
-            "--instance",
-            &instance,
-            "--metrics",
-            METRICS,
-        ],
-    );
+    let _daemon = start_daemon(&lab.edge, &run_args(&instance, Some(&a), &[EXT, INT]));
     let (wan_mac, ext_mac) = (
         mac(&lab.remote, "wan0").unwrap(),
         mac(&lab.edge, EDGE_EXT).unwrap(),
@@ -319,19 +320,7 @@ fn an_invalid_or_oversized_catalogue_changes_nothing() {
     let a = files.write("a.toml", DEFAULT_CATALOGUE);
     let instance = format!("bad{}", std::process::id());
     let _stop = Stop(instance.clone());
-    let _daemon = start_daemon(
-        &lab.edge,
-        &[
-            "--catalogue",
-            &a,
-            "--iface",
-            "ext0=external",
-            "--instance",
-            &instance,
-            "--metrics",
-            METRICS,
-        ],
-    );
+    let _daemon = start_daemon(&lab.edge, &run_args(&instance, Some(&a), &[EXT]));
     let listeners = Listeners::start(&lab.edge, &[443, 8443], &[]).expect("listeners");
     // B with a port out of range on a known line.
     let mut bad = catalogue_b();
@@ -404,16 +393,7 @@ fn after_kill_9_the_nic_stays_protected_and_a_new_daemon_adopts_it() {
     let lab = Lab::create("k9").expect("lab");
     let instance = format!("k9{}", std::process::id());
     let _stop = Stop(instance.clone());
-    let args = [
-        "--iface",
-        "ext0=external",
-        "--iface",
-        "int0=internal",
-        "--instance",
-        &instance,
-        "--metrics",
-        METRICS,
-    ];
+    let args = run_args(&instance, None, &[EXT, INT]);
     let listeners = Listeners::start(&lab.edge, &[443, 22], &[]).expect("listeners");
     let connect = |port: u16, t: u64| {
         tcp_exchange(

@@ -345,26 +345,7 @@ pub fn tcp_connect(
     dst: SocketAddr,
     timeout: Duration,
 ) -> anyhow::Result<bool> {
-    in_netns(ns, move || {
-        let domain = if dst.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
-        let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-        sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
-        match sock.connect_timeout(&dst.into(), timeout) {
-            Ok(()) => {
-                let mut s: std::net::TcpStream = sock.into();
-                s.set_read_timeout(Some(timeout))?;
-                s.write_all(b"hello\n")?;
-                let mut buf = [0u8; 2];
-                let _ = s.read_exact(&mut buf);
-                Ok(true)
-            }
-            Err(_) => Ok(false),
-        }
-    })
+    Ok(tcp_exchange(ns, SocketAddr::new(src, 0), dst, timeout)?.connected)
 }
 
 /// What a TCP exchange got to.

@@ -132,11 +132,12 @@ pub struct Policy {
     pub icmp4: [u64; 4],
     /// ICMPv6 types that pass; neighbour discovery (133–137) passes regardless.
     pub icmp6: [u64; 4],
-    /// Flow idle timeouts, in nanoseconds of `bpf_ktime_get_coarse_ns`.
-    pub tcp_idle_ns: u64,
-    pub udp_idle_ns: u64,
+    /// Flow idle timeouts, in ticks of `bpf_jiffies64` (the kernel's HZ, which userspace reads
+    /// as the resolution of `CLOCK_MONOTONIC_COARSE`).
+    pub tcp_idle_ticks: u64,
+    pub udp_idle_ticks: u64,
     /// Lifetime of a TCP flow after FIN both ways or a RST.
-    pub tcp_closing_ns: u64,
+    pub tcp_closing_ticks: u64,
 }
 
 /// Binding of a NIC to a role and a counter block.
@@ -210,7 +211,7 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
-    /// `bpf_ktime_get_coarse_ns` of the last frame either way.
+    /// `bpf_jiffies64` of the last frame either way.
     pub last_seen: u64,
     /// Counter slot of the outbound rule that allowed the flow; its replies count there too.
     pub slot: u32,
@@ -279,9 +280,10 @@ pub const LOCALS_V6: usize = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Small4 {
-    /// Entries in use; 0 when the table does not fit (then the tries answer).
     pub count: u32,
-    pub _pad: u32,
+    /// 1 when these are all of the family's prefixes, so a miss here is a miss; 0 when they do
+    /// not fit, and the tries answer.
+    pub complete: u32,
     /// Network address and mask, host byte order.
     pub net: [u32; SMALL4],
     pub mask: [u32; SMALL4],
@@ -289,6 +291,22 @@ pub struct Small4 {
 }
 
 pub const SMALL4: usize = 8;
+
+/// The IPv6 twin of [`Small4`]. Addresses are compared as two 64-bit words: each word is eight
+/// address bytes read in native byte order, for net and mask alike, so a masked compare of the
+/// words is a masked compare of the bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Small6 {
+    pub count: u32,
+    /// As in [`Small4`].
+    pub complete: u32,
+    pub net: [[u64; 2]; SMALL6],
+    pub mask: [[u64; 2]; SMALL6],
+    pub bits: [u64; SMALL6],
+}
+
+pub const SMALL6: usize = 8;
 
 /// Bits of the buffer byte in an LPM key.
 pub const LPM_BUFFER_BITS: u32 = 8;
@@ -307,6 +325,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Locals {}
     unsafe impl aya::Pod for Small4 {}
+    unsafe impl aya::Pod for Small6 {}
     unsafe impl aya::Pod for FlowState {}
 }
 
@@ -316,6 +335,7 @@ const _: () = {
     assert!(core::mem::size_of::<Policy>() == 96);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<Small4>() == 8 + 4 * SMALL4 + 4 * SMALL4 + 8 * SMALL4);
+    assert!(core::mem::size_of::<Small6>() == 8 + 16 * SMALL6 + 16 * SMALL6 + 8 * SMALL6);
     assert!(
         core::mem::size_of::<Locals>()
             == 8 + 4 * LOCALS_V4 + 8 * LOCALS_V4 + 16 * LOCALS_V6 + 8 * LOCALS_V6

@@ -18,8 +18,8 @@ use edge_classifier_common::{
     BUFFERS, Counter, IFACE_SLOTS, IfaceInfo, LOCALS_V4, LOCALS_V6, LPM_BUFFER_BITS, Locals, Lpm4,
     Lpm6, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS,
     POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE,
-    Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, SMALL4, STATS_ENTRIES,
-    STATS_STRIDE, Small4, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
+    Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, SMALL4, SMALL6,
+    STATS_ENTRIES, STATS_STRIDE, Small4, Small6, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
 };
 use parse::{Addr, Fragment, Frame, L3, L4, Malformed};
 
@@ -41,6 +41,8 @@ static SETS_V6: LpmTrie<Lpm6, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 static LOCALS: Array<Locals> = Array::with_max_entries(BUFFERS, 0);
 #[map]
 static SMALL_V4: Array<Small4> = Array::with_max_entries(BUFFERS, 0);
+#[map]
+static SMALL_V6: Array<Small6> = Array::with_max_entries(BUFFERS, 0);
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
@@ -380,7 +382,7 @@ impl Remote<'_> {
 /// compared directly; anything else goes to the tries.
 #[inline(always)]
 fn local_bits(active: u32, addr: &Addr) -> u64 {
-    if let Some(bits) = small_v4(active, addr) {
+    if let Some(bits) = small_table(active, addr) {
         return bits;
     }
     if let Some(l) = LOCALS.get(active) {
@@ -410,29 +412,48 @@ fn local_bits(active: u32, addr: &Addr) -> u64 {
     trie_bits(active, addr)
 }
 
-/// The longest match from the small IPv4 table, when the catalogue's fits in it.
+/// The longest match from the catalogue's small table of the address's family, when its
+/// prefixes fit in one (no match there is then no match at all: bits 0).
 #[inline(always)]
-fn small_v4(active: u32, addr: &Addr) -> Option<u64> {
-    let Addr::V4(a) = addr else {
-        return None;
-    };
-    let t = SMALL_V4.get(active)?;
-    let a = u32::from_be_bytes(*a);
-    for i in 0..SMALL4 {
-        if i as u32 >= t.count {
-            break;
+fn small_table(active: u32, addr: &Addr) -> Option<u64> {
+    match addr {
+        Addr::V4(a) => {
+            let t = SMALL_V4.get(active)?;
+            let a = u32::from_be_bytes(*a);
+            for i in 0..SMALL4 {
+                if i as u32 >= t.count {
+                    break;
+                }
+                if a & t.mask[i] == t.net[i] {
+                    return Some(t.bits[i]);
+                }
+            }
+            (t.complete != 0).then_some(0)
         }
-        if a & t.mask[i] == t.net[i] {
-            return Some(t.bits[i]);
+        Addr::V6(a) => {
+            let t = SMALL_V6.get(active)?;
+            let (hi, lo) = a.split_at(8);
+            let w = [
+                u64::from_ne_bytes(hi.try_into().ok()?),
+                u64::from_ne_bytes(lo.try_into().ok()?),
+            ];
+            for i in 0..SMALL6 {
+                if i as u32 >= t.count {
+                    break;
+                }
+                if w[0] & t.mask[i][0] == t.net[i][0] && w[1] & t.mask[i][1] == t.net[i][1] {
+                    return Some(t.bits[i]);
+                }
+            }
+            (t.complete != 0).then_some(0)
         }
     }
-    None
 }
 
-/// Set bits of any address (a peer's): the small IPv4 table when there is one, else the tries.
+/// Set bits of any address (a peer's): the small table when there is one, else the tries.
 #[inline(always)]
 fn set_bits(active: u32, addr: &Addr) -> u64 {
-    match small_v4(active, addr) {
+    match small_table(active, addr) {
         Some(bits) => bits,
         None => trie_bits(active, addr),
     }

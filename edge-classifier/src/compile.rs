@@ -116,6 +116,7 @@ pub struct Compiled {
     pub locals: edge_classifier_common::Locals,
     /// The whole IPv4 table when it is small enough to scan.
     pub small_v4: edge_classifier_common::Small4,
+    pub small_v6: edge_classifier_common::Small6,
     pub assignments: Assignments,
 }
 
@@ -394,19 +395,8 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         }
     }
 
-    let mut small_v4 = edge_classifier_common::Small4::default();
-    if prefixes_v4.len() <= edge_classifier_common::SMALL4 {
-        // Longest first, so the first match of a scan is the longest-prefix match.
-        let mut by_len: Vec<&(IpNet, u64)> = prefixes_v4.iter().collect();
-        by_len.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
-        for (i, (net, bits)) in by_len.into_iter().enumerate() {
-            let IpNet::V4(n) = net else { continue };
-            small_v4.net[i] = u32::from(n.network());
-            small_v4.mask[i] = u32::from(n.netmask());
-            small_v4.bits[i] = *bits;
-            small_v4.count += 1;
-        }
-    }
+    let small_v4 = small_v4(&prefixes_v4);
+    let small_v6 = small_v6(&prefixes_v6);
 
     let p = &cat.policy;
     let mut flags = 0;
@@ -425,15 +415,15 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
     if p.egress == Action::Drop {
         flags |= POLICY_DROP_EGRESS;
     }
-    const NS: u64 = 1_000_000_000;
+    let hz = ticks_per_second();
     let policy = edge_classifier_common::Policy {
         flags,
         _pad: 0,
         icmp4: bitmap(&p.icmp),
         icmp6: bitmap(&p.icmpv6),
-        tcp_idle_ns: cat.flows.tcp_idle as u64 * NS,
-        udp_idle_ns: cat.flows.udp_idle as u64 * NS,
-        tcp_closing_ns: cat.flows.tcp_closing as u64 * NS,
+        tcp_idle_ticks: cat.flows.tcp_idle as u64 * hz,
+        udp_idle_ticks: cat.flows.udp_idle as u64 * hz,
+        tcp_closing_ticks: cat.flows.tcp_closing as u64 * hz,
     };
 
     Ok(Compiled {
@@ -448,6 +438,7 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         assignments,
         locals,
         small_v4,
+        small_v6,
     })
 }
 
@@ -571,4 +562,78 @@ mod tests {
         assert_eq!(out[&"11.0.0.0/8".parse().unwrap()], 9);
         assert_eq!(out[&"10.0.0.0/8".parse().unwrap()], 3);
     }
+}
+
+/// Prefixes longest first, so the first match of a scan is the longest-prefix match; `None`
+/// when there are more than `fits`, and the tries must answer.
+fn longest_first(prefixes: &[(IpNet, u64)], fits: usize) -> Option<Vec<&(IpNet, u64)>> {
+    if prefixes.len() > fits {
+        return None;
+    }
+    let mut by_len: Vec<&(IpNet, u64)> = prefixes.iter().collect();
+    by_len.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+    Some(by_len)
+}
+
+fn small_v4(prefixes: &[(IpNet, u64)]) -> edge_classifier_common::Small4 {
+    let mut t = edge_classifier_common::Small4::default();
+    let Some(prefixes) = longest_first(prefixes, edge_classifier_common::SMALL4) else {
+        return t;
+    };
+    t.complete = 1;
+    for (i, (net, bits)) in prefixes.into_iter().enumerate() {
+        let IpNet::V4(n) = net else { continue };
+        t.net[i] = u32::from(n.network());
+        t.mask[i] = u32::from(n.netmask());
+        t.bits[i] = *bits;
+        t.count += 1;
+    }
+    t
+}
+
+fn small_v6(prefixes: &[(IpNet, u64)]) -> edge_classifier_common::Small6 {
+    // The program reads each half of an address as a native-endian word; so do we.
+    let words = |a: std::net::Ipv6Addr| {
+        let o = a.octets();
+        let (hi, lo) = o.split_at(8);
+        [
+            u64::from_ne_bytes(hi.try_into().expect("8 bytes")),
+            u64::from_ne_bytes(lo.try_into().expect("8 bytes")),
+        ]
+    };
+    let mut t = edge_classifier_common::Small6::default();
+    let Some(prefixes) = longest_first(prefixes, edge_classifier_common::SMALL6) else {
+        return t;
+    };
+    t.complete = 1;
+    for (i, (net, bits)) in prefixes.into_iter().enumerate() {
+        let IpNet::V6(n) = net else { continue };
+        t.net[i] = words(n.network());
+        t.mask[i] = words(n.netmask());
+        t.bits[i] = *bits;
+        t.count += 1;
+    }
+    t
+}
+
+/// The kernel's HZ: `bpf_jiffies64` ticks per second, which flow timeouts are counted in. The
+/// coarse clocks advance once per tick, so their resolution is one jiffy (`TICK_NSEC`).
+pub fn ticks_per_second() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres only writes the timespec it is given.
+        let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
+        let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+        if ok && tick_ns > 0 {
+            (1_000_000_000 + tick_ns / 2) / tick_ns
+        } else {
+            // Every kernel since 2.6 has the coarse clocks; 1000 is the largest HZ, so timeouts
+            // err long rather than short.
+            1000
+        }
+    })
 }

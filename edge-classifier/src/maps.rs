@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use crate::{compile::Compiled, instance::Instance};
 
 /// Every map of the object, by its name in the ELF.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     "ACTIVE",
     "POLICY",
     "IFACES",
@@ -30,6 +30,7 @@ pub const MAP_NAMES: [&str; 12] = [
     "SETS_V6",
     "LOCALS",
     "SMALL_V4",
+    "SMALL_V6",
     "STATS",
     "FLOWS",
     "FLOW_STATS",
@@ -341,6 +342,13 @@ impl Maps {
             small
                 .set(buffer, new.small_v4, 0)
                 .map_err(err("SMALL_V4"))?;
+        }
+        {
+            let mut small: Array<_, edge_classifier_common::Small6> =
+                Array::try_from(self.get_mut("SMALL_V6")).map_err(err("SMALL_V6"))?;
+            small
+                .set(buffer, new.small_v6, 0)
+                .map_err(err("SMALL_V6"))?;
         }
         {
             let mut classes: Array<_, RuleClass> =

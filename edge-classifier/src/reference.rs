@@ -390,11 +390,11 @@ fn closing(flags: u32) -> bool {
 
 fn expired(state: &FlowState, now: u64, policy: &Policy, transport: u32) -> bool {
     let timeout = if transport != TRANSPORT_TCP {
-        policy.udp_idle_ns
+        policy.udp_idle_ticks
     } else if closing(state.flags) {
-        policy.tcp_closing_ns
+        policy.tcp_closing_ticks
     } else {
-        policy.tcp_idle_ns
+        policy.tcp_idle_ticks
     };
     now.saturating_sub(state.last_seen) > timeout
 }
@@ -449,7 +449,7 @@ impl<'a> Reference<'a> {
     }
 
     /// A frame arriving on a NIC of `role_mask` (XDP ingress). Flow lookups refresh `flows` the
-    /// way the kernel does; `now` is the kernel's coarse clock in nanoseconds.
+    /// way the kernel does; `now` is the kernel's jiffies (`bpf_jiffies64`).
     pub fn ingress(
         &self,
         frame: &[u8],

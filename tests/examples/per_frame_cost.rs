@@ -79,6 +79,15 @@ fn main() {
             "TCP 5061 SYN from a partner (P1, pass)",
             tcp(partner, 40000, edge, 5061),
         ),
+        (
+            "P1 SYN over IPv6 (pass)",
+            tcp(
+                "2001:db8:203::5".parse().unwrap(),
+                40000,
+                "2001:db8:100::10".parse().unwrap(),
+                5061,
+            ),
+        ),
         ("TCP 22 SYN (no rule, drop)", tcp(partner, 40000, edge, 22)),
         ("S1 reply, flow recorded (pass)", reply.clone()),
         (

@@ -242,11 +242,14 @@ pub mod flow_stat {
     pub const COUNT: u32 = 3;
 }
 
-/// LPM key data for IPv4: the buffer byte first, so one trie holds both halves.
+/// LPM key data for IPv4: the buffer byte first, so one trie holds both halves. The three zero
+/// bytes after it are part of every prefix ([`LPM_BUFFER_BITS`]); they put the address on a
+/// 4-byte boundary of the key, where the program may store it as one word.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Lpm4 {
     pub buffer: u8,
+    pub _pad: [u8; 3],
     pub addr: [u8; 4],
 }
 
@@ -254,6 +257,7 @@ pub struct Lpm4 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Lpm6 {
     pub buffer: u8,
+    pub _pad: [u8; 3],
     pub addr: [u8; 16],
 }
 
@@ -308,8 +312,8 @@ pub struct Small6 {
 
 pub const SMALL6: usize = 8;
 
-/// Bits of the buffer byte in an LPM key.
-pub const LPM_BUFFER_BITS: u32 = 8;
+/// Bits of an LPM key before the address: the buffer byte and three zero bytes.
+pub const LPM_BUFFER_BITS: u32 = 32;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -345,6 +349,6 @@ const _: () = {
     assert!(core::mem::size_of::<PortEntry>() == 16);
     assert!(core::mem::size_of::<RuleMatch>() == 32);
     assert!(core::mem::size_of::<RuleClass>() == 8 + 32 * MAX_CANDIDATES);
-    assert!(core::mem::size_of::<Lpm4>() == 5);
-    assert!(core::mem::size_of::<Lpm6>() == 17);
+    assert!(core::mem::size_of::<Lpm4>() == 8);
+    assert!(core::mem::size_of::<Lpm6>() == 20);
 };

@@ -463,8 +463,22 @@ fn set_bits(active: u32, addr: &Addr) -> u64 {
 fn trie_bits(active: u32, addr: &Addr) -> u64 {
     let buffer = active as u8;
     let found = match addr {
-        Addr::V4(a) => SETS_V4.get(Key::new(LPM_BUFFER_BITS + 32, Lpm4 { buffer, addr: *a })),
-        Addr::V6(a) => SETS_V6.get(Key::new(LPM_BUFFER_BITS + 128, Lpm6 { buffer, addr: *a })),
+        Addr::V4(a) => SETS_V4.get(Key::new(
+            LPM_BUFFER_BITS + 32,
+            Lpm4 {
+                buffer,
+                _pad: [0; 3],
+                addr: *a,
+            },
+        )),
+        Addr::V6(a) => SETS_V6.get(Key::new(
+            LPM_BUFFER_BITS + 128,
+            Lpm6 {
+                buffer,
+                _pad: [0; 3],
+                addr: *a,
+            },
+        )),
     };
     match found {
         Some(bits) => *bits,

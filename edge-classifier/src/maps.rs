@@ -386,6 +386,7 @@ impl Maps {
                     LPM_BUFFER_BITS + n.prefix_len() as u32,
                     Lpm4 {
                         buffer: b,
+                        _pad: [0; 3],
                         addr: n.addr().octets(),
                     },
                 )
@@ -409,6 +410,7 @@ impl Maps {
                     LPM_BUFFER_BITS + n.prefix_len() as u32,
                     Lpm6 {
                         buffer: b,
+                        _pad: [0; 3],
                         addr: n.addr().octets(),
                     },
                 )

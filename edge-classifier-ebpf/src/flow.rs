@@ -8,20 +8,29 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray},
 };
 use edge_classifier_common::{
-    DEFAULT_FLOW_CAPACITY, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState, Policy,
-    TRANSPORT_TCP, flow_stat,
+    DEFAULT_FLOW_CAPACITY, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowKey4, FlowState,
+    Policy, TRANSPORT_TCP, flow_stat,
 };
 
 use crate::parse::{Addr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Sized by the loader from the catalogue's `[flows] capacity` before the object is loaded.
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowState> =
+static FLOWS_V4: LruHashMap<FlowKey4, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+#[map]
+static FLOWS_V6: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 #[map]
 static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(flow_stat::COUNT, 0);
 
 const EEXIST: i32 = 17;
+
+/// A flow's key in the table of its family.
+pub enum Key {
+    V4(FlowKey4),
+    V6(FlowKey),
+}
 
 #[inline(always)]
 pub fn key(
@@ -30,28 +39,27 @@ pub fn key(
     remote: &Addr,
     local_port: u16,
     remote_port: u16,
-) -> FlowKey {
-    let mut k = FlowKey {
-        local_port,
-        remote_port,
-        transport: transport as u8,
-        ..FlowKey::default()
-    };
+) -> Option<Key> {
     match (local, remote) {
-        (Addr::V4(l), Addr::V4(r)) => {
-            k.family = 4;
-            k.local[..4].copy_from_slice(l);
-            k.remote[..4].copy_from_slice(r);
-        }
-        (Addr::V6(l), Addr::V6(r)) => {
-            k.family = 6;
-            k.local = *l;
-            k.remote = *r;
-        }
+        (Addr::V4(l), Addr::V4(r)) => Some(Key::V4(FlowKey4 {
+            local: *l,
+            remote: *r,
+            local_port,
+            remote_port,
+            transport,
+        })),
+        (Addr::V6(l), Addr::V6(r)) => Some(Key::V6(FlowKey {
+            local: *l,
+            remote: *r,
+            local_port,
+            remote_port,
+            transport: transport as u8,
+            family: 6,
+            _pad: [0; 2],
+        })),
         // Both addresses come from one IP header.
-        _ => {}
+        _ => None,
     }
-    k
 }
 
 #[inline(always)]
@@ -99,7 +107,39 @@ fn touch(state: &mut FlowState, now: u64) {
 /// Egress: records (or refreshes) the flow an outbound rule allowed.
 #[inline(always)]
 pub fn record(
-    key: &FlowKey,
+    key: &Key,
+    slot: u32,
+    role_mask: u32,
+    policy: &Policy,
+    transport: u32,
+    tcp_flags: u8,
+) {
+    match key {
+        Key::V4(k) => record_in(&FLOWS_V4, k, slot, role_mask, policy, transport, tcp_flags),
+        Key::V6(k) => record_in(&FLOWS_V6, k, slot, role_mask, policy, transport, tcp_flags),
+    }
+}
+
+/// Ingress: the rule slot of the recorded, live flow a reply belongs to (refreshing the flow),
+/// or `None`.
+#[inline(always)]
+pub fn reply(
+    key: &Key,
+    role_mask: u32,
+    policy: &Policy,
+    transport: u32,
+    tcp_flags: u8,
+) -> Option<u32> {
+    match key {
+        Key::V4(k) => reply_in(&FLOWS_V4, k, role_mask, policy, transport, tcp_flags),
+        Key::V6(k) => reply_in(&FLOWS_V6, k, role_mask, policy, transport, tcp_flags),
+    }
+}
+
+#[inline(always)]
+fn record_in<K>(
+    flows: &LruHashMap<K, FlowState>,
+    key: &K,
     slot: u32,
     role_mask: u32,
     policy: &Policy,
@@ -115,7 +155,7 @@ pub fn record(
     if tcp && tcp_flags & TCP_RST != 0 {
         teardown |= FLOW_RST;
     }
-    if let Some(p) = FLOWS.get_ptr_mut(key) {
+    if let Some(p) = flows.get_ptr_mut(key) {
         let state = unsafe { &mut *p };
         let syn = tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if expired(state, now, policy, transport) || (syn && closing(state.flags)) {
@@ -145,7 +185,7 @@ pub fn record(
         role_mask,
         _pad: 0,
     };
-    match FLOWS.insert(key, state, BPF_NOEXIST as u64) {
+    match flows.insert(key, state, BPF_NOEXIST as u64) {
         Ok(()) => stat(flow_stat::CREATED),
         // Another CPU recorded the same flow a moment ago.
         Err(e) if e == -EEXIST => {}
@@ -153,23 +193,22 @@ pub fn record(
     }
 }
 
-/// Ingress: the rule slot of the recorded, live flow a reply belongs to (refreshing the flow),
-/// or `None`.
 #[inline(always)]
-pub fn reply(
-    key: &FlowKey,
+fn reply_in<K>(
+    flows: &LruHashMap<K, FlowState>,
+    key: &K,
     role_mask: u32,
     policy: &Policy,
     transport: u32,
     tcp_flags: u8,
 ) -> Option<u32> {
-    let state = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    let state = unsafe { &mut *flows.get_ptr_mut(key)? };
     if state.role_mask & role_mask == 0 {
         return None;
     }
     let now = now();
     if expired(state, now, policy, transport) {
-        if FLOWS.remove(key).is_ok() {
+        if flows.remove(key).is_ok() {
             stat(flow_stat::EXPIRED);
         }
         return None;

@@ -259,8 +259,9 @@ fn try_classify(
     if reply_from == 0 && reply_to == 0 {
         return Ok(no_rule(policy));
     }
-    let key = flow::key(transport, &l3.dst, &l3.src, dport, sport);
-    if let Some(slot) = flow::reply(&key, role_mask, policy, transport, tcp_flags) {
+    if let Some(key) = flow::key(transport, &l3.dst, &l3.src, dport, sport)
+        && let Some(slot) = flow::reply(&key, role_mask, policy, transport, tcp_flags)
+    {
         return Ok(Verdict::rule(slot));
     }
     let claimed = (reply_from != 0
@@ -325,8 +326,9 @@ fn try_egress(
         slot = match_class(active, entry.reply_to, local_bits, &mut remote, role_mask);
     }
     if let Some(slot) = slot {
-        let key = flow::key(transport, &l3.src, &l3.dst, sport, dport);
-        flow::record(&key, slot, role_mask, policy, transport, tcp_flags);
+        if let Some(key) = flow::key(transport, &l3.src, &l3.dst, sport, dport) {
+            flow::record(&key, slot, role_mask, policy, transport, tcp_flags);
+        }
         return Ok(Verdict::rule(slot));
     }
     if let Some(entry) = sentry

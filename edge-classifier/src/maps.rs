@@ -11,16 +11,16 @@ use aya::{
     },
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, FlowKey, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4, Lpm6,
-    MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, RuleClass, STATS_STRIDE,
-    TRANSPORTS, flow_stat, reason,
+    BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4,
+    Lpm6, MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, RuleClass,
+    STATS_STRIDE, TRANSPORTS, flow_stat, reason,
 };
 use ipnet::IpNet;
 
 use crate::{compile::Compiled, instance::Instance};
 
 /// Every map of the object, by its name in the ELF.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 14] = [
     "ACTIVE",
     "POLICY",
     "IFACES",
@@ -32,7 +32,8 @@ pub const MAP_NAMES: [&str; 13] = [
     "SMALL_V4",
     "SMALL_V6",
     "STATS",
-    "FLOWS",
+    "FLOWS_V4",
+    "FLOWS_V6",
     "FLOW_STATS",
 ];
 
@@ -59,9 +60,12 @@ pub struct IfaceStats {
 /// The flow table's state, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FlowStats {
+    /// Flows each family's table holds (IPv4 and IPv6 flows have a table each).
     pub capacity: u32,
-    /// Entries in the table now (live or idle but not yet removed).
+    /// Entries in both tables now (live or idle but not yet removed).
     pub present: u64,
+    pub present_v4: u64,
+    pub present_v6: u64,
     pub created: u64,
     /// Removed: idled out, closed and replaced, or purged because a reload removed its rule.
     pub expired: u64,
@@ -138,7 +142,7 @@ impl Maps {
             let map = match name {
                 "SETS_V4" | "SETS_V6" => Map::LpmTrie(data),
                 "STATS" | "FLOW_STATS" => Map::PerCpuArray(data),
-                "FLOWS" => Map::LruHashMap(data),
+                "FLOWS_V4" | "FLOWS_V6" => Map::LruHashMap(data),
                 _ => Map::Array(data),
             };
             out.insert(name, map);
@@ -165,12 +169,12 @@ impl Maps {
         a.set(0, buffer, 0).map_err(err("ACTIVE"))
     }
 
-    /// Capacity of the flow table as the kernel made it.
+    /// Capacity of each flow table as the kernel made it.
     pub fn flow_capacity(&self) -> Result<u32, MapsError> {
-        let Map::LruHashMap(data) = self.get("FLOWS") else {
-            unreachable!("FLOWS is an LRU hash")
+        let Map::LruHashMap(data) = self.get("FLOWS_V4") else {
+            unreachable!("FLOWS_V4 is an LRU hash")
         };
-        Ok(data.info().map_err(err("FLOWS"))?.max_entries())
+        Ok(data.info().map_err(err("FLOWS_V4"))?.max_entries())
     }
 
     pub fn set_iface(&mut self, info: IfaceInfo) -> Result<(), MapsError> {
@@ -242,15 +246,21 @@ impl Maps {
         let read = |i: u32| -> Result<u64, MapsError> {
             Ok(stats.get(&i, 0).map_err(err("FLOW_STATS"))?.iter().sum())
         };
-        let flows: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.get("FLOWS")).map_err(err("FLOWS"))?;
         // Keys may vanish while we walk; a failed step just ends the count.
-        let present = flows.keys().take_while(Result::is_ok).count() as u64;
+        let v4: HashMap<_, FlowKey4, FlowState> =
+            HashMap::try_from(self.get("FLOWS_V4")).map_err(err("FLOWS_V4"))?;
+        let present_v4 = v4.keys().take_while(Result::is_ok).count() as u64;
+        let v6: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.get("FLOWS_V6")).map_err(err("FLOWS_V6"))?;
+        let present_v6 = v6.keys().take_while(Result::is_ok).count() as u64;
+        let present = present_v4 + present_v6;
         let created = read(flow_stat::CREATED)?;
         let expired = read(flow_stat::EXPIRED)?;
         Ok(FlowStats {
             capacity: self.flow_capacity()?,
             present,
+            present_v4,
+            present_v6,
             created,
             expired,
             insert_failed: read(flow_stat::INSERT_FAILED)?,
@@ -258,22 +268,42 @@ impl Maps {
         })
     }
 
-    /// Every recorded flow (a walk of the table: for inspection, not the hot path).
+    /// Every recorded flow of both families (a walk of the tables: for inspection, not the hot
+    /// path).
     pub fn flows(&self) -> Result<Vec<Flow>, MapsError> {
-        let flows: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.get("FLOWS")).map_err(err("FLOWS"))?;
-        Ok(flows
+        let v4: HashMap<_, FlowKey4, FlowState> =
+            HashMap::try_from(self.get("FLOWS_V4")).map_err(err("FLOWS_V4"))?;
+        let v6: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.get("FLOWS_V6")).map_err(err("FLOWS_V6"))?;
+        Ok(v4
             .iter()
             .filter_map(Result::ok)
-            .map(|(key, state)| Flow { key, state })
+            .map(|(key, state)| Flow {
+                key: key.into(),
+                state,
+            })
+            .chain(
+                v6.iter()
+                    .filter_map(Result::ok)
+                    .map(|(key, state)| Flow { key, state }),
+            )
             .collect())
     }
 
     /// Records a flow as the egress program would (for tests and dry runs).
     pub fn insert_flow(&mut self, key: &FlowKey, state: &FlowState) -> Result<(), MapsError> {
-        let mut flows: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.get_mut("FLOWS")).map_err(err("FLOWS"))?;
-        flows.insert(key, state, 0).map_err(err("FLOWS"))
+        match key.v4() {
+            Some(k) => {
+                let mut flows: HashMap<_, FlowKey4, FlowState> =
+                    HashMap::try_from(self.get_mut("FLOWS_V4")).map_err(err("FLOWS_V4"))?;
+                flows.insert(k, state, 0).map_err(err("FLOWS_V4"))
+            }
+            None => {
+                let mut flows: HashMap<_, FlowKey, FlowState> =
+                    HashMap::try_from(self.get_mut("FLOWS_V6")).map_err(err("FLOWS_V6"))?;
+                flows.insert(key, state, 0).map_err(err("FLOWS_V6"))
+            }
+        }
     }
 
     /// Removes the flows of rules that are gone (their slot may be given to a new rule), and
@@ -287,10 +317,19 @@ impl Maps {
             .collect();
         let mut removed = 0u64;
         {
-            let mut flows: HashMap<_, FlowKey, FlowState> =
-                HashMap::try_from(self.get_mut("FLOWS")).map_err(err("FLOWS"))?;
-            for k in &stale {
-                if flows.remove(k).is_ok() {
+            let mut v4: HashMap<_, FlowKey4, FlowState> =
+                HashMap::try_from(self.get_mut("FLOWS_V4")).map_err(err("FLOWS_V4"))?;
+            for k in stale.iter().filter_map(FlowKey::v4) {
+                if v4.remove(&k).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        {
+            let mut v6: HashMap<_, FlowKey, FlowState> =
+                HashMap::try_from(self.get_mut("FLOWS_V6")).map_err(err("FLOWS_V6"))?;
+            for k in stale.iter().filter(|k| k.family == 6) {
+                if v6.remove(k).is_ok() {
                     removed += 1;
                 }
             }

@@ -151,21 +151,21 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         fam.push(&[], v);
         fam
     };
+    let mut entries = Family::gauge(
+        "edge_classifier_flow_table_entries",
+        "Outbound flows in the flow table of each address family now.",
+    );
+    let mut capacity = Family::gauge(
+        "edge_classifier_flow_table_capacity",
+        "Flows each family's table holds before it evicts the least recently used.",
+    );
+    for (family, present) in [("ipv4", f.present_v4), ("ipv6", f.present_v6)] {
+        entries.push(&[("family", family)], present as f64);
+        capacity.push(&[("family", family)], f64::from(f.capacity));
+    }
     families.extend([
-        one(
-            Family::gauge(
-                "edge_classifier_flow_table_entries",
-                "Outbound flows in the flow table now.",
-            ),
-            f.present as f64,
-        ),
-        one(
-            Family::gauge(
-                "edge_classifier_flow_table_capacity",
-                "Flows the flow table holds before it evicts the least recently used.",
-            ),
-            f64::from(f.capacity),
-        ),
+        entries,
+        capacity,
         one(
             Family::counter(
                 "edge_classifier_flows_created_total",

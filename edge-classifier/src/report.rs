@@ -13,8 +13,8 @@ use crate::{
 /// The flow table in one line.
 pub fn flows(s: &FlowStats) -> String {
     format!(
-        "flow table: {} of {} entries; {} created, {} expired, {} evicted, {} not recorded (table busy)\n",
-        s.present, s.capacity, s.created, s.expired, s.evicted, s.insert_failed
+        "flow tables: IPv4 {} and IPv6 {} of {} entries each; {} created, {} expired, {} evicted, {} not recorded (table busy)\n",
+        s.present_v4, s.present_v6, s.capacity, s.created, s.expired, s.evicted, s.insert_failed
     )
 }
 

@@ -38,9 +38,10 @@ fn flow_table_bytes(capacity: u32) -> Option<u64> {
         .output()
         .ok()?;
     let text = String::from_utf8(out.stdout).ok()?;
-    // One object per map; pick FLOWS of this capacity without a JSON dependency.
+    // One object per map; pick the IPv4 table (the flows below are IPv4) of this capacity
+    // without a JSON dependency.
     text.split("},{").find_map(|m| {
-        (m.contains("\"name\":\"FLOWS\"") && m.contains(&format!("\"max_entries\":{capacity},")))
+        (m.contains("\"name\":\"FLOWS_V4\"") && m.contains(&format!("\"max_entries\":{capacity},")))
             .then(|| {
                 let at = m.find("\"bytes_memlock\":")? + "\"bytes_memlock\":".len();
                 m[at..]

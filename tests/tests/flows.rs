@@ -185,6 +185,22 @@ fn egress_records_outbound_flows_and_only_their_replies_pass() {
     // Every recorded flow names the rule that allowed it, and nothing else was recorded.
     let flows = h.classifier.flows().expect("flows");
     assert_eq!(flows.len(), 10, "flows recorded: {flows:?}");
+    // Each family's flows sit in that family's table, listed with their real addresses.
+    let s = h.classifier.flow_stats().expect("flow stats");
+    assert_eq!((s.present_v4, s.present_v6), (5, 5), "{s:?}");
+    for (edge, ..) in families() {
+        let of_family: Vec<_> = flows
+            .iter()
+            .filter(|f| f.local().is_ipv4() == edge.is_ipv4())
+            .collect();
+        assert_eq!(of_family.len(), 5, "{edge}: {flows:?}");
+        assert!(
+            of_family
+                .iter()
+                .all(|f| f.local().ip() == edge && f.remote().is_ipv4() == edge.is_ipv4()),
+            "{edge}: {of_family:?}"
+        );
+    }
     let rules = &h.classifier.compiled().rules;
     for f in &flows {
         let rule = rules

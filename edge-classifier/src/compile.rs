@@ -442,6 +442,80 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
     })
 }
 
+/// Prefixes longest first, so the first match of a scan is the longest-prefix match; `None`
+/// when there are more than `fits`, and the tries must answer.
+fn longest_first(prefixes: &[(IpNet, u64)], fits: usize) -> Option<Vec<&(IpNet, u64)>> {
+    if prefixes.len() > fits {
+        return None;
+    }
+    let mut by_len: Vec<&(IpNet, u64)> = prefixes.iter().collect();
+    by_len.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+    Some(by_len)
+}
+
+fn small_v4(prefixes: &[(IpNet, u64)]) -> edge_classifier_common::Small4 {
+    let mut t = edge_classifier_common::Small4::default();
+    let Some(prefixes) = longest_first(prefixes, edge_classifier_common::SMALL4) else {
+        return t;
+    };
+    t.complete = 1;
+    for (i, (net, bits)) in prefixes.into_iter().enumerate() {
+        let IpNet::V4(n) = net else { continue };
+        t.net[i] = u32::from(n.network());
+        t.mask[i] = u32::from(n.netmask());
+        t.bits[i] = *bits;
+        t.count += 1;
+    }
+    t
+}
+
+fn small_v6(prefixes: &[(IpNet, u64)]) -> edge_classifier_common::Small6 {
+    // The program reads each half of an address as a native-endian word; so do we.
+    let words = |a: std::net::Ipv6Addr| {
+        let o = a.octets();
+        let (hi, lo) = o.split_at(8);
+        [
+            u64::from_ne_bytes(hi.try_into().expect("8 bytes")),
+            u64::from_ne_bytes(lo.try_into().expect("8 bytes")),
+        ]
+    };
+    let mut t = edge_classifier_common::Small6::default();
+    let Some(prefixes) = longest_first(prefixes, edge_classifier_common::SMALL6) else {
+        return t;
+    };
+    t.complete = 1;
+    for (i, (net, bits)) in prefixes.into_iter().enumerate() {
+        let IpNet::V6(n) = net else { continue };
+        t.net[i] = words(n.network());
+        t.mask[i] = words(n.netmask());
+        t.bits[i] = *bits;
+        t.count += 1;
+    }
+    t
+}
+
+/// The kernel's HZ: `bpf_jiffies64` ticks per second, which flow timeouts are counted in. The
+/// coarse clocks advance once per tick, so their resolution is one jiffy (`TICK_NSEC`).
+pub fn ticks_per_second() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres only writes the timespec it is given.
+        let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
+        let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+        if ok && tick_ns > 0 {
+            (1_000_000_000 + tick_ns / 2) / tick_ns
+        } else {
+            // Every kernel since 2.6 has the coarse clocks; 1000 is the largest HZ, so timeouts
+            // err long rather than short.
+            1000
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,78 +636,4 @@ mod tests {
         assert_eq!(out[&"11.0.0.0/8".parse().unwrap()], 9);
         assert_eq!(out[&"10.0.0.0/8".parse().unwrap()], 3);
     }
-}
-
-/// Prefixes longest first, so the first match of a scan is the longest-prefix match; `None`
-/// when there are more than `fits`, and the tries must answer.
-fn longest_first(prefixes: &[(IpNet, u64)], fits: usize) -> Option<Vec<&(IpNet, u64)>> {
-    if prefixes.len() > fits {
-        return None;
-    }
-    let mut by_len: Vec<&(IpNet, u64)> = prefixes.iter().collect();
-    by_len.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
-    Some(by_len)
-}
-
-fn small_v4(prefixes: &[(IpNet, u64)]) -> edge_classifier_common::Small4 {
-    let mut t = edge_classifier_common::Small4::default();
-    let Some(prefixes) = longest_first(prefixes, edge_classifier_common::SMALL4) else {
-        return t;
-    };
-    t.complete = 1;
-    for (i, (net, bits)) in prefixes.into_iter().enumerate() {
-        let IpNet::V4(n) = net else { continue };
-        t.net[i] = u32::from(n.network());
-        t.mask[i] = u32::from(n.netmask());
-        t.bits[i] = *bits;
-        t.count += 1;
-    }
-    t
-}
-
-fn small_v6(prefixes: &[(IpNet, u64)]) -> edge_classifier_common::Small6 {
-    // The program reads each half of an address as a native-endian word; so do we.
-    let words = |a: std::net::Ipv6Addr| {
-        let o = a.octets();
-        let (hi, lo) = o.split_at(8);
-        [
-            u64::from_ne_bytes(hi.try_into().expect("8 bytes")),
-            u64::from_ne_bytes(lo.try_into().expect("8 bytes")),
-        ]
-    };
-    let mut t = edge_classifier_common::Small6::default();
-    let Some(prefixes) = longest_first(prefixes, edge_classifier_common::SMALL6) else {
-        return t;
-    };
-    t.complete = 1;
-    for (i, (net, bits)) in prefixes.into_iter().enumerate() {
-        let IpNet::V6(n) = net else { continue };
-        t.net[i] = words(n.network());
-        t.mask[i] = words(n.netmask());
-        t.bits[i] = *bits;
-        t.count += 1;
-    }
-    t
-}
-
-/// The kernel's HZ: `bpf_jiffies64` ticks per second, which flow timeouts are counted in. The
-/// coarse clocks advance once per tick, so their resolution is one jiffy (`TICK_NSEC`).
-pub fn ticks_per_second() -> u64 {
-    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        let mut res = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_getres only writes the timespec it is given.
-        let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
-        let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
-        if ok && tick_ns > 0 {
-            (1_000_000_000 + tick_ns / 2) / tick_ns
-        } else {
-            // Every kernel since 2.6 has the coarse clocks; 1000 is the largest HZ, so timeouts
-            // err long rather than short.
-            1000
-        }
-    })
 }

@@ -336,8 +336,12 @@ pub const LOCALS_V6: usize = 4;
 pub struct Small4 {
     pub count: u32,
     /// 1 when these are all of the family's prefixes, so a miss here is a miss; 0 when they do
-    /// not fit, and the tries answer.
+    /// not fit, and the stride table or the tries answer.
     pub complete: u32,
+    /// 1 when the IPv4 stride table of this buffer holds the family's prefixes (the table is
+    /// too big to scan but fits the stride table); 0 sends lookups to the trie.
+    pub stride: u32,
+    pub _pad: u32,
     /// Network address and mask, host byte order.
     pub net: [u32; SMALL4],
     pub mask: [u32; SMALL4],
@@ -345,6 +349,34 @@ pub struct Small4 {
 }
 
 pub const SMALL4: usize = 8;
+
+/// The IPv4 stride table (16-8-8), one per buffer: an address's set bits in at most three array
+/// loads however many prefixes there are, where a trie walk grows with the trie. `STRIDE4_TOP`
+/// is indexed by the address's top 16 bits; an entry is a leaf (an index into
+/// `STRIDE4_LEAVES`, which holds the bits) or, with `STRIDE_BLOCK` set, the index of a block of
+/// `STRIDE4_BLOCKS` indexed by the next 8 bits, whose entries are leaves or blocks for the last
+/// 8 bits. Block and leaf indexes count from the buffer's own region of those maps.
+pub const STRIDE_TOP: u32 = 1 << 16;
+pub const STRIDE_SPAN: usize = 256;
+/// Blocks per buffer: 1 KiB each, 8 MiB per buffer. A catalogue needing more uses the trie.
+pub const STRIDE_BLOCKS: u32 = 8192;
+/// Distinct set-bit combinations per buffer.
+pub const STRIDE_LEAVES: u32 = 4096;
+pub const STRIDE_BLOCK: u32 = 1 << 31;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StrideBlock {
+    pub entries: [u32; STRIDE_SPAN],
+}
+
+impl Default for StrideBlock {
+    fn default() -> Self {
+        Self {
+            entries: [0; STRIDE_SPAN],
+        }
+    }
+}
 
 /// The IPv6 twin of [`Small4`]. Addresses are compared as two 64-bit words: each word is eight
 /// address bytes read in native byte order, for net and mask alike, so a masked compare of the
@@ -381,6 +413,7 @@ mod pod {
     unsafe impl aya::Pod for Locals {}
     unsafe impl aya::Pod for Small4 {}
     unsafe impl aya::Pod for Small6 {}
+    unsafe impl aya::Pod for StrideBlock {}
     unsafe impl aya::Pod for FlowState {}
 }
 
@@ -390,7 +423,8 @@ const _: () = {
     assert!(core::mem::size_of::<Policy>() == 96);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowKey4>() == 16);
-    assert!(core::mem::size_of::<Small4>() == 8 + 4 * SMALL4 + 4 * SMALL4 + 8 * SMALL4);
+    assert!(core::mem::size_of::<Small4>() == 16 + 4 * SMALL4 + 4 * SMALL4 + 8 * SMALL4);
+    assert!(core::mem::size_of::<StrideBlock>() == 4 * STRIDE_SPAN);
     assert!(core::mem::size_of::<Small6>() == 8 + 16 * SMALL6 + 16 * SMALL6 + 8 * SMALL6);
     assert!(
         core::mem::size_of::<Locals>()

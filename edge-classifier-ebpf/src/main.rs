@@ -19,7 +19,8 @@ use edge_classifier_common::{
     Lpm6, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS,
     POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE,
     Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, SMALL4, SMALL6,
-    STATS_ENTRIES, STATS_STRIDE, Small4, Small6, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
+    STATS_ENTRIES, STATS_STRIDE, STRIDE_BLOCK, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4,
+    Small6, StrideBlock, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
 };
 use parse::{Addr, Fragment, Frame, L3, L4, Malformed};
 
@@ -43,6 +44,12 @@ static LOCALS: Array<Locals> = Array::with_max_entries(BUFFERS, 0);
 static SMALL_V4: Array<Small4> = Array::with_max_entries(BUFFERS, 0);
 #[map]
 static SMALL_V6: Array<Small6> = Array::with_max_entries(BUFFERS, 0);
+#[map]
+static STRIDE4_TOP: Array<u32> = Array::with_max_entries(BUFFERS * STRIDE_TOP, 0);
+#[map]
+static STRIDE4_BLOCKS: Array<StrideBlock> = Array::with_max_entries(BUFFERS * STRIDE_BLOCKS, 0);
+#[map]
+static STRIDE4_LEAVES: Array<u64> = Array::with_max_entries(BUFFERS * STRIDE_LEAVES, 0);
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
@@ -384,7 +391,7 @@ impl Remote<'_> {
 /// compared directly; anything else goes to the tries.
 #[inline(always)]
 fn local_bits(active: u32, addr: &Addr) -> u64 {
-    if let Some(bits) = small_table(active, addr) {
+    if let Some(bits) = fast_bits(active, addr) {
         return bits;
     }
     if let Some(l) = LOCALS.get(active) {
@@ -414,14 +421,18 @@ fn local_bits(active: u32, addr: &Addr) -> u64 {
     trie_bits(active, addr)
 }
 
-/// The longest match from the catalogue's small table of the address's family, when its
-/// prefixes fit in one (no match there is then no match at all: bits 0).
+/// The longest match without a trie walk, when the catalogue's prefixes of the address's family
+/// fit a small table (no match there is then no match at all: bits 0) or, for IPv4, the stride
+/// table. `None`: ask the trie.
 #[inline(always)]
-fn small_table(active: u32, addr: &Addr) -> Option<u64> {
+fn fast_bits(active: u32, addr: &Addr) -> Option<u64> {
     match addr {
         Addr::V4(a) => {
             let t = SMALL_V4.get(active)?;
             let a = u32::from_be_bytes(*a);
+            if t.stride != 0 {
+                return stride_v4(active, a);
+            }
             for i in 0..SMALL4 {
                 if i as u32 >= t.count {
                     break;
@@ -452,10 +463,25 @@ fn small_table(active: u32, addr: &Addr) -> Option<u64> {
     }
 }
 
+/// The set bits of an IPv4 address from the stride table: at most three array loads.
+#[inline(always)]
+fn stride_v4(active: u32, a: u32) -> Option<u64> {
+    let mut e = *STRIDE4_TOP.get(active * STRIDE_TOP + (a >> 16))?;
+    if e & STRIDE_BLOCK != 0 {
+        let block = STRIDE4_BLOCKS.get(active * STRIDE_BLOCKS + (e & !STRIDE_BLOCK))?;
+        e = block.entries[((a >> 8) & 0xff) as usize];
+        if e & STRIDE_BLOCK != 0 {
+            let block = STRIDE4_BLOCKS.get(active * STRIDE_BLOCKS + (e & !STRIDE_BLOCK))?;
+            e = block.entries[(a & 0xff) as usize];
+        }
+    }
+    STRIDE4_LEAVES.get(active * STRIDE_LEAVES + e).copied()
+}
+
 /// Set bits of any address (a peer's): the small table when there is one, else the tries.
 #[inline(always)]
 fn set_bits(active: u32, addr: &Addr) -> u64 {
-    match small_table(active, addr) {
+    match fast_bits(active, addr) {
         Some(bits) => bits,
         None => trie_bits(active, addr),
     }

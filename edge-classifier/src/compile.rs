@@ -13,7 +13,10 @@ use edge_classifier_common::{
 };
 use ipnet::IpNet;
 
-use crate::catalogue::{ANY, Action, Catalogue, Direction, PortSide, Transport};
+use crate::{
+    catalogue::{ANY, Action, Catalogue, Direction, PortSide, Transport},
+    stride::Stride4,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
@@ -117,6 +120,8 @@ pub struct Compiled {
     /// The whole IPv4 table when it is small enough to scan.
     pub small_v4: edge_classifier_common::Small4,
     pub small_v6: edge_classifier_common::Small6,
+    /// The IPv4 stride table, when the IPv4 table is too big to scan and fits in one.
+    pub stride_v4: Option<Stride4>,
     pub assignments: Assignments,
 }
 
@@ -395,8 +400,14 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         }
     }
 
-    let small_v4 = small_v4(&prefixes_v4);
+    let mut small_v4 = small_v4(&prefixes_v4);
     let small_v6 = small_v6(&prefixes_v6);
+    let stride_v4 = if small_v4.complete == 0 {
+        Stride4::build(&prefixes_v4)
+    } else {
+        None
+    };
+    small_v4.stride = u32::from(stride_v4.is_some());
 
     let p = &cat.policy;
     let mut flags = 0;
@@ -439,6 +450,7 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         locals,
         small_v4,
         small_v6,
+        stride_v4,
     })
 }
 

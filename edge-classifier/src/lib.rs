@@ -2,6 +2,7 @@
 //!
 //! - [`catalogue`]: the TOML rule catalogue, validated with file:line:column errors.
 //! - [`compile`]: catalogue → contents of the kernel maps.
+//! - [`stride`]: the IPv4 stride table large catalogues compile to.
 //! - [`maps`]: every read and write of the kernel maps, including the double-buffered swap.
 //! - [`loader`]: loads the embedded eBPF object, binds NICs to roles, attaches (and pins).
 //! - [`instance`]: where a pinned instance keeps its pins and state, across processes.
@@ -27,3 +28,4 @@ pub mod reference;
 pub mod replay;
 pub mod report;
 pub mod snapshot;
+pub mod stride;

@@ -13,14 +13,15 @@ use aya::{
 use edge_classifier_common::{
     BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4,
     Lpm6, MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, RuleClass,
-    STATS_STRIDE, TRANSPORTS, flow_stat, reason,
+    STATS_STRIDE, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, StrideBlock, TRANSPORTS, flow_stat,
+    reason,
 };
 use ipnet::IpNet;
 
-use crate::{compile::Compiled, instance::Instance};
+use crate::{compile::Compiled, instance::Instance, stride::Stride4};
 
 /// Every map of the object, by its name in the ELF.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 17] = [
     "ACTIVE",
     "POLICY",
     "IFACES",
@@ -31,6 +32,9 @@ pub const MAP_NAMES: [&str; 14] = [
     "LOCALS",
     "SMALL_V4",
     "SMALL_V6",
+    "STRIDE4_TOP",
+    "STRIDE4_BLOCKS",
+    "STRIDE4_LEAVES",
     "STATS",
     "FLOWS_V4",
     "FLOWS_V6",
@@ -389,6 +393,9 @@ impl Maps {
                 .set(buffer, new.small_v6, 0)
                 .map_err(err("SMALL_V6"))?;
         }
+        if let Some(stride) = &new.stride_v4 {
+            self.write_stride(buffer, stride, old.and_then(|o| o.stride_v4.as_ref()))?;
+        }
         {
             let mut classes: Array<_, RuleClass> =
                 Array::try_from(self.get_mut("CLASSES")).map_err(err("CLASSES"))?;
@@ -467,6 +474,56 @@ impl Maps {
 
     /// Empties a buffer whose contents are unknown (an interrupted reload): no port leads to a
     /// class and no prefix of it is left in the tries.
+    /// Writes a buffer's IPv4 stride table: only what differs from `old`, when the region
+    /// holds that (its last catalogue had a stride table too), else all of it (the region may
+    /// hold an older table; and with `0.0.0.0/0` always in the table no entry is ever zero).
+    fn write_stride(
+        &mut self,
+        buffer: u32,
+        new: &Stride4,
+        old: Option<&Stride4>,
+    ) -> Result<(), MapsError> {
+        fn changed<T: PartialEq>(old: Option<&[T]>, i: usize, new: &T) -> bool {
+            old.and_then(|o| o.get(i)) != Some(new)
+        }
+        {
+            let mut top: Array<_, u32> =
+                Array::try_from(self.get_mut("STRIDE4_TOP")).map_err(err("STRIDE4_TOP"))?;
+            let base = buffer * STRIDE_TOP;
+            for (i, e) in new.top.iter().enumerate() {
+                if changed(old.map(|o| &o.top[..]), i, e) {
+                    top.set(base + i as u32, *e, 0)
+                        .map_err(err("STRIDE4_TOP"))?;
+                }
+            }
+        }
+        {
+            let mut blocks: Array<_, StrideBlock> =
+                Array::try_from(self.get_mut("STRIDE4_BLOCKS")).map_err(err("STRIDE4_BLOCKS"))?;
+            let base = buffer * STRIDE_BLOCKS;
+            for (i, b) in new.blocks.iter().enumerate() {
+                if changed(old.map(|o| &o.blocks[..]), i, b) {
+                    blocks
+                        .set(base + i as u32, *b, 0)
+                        .map_err(err("STRIDE4_BLOCKS"))?;
+                }
+            }
+        }
+        {
+            let mut leaves: Array<_, u64> =
+                Array::try_from(self.get_mut("STRIDE4_LEAVES")).map_err(err("STRIDE4_LEAVES"))?;
+            let base = buffer * STRIDE_LEAVES;
+            for (i, bits) in new.leaves.iter().enumerate() {
+                if changed(old.map(|o| &o.leaves[..]), i, bits) {
+                    leaves
+                        .set(base + i as u32, *bits, 0)
+                        .map_err(err("STRIDE4_LEAVES"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn clear_buffer(&mut self, buffer: u32) -> Result<(), MapsError> {
         {
             let mut ports: Array<_, PortEntry> =

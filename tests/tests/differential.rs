@@ -467,11 +467,15 @@ impl Checker {
 }
 
 /// The default catalogue with more IPv4 and IPv6 prefixes than the small tables hold (nested
-/// and overlapping ones among them), so that every address goes through the tries.
-fn large_catalogue() -> Harness {
+/// and overlapping ones among them): IPv4 addresses go through the stride table, IPv6 ones
+/// through the trie. With `outgrow_stride`, 4,100 host prefixes in distinct /16s need more
+/// stride blocks than a buffer has, so IPv4 goes through its trie as well.
+fn large_catalogue(outgrow_stride: bool) -> Harness {
+    let hosts = if outgrow_stride { 4100 } else { 0 };
     let mut partners: Vec<String> = (0..40u32)
         .map(|i| format!("\"203.0.{}.0/24\"", 100 + i))
         .chain((0..12u32).map(|i| format!("\"2001:db8:{:x}::/48\"", 0x210 + i)))
+        .chain((0..hosts).map(|i| format!("\"{}.{}.0.1/32\"", 11 + i / 256, i % 256)))
         .collect();
     partners.extend(
         [
@@ -494,18 +498,8 @@ fn large_catalogue() -> Harness {
     )
 }
 
-#[test]
-fn kernel_and_reference_agree_with_a_large_catalogue() {
-    let mut rng = Rng(0x0bad_cafe_f00d_0001);
-    let mut c = Checker::with(large_catalogue());
-    assert_eq!(
-        c.compiled.small_v4.complete, 0,
-        "the tries must answer here"
-    );
-    assert_eq!(
-        c.compiled.small_v6.complete, 0,
-        "the tries must answer here"
-    );
+fn agree_with_large(mut c: Checker, seed: u64, name: &str) {
+    let mut rng = Rng(seed);
     let base = structured(&mut rng);
     for f in &base {
         c.check(f);
@@ -515,7 +509,30 @@ fn kernel_and_reference_agree_with_a_large_catalogue() {
         let f = mutate(&mut rng, &base[i]);
         c.check(&f);
     }
-    c.finish("large");
+    c.finish(name);
+}
+
+#[test]
+fn kernel_and_reference_agree_with_a_large_catalogue() {
+    let c = Checker::with(large_catalogue(false));
+    let (v4, v6) = (&c.compiled.small_v4, &c.compiled.small_v6);
+    assert!(
+        v4.complete == 0 && v4.stride == 1 && c.compiled.stride_v4.is_some(),
+        "the stride table must answer IPv4 here"
+    );
+    assert_eq!(v6.complete, 0, "the IPv6 trie must answer here");
+    agree_with_large(c, 0x0bad_cafe_f00d_0001, "large");
+}
+
+#[test]
+fn kernel_and_reference_agree_when_the_stride_table_is_outgrown() {
+    let c = Checker::with(large_catalogue(true));
+    let v4 = &c.compiled.small_v4;
+    assert!(
+        v4.complete == 0 && v4.stride == 0 && c.compiled.stride_v4.is_none(),
+        "the IPv4 trie must answer here"
+    );
+    agree_with_large(c, 0x0bad_cafe_f00d_0002, "trie");
 }
 
 #[test]

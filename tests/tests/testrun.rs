@@ -588,3 +588,104 @@ interface = "external"
     ];
     run_cases(&mut h, cases);
 }
+
+/// Reloads between catalogues whose IPv4 tables go through the stride table and one small
+/// enough to scan: each write is a diff against what the buffer held, or a full write when the
+/// buffer's stride region is stale. After every flip a P1 frame passes exactly from the running
+/// catalogue's partners.
+#[test]
+fn reloads_rewrite_the_stride_table() {
+    use edge_classifier::{compile::compile_with, maps::Holds};
+    use ipnet::IpNet;
+
+    let partners = |nets: Vec<String>| {
+        edited_default_catalogue(&[(
+            "public_im_partners = [\"203.0.113.0/24\", \"2001:db8:203::/48\"]",
+            &format!(
+                "public_im_partners = [{}]",
+                nets.iter()
+                    .map(|n| format!("\"{n}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )])
+    };
+    let a: Vec<String> = (100..140)
+        .map(|i| format!("203.0.{i}.0/24"))
+        .chain(["10.1.2.0/25", "10.9.0.0/16"].map(String::from))
+        .collect();
+    let b: Vec<String> = (100..120)
+        .map(|i| format!("203.0.{i}.0/24"))
+        .chain(["10.1.2.128/25", "10.1.2.7/32", "172.16.0.0/12"].map(String::from))
+        .collect();
+    let small = vec!["203.0.113.0/24".to_string()];
+    let probes: Vec<Ipv4Addr> = [
+        "203.0.100.1",
+        "203.0.119.9",
+        "203.0.120.9",
+        "203.0.139.255",
+        "203.0.140.1",
+        "203.0.113.5",
+        "10.1.2.1",
+        "10.1.2.7",
+        "10.1.2.127",
+        "10.1.2.128",
+        "10.1.2.255",
+        "10.9.3.4",
+        "10.10.0.1",
+        "172.16.5.5",
+        "172.31.255.255",
+        "172.32.0.1",
+        "8.8.8.8",
+    ]
+    .map(|p| p.parse().unwrap())
+    .to_vec();
+    let check = |h: &mut Harness, nets: &[String], step: &str| {
+        let nets: Vec<IpNet> = nets.iter().map(|n| n.parse().unwrap()).collect();
+        for &p in &probes {
+            let inside = nets.iter().any(|n| n.contains(&IpAddr::V4(p)));
+            let want = if inside { XDP_PASS } else { XDP_DROP };
+            let got = h.run(&tcp(v4(p), 40000, v4(EXT4), 5061));
+            assert_eq!(got, want, "{step}: P1 from {p} (in partners: {inside})");
+        }
+    };
+
+    let mut h = Harness::new(&partners(a.clone()), "external");
+    assert!(
+        h.classifier.compiled().stride_v4.is_some(),
+        "A uses the stride table"
+    );
+    check(&mut h, &a, "start with A");
+    // What each buffer holds, as the reload code tracks it.
+    let mut held: [Option<edge_classifier::compile::Compiled>; 2] = [None, None];
+    held[h.classifier.maps().active().unwrap() as usize] = Some(h.classifier.compiled().clone());
+    for (step, nets) in [
+        ("A -> B (fresh buffer)", &b),
+        ("B -> small (stride region left stale)", &small),
+        ("small -> A (diff against B)", &a),
+        ("A -> B (full write over the stale region)", &b),
+        ("B -> B (nothing to write)", &b),
+        ("B -> A", &a),
+    ] {
+        let next = compile_with(
+            &partners(nets.clone()),
+            &h.classifier.compiled().assignments,
+        )
+        .unwrap_or_else(|e| panic!("{step}: {e}"));
+        let running = h.classifier.compiled().clone();
+        let target = 1 - h.classifier.maps().active().unwrap() as usize;
+        let holds = match &held[target] {
+            Some(c) => Holds::Compiled(c),
+            None => Holds::Empty,
+        };
+        let now = h
+            .classifier
+            .maps_mut()
+            .swap_in(&next, holds, Some(&running))
+            .unwrap_or_else(|e| panic!("{step}: {e}"));
+        assert_eq!(now as usize, target, "{step}");
+        held[target] = Some(next.clone());
+        h.classifier.set_compiled(next);
+        check(&mut h, nets, step);
+    }
+}

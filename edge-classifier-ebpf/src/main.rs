@@ -387,11 +387,12 @@ impl Remote<'_> {
     }
 }
 
-/// Set bits of an address the Edge sends from or receives on: its own host addresses are
-/// compared directly; anything else goes to the tries.
+/// Set bits of an address the Edge sends from or receives on: a small table answers when the
+/// catalogue has one; otherwise the Edge's own host addresses are compared directly before the
+/// stride table or a trie is consulted.
 #[inline(always)]
 fn local_bits(active: u32, addr: &Addr) -> u64 {
-    if let Some(bits) = fast_bits(active, addr) {
+    if let Some(bits) = small_bits(active, addr) {
         return bits;
     }
     if let Some(l) = LOCALS.get(active) {
@@ -418,21 +419,30 @@ fn local_bits(active: u32, addr: &Addr) -> u64 {
             }
         }
     }
-    trie_bits(active, addr)
+    large_bits(active, addr)
 }
 
-/// The longest match without a trie walk, when the catalogue's prefixes of the address's family
-/// fit a small table (no match there is then no match at all: bits 0) or, for IPv4, the stride
-/// table. `None`: ask the trie.
+/// Set bits of any address (a peer's).
 #[inline(always)]
-fn fast_bits(active: u32, addr: &Addr) -> Option<u64> {
+fn set_bits(active: u32, addr: &Addr) -> u64 {
+    match small_bits(active, addr) {
+        Some(bits) => bits,
+        None => large_bits(active, addr),
+    }
+}
+
+/// The longest match from the small table of the address's family, when the catalogue's
+/// prefixes of that family fit one (no match there is then no match at all: bits 0). `None`:
+/// the table is too big to scan.
+#[inline(always)]
+fn small_bits(active: u32, addr: &Addr) -> Option<u64> {
     match addr {
         Addr::V4(a) => {
             let t = SMALL_V4.get(active)?;
-            let a = u32::from_be_bytes(*a);
-            if t.stride != 0 {
-                return stride_v4(active, a);
+            if t.complete == 0 {
+                return None;
             }
+            let a = u32::from_be_bytes(*a);
             for i in 0..SMALL4 {
                 if i as u32 >= t.count {
                     break;
@@ -441,10 +451,12 @@ fn fast_bits(active: u32, addr: &Addr) -> Option<u64> {
                     return Some(t.bits[i]);
                 }
             }
-            (t.complete != 0).then_some(0)
         }
         Addr::V6(a) => {
             let t = SMALL_V6.get(active)?;
+            if t.complete == 0 {
+                return None;
+            }
             let (hi, lo) = a.split_at(8);
             let w = [
                 u64::from_ne_bytes(hi.try_into().ok()?),
@@ -458,9 +470,23 @@ fn fast_bits(active: u32, addr: &Addr) -> Option<u64> {
                     return Some(t.bits[i]);
                 }
             }
-            (t.complete != 0).then_some(0)
         }
     }
+    Some(0)
+}
+
+/// The longest match from a table too big to scan: the IPv4 stride table when the catalogue
+/// fits one, else the trie.
+#[inline(always)]
+fn large_bits(active: u32, addr: &Addr) -> u64 {
+    if let Addr::V4(a) = addr
+        && let Some(t) = SMALL_V4.get(active)
+        && t.stride != 0
+        && let Some(bits) = stride_v4(active, u32::from_be_bytes(*a))
+    {
+        return bits;
+    }
+    trie_bits(active, addr)
 }
 
 /// The set bits of an IPv4 address from the stride table: at most three array loads.
@@ -476,15 +502,6 @@ fn stride_v4(active: u32, a: u32) -> Option<u64> {
         }
     }
     STRIDE4_LEAVES.get(active * STRIDE_LEAVES + e).copied()
-}
-
-/// Set bits of any address (a peer's): the small table when there is one, else the tries.
-#[inline(always)]
-fn set_bits(active: u32, addr: &Addr) -> u64 {
-    match fast_bits(active, addr) {
-        Some(bits) => bits,
-        None => trie_bits(active, addr),
-    }
 }
 
 #[inline(always)]

@@ -278,8 +278,8 @@ impl Default for Flows {
 }
 
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
-/// Bounds of `[flows]` values: capacity is kernel memory (about 128 bytes per flow), idle time
-/// beyond ten days keeps dead flows.
+/// Bounds of `[flows]` values: capacity is kernel memory (about 105 bytes per IPv4 flow and 129
+/// per IPv6 flow, for each family's table), idle time beyond ten days keeps dead flows.
 pub const MAX_FLOW_CAPACITY: u32 = 16 * 1024 * 1024;
 pub const MAX_FLOW_TIMEOUT: u32 = 10 * 24 * 3600;
 

@@ -615,4 +615,33 @@ fn a_reply_must_come_back_on_a_nic_of_the_role_the_flow_left_by() {
         .expect("rebind lo")
         .clone();
     in_rule(&mut h, "reply on the external NIC", &reply, rule);
+    // That pass is now in this CPU's reply cache for the rest of the tick: a hit there must
+    // check the role too. Pinned, so both runs use the same CPU's cache.
+    pin_to_one_cpu();
+    let ack = tcp_segment(peer, 5061, edge, 41600, ACK);
+    in_rule(&mut h, "ACK on the external NIC", &ack, rule);
+    h.binding = h
+        .classifier
+        .bind("lo", "internal")
+        .expect("rebind lo")
+        .clone();
+    in_drop(
+        &mut h,
+        "the same ACK on an internal NIC, same tick",
+        &ack,
+        "no_rule",
+    );
+}
+
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is valid; the call reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! The empty XDP program: the floor that benchmarks compare the classifier against.
+//! The empty XDP programs: the floors that benchmarks compare the classifier against.
 #![no_std]
 #![no_main]
 
@@ -7,6 +7,12 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 #[xdp]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// What dropping costs with no decision at all, for the through-the-stack comparison.
+#[xdp]
+pub fn xdp_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
 }
 
 #[cfg(not(test))]

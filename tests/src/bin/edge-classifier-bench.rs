@@ -485,9 +485,14 @@ fn live_run(ns: &str, prog_ctor: LiveProg, repeat: u32) -> anyhow::Result<f64> {
                 c.bind("v0", "external")?;
                 run(c.program())
             }
-            LiveProg::Floor => {
+            LiveProg::Floor | LiveProg::FloorDrop => {
+                let name = if matches!(prog_ctor, LiveProg::Floor) {
+                    "xdp_pass"
+                } else {
+                    "xdp_drop"
+                };
                 let mut floor = Ebpf::load(FLOOR_OBJECT)?;
-                let fp: &mut Xdp = floor.program_mut("xdp_pass").unwrap().try_into()?;
+                let fp: &mut Xdp = floor.program_mut(name).unwrap().try_into()?;
                 fp.load()?;
                 run(fp)
             }
@@ -498,7 +503,10 @@ fn live_run(ns: &str, prog_ctor: LiveProg, repeat: u32) -> anyhow::Result<f64> {
 #[derive(Clone, Copy)]
 enum LiveProg {
     Ours,
+    /// The empty XDP_PASS program: what follows it is the stack.
     Floor,
+    /// The empty XDP_DROP program: the cost of a drop with no decision.
+    FloorDrop,
 }
 
 fn live(repeat: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
@@ -507,6 +515,10 @@ fn live(repeat: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
     out.push((
         "edge-classifier (XDP_DROP)",
         live_run(&bed.ns, LiveProg::Ours, repeat)?,
+    ));
+    out.push((
+        "empty XDP_DROP program (a drop with no decision)",
+        live_run(&bed.ns, LiveProg::FloorDrop, repeat)?,
     ));
     out.push((
         "XDP_PASS, no filter (the stack answers with RST)",
@@ -931,7 +943,7 @@ fn main() -> anyhow::Result<()> {
     plot_scaling(&out_dir.join("scaling.svg"), &by_prefixes, &by_rules)?;
 
     eprintln!("live frames");
-    let live_repeat = repeat.min(500_000);
+    let live_repeat = repeat;
     let lv = live(live_repeat)?;
     writeln!(
         md,

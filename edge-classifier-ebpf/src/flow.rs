@@ -130,56 +130,57 @@ pub fn reply(
     transport: u32,
     tcp_flags: u8,
 ) -> Option<u32> {
+    let r = Reply {
+        role_mask,
+        policy,
+        transport,
+        tcp_flags,
+        now: now(),
+    };
     match key {
         Key::V4(k) => {
-            let now = now();
-            // FIN and RST change the flow: they always go to the table, which records them.
-            let cached = if tcp_flags & (TCP_FIN | TCP_RST) == 0 {
-                REPLY_CACHE.get_ptr_mut(cache_index(k))
-            } else {
-                None
-            };
-            let Some(c) = cached else {
-                return reply_in(&FLOWS_V4, k, role_mask, policy, transport, tcp_flags, now)
-                    .map(|s| s.slot);
-            };
-            // Per-CPU slot: no other writer.
-            let c = unsafe { &mut *c };
-            let words = key_words(k);
-            if c.tick == now && c.key == words {
-                return (c.role_mask & role_mask != 0).then_some(c.slot);
-            }
-            let state = reply_in(&FLOWS_V4, k, role_mask, policy, transport, tcp_flags, now)?;
-            *c = CachedReply {
-                key: words,
-                tick: now,
-                slot: state.slot,
-                role_mask: state.role_mask,
-            };
-            Some(state.slot)
+            // FlowKey4 is 16 bytes, 8-aligned, with no padding.
+            let words = unsafe { core::mem::transmute::<FlowKey4, [u64; 2]>(*k) };
+            cached_reply(&REPLY_CACHE_V4, &FLOWS_V4, k, words, &r)
         }
         Key::V6(k) => {
-            reply_in(&FLOWS_V6, k, role_mask, policy, transport, tcp_flags, now()).map(|s| s.slot)
+            // FlowKey is 40 bytes, 8-aligned, its padding zeroed.
+            let words = unsafe { core::mem::transmute::<FlowKey, [u64; 5]>(*k) };
+            cached_reply(&REPLY_CACHE_V6, &FLOWS_V6, k, words, &r)
         }
     }
 }
 
-/// A per-CPU exact-match cache of the IPv4 replies found live in the table this tick, in front
-/// of it (the idea of Open vSwitch's EMC): a hit costs a few loads where the table lookup is a
+/// What a reply lookup needs besides the key.
+struct Reply<'a> {
+    role_mask: u32,
+    policy: &'a Policy,
+    transport: u32,
+    tcp_flags: u8,
+    now: u64,
+}
+
+/// Per-CPU exact-match caches of the replies found live in the flow tables this tick, in front
+/// of them (the idea of Open vSwitch's EMC): a hit costs a few loads where the table lookup is a
 /// kernel call (about 25 ns here). Within one tick a live flow stays live, since timeouts are
 /// whole seconds and a lookup raises `last_seen` to this tick, so a hit is the table's answer.
 /// What a hit cannot see is a flow evicted from a full table, or purged by a reload, earlier in
 /// the same tick: its replies pass on that CPU until the tick ends (1/HZ s at most). Those flows
 /// were the Edge's own a moment before.
 #[map]
-static REPLY_CACHE: PerCpuArray<CachedReply> = PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);
+static REPLY_CACHE_V4: PerCpuArray<CachedReply<2>> =
+    PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);
+#[map]
+static REPLY_CACHE_V6: PerCpuArray<CachedReply<5>> =
+    PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);
 
 const REPLY_CACHE_SLOTS: u32 = 256;
 
+/// A flow key as `N` words, the tick it was found live, and what the table said of it.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct CachedReply {
-    key: [u64; 2],
+struct CachedReply<const N: usize> {
+    key: [u64; N],
     /// `bpf_jiffies64` when the table said the flow was live; the entry is good for that tick.
     tick: u64,
     slot: u32,
@@ -188,16 +189,49 @@ struct CachedReply {
 }
 
 #[inline(always)]
-fn key_words(k: &FlowKey4) -> [u64; 2] {
-    // FlowKey4 is 16 bytes, 8-aligned, with no padding.
-    unsafe { core::mem::transmute::<FlowKey4, [u64; 2]>(*k) }
-}
-
-#[inline(always)]
-fn cache_index(k: &FlowKey4) -> u32 {
-    let w = key_words(k);
-    let x = (w[0] ^ w[1].rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (x >> 56) as u32 % REPLY_CACHE_SLOTS
+fn cached_reply<K, const N: usize>(
+    cache: &PerCpuArray<CachedReply<N>>,
+    flows: &LruHashMap<K, FlowState>,
+    key: &K,
+    words: [u64; N],
+    r: &Reply,
+) -> Option<u32> {
+    let lookup = || {
+        reply_in(
+            flows,
+            key,
+            r.role_mask,
+            r.policy,
+            r.transport,
+            r.tcp_flags,
+            r.now,
+        )
+    };
+    // FIN and RST change the flow: they always go to the table, which records them.
+    if r.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        return lookup().map(|s| s.slot);
+    }
+    let mut x = 0u64;
+    for w in words {
+        x = x.rotate_left(29) ^ w;
+    }
+    let index = (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u32 % REPLY_CACHE_SLOTS;
+    let Some(c) = cache.get_ptr_mut(index) else {
+        return lookup().map(|s| s.slot);
+    };
+    // Per-CPU slot: no other writer.
+    let c = unsafe { &mut *c };
+    if c.tick == r.now && c.key == words {
+        return (c.role_mask & r.role_mask != 0).then_some(c.slot);
+    }
+    let state = lookup()?;
+    *c = CachedReply {
+        key: words,
+        tick: r.now,
+        slot: state.slot,
+        role_mask: state.role_mask,
+    };
+    Some(state.slot)
 }
 
 #[inline(always)]

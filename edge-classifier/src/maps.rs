@@ -13,8 +13,7 @@ use aya::{
 use edge_classifier_common::{
     BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4,
     Lpm6, MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, RuleClass,
-    STATS_STRIDE, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, StrideBlock, TRANSPORTS, flow_stat,
-    reason,
+    STATS_STRIDE, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, TRANSPORTS, flow_stat, reason,
 };
 use ipnet::IpNet;
 
@@ -472,8 +471,6 @@ impl Maps {
         Ok(())
     }
 
-    /// Empties a buffer whose contents are unknown (an interrupted reload): no port leads to a
-    /// class and no prefix of it is left in the tries.
     /// Writes a buffer's IPv4 stride table: only what differs from `old`, when the region
     /// holds that (its last catalogue had a stride table too), else all of it (the region may
     /// hold an older table; and with `0.0.0.0/0` always in the table no entry is ever zero).
@@ -483,47 +480,46 @@ impl Maps {
         new: &Stride4,
         old: Option<&Stride4>,
     ) -> Result<(), MapsError> {
-        fn changed<T: PartialEq>(old: Option<&[T]>, i: usize, new: &T) -> bool {
-            old.and_then(|o| o.get(i)) != Some(new)
-        }
-        {
-            let mut top: Array<_, u32> =
-                Array::try_from(self.get_mut("STRIDE4_TOP")).map_err(err("STRIDE4_TOP"))?;
-            let base = buffer * STRIDE_TOP;
-            for (i, e) in new.top.iter().enumerate() {
-                if changed(old.map(|o| &o.top[..]), i, e) {
-                    top.set(base + i as u32, *e, 0)
-                        .map_err(err("STRIDE4_TOP"))?;
-                }
-            }
-        }
-        {
-            let mut blocks: Array<_, StrideBlock> =
-                Array::try_from(self.get_mut("STRIDE4_BLOCKS")).map_err(err("STRIDE4_BLOCKS"))?;
-            let base = buffer * STRIDE_BLOCKS;
-            for (i, b) in new.blocks.iter().enumerate() {
-                if changed(old.map(|o| &o.blocks[..]), i, b) {
-                    blocks
-                        .set(base + i as u32, *b, 0)
-                        .map_err(err("STRIDE4_BLOCKS"))?;
-                }
-            }
-        }
-        {
-            let mut leaves: Array<_, u64> =
-                Array::try_from(self.get_mut("STRIDE4_LEAVES")).map_err(err("STRIDE4_LEAVES"))?;
-            let base = buffer * STRIDE_LEAVES;
-            for (i, bits) in new.leaves.iter().enumerate() {
-                if changed(old.map(|o| &o.leaves[..]), i, bits) {
-                    leaves
-                        .set(base + i as u32, *bits, 0)
-                        .map_err(err("STRIDE4_LEAVES"))?;
-                }
+        self.write_changed(
+            "STRIDE4_TOP",
+            buffer * STRIDE_TOP,
+            &new.top,
+            old.map(|o| &o.top[..]),
+        )?;
+        self.write_changed(
+            "STRIDE4_BLOCKS",
+            buffer * STRIDE_BLOCKS,
+            &new.blocks,
+            old.map(|o| &o.blocks[..]),
+        )?;
+        self.write_changed(
+            "STRIDE4_LEAVES",
+            buffer * STRIDE_LEAVES,
+            &new.leaves,
+            old.map(|o| &o.leaves[..]),
+        )
+    }
+
+    /// Writes `new` into array `name` from index `base`, skipping the entries equal to what
+    /// `old` says is there.
+    fn write_changed<T: aya::Pod + PartialEq>(
+        &mut self,
+        name: &'static str,
+        base: u32,
+        new: &[T],
+        old: Option<&[T]>,
+    ) -> Result<(), MapsError> {
+        let mut array: Array<_, T> = Array::try_from(self.get_mut(name)).map_err(err(name))?;
+        for (i, v) in new.iter().enumerate() {
+            if old.and_then(|o| o.get(i)) != Some(v) {
+                array.set(base + i as u32, v, 0).map_err(err(name))?;
             }
         }
         Ok(())
     }
 
+    /// Empties a buffer whose contents are unknown (an interrupted reload): no port leads to a
+    /// class and no prefix of it is left in the tries.
     fn clear_buffer(&mut self, buffer: u32) -> Result<(), MapsError> {
         {
             let mut ports: Array<_, PortEntry> =

@@ -593,44 +593,53 @@ fn a_full_table_evicts_the_least_recently_used_flows() {
 #[test]
 fn a_reply_must_come_back_on_a_nic_of_the_role_the_flow_left_by() {
     let mut h = short_timeouts();
-    let (edge, peer) = (IpAddr::from(EXT4), IpAddr::from(PEER4));
     let rule = "sip-federation-out";
-    out_rule(
-        &mut h,
-        "SYN out on external",
-        &tcp_segment(edge, 41600, peer, 5061, SYN),
-        rule,
-    );
-    let reply = tcp_segment(peer, 5061, edge, 41600, SYN | ACK);
-    // The same device, now bound as the internal NIC.
-    h.binding = h
-        .classifier
-        .bind("lo", "internal")
-        .expect("rebind lo")
-        .clone();
-    in_drop(&mut h, "reply on an internal NIC", &reply, "no_rule");
-    h.binding = h
-        .classifier
-        .bind("lo", "external")
-        .expect("rebind lo")
-        .clone();
-    in_rule(&mut h, "reply on the external NIC", &reply, rule);
-    // That pass is now in this CPU's reply cache for the rest of the tick: a hit there must
-    // check the role too. Pinned, so both runs use the same CPU's cache.
+    let bind = |h: &mut Harness, role: &str| {
+        h.binding = h.classifier.bind("lo", role).expect("rebind lo").clone();
+    };
+    // Pinned, so that the runs below use one CPU's reply cache.
     pin_to_one_cpu();
-    let ack = tcp_segment(peer, 5061, edge, 41600, ACK);
-    in_rule(&mut h, "ACK on the external NIC", &ack, rule);
-    h.binding = h
-        .classifier
-        .bind("lo", "internal")
-        .expect("rebind lo")
-        .clone();
-    in_drop(
-        &mut h,
-        "the same ACK on an internal NIC, same tick",
-        &ack,
-        "no_rule",
-    );
+    for (edge, peer, ..) in families() {
+        bind(&mut h, "external");
+        out_rule(
+            &mut h,
+            &format!("{edge}: SYN out on external"),
+            &tcp_segment(edge, 41600, peer, 5061, SYN),
+            rule,
+        );
+        let reply = tcp_segment(peer, 5061, edge, 41600, SYN | ACK);
+        // The same device, now bound as the internal NIC.
+        bind(&mut h, "internal");
+        in_drop(
+            &mut h,
+            &format!("{edge}: reply on an internal NIC"),
+            &reply,
+            "no_rule",
+        );
+        bind(&mut h, "external");
+        in_rule(
+            &mut h,
+            &format!("{edge}: reply on the external NIC"),
+            &reply,
+            rule,
+        );
+        // That pass is now in this CPU's reply cache for the rest of the tick: a hit there must
+        // check the role too.
+        let ack = tcp_segment(peer, 5061, edge, 41600, ACK);
+        in_rule(
+            &mut h,
+            &format!("{edge}: ACK on the external NIC"),
+            &ack,
+            rule,
+        );
+        bind(&mut h, "internal");
+        in_drop(
+            &mut h,
+            &format!("{edge}: the same ACK on an internal NIC, same tick"),
+            &ack,
+            "no_rule",
+        );
+    }
 }
 
 fn pin_to_one_cpu() {

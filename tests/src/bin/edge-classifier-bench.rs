@@ -310,6 +310,26 @@ fn other_replies() -> Vec<MixFrame> {
             "external",
             true,
         ),
+        frame(
+            "S1 reply over IPv6",
+            tcp_segment(
+                ext("2001:db8:100::1"),
+                5061,
+                ext("2001:db8:100::10"),
+                41004,
+                ACK,
+            ),
+            "external",
+            true,
+        ),
+        // FIN always goes to the table (it records the teardown), so this is the cost of a reply
+        // the cache does not hold: a flow's first reply in a tick on that CPU.
+        frame(
+            "S1 reply with FIN (the flow table, past the cache)",
+            tcp_segment(client, 5061, edge, 41005, FIN | ACK),
+            "external",
+            true,
+        ),
     ]
 }
 
@@ -325,6 +345,14 @@ fn open_flows(h: &mut Harness) {
         tcp_segment(edge, 50010, client, 7000, SYN),
         udp(edge, 41002, client, 3478),
         tcp_segment(edge, 41003, client, 5269, SYN),
+        tcp_segment(
+            ext("2001:db8:100::10"),
+            41004,
+            ext("2001:db8:100::1"),
+            5061,
+            SYN,
+        ),
+        tcp_segment(edge, 41005, client, 5061, SYN),
     ] {
         assert_eq!(h.run_dir(Dir::Out, &request), TC_NEXT, "egress request");
     }
@@ -906,7 +934,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "The mix has an allowed frame of each inbound seed row and one reply of an outbound flow. The replies of the other outbound rows take the same flow-table path; they are timed here, outside the mix:\n"
+        "The mix has an allowed frame of each inbound seed row and one reply of an outbound flow. TestRun repeats one frame, so a reply hits the per-CPU reply cache after the first repetition of each tick. The replies of the other outbound rows, an IPv6 reply and a FIN reply (which always goes to the flow table, as a flow's first reply of a tick does) are timed here, outside the mix:\n"
     )?;
     per_frame_table(&mut md, &pf.replies)?;
     writeln!(md)?;

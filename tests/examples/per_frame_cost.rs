@@ -9,7 +9,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use edge_classifier::loader::FLOOR_OBJECT;
-use edge_classifier_tests::{ACK, Dir, Harness, SYN, TC_NEXT, tcp, tcp_segment, udp};
+use edge_classifier_tests::{ACK, Dir, FIN, Harness, SYN, TC_NEXT, tcp, tcp_segment, udp};
 
 fn ns_per_frame<
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
@@ -75,6 +75,12 @@ fn main() {
     let request = tcp_segment(edge, 41000, peer, 5061, SYN);
     assert_eq!(h.run_dir(Dir::Out, &request), TC_NEXT);
     let reply = tcp_segment(peer, 5061, edge, 41000, ACK);
+    let (edge6, peer6): (IpAddr, IpAddr) = (
+        "2001:db8:100::10".parse().unwrap(),
+        "2001:db8:100::77".parse().unwrap(),
+    );
+    let request6 = tcp_segment(edge6, 41000, peer6, 5061, SYN);
+    assert_eq!(h.run_dir(Dir::Out, &request6), TC_NEXT);
     let frames = [
         (
             "TCP 5061 SYN from a partner (P1, pass)",
@@ -91,6 +97,14 @@ fn main() {
         ),
         ("TCP 22 SYN (no rule, drop)", tcp(partner, 40000, edge, 22)),
         ("S1 reply, flow recorded (pass)", reply.clone()),
+        (
+            "S1 reply over IPv6, flow recorded (pass)",
+            tcp_segment(peer6, 5061, edge6, 41000, ACK),
+        ),
+        (
+            "S1 reply with FIN (past the reply cache)",
+            tcp_segment(peer, 5061, edge, 41000, FIN | ACK),
+        ),
         (
             "S1 forged reply, no flow (drop)",
             tcp_segment(peer, 5061, edge, 41001, ACK),

@@ -224,8 +224,8 @@ fn cached_reply<K, const N: usize>(
     // Word by word: `==` on the arrays becomes a call to a BPF memcmp, which costs as much as
     // the table lookup the cache is there to skip.
     let mut same = c.tick == r.now;
-    for i in 0..N {
-        same &= c.key[i] == words[i];
+    for (a, b) in c.key.iter().zip(&words) {
+        same &= a == b;
     }
     if same {
         return (c.role_mask & r.role_mask != 0).then_some(c.slot);

@@ -125,12 +125,14 @@ pub fn record(
 #[inline(always)]
 pub fn reply(
     key: &Key,
+    generation: u32,
     role_mask: u32,
     policy: &Policy,
     transport: u32,
     tcp_flags: u8,
 ) -> Option<u32> {
     let r = Reply {
+        generation,
         role_mask,
         policy,
         transport,
@@ -153,6 +155,8 @@ pub fn reply(
 
 /// What a reply lookup needs besides the key.
 struct Reply<'a> {
+    /// The `ACTIVE` word: it changes with every flip and flow purge.
+    generation: u32,
     role_mask: u32,
     policy: &'a Policy,
     transport: u32,
@@ -164,9 +168,10 @@ struct Reply<'a> {
 /// of them (the idea of Open vSwitch's EMC): a hit costs a few loads where the table lookup is a
 /// kernel call (about 25 ns here). Within one tick a live flow stays live, since timeouts are
 /// whole seconds and a lookup raises `last_seen` to this tick, so a hit is the table's answer.
-/// What a hit cannot see is a flow evicted from a full table, or purged by a reload, earlier in
-/// the same tick: its replies pass on that CPU until the tick ends (1/HZ s at most). Those flows
-/// were the Edge's own a moment before.
+/// A reload's flip and flow purge change the `ACTIVE` word, which every entry records, so a
+/// purged flow is forgotten at once. What a hit cannot see is a flow evicted from a full table
+/// earlier in the same tick (the LRU has no hook to tell): its replies pass on that CPU until
+/// the tick ends, 1/HZ s at most. That flow was the Edge's own a moment before.
 #[map]
 static REPLY_CACHE_V4: PerCpuArray<CachedReply<2>> =
     PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);
@@ -186,6 +191,9 @@ struct CachedReply<const N: usize> {
     slot: u32,
     /// The flow's: a reply must arrive on a NIC of that role.
     role_mask: u32,
+    /// The `ACTIVE` word then.
+    generation: u32,
+    _pad: u32,
 }
 
 #[inline(always)]
@@ -223,7 +231,7 @@ fn cached_reply<K, const N: usize>(
     let c = unsafe { &mut *c };
     // Word by word: `==` on the arrays becomes a call to a BPF memcmp, which costs as much as
     // the table lookup the cache is there to skip.
-    let mut same = c.tick == r.now;
+    let mut same = c.tick == r.now && c.generation == r.generation;
     for (a, b) in c.key.iter().zip(&words) {
         same &= a == b;
     }
@@ -236,6 +244,8 @@ fn cached_reply<K, const N: usize>(
         tick: r.now,
         slot: state.slot,
         role_mask: state.role_mask,
+        generation: r.generation,
+        _pad: 0,
     };
     Some(state.slot)
 }

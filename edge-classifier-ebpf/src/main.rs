@@ -92,12 +92,19 @@ fn binding(ifindex: u32) -> (u32, u32) {
     }
 }
 
+/// The `ACTIVE` word: bit 0 is the buffer to read; the bits above count the flips and flow
+/// purges, so that a reply cache entry made before one is not trusted after it.
 #[inline(always)]
-fn active_buffer() -> u32 {
+fn active_word() -> u32 {
     match ACTIVE.get(0) {
-        Some(a) => *a & 1,
+        Some(a) => *a,
         None => 0,
     }
+}
+
+#[inline(always)]
+fn active_buffer() -> u32 {
+    active_word() & 1
 }
 
 #[xdp]
@@ -267,7 +274,8 @@ fn try_classify(
         return Ok(no_rule(policy));
     }
     if let Some(key) = flow::key(transport, &l3.dst, &l3.src, dport, sport)
-        && let Some(slot) = flow::reply(&key, role_mask, policy, transport, tcp_flags)
+        && let Some(slot) =
+            flow::reply(&key, active_word(), role_mask, policy, transport, tcp_flags)
     {
         return Ok(Verdict::rule(slot));
     }

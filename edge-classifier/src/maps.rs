@@ -166,10 +166,17 @@ impl Maps {
         Ok(a.get(&0, 0).map_err(err("ACTIVE"))? & 1)
     }
 
+    /// Flips the program to `buffer`. The bits above bit 0 count flips and flow purges: the
+    /// program's per-CPU reply caches drop what they hold when the word changes.
     pub fn set_active(&mut self, buffer: u32) -> Result<(), MapsError> {
+        self.bump_active(|word| (word & !1).wrapping_add(2) | buffer)
+    }
+
+    fn bump_active(&mut self, next: impl Fn(u32) -> u32) -> Result<(), MapsError> {
         let mut a: Array<_, u32> =
             Array::try_from(self.get_mut("ACTIVE")).map_err(err("ACTIVE"))?;
-        a.set(0, buffer, 0).map_err(err("ACTIVE"))
+        let word = a.get(&0, 0).map_err(err("ACTIVE"))?;
+        a.set(0, next(word), 0).map_err(err("ACTIVE"))
     }
 
     /// Capacity of each flow table as the kernel made it.
@@ -338,6 +345,8 @@ impl Maps {
             }
         }
         if removed > 0 {
+            // Replies of the removed flows may sit in the program's reply caches.
+            self.bump_active(|word| word.wrapping_add(2))?;
             let mut stats: PerCpuArray<_, u64> =
                 PerCpuArray::try_from(self.get_mut("FLOW_STATS")).map_err(err("FLOW_STATS"))?;
             let mut values: Vec<u64> = stats

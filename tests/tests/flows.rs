@@ -642,6 +642,38 @@ fn a_reply_must_come_back_on_a_nic_of_the_role_the_flow_left_by() {
     }
 }
 
+/// A reload purges the flows of rules it removes; a reply this CPU's cache passed a moment
+/// before must drop right after, not at the end of the tick.
+#[test]
+fn a_purged_flow_is_forgotten_by_the_reply_cache_at_once() {
+    let mut h = short_timeouts();
+    let rule = "sip-federation-out";
+    pin_to_one_cpu();
+    for (edge, peer, ..) in families() {
+        out_rule(
+            &mut h,
+            &format!("{edge}: SYN out"),
+            &tcp_segment(edge, 41700, peer, 5061, SYN),
+            rule,
+        );
+        let ack = tcp_segment(peer, 5061, edge, 41700, ACK);
+        in_rule(&mut h, &format!("{edge}: ACK in"), &ack, rule);
+        in_rule(&mut h, &format!("{edge}: ACK in again (cached)"), &ack, rule);
+        let removed = h
+            .classifier
+            .maps_mut()
+            .purge_flows(&std::collections::BTreeSet::new())
+            .expect("purge");
+        assert_eq!(removed, 1, "{edge}: the one flow purged");
+        in_drop(
+            &mut h,
+            &format!("{edge}: ACK in after the purge"),
+            &ack,
+            "not_established",
+        );
+    }
+}
+
 fn pin_to_one_cpu() {
     // SAFETY: a zeroed cpu_set_t is valid; the call reads it.
     unsafe {

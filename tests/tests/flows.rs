@@ -658,7 +658,12 @@ fn a_purged_flow_is_forgotten_by_the_reply_cache_at_once() {
         );
         let ack = tcp_segment(peer, 5061, edge, 41700, ACK);
         in_rule(&mut h, &format!("{edge}: ACK in"), &ack, rule);
-        in_rule(&mut h, &format!("{edge}: ACK in again (cached)"), &ack, rule);
+        in_rule(
+            &mut h,
+            &format!("{edge}: ACK in again (cached)"),
+            &ack,
+            rule,
+        );
         let removed = h
             .classifier
             .maps_mut()

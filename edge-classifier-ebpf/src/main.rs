@@ -113,9 +113,10 @@ pub fn edge_classifier(ctx: XdpContext) -> u32 {
     let verdict = if block == 0 {
         Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
     } else {
-        let active = active_buffer();
+        let word = active_word();
+        let active = word & 1;
         match POLICY.get(active) {
-            Some(policy) => match try_classify(&ctx, active, role_mask, policy) {
+            Some(policy) => match try_classify(&ctx, word, role_mask, policy) {
                 Ok(v) => v,
                 Err(Malformed) => Verdict::drop(reason::DROP_MALFORMED),
             },
@@ -181,10 +182,11 @@ fn count(block: u32, counter: u32, packets: u64, len: usize) {
 #[inline(always)]
 fn try_classify(
     ctx: &XdpContext,
-    active: u32,
+    word: u32,
     role_mask: u32,
     policy: &Policy,
 ) -> Result<Verdict, Malformed> {
+    let active = word & 1;
     let l3 = match parse::l3(ctx)? {
         L3::Arp => return Ok(Verdict::pass(reason::PASS_ARP)),
         L3::Other => {
@@ -274,8 +276,7 @@ fn try_classify(
         return Ok(no_rule(policy));
     }
     if let Some(key) = flow::key(transport, &l3.dst, &l3.src, dport, sport)
-        && let Some(slot) =
-            flow::reply(&key, active_word(), role_mask, policy, transport, tcp_flags)
+        && let Some(slot) = flow::reply(&key, word, role_mask, policy, transport, tcp_flags)
     {
         return Ok(Verdict::rule(slot));
     }

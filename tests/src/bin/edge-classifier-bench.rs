@@ -148,33 +148,29 @@ impl XdpFilter {
         Ok(XdpFilter { bed, prog_id, dir })
     }
 
-    fn measure(&self, frame: &[u8], repeat: u32) -> anyhow::Result<Stat> {
+    /// One BPF_PROG_TEST_RUN of xdp-filter's program through bpftool: mean ns per frame.
+    fn once(&self, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
         let f = self.dir.join("frame");
         std::fs::write(&f, frame)?;
-        let mut v = Vec::new();
-        for _ in 0..RUNS {
-            let out = sh(Command::new("bpftool").args([
-                "prog",
-                "run",
-                "id",
-                &self.prog_id.to_string(),
-                "data_in",
-                f.to_str().unwrap(),
-                "repeat",
-                &repeat.to_string(),
-            ]))?;
-            let at = out.find("duration (average): ").context("bpftool output")? + 20;
-            let n: f64 = out[at..]
-                .trim_start()
-                .trim_end_matches(|c: char| !c.is_ascii_digit())
-                .split("ns")
-                .next()
-                .unwrap()
-                .trim()
-                .parse()?;
-            v.push(n);
-        }
-        Ok(Stat::of(v))
+        let out = sh(Command::new("bpftool").args([
+            "prog",
+            "run",
+            "id",
+            &self.prog_id.to_string(),
+            "data_in",
+            f.to_str().unwrap(),
+            "repeat",
+            &repeat.to_string(),
+        ]))?;
+        let at = out.find("duration (average): ").context("bpftool output")? + 20;
+        Ok(out[at..]
+            .trim_start()
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .split("ns")
+            .next()
+            .unwrap()
+            .trim()
+            .parse()?)
     }
 }
 
@@ -402,10 +398,11 @@ fn per_frame(repeat: u32) -> anyhow::Result<PerFrame> {
             None
         }
     };
-    let mut time = |frames: Vec<MixFrame>| -> anyhow::Result<Vec<_>> {
-        let mut rows = Vec::new();
-        for f in frames {
-            eprintln!("per-frame: {}", f.name);
+    // Rounds, each timing every frame with every program once: a burst of noise from the
+    // host then lands on one sample of many frames, not on all samples of one frame, and each
+    // frame's three programs are timed seconds apart. Round 0 warms up and is not counted.
+    let mut time = |frames: Vec<MixFrame>| -> anyhow::Result<Vec<Row>> {
+        for f in &frames {
             let h = if f.role == "internal" {
                 &mut int_h
             } else {
@@ -413,15 +410,34 @@ fn per_frame(repeat: u32) -> anyhow::Result<PerFrame> {
             };
             let want = if f.pass { XDP_PASS } else { XDP_DROP };
             assert_eq!(h.run(&f.frame), want, "{}: verdict", f.name);
-            let ours = measure(h.classifier.program(), &f.frame, repeat);
-            let base = measure(&*fp, &f.frame, repeat);
-            let theirs = xf
-                .as_ref()
-                .map(|x| x.measure(&f.frame, repeat))
-                .transpose()?;
-            rows.push((f.name, ours, base, theirs));
         }
-        Ok(rows)
+        let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); frames.len()];
+        for round in 0..=RUNS {
+            eprintln!("per-frame: round {round} of {RUNS}");
+            for (f, (ours, base, theirs)) in frames.iter().zip(samples.iter_mut()) {
+                let h = if f.role == "internal" {
+                    &mut int_h
+                } else {
+                    &mut ext_h
+                };
+                let o = ns_per_frame(h.classifier.program(), &f.frame, repeat);
+                let b = ns_per_frame(&*fp, &f.frame, repeat);
+                let t = xf.as_ref().map(|x| x.once(&f.frame, repeat)).transpose()?;
+                if round > 0 {
+                    ours.push(o);
+                    base.push(b);
+                    theirs.extend(t);
+                }
+            }
+        }
+        Ok(frames
+            .iter()
+            .zip(samples)
+            .map(|(f, (ours, base, theirs))| {
+                let theirs = (!theirs.is_empty()).then(|| Stat::of(theirs));
+                (f.name, Stat::of(ours), Stat::of(base), theirs)
+            })
+            .collect())
     };
     let rows = time(mix())?;
     let replies = time(other_replies())?;
@@ -467,7 +483,7 @@ fn scaled(prefixes: usize, rules: usize, repeat: u32) -> anyhow::Result<Stat> {
 }
 
 /// Wall time per frame of BPF_PROG_TEST_RUN with live frames into v0's stack.
-fn live_run(ns: &str, prog_ctor: LiveProg, repeat: u32) -> anyhow::Result<f64> {
+fn live_run(ns: &str, prog_ctor: LiveProg, repeat: u32) -> anyhow::Result<Stat> {
     let v0 = mac(ns, "v0")?;
     in_netns(ns, move || {
         let ifindex = edge_classifier::loader::ifindex("v0")?;
@@ -498,14 +514,14 @@ fn live_run(ns: &str, prog_ctor: LiveProg, repeat: u32) -> anyhow::Result<f64> {
             prog.test_run(opts)?;
             Ok(t.elapsed().as_nanos() as f64)
         };
-        let run = |prog: &Xdp| -> anyhow::Result<f64> {
+        let run = |prog: &Xdp| -> anyhow::Result<Stat> {
             let mut per = Vec::new();
             for _ in 0..RUNS {
                 let one = wall(prog, repeat)?;
                 let two = wall(prog, 2 * repeat)?;
                 per.push((two - one) / repeat as f64);
             }
-            Ok(Stat::of(per).median)
+            Ok(Stat::of(per))
         };
         match prog_ctor {
             LiveProg::Ours => {
@@ -537,7 +553,7 @@ enum LiveProg {
     FloorDrop,
 }
 
-fn live(repeat: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
+fn live(repeat: u32) -> anyhow::Result<Vec<(&'static str, Stat)>> {
     let mut out = Vec::new();
     let bed = Bed::new("live")?;
     out.push((
@@ -585,6 +601,29 @@ fn live(repeat: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
         live_run(&bed.ns, LiveProg::Floor, repeat)?,
     ));
     Ok(out)
+}
+
+/// Pins this thread (and the processes it starts) to `cpu`; returns the mask it had.
+fn pin_to_cpu(cpu: usize) -> anyhow::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; the calls read and write the sets given.
+    unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) != 0 {
+            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+        }
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        set_affinity(&one)?;
+        Ok(old)
+    }
+}
+
+fn set_affinity(set: &libc::cpu_set_t) -> anyhow::Result<()> {
+    // SAFETY: the call reads the set given.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
+        bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn pipe(cmd: &mut Command, input: &str) -> anyhow::Result<()> {
@@ -907,6 +946,10 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
 
+    // The TestRun comparisons run on one CPU, bpftool's runs of xdp-filter included (children
+    // inherit the mask): otherwise the columns of a row may come from different CPUs, and one
+    // of them may be the vCPU the host is busy on.
+    let all_cpus = pin_to_cpu(0)?;
     let pf = per_frame(repeat)?;
     writeln!(
         md,
@@ -914,7 +957,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "xdp-filter is its own `xdpfilt_dny_all` object, loaded by `xdp-filter load -p deny` with ports 443, 5061, 5269, 3478 and 23456 allowed, run with `bpftool prog run` (the same BPF_PROG_TEST_RUN). It filters on ports only: no address sets, no roles, no flow table.\n"
+        "xdp-filter is its own `xdpfilt_dny_all` object, loaded by `xdp-filter load -p deny` with ports 443, 5061, 5269, 3478 and 23456 allowed, run with `bpftool prog run` (the same BPF_PROG_TEST_RUN). It filters on ports only: no address sets, no roles, no flow table. The frames are timed in {RUNS} rounds after a warm-up round; each round runs every frame once through each of the three programs, so the three columns of a row are measured seconds apart.\n"
     )?;
     writeln!(md, "![per-frame cost](per-frame.svg)\n")?;
     per_frame_table(&mut md, &pf.rows)?;
@@ -970,6 +1013,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     plot_scaling(&out_dir.join("scaling.svg"), &by_prefixes, &by_rules)?;
 
+    set_affinity(&all_cpus)?;
     eprintln!("live frames");
     let live_repeat = repeat;
     let lv = live(live_repeat)?;
@@ -983,9 +1027,9 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(md, "| setup | ns per frame | vs edge-classifier |")?;
     writeln!(md, "|---|---|---|")?;
-    let ours = lv[0].1;
+    let ours = lv[0].1.median;
     for (name, v) in &lv {
-        writeln!(md, "| {name} | {v:.0} | {:.1}× |", v / ours)?;
+        writeln!(md, "| {name} | {} | {:.1}× |", v.cell(), v.median / ours)?;
     }
     writeln!(md)?;
 
@@ -1026,7 +1070,7 @@ fn main() -> anyhow::Result<()> {
     let nft_best = lv
         .iter()
         .filter(|(n, _)| n.contains("nftables"))
-        .map(|(_, v)| *v)
+        .map(|(_, v)| v.median)
         .fold(f64::MAX, f64::min);
     for (what, got, target, ok) in [
         (

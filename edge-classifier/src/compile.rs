@@ -130,6 +130,26 @@ impl Compiled {
         self.assignments.roles.get(role).map(|bit| 1u32 << bit)
     }
 
+    /// The IPv4 prefixes the program looks up in its trie: none when the small table or the
+    /// stride table holds them all (the trie is then left empty, and a lookup that wrongly
+    /// reached it would find nothing).
+    pub fn trie_v4(&self) -> &[(IpNet, u64)] {
+        if self.small_v4.complete != 0 || self.small_v4.stride != 0 {
+            &[]
+        } else {
+            &self.prefixes_v4
+        }
+    }
+
+    /// The IPv6 prefixes the program looks up in its trie: none when the small table holds them.
+    pub fn trie_v6(&self) -> &[(IpNet, u64)] {
+        if self.small_v6.complete != 0 {
+            &[]
+        } else {
+            &self.prefixes_v6
+        }
+    }
+
     /// Slots of the outbound rules (the ones flows are recorded for).
     pub fn outbound_slots(&self) -> BTreeSet<u32> {
         self.rules

@@ -12,8 +12,8 @@ use aya::{
 };
 use edge_classifier_common::{
     BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4,
-    Lpm6, MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, RuleClass,
-    STATS_STRIDE, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, TRANSPORTS, flow_stat, reason,
+    Lpm6, MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, STATS_STRIDE,
+    STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, TRANSPORTS, flow_stat, reason,
 };
 use ipnet::IpNet;
 
@@ -404,18 +404,12 @@ impl Maps {
         if let Some(stride) = &new.stride_v4 {
             self.write_stride(buffer, stride, old.and_then(|o| o.stride_v4.as_ref()))?;
         }
-        {
-            let mut classes: Array<_, RuleClass> =
-                Array::try_from(self.get_mut("CLASSES")).map_err(err("CLASSES"))?;
-            for (id, class) in new.classes.iter().enumerate().skip(1) {
-                let unchanged = old.and_then(|o| o.classes.get(id)) == Some(class);
-                if !unchanged {
-                    classes
-                        .set(buffer * MAX_CLASSES + id as u32, class, 0)
-                        .map_err(err("CLASSES"))?;
-                }
-            }
-        }
+        self.write_changed(
+            "CLASSES",
+            buffer * MAX_CLASSES,
+            &new.classes,
+            old.map(|o| &o.classes[..]),
+        )?;
         {
             let mut ports: Array<_, PortEntry> =
                 Array::try_from(self.get_mut("PORTS")).map_err(err("PORTS"))?;
@@ -445,10 +439,11 @@ impl Maps {
                     },
                 )
             };
+            // What a buffer's trie holds is always `trie_v4()` of its last catalogue.
             sync_trie(
                 &mut trie,
-                &new.prefixes_v4,
-                old.map(|o| &o.prefixes_v4[..]),
+                new.trie_v4(),
+                old.map(Compiled::trie_v4),
                 key,
                 "SETS_V4",
             )?;
@@ -471,8 +466,8 @@ impl Maps {
             };
             sync_trie(
                 &mut trie,
-                &new.prefixes_v6,
-                old.map(|o| &o.prefixes_v6[..]),
+                new.trie_v6(),
+                old.map(Compiled::trie_v6),
                 key,
                 "SETS_V6",
             )?;

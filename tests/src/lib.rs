@@ -333,3 +333,26 @@ pub fn ipv4_set_frag(frame: &mut [u8], more_fragments: bool, offset_units: u16) 
     let v = (u16::from(more_fragments) << 13) | (offset_units & 0x1fff);
     frame[L3 + 6..L3 + 8].copy_from_slice(&v.to_be_bytes());
 }
+
+/// Pins this thread (and the processes it starts) to `cpu`; returns the mask it had.
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; the calls read and write the sets given.
+    unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        set_affinity(&one)?;
+        Ok(old)
+    }
+}
+
+pub fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
+    // SAFETY: the call reads the set given.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -598,7 +598,7 @@ fn a_reply_must_come_back_on_a_nic_of_the_role_the_flow_left_by() {
         h.binding = h.classifier.bind("lo", role).expect("rebind lo").clone();
     };
     // Pinned, so that the runs below use one CPU's reply cache.
-    pin_to_one_cpu();
+    pin_to_cpu(0).expect("pin to CPU 0");
     for (edge, peer, ..) in families() {
         bind(&mut h, "external");
         out_rule(
@@ -648,7 +648,7 @@ fn a_reply_must_come_back_on_a_nic_of_the_role_the_flow_left_by() {
 fn a_purged_flow_is_forgotten_by_the_reply_cache_at_once() {
     let mut h = short_timeouts();
     let rule = "sip-federation-out";
-    pin_to_one_cpu();
+    pin_to_cpu(0).expect("pin to CPU 0");
     for (edge, peer, ..) in families() {
         out_rule(
             &mut h,
@@ -675,19 +675,6 @@ fn a_purged_flow_is_forgotten_by_the_reply_cache_at_once() {
             &format!("{edge}: ACK in after the purge"),
             &ack,
             "not_established",
-        );
-    }
-}
-
-fn pin_to_one_cpu() {
-    // SAFETY: a zeroed cpu_set_t is valid; the call reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "sched_setaffinity"
         );
     }
 }

@@ -329,6 +329,19 @@ fn other_replies() -> Vec<MixFrame> {
     ]
 }
 
+/// The harness bound to the NIC role a frame arrives on.
+fn harness<'a>(
+    f: &MixFrame,
+    external: &'a mut Harness,
+    internal: &'a mut Harness,
+) -> &'a mut Harness {
+    if f.role == "internal" {
+        internal
+    } else {
+        external
+    }
+}
+
 /// Opens the outbound flows the replies belong to, through the TC egress program as the Edge's
 /// own frames would.
 fn open_flows(h: &mut Harness) {
@@ -403,11 +416,7 @@ fn per_frame(repeat: u32) -> anyhow::Result<PerFrame> {
     // frame's three programs are timed seconds apart. Round 0 warms up and is not counted.
     let mut time = |frames: Vec<MixFrame>| -> anyhow::Result<Vec<Row>> {
         for f in &frames {
-            let h = if f.role == "internal" {
-                &mut int_h
-            } else {
-                &mut ext_h
-            };
+            let h = harness(f, &mut ext_h, &mut int_h);
             let want = if f.pass { XDP_PASS } else { XDP_DROP };
             assert_eq!(h.run(&f.frame), want, "{}: verdict", f.name);
         }
@@ -415,11 +424,7 @@ fn per_frame(repeat: u32) -> anyhow::Result<PerFrame> {
         for round in 0..=RUNS {
             eprintln!("per-frame: round {round} of {RUNS}");
             for (f, (ours, base, theirs)) in frames.iter().zip(samples.iter_mut()) {
-                let h = if f.role == "internal" {
-                    &mut int_h
-                } else {
-                    &mut ext_h
-                };
+                let h = harness(f, &mut ext_h, &mut int_h);
                 let o = ns_per_frame(h.classifier.program(), &f.frame, repeat);
                 let b = ns_per_frame(&*fp, &f.frame, repeat);
                 let t = xf.as_ref().map(|x| x.once(&f.frame, repeat)).transpose()?;
@@ -601,29 +606,6 @@ fn live(repeat: u32) -> anyhow::Result<Vec<(&'static str, Stat)>> {
         live_run(&bed.ns, LiveProg::Floor, repeat)?,
     ));
     Ok(out)
-}
-
-/// Pins this thread (and the processes it starts) to `cpu`; returns the mask it had.
-fn pin_to_cpu(cpu: usize) -> anyhow::Result<libc::cpu_set_t> {
-    // SAFETY: cpu_set_t is plain data; the calls read and write the sets given.
-    unsafe {
-        let mut old: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) != 0 {
-            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
-        }
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut one);
-        set_affinity(&one)?;
-        Ok(old)
-    }
-}
-
-fn set_affinity(set: &libc::cpu_set_t) -> anyhow::Result<()> {
-    // SAFETY: the call reads the set given.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
-        bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn pipe(cmd: &mut Command, input: &str) -> anyhow::Result<()> {

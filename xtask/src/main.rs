@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what a fresh machine lacks (Debian packages, nightly rust-src, bpf-linker) and
+    /// Install what a fresh machine lacks (the pinned eBPF nightly with rust-src, Debian LLVM and
+    /// bpf-linker on that nightly's LLVM major, the test packages, cargo-fuzz) and
     /// mount bpffs. Idempotent; `run` and `test` do it first.
     Setup,
     /// Without --iface: build a namespace lab, attach the default catalogue, send traffic for
@@ -98,18 +99,15 @@ fn target_dir() -> anyhow::Result<std::path::PathBuf> {
 /// Bounded libFuzzer runs of each target from its seeds; a crash fails (the input is kept in
 /// tests/fuzz/artifacts/TARGET/).
 fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    // cargo-fuzz needs a nightly; the eBPF one is already installed and the fuzz crate builds
+    // the eBPF object with it anyway.
+    let toolchain = setup::ebpf_toolchain()?;
     for target in ["catalogue", "frame"] {
         let corpus = std::env::temp_dir().join(format!("ec-fuzz-{target}"));
         std::fs::create_dir_all(&corpus)?;
         let out = Command::new("cargo")
-            .args([
-                "+nightly",
-                "fuzz",
-                "run",
-                "--fuzz-dir",
-                "tests/fuzz",
-                target,
-            ])
+            .arg(format!("+{toolchain}"))
+            .args(["fuzz", "run", "--fuzz-dir", "tests/fuzz", target])
             .arg(&corpus)
             .arg(format!("tests/fuzz/seeds/{target}"))
             .args([

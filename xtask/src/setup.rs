@@ -1,22 +1,21 @@
 //! Installs, idempotently, what a fresh machine lacks to build and test edge-classifier.
+//!
+//! The eBPF toolchain is named once, in `edge-classifier-ebpf/rust-toolchain.toml`. Everything
+//! else follows from it: the LLVM major of that nightly's rustc decides which Debian LLVM and
+//! which bpf-linker feature are installed, because bpf-linker must read the bitcode that rustc
+//! writes (a newer LLVM's bitcode fails inside the linker as `ERROR llvm: Invalid record`).
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// libFuzzer driver for the bounded fuzz runs of `cargo xtask test`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-/// Debian packages the build and the tests use: LLVM for bpf-linker, `ip` and `nsenter` for the
+/// Debian packages the build and the tests use besides LLVM: `ip` and `nsenter` for the
 /// namespace lab, the Prometheus server and promtool for the observability test.
-const PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "iproute2",
-    "util-linux",
-    "prometheus",
-];
+const PACKAGES: &[&str] = &["iproute2", "util-linux", "prometheus"];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
@@ -38,10 +37,74 @@ fn dpkg_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-pub fn setup() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// The pinned eBPF nightly, e.g. `nightly-2026-05-19`, read from the eBPF crate's
+/// `rust-toolchain.toml`.
+pub fn ebpf_toolchain() -> anyhow::Result<String> {
+    let file = workspace_root().join("edge-classifier-ebpf/rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", file.display()))?;
+    doc.get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(|c| c.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("{} has no [toolchain] channel", file.display()))
+}
+
+/// `LLVM version: 22.1.4` in `rustc -vV` → 22.
+fn llvm_major(rustc_vv: &str) -> Option<u32> {
+    rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse().ok())
+}
+
+/// The LLVM major an installed bpf-linker was built against, from the libLLVM it links
+/// (`libLLVM.so.22.1`, or `libLLVM-22.so`), or from the `llvm-N` feature cargo recorded when it
+/// installed it. None when bpf-linker is missing or neither says.
+fn bpf_linker_llvm(path: &Path) -> Option<u32> {
+    let from_ldd = output(Command::new("ldd").arg(path)).and_then(|ldd| {
+        ldd.split_whitespace().find_map(|w| {
+            let name = w.rsplit('/').next()?;
+            let rest = name
+                .strip_prefix("libLLVM.so.")
+                .or_else(|| name.strip_prefix("libLLVM-"))?;
+            rest.split(['.', '-']).next()?.parse().ok()
+        })
+    });
+    from_ldd.or_else(|| {
+        let home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+        let text = std::fs::read_to_string(home.join(".crates2.json")).ok()?;
+        let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let (_, install) = doc
+            .get("installs")?
+            .as_object()?
+            .iter()
+            .find(|(id, _)| id.starts_with("bpf-linker "))?;
+        install
+            .get("features")?
+            .as_array()?
+            .iter()
+            .find_map(|f| f.as_str()?.strip_prefix("llvm-")?.parse().ok())
+    })
+}
+
+fn ensure_packages(packages: &[String]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
-        .copied()
+        .map(String::as_str)
         .filter(|p| !dpkg_installed(p))
         .collect();
     if !missing.is_empty() {
@@ -52,43 +115,86 @@ pub fn setup() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
 
+/// Installs the pinned nightly with rust-src (for `-Z build-std=core`) and returns its LLVM major.
+fn ensure_toolchain(channel: &str) -> anyhow::Result<u32> {
     let has_rust_src = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        channel,
         "--installed",
     ]))
     .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")));
     if !has_rust_src {
-        eprintln!("setup: installing the nightly toolchain's rust-src (for -Z build-std=core)");
+        eprintln!("setup: installing the eBPF toolchain {channel} with rust-src");
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            channel,
             "--profile",
             "minimal",
             "--component",
             "rust-src",
         ]))?;
     }
+    let vv = output(Command::new("rustup").args(["run", channel, "rustc", "-vV"]))
+        .with_context(|| format!("`rustup run {channel} rustc -vV` failed"))?;
+    llvm_major(&vv).with_context(|| format!("no `LLVM version:` in rustc -vV of {channel}:\n{vv}"))
+}
 
-    let linker = output(Command::new("bpf-linker").arg("--version"));
-    if !linker.is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
-        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
-        run(Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
-            .env("LLVM_PREFIX", LLVM_PREFIX))?;
-    }
+/// Installs bpf-linker against LLVM `llvm` unless the one on PATH already is.
+fn ensure_bpf_linker(channel: &str, llvm: u32) -> anyhow::Result<()> {
+    let installed = which::which("bpf-linker").ok().map(|p| {
+        let version = output(Command::new(&p).arg("--version")).unwrap_or_default();
+        let built_on = bpf_linker_llvm(&p);
+        (p, version, built_on)
+    });
+    let why = match &installed {
+        None => "bpf-linker is not on PATH".to_string(),
+        Some((path, version, _)) if !version.contains(BPF_LINKER_VERSION) => format!(
+            "{} is `{}`, not {BPF_LINKER_VERSION}",
+            path.display(),
+            version.trim()
+        ),
+        Some((path, _, Some(found))) if *found != llvm => format!(
+            "{} is built against LLVM {found}, but the eBPF toolchain {channel} emits LLVM \
+             {llvm} bitcode (the link would fail with `ERROR llvm: Invalid record`)",
+            path.display()
+        ),
+        Some((path, _, None)) => {
+            format!("cannot tell which LLVM {} is built against", path.display())
+        }
+        Some(_) => return Ok(()),
+    };
+    eprintln!(
+        "setup: {why}; installing bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} \
+         (/usr/lib/llvm-{llvm})"
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "--force",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm}"),
+        ])
+        .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")))
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    let channel = ebpf_toolchain()?;
+    let llvm = ensure_toolchain(&channel)?;
+    let mut packages: Vec<String> = PACKAGES.iter().map(|p| p.to_string()).collect();
+    packages.push(format!("llvm-{llvm}-dev"));
+    packages.push(format!("libpolly-{llvm}-dev"));
+    ensure_packages(&packages)?;
+    ensure_bpf_linker(&channel, llvm)?;
 
     let fuzz = output(Command::new("cargo").args(["fuzz", "--version"]));
     if !fuzz.is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
@@ -112,4 +218,17 @@ pub fn setup() -> anyhow::Result<()> {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::llvm_major;
+
+    #[test]
+    fn reads_the_llvm_major_of_rustc() {
+        let vv = "rustc 1.97.0-nightly (9eb3be26b 2026-05-18)\nbinary: rustc\n\
+                  host: x86_64-unknown-linux-gnu\nrelease: 1.97.0-nightly\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv), Some(22));
+        assert_eq!(llvm_major("rustc 1.0\n"), None);
+    }
 }

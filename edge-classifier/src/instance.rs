@@ -117,6 +117,27 @@ pub struct State {
     pub bindings: Vec<BoundIface>,
     pub reloads: Reloads,
     pub flow_capacity: u32,
+    /// The last reload asked for (`None` before the first), so the daemon can log who reloaded
+    /// and what came of it.
+    #[serde(default)]
+    pub last_reload: Option<ReloadAttempt>,
+}
+
+/// One `reload` as the daemon logs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadAttempt {
+    /// The reloading process and its user.
+    pub pid: u32,
+    pub uid: u32,
+    /// Unix seconds.
+    pub at: f64,
+    /// The catalogue it read (absolute path, or the embedded default's name).
+    pub source: String,
+    /// SHA-256 of the catalogue text and its rule count, when it parsed.
+    pub digest: Option<String>,
+    pub rules: Option<usize>,
+    /// Why it failed; `None` when the new rules are in force.
+    pub error: Option<String>,
 }
 
 impl State {
@@ -262,6 +283,16 @@ impl Instance {
         f.set_len(0).map_err(io_err(&path))?;
         std::fs::write(&path, std::process::id().to_string()).map_err(io_err(&path))?;
         Ok(Lock(f))
+    }
+
+    /// The process serving the instance, as its pid file says, and whether it still runs (it
+    /// holds the file's lock for as long as it does; a pid alone could be reused).
+    pub fn daemon(&self) -> Option<(u32, bool)> {
+        let path = self.pid_file();
+        let f = File::open(&path).ok()?;
+        let pid = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+        let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+        Some((pid, !free))
     }
 
     /// Removes the pins and the state. Links whose last reference was the pin detach.

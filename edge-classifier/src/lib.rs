@@ -15,6 +15,8 @@
 //! - [`replay`]: a capture through the kernel program beside the reference classifier.
 //! - [`capture`]: pcap/pcapng in and out.
 //! - [`report`]: counter tables for people.
+//! - [`status`]: an instance read from its pins and state, with or without its daemon.
+//! - [`logging`]: log lines for a terminal or the systemd journal.
 pub mod capture;
 pub mod catalogue;
 pub mod compile;
@@ -22,10 +24,12 @@ pub mod explain;
 pub mod instance;
 pub mod lifecycle;
 pub mod loader;
+pub mod logging;
 pub mod maps;
 pub mod metrics;
 pub mod reference;
 pub mod replay;
 pub mod report;
 pub mod snapshot;
+pub mod status;
 pub mod stride;

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE, DEFAULT_NAME},
     compile::{Compiled, compile_with},
-    instance::{BoundIface, Instance, LAYOUT, Loaded, Lock, State},
+    instance::{BoundIface, Instance, LAYOUT, Loaded, Lock, ReloadAttempt, State},
     loader::{AttachMode, Attached, Classifier, check_privileges},
     maps::{Holds, Maps},
     snapshot::{Reloads, unix_now},
@@ -24,8 +24,13 @@ pub struct Source {
 }
 
 impl Source {
+    /// Reads a catalogue file. The state records its absolute path, so a later `reload`
+    /// without `--catalogue` finds it from any directory (a symlink stays a symlink: a
+    /// configuration tool that repoints it is followed).
     pub fn read(path: &Path) -> anyhow::Result<Source> {
-        let text = std::fs::read_to_string(path)
+        let path = std::path::absolute(path)
+            .with_context(|| format!("resolving catalogue path {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading catalogue {}", path.display()))?;
         let catalogue = Catalogue::parse(&path.display().to_string(), &text)?;
         Ok(Source { catalogue, text })
@@ -196,6 +201,7 @@ fn bring_up(
                     ..Reloads::default()
                 },
                 flow_capacity: capacity,
+                last_reload: None,
             }
         }
     };
@@ -242,6 +248,8 @@ fn bound(c: &Classifier) -> Vec<BoundIface> {
 #[derive(Debug)]
 pub struct Reloaded {
     pub source: String,
+    /// SHA-256 of the catalogue text.
+    pub digest: String,
     pub rules: usize,
     pub active: u32,
     pub elapsed: Duration,
@@ -256,29 +264,62 @@ pub fn reload(instance: &Instance, catalogue: Option<&Path>) -> anyhow::Result<R
     let mut state = instance.require_state()?;
     let started = Instant::now();
     let result = swap(instance, &mut state, catalogue);
+    let mut attempt = ReloadAttempt {
+        pid: std::process::id(),
+        uid: unsafe { libc::getuid() },
+        at: unix_now(),
+        source: catalogue
+            .map(|p| {
+                std::path::absolute(p)
+                    .unwrap_or_else(|_| p.to_path_buf())
+                    .display()
+                    .to_string()
+            })
+            .or_else(|| state.active().map(|l| l.source.clone()))
+            .unwrap_or_default(),
+        digest: None,
+        rules: None,
+        error: None,
+    };
     match &result {
-        Ok(_) => {
+        Ok(s) => {
             state.reloads.succeeded += 1;
             state.reloads.last = unix_now();
+            attempt.source = s.source.clone();
+            attempt.digest = Some(s.digest.clone());
+            attempt.rules = Some(s.rules);
         }
-        Err(_) => state.reloads.failed += 1,
+        Err(e) => {
+            state.reloads.failed += 1;
+            attempt.error = Some(format!("{e:#}"));
+        }
     }
+    state.last_reload = Some(attempt);
     state.generation += 1;
     instance.write_state(&state)?;
-    let (source, rules, active) = result?;
+    let swapped = result?;
     Ok(Reloaded {
-        source,
-        rules,
-        active,
+        source: swapped.source,
+        digest: swapped.digest,
+        rules: swapped.rules,
+        active: swapped.active,
         elapsed: started.elapsed(),
     })
+}
+
+/// What `swap` put in force.
+struct Swapped {
+    source: String,
+    digest: String,
+    rules: usize,
+    active: u32,
 }
 
 fn swap(
     instance: &Instance,
     state: &mut State,
     catalogue: Option<&Path>,
-) -> anyhow::Result<(String, usize, u32)> {
+) -> anyhow::Result<Swapped> {
     let running = state
         .active()
         .cloned()
@@ -325,11 +366,12 @@ fn swap(
         loaded,
         Some(&active_old),
     )?;
-    Ok((
-        source.catalogue.source_name.clone(),
-        compiled.rules.len(),
-        now,
-    ))
+    Ok(Swapped {
+        source: source.catalogue.source_name.clone(),
+        digest: source.catalogue.digest.clone(),
+        rules: compiled.rules.len(),
+        active: now,
+    })
 }
 
 /// Swaps `new` into the inactive buffer and flips to it, keeping the state file true at every

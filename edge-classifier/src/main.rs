@@ -113,10 +113,16 @@ enum Command {
         instance: String,
     },
     /// Print the counters of a running classifier: per rule, per reason, the flow table.
+    ///
+    /// From the daemon's metrics address, or with --instance from the instance's pins (root;
+    /// works while the daemon is down).
     Stats {
         /// The running classifier's --metrics address.
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
         metrics: String,
+        /// Read the counters from this instance's pinned maps instead of asking the daemon.
+        #[arg(long, value_name = "NAME", conflicts_with = "metrics")]
+        instance: Option<String>,
         /// Refresh every second, with per-second rates.
         #[arg(long)]
         watch: bool,
@@ -129,11 +135,34 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
-    /// Print a catalogue: `--default` prints the embedded one.
+    /// Print a catalogue: the embedded default, or the one an instance runs.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["default", "instance"])))]
     Catalogue {
-        #[arg(long, required = true)]
+        /// The embedded default (the seed matrix on documentation addresses).
+        #[arg(long)]
         default: bool,
+        /// The catalogue text instance NAME is running (from its state).
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
     },
+    /// Show an instance from its pins and state, whether or not its daemon runs: per NIC the
+    /// role, XDP mode, program and whether the link is live; the daemon; the running catalogue;
+    /// the counters. Exits 0 when every bound NIC is protected, 3 otherwise.
+    Status {
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from this command line's definition.
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -150,11 +179,42 @@ enum Mode {
 }
 
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    edge_classifier::logging::init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Catalogue { .. } => {
-            print!("{DEFAULT_CATALOGUE}");
+        Command::Catalogue { instance, .. } => {
+            match instance {
+                None => print!("{DEFAULT_CATALOGUE}"),
+                Some(name) => {
+                    let state = Instance::new(&name)?.require_state()?;
+                    let running = state
+                        .active()
+                        .context("the instance's active rule buffer is unknown")?;
+                    print!("{}", running.text);
+                }
+            }
+            Ok(())
+        }
+        Command::Status { instance, json } => {
+            let status = edge_classifier::status::read(&Instance::new(&instance)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            if !status.protected {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "edge-classifier", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
             Ok(())
         }
         Command::Check { file } => check(&file),
@@ -245,9 +305,16 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Stats {
             metrics,
+            instance,
             watch,
             count,
-        } => stats(&metrics, watch, count),
+        } => {
+            let from = match instance {
+                Some(name) => StatsFrom::Pins(Instance::new(&name)?),
+                None => StatsFrom::Daemon(metrics),
+            };
+            stats(&from, watch, count)
+        }
     }
 }
 
@@ -309,11 +376,29 @@ fn replay(
     }
 }
 
-fn stats(addr: &str, watch: bool, count: Option<u64>) -> anyhow::Result<()> {
+/// Where `stats` reads the counters.
+enum StatsFrom {
+    /// The daemon's `/snapshot`, at its --metrics address.
+    Daemon(String),
+    /// The instance's pinned maps.
+    Pins(Instance),
+}
+
+fn stats(from: &StatsFrom, watch: bool, count: Option<u64>) -> anyhow::Result<()> {
     let mut prev: Option<Snapshot> = None;
     let mut shown = 0u64;
     loop {
-        let s = metrics::fetch(addr)?;
+        let s = match from {
+            StatsFrom::Daemon(addr) => metrics::fetch(addr)?,
+            StatsFrom::Pins(instance) => edge_classifier::status::read(instance)?
+                .counters
+                .with_context(|| {
+                    format!(
+                        "instance {} has no pinned maps or no known catalogue: is it running?",
+                        instance.name
+                    )
+                })?,
+        };
         if watch {
             // Clear the screen and go home, as `watch` does.
             print!("\x1b[2J\x1b[H");
@@ -358,17 +443,22 @@ fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
 }
 
 impl Daemon {
-    /// Catches up with reloads other processes made (`edge-classifier reload`).
+    /// Catches up with reloads other processes made (`edge-classifier reload`), and logs each
+    /// one it sees: who reloaded, and the catalogue now in force or why the reload failed.
     fn refresh(&mut self) -> anyhow::Result<()> {
         let Some(state) = self.instance.read_state()? else {
             return Ok(());
         };
+        let seen = self.reloads;
         self.reloads = state.reloads;
         if state.generation != self.generation {
             let (info, compiled) = catalogue_info(&state)?;
             self.classifier.set_compiled(compiled);
             self.catalogue = info;
             self.generation = state.generation;
+        }
+        if state.reloads.succeeded != seen.succeeded || state.reloads.failed != seen.failed {
+            log_reload(&state, &self.catalogue);
         }
         Ok(())
     }
@@ -379,6 +469,36 @@ impl Daemon {
         s.flows.evicted = s.flows.evicted.max(self.evicted_floor);
         self.evicted_floor = s.flows.evicted;
         Ok(s)
+    }
+}
+
+/// One journal line per reload the daemon sees (the last one, if several came between two
+/// looks: the counts say how many).
+fn log_reload(state: &State, running: &CatalogueInfo) {
+    let who = state
+        .last_reload
+        .as_ref()
+        .map(|a| format!("pid {} uid {}", a.pid, a.uid))
+        .unwrap_or_else(|| "unknown process".to_string());
+    match state.last_reload.as_ref().and_then(|a| a.error.as_deref()) {
+        None => log::info!(
+            "reload by {who}: {} rules from {} (sha256 {}) in force; {} reloads succeeded, {} failed",
+            running.rules,
+            running.source,
+            running.digest,
+            state.reloads.succeeded,
+            state.reloads.failed
+        ),
+        Some(error) => log::warn!(
+            "reload by {who} of {} failed, the running rules stay ({} rules from {}, sha256 {}): {error}",
+            state
+                .last_reload
+                .as_ref()
+                .map_or("?", |a| a.source.as_str()),
+            running.rules,
+            running.source,
+            running.digest
+        ),
     }
 }
 
@@ -417,7 +537,20 @@ struct RunArgs {
     detach_on_exit: bool,
 }
 
+/// The signals the daemon handles, registered before anything is attached so that none of
+/// them can kill it half-way (SIGHUP's default action is to terminate).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut signals = Signals {
+        term: signal(SignalKind::terminate())?,
+        hup: signal(SignalKind::hangup())?,
+        usr1: signal(SignalKind::user_defined1())?,
+    };
     let specs = args
         .ifaces
         .iter()
@@ -476,16 +609,56 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     let server = tokio::spawn(metrics::serve(listener, snapshot));
-    // Tells a supervisor (and the lab) that every NIC is protected.
-    println!("ready");
+    // Tells a supervisor that every NIC is protected: systemd (Type=notify) through
+    // sd_notify, the lab and scripts through the `ready` line.
+    let status = format!(
+        "protecting {} with {} rules from {}",
+        specs
+            .iter()
+            .map(|(n, r)| format!("{n} ({r})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        daemon.lock().expect("lock").catalogue.rules,
+        daemon.lock().expect("lock").catalogue.source,
+    );
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]) {
+        log::warn!("telling systemd the service is ready: {e}");
+    }
+    if !edge_classifier::logging::to_journal() {
+        println!("ready");
+    }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
+    // Reloads made by other processes are logged within a second of being made.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            _ = usr1.recv() => {
+            _ = signals.term.recv() => break,
+            _ = tick.tick() => {
+                if let Err(e) = daemon.lock().expect("lock").refresh() {
+                    log::warn!("reading the instance state: {e:#}");
+                }
+            }
+            _ = signals.hup.recv() => {
+                // As nginx and most daemons: SIGHUP reads the catalogue file again.
+                log::info!("SIGHUP: reloading the catalogue file");
+                let instance = args.instance.clone();
+                let reloaded =
+                    tokio::task::spawn_blocking(move || lifecycle::reload(&instance, None)).await;
+                match reloaded {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => log::debug!("SIGHUP reload failed: {e:#}"),
+                    Err(e) => log::warn!("SIGHUP reload did not finish: {e}"),
+                }
+                if let Err(e) = daemon.lock().expect("lock").refresh() {
+                    log::warn!("reading the instance state: {e:#}");
+                }
+            }
+            _ = signals.usr1.recv() => {
                 let mut d = daemon.lock().expect("lock");
                 if let Err(e) = d.refresh() {
                     log::warn!("reading the instance state: {e:#}");
@@ -494,6 +667,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.abort();
     let mut d = daemon.lock().expect("lock");
     let _ = d.refresh();
@@ -533,7 +707,8 @@ fn print_table(classifier: &Classifier) {
     let written = match text {
         Ok(t) => {
             let mut out = std::io::stdout().lock();
-            out.write_all(t.as_bytes()).and_then(|()| out.flush())
+            out.write_all(edge_classifier::logging::stdout_text(&t).as_bytes())
+                .and_then(|()| out.flush())
         }
         Err(e) => {
             log::warn!("reading counters: {e:#}");

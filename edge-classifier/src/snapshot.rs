@@ -6,7 +6,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use edge_classifier_common::reason;
 use serde::{Deserialize, Serialize};
 
-use crate::loader::{Classifier, FlowStats, LoadError};
+use crate::{
+    compile::Compiled,
+    loader::{Classifier, FlowStats, LoadError},
+    maps::{Maps, MapsError},
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -74,6 +78,15 @@ pub fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// A bound NIC as a snapshot needs it: from the daemon's classifier, or from the state file.
+pub struct Bound<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+    /// Counter block.
+    pub block: u32,
+    pub mode: Option<String>,
+}
+
 impl Snapshot {
     /// Reads every counter of `classifier` (one syscall per counter, summed over CPUs).
     pub fn read(
@@ -81,11 +94,39 @@ impl Snapshot {
         catalogue: CatalogueInfo,
         reloads: Reloads,
     ) -> Result<Snapshot, LoadError> {
+        let bound: Vec<Bound> = classifier
+            .bindings()
+            .iter()
+            .map(|b| Bound {
+                name: &b.name,
+                role: &b.role,
+                block: b.block,
+                mode: b.mode.map(|m| m.to_string()),
+            })
+            .collect();
+        Ok(Snapshot::read_maps(
+            classifier.maps(),
+            classifier.compiled(),
+            &bound,
+            catalogue,
+            reloads,
+        )?)
+    }
+
+    /// Reads every counter from the maps alone: what `status` and `stats --instance` do with the
+    /// pins of an instance whose daemon may not be running.
+    pub fn read_maps(
+        maps: &Maps,
+        compiled: &Compiled,
+        bound: &[Bound],
+        catalogue: CatalogueInfo,
+        reloads: Reloads,
+    ) -> Result<Snapshot, MapsError> {
         let started = Instant::now();
-        let compiled = classifier.compiled();
+        let slots: Vec<u32> = compiled.rules.iter().map(|r| r.slot).collect();
         let mut interfaces = Vec::new();
-        for b in classifier.bindings() {
-            let stats = classifier.iface_stats(b)?;
+        for b in bound {
+            let stats = maps.iface_stats(b.block, &slots)?;
             let rules = compiled
                 .rules
                 .iter()
@@ -116,14 +157,14 @@ impl Snapshot {
                 })
                 .collect();
             interfaces.push(Interface {
-                name: b.name.clone(),
-                role: b.role.clone(),
-                mode: b.mode.map(|m| m.to_string()),
+                name: b.name.to_string(),
+                role: b.role.to_string(),
+                mode: b.mode.clone(),
                 rules,
                 reasons,
             });
         }
-        let flows = classifier.flow_stats()?;
+        let flows = maps.flow_stats()?;
         Ok(Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             taken: unix_now(),

@@ -1,7 +1,9 @@
 //! `cargo xtask setup | run | reload | test | bench`.
 
 mod lab_run;
+mod package;
 mod setup;
+mod test;
 
 use std::process::Command;
 
@@ -42,6 +44,10 @@ enum Task {
         #[arg(long, value_name = "NAME", default_value = "default")]
         instance: String,
     },
+    /// Build the Debian package target/debian/edge-classifier_VERSION_amd64.deb (binary,
+    /// systemd unit, catalogue and NIC bindings under /etc, dashboards and alert rules, man page,
+    /// completions) and check it with lintian.
+    Package,
     /// Run the benchmarks side by side (per-frame cost vs xdp-filter and an empty program,
     /// scaling, live frames through the stack vs nftables/iptables, a trafgen flood, reload
     /// latency) and write benchmarks/RESULTS.md with SVG plots. Never part of `test`.
@@ -138,6 +144,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Task::Setup => setup::setup(),
+        Task::Package => {
+            setup::setup()?;
+            package::package().map(|_| ())
+        }
         Task::Run { args, duration } => {
             setup::setup()?;
             let bin = build_binary()?;
@@ -151,7 +161,7 @@ fn main() -> anyhow::Result<()> {
             lab_run::run(&bin, &args, duration)
         }
         Task::Bench => {
-            setup::setup()?;
+            setup::setup_bench()?;
             check(cargo().args([
                 "build",
                 "--release",
@@ -189,54 +199,26 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { long, args } => {
             setup::setup()?;
-            // Tests touch kernel state (namespaces, XDP attachments): one at a time.
-            let mut child = cargo()
-                .env("EC_DIFF_FRAMES", if long { "5000000" } else { "50000" })
-                .args([
-                    "test",
-                    "--workspace",
-                    "--exclude",
-                    "edge-classifier-ebpf",
-                    "--",
-                ])
-                .arg("--test-threads=1")
-                .args(&args)
-                .stdout(std::process::Stdio::piped())
-                .spawn()?;
-            let (mut passed, mut failed) = (0u64, 0u64);
-            let stdout = child.stdout.take().context("stdout")?;
-            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-                let line = line?;
-                println!("{line}");
-                if let Some(rest) = line.strip_prefix("test result: ") {
-                    // "ok. 6 passed; 0 failed; 0 ignored; ..."
-                    let num = |word: &str| -> u64 {
-                        rest.split(';')
-                            .find_map(|part| {
-                                let mut w = part.split_whitespace().rev();
-                                (w.next() == Some(word)).then(|| w.next()).flatten()
-                            })
-                            .and_then(|n| n.parse().ok())
-                            .unwrap_or(0)
-                    };
-                    passed += num("passed");
-                    failed += num("failed");
+            // The package is built first: the container test boots its unit.
+            let deb = package::package();
+            let mut extra = Vec::new();
+            let deb = match deb {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    eprintln!("building the package failed: {e:#}");
+                    extra.push(format!("cargo xtask package: {e:#}"));
+                    None
                 }
-            }
-            let status = child.wait()?;
-            // One closing line for the whole workspace, last: per-crate lines end with
-            // doc-test binaries that hold no tests.
-            if !status.success() || passed == 0 {
-                println!("{passed} passed, {failed} failed");
-                bail!("cargo test failed: {status}");
-            }
-            let fuzzed = fuzz(if long { 600 } else { 15 });
-            let fuzz_note = match &fuzzed {
-                Ok(()) => "fuzz targets clean",
-                Err(_) => "a fuzz target failed",
             };
-            println!("{passed} passed, {failed} failed; {fuzz_note}");
-            fuzzed
+            let (tally, cargo_ok) = test::run_tests(long, &args, deb.as_deref())?;
+            // Fuzzing only when every test passed: a failure is found faster by the tests.
+            if cargo_ok
+                && tally.totals().failed == 0
+                && let Err(e) = fuzz(if long { 600 } else { 15 })
+            {
+                extra.push(format!("{e:#}"));
+            }
+            test::report(&tally, cargo_ok, &extra)
         }
     }
 }

@@ -13,9 +13,41 @@ use anyhow::{Context as _, anyhow, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// libFuzzer driver for the bounded fuzz runs of `cargo xtask test`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Builds the Debian package (`cargo xtask package`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Debian packages the build and the tests use besides LLVM: `ip` and `nsenter` for the
-/// namespace lab, the Prometheus server and promtool for the observability test.
-const PACKAGES: &[&str] = &["iproute2", "util-linux", "prometheus"];
+/// namespace lab, the Prometheus server and promtool for the observability test, lintian for
+/// the package, debootstrap and systemd-nspawn to boot the package's unit in a container.
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "prometheus",
+    "lintian",
+    "gzip",
+    "debootstrap",
+    "systemd-container",
+];
+
+/// What `cargo xtask bench` compares against and floods with: xdp-filter, trafgen, nftables,
+/// iptables, and bpftool (which runs xdp-filter's program under BPF_PROG_TEST_RUN).
+const BENCH_PACKAGES: &[&str] = &[
+    "xdp-tools",
+    "netsniff-ng",
+    "nftables",
+    "iptables",
+    "bpftool",
+];
+
+/// `setup`, and the packages the benchmarks use.
+pub fn setup_bench() -> anyhow::Result<()> {
+    setup()?;
+    ensure_packages(
+        &BENCH_PACKAGES
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>(),
+    )
+}
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
@@ -205,6 +237,18 @@ pub fn setup() -> anyhow::Result<()> {
             "--locked",
             "--version",
             CARGO_FUZZ_VERSION,
+        ]))?;
+    }
+
+    let deb = output(Command::new("cargo").args(["deb", "--version"]));
+    if !deb.is_some_and(|v| v.contains(CARGO_DEB_VERSION)) {
+        eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION}");
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            CARGO_DEB_VERSION,
         ]))?;
     }
 

@@ -404,13 +404,10 @@ fn per_frame(repeat: u32) -> anyhow::Result<PerFrame> {
     let mut floor = Ebpf::load(FLOOR_OBJECT)?;
     let fp: &mut Xdp = floor.program_mut("xdp_pass").unwrap().try_into()?;
     fp.load()?;
-    let xf = match XdpFilter::new() {
-        Ok(x) => Some(x),
-        Err(e) => {
-            eprintln!("xdp-filter unavailable: {e:#}");
-            None
-        }
-    };
+    // Without xdp-filter there is no comparison to make: an error, not an `inf×` ratio.
+    let xf = Some(XdpFilter::new().context(
+        "xdp-filter, the comparison the targets are set against, cannot be loaded (`cargo xtask bench` installs xdp-tools)",
+    )?);
     // Rounds, each timing every frame with every program once: a burst of noise from the
     // host then lands on one sample of many frames, not on all samples of one frame, and each
     // frame's three programs are timed seconds apart. Round 0 warms up and is not counted.
@@ -667,10 +664,12 @@ fn flood(frames: u64) -> anyhow::Result<Flood> {
             "--conf",
         ])
         .arg(&conf)
-        .args(["-n", &frames.to_string(), "-q"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+        .args(["-n", &frames.to_string()])
+        // trafgen's closing lines say how many frames really left ("N packets outgoing").
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning trafgen (`apt-get install netsniff-ng`)")?;
     let mut times = Vec::new();
     let mut failed = 0;
     while trafgen.try_wait()?.is_none() {
@@ -688,6 +687,21 @@ fn flood(frames: u64) -> anyhow::Result<Flood> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let out = trafgen.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "trafgen failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let sent: u64 = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_suffix(" packets outgoing"))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("trafgen did not say how many frames it sent:\n{stdout}"))?;
     let after = c.iface_stats(&c.bindings()[0].clone())?;
     let wan = sh(Command::new("ip").args(["-n", &lab.remote, "-s", "link", "show", "wan0"]))?;
     // TX line: bytes packets errors dropped ...: the frames the veth could not hand to the
@@ -712,7 +726,7 @@ fn flood(frames: u64) -> anyhow::Result<Flood> {
     };
     Ok(Flood {
         veth_dropped,
-        sent: frames,
+        sent,
         seconds,
         dropped,
         connects: times.len(),

@@ -35,7 +35,7 @@ pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
-        "permission denied: loading XDP programs needs root, or CAP_BPF + CAP_NET_ADMIN (+ CAP_PERFMON); run as root (this process has {0})"
+        "permission denied: loading XDP programs needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON (the verifier refuses the program's pointer arithmetic without CAP_PERFMON); run as root or grant all three (this process has {0})"
     )]
     NotPrivileged(String),
     #[error("no network interface named `{0}`: check the name with `ip link show`")]
@@ -153,21 +153,24 @@ fn effective_caps() -> Option<u64> {
 pub fn check_privileges() -> Result<(), LoadError> {
     const CAP_NET_ADMIN: u64 = 1 << 12;
     const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_PERFMON: u64 = 1 << 38;
     const CAP_BPF: u64 = 1 << 39;
     let Some(caps) = effective_caps() else {
         return Ok(());
     };
-    let bpf = caps & (CAP_BPF | CAP_SYS_ADMIN) != 0;
-    let net = caps & CAP_NET_ADMIN != 0;
-    if bpf && net {
+    // CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON, as the kernel's bpf_capable() and
+    // perfmon_capable() allow.
+    let missing: Vec<&str> = [
+        (CAP_BPF | CAP_SYS_ADMIN, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_PERFMON | CAP_SYS_ADMIN, "CAP_PERFMON"),
+    ]
+    .into_iter()
+    .filter(|(mask, _)| caps & mask == 0)
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
         return Ok(());
-    }
-    let mut missing = Vec::new();
-    if !bpf {
-        missing.push("CAP_BPF");
-    }
-    if !net {
-        missing.push("CAP_NET_ADMIN");
     }
     Err(LoadError::NotPrivileged(format!(
         "uid {} without {}",

@@ -611,6 +611,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(metrics::serve(listener, snapshot));
     // Tells a supervisor that every NIC is protected: systemd (Type=notify) through
     // sd_notify, the lab and scripts through the `ready` line.
+    let running = daemon.lock().expect("lock").catalogue.clone();
     let status = format!(
         "protecting {} with {} rules from {}",
         specs
@@ -618,8 +619,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|(n, r)| format!("{n} ({r})"))
             .collect::<Vec<_>>()
             .join(", "),
-        daemon.lock().expect("lock").catalogue.rules,
-        daemon.lock().expect("lock").catalogue.source,
+        running.rules,
+        running.source,
     );
     if let Err(e) = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,

@@ -135,8 +135,30 @@ fn missing_privilege_is_explained() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("needs root, or CAP_BPF + CAP_NET_ADMIN"),
+        stderr.contains("needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn cap_bpf_and_net_admin_without_perfmon_is_named() {
+    // The set an operator reads in older docs: CAP_BPF + CAP_NET_ADMIN. The verifier then
+    // refuses the program ("pointer -= pointer prohibited"); the check must name CAP_PERFMON.
+    let out = Command::new("setpriv")
+        .args([
+            "--inh-caps=-all,+bpf,+net_admin",
+            "--bounding-set=-all,+bpf,+net_admin",
+        ])
+        .arg(env!("CARGO_BIN_EXE_edge-classifier"))
+        .args(["run", "--iface", "lo"])
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("without CAP_PERFMON"), "{stderr}");
+    assert!(
+        !stderr.contains("CAP_BPF and") && !stderr.contains("without CAP_NET_ADMIN"),
+        "only CAP_PERFMON is missing: {stderr}"
     );
 }
 

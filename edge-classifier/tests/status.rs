@@ -1,0 +1,250 @@
+//! `status`, `stats --instance` and `catalogue --instance` read an instance from its pins and
+//! state with the daemon running, killed, and with a NIC gone; the state keeps the catalogue's
+//! absolute path, so `reload` without `--catalogue` works from any directory; under systemd
+//! (JOURNAL_STREAM set) every log line carries a priority and the daemon logs each reload with
+//! who made it. Root, on a namespace lab.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use edge_classifier::catalogue::DEFAULT_CATALOGUE;
+use edge_classifier_lab::*;
+
+/// `edge-classifier ARGS` inside namespace `ns`, from directory `cwd`: (exit code, stdout, stderr).
+fn cli_in(ns: &str, cwd: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = in_ns(ns, BIN)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("edge-classifier");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status_json(ns: &str, instance: &str) -> (i32, serde_json::Value) {
+    let (code, out, err) = cli_in(
+        ns,
+        std::path::Path::new("/"),
+        &["status", "--instance", instance, "--json"],
+    );
+    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}{err}"));
+    (code, v)
+}
+
+/// The id of the XDP program on ext0, as `ip link` shows it.
+fn xdp_prog(ns: &str) -> Option<u64> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", "dev", EDGE_EXT])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("prog/xdp id ")? + "prog/xdp id ".len();
+    text[at..].split_whitespace().next()?.parse().ok()
+}
+
+fn nic<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no interface {name} in {status:#}"))
+}
+
+struct Stop(String);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = cli(&["stop", "--instance", &self.0]);
+    }
+}
+
+#[test]
+fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_anywhere() {
+    let lab = Lab::create("st").expect("lab");
+    let instance = format!("st{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let dir = std::env::temp_dir().join(format!("ec-status-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("edge.toml"), DEFAULT_CATALOGUE).unwrap();
+    let _listeners = Listeners::start(&lab.edge, &[443], &[]).expect("listeners");
+
+    // The daemon as systemd runs it: output to the journal (JOURNAL_STREAM), started from the
+    // catalogue's directory with a relative path.
+    let mut child = in_ns(&lab.edge, BIN)
+        .args(["run", "--instance", &instance, "--metrics", METRICS])
+        .args(["--catalogue", "edge.toml", "--iface", "ext0=external"])
+        .args(["--iface", "int0=internal"])
+        .current_dir(&dir)
+        .env("JOURNAL_STREAM", "8:12345")
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    let daemon = Process(child, "edge-classifier");
+    let wait_for = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if lines.lock().unwrap().iter().any(|l| pred(l)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no log line {what} in {:#?}", lines.lock().unwrap());
+    };
+    wait_for("serving metrics", &|l| l.contains("serving metrics"));
+
+    let (code, st) = status_json(&lab.edge, &instance);
+    assert_eq!(code, 0, "protected: {st:#}");
+    assert_eq!(st["protected"], true);
+    assert_eq!(st["daemon"]["running"], true, "{st:#}");
+    assert_eq!(st["daemon"]["pid"], daemon.pid());
+    let source = dir.join("edge.toml").display().to_string();
+    assert_eq!(
+        st["catalogue"]["source"],
+        source.as_str(),
+        "absolute path kept"
+    );
+    assert_eq!(st["catalogue"]["rules"], 10);
+    let ext = nic(&st, EDGE_EXT);
+    assert_eq!(ext["role"], "external");
+    assert_eq!(ext["present"], true);
+    assert_eq!(ext["xdp"]["live"], true);
+    assert_eq!(ext["tc"]["live"], true);
+    assert_eq!(
+        ext["xdp"]["program_id"].as_u64(),
+        xdp_prog(&lab.edge),
+        "the program the kernel runs on ext0: {st:#}"
+    );
+
+    // Traffic is counted in what status reads from the maps.
+    let x = tcp_exchange(
+        &lab.remote,
+        SocketAddr::new(CLIENT_V4, 0),
+        SocketAddr::new(EDGE_EXT_V4, 443),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert!(x.answered);
+    let (_, st) = status_json(&lab.edge, &instance);
+    let p3 = st["counters"]["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == EDGE_EXT)
+        .and_then(|i| {
+            i["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["id"] == "client-sip-tls-in")
+                .cloned()
+        })
+        .expect("P3 counter");
+    assert!(p3["packets"].as_u64().unwrap() >= 3, "{p3:#}");
+
+    // `reload` without --catalogue from another directory reads the same file again.
+    let (code, out, err) = cli_in(
+        &lab.edge,
+        std::path::Path::new("/"),
+        &["reload", "--instance", &instance],
+    );
+    assert_eq!(code, 0, "reload from /: {out}{err}");
+    assert!(out.contains(&source), "{out}");
+    wait_for("logging the reload", &|l| {
+        l.starts_with("<6>") && l.contains("reload by pid ") && l.contains(&source)
+    });
+    // A failed reload is logged as a warning, with the reason.
+    std::fs::write(dir.join("bad.toml"), "[policy]\ndefault = \"maybe\"\n").unwrap();
+    let (code, _, _) = cli_in(
+        &lab.edge,
+        &dir,
+        &["reload", "--instance", &instance, "--catalogue", "bad.toml"],
+    );
+    assert_ne!(code, 0);
+    wait_for("logging the failed reload", &|l| {
+        l.starts_with("<4>") && l.contains("failed, the running rules stay")
+    });
+    {
+        let lines = lines.lock().unwrap();
+        for l in lines.iter() {
+            assert!(
+                l.len() > 3 && l.starts_with('<') && l.as_bytes()[2] == b'>',
+                "every journal line carries a priority: {l:?}"
+            );
+            assert!(
+                !l.contains("Z INFO") && !l.contains("Z WARN"),
+                "no timestamp of our own: {l:?}"
+            );
+        }
+    }
+
+    // Killed daemon: the kernel keeps protecting; status says so from the pins.
+    unsafe { libc::kill(daemon.pid(), libc::SIGKILL) };
+    drop(daemon);
+    let (code, st) = status_json(&lab.edge, &instance);
+    assert_eq!(code, 0, "{st:#}");
+    assert_eq!(st["daemon"]["running"], false, "{st:#}");
+    assert_eq!(st["protected"], true);
+    let (code, out, err) = cli_in(
+        &lab.edge,
+        std::path::Path::new("/"),
+        &["stats", "--instance", &instance],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("client-sip-tls-in"), "{out}");
+    let (code, out, _) = cli_in(
+        &lab.edge,
+        std::path::Path::new("/"),
+        &["catalogue", "--instance", &instance],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(out, DEFAULT_CATALOGUE, "the running catalogue's text");
+
+    // The NIC goes away: its pinned link is defunct, and status says ext0 is not protected.
+    let ok = Command::new("ip")
+        .args(["-n", &lab.edge, "link", "del", EDGE_EXT])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let (code, st) = status_json(&lab.edge, &instance);
+    assert_eq!(code, 3, "not every NIC protected: {st:#}");
+    assert_eq!(st["protected"], false);
+    let ext = nic(&st, EDGE_EXT);
+    assert_eq!(ext["present"], false);
+    assert_eq!(ext["xdp"]["live"], false, "{ext:#}");
+    assert_eq!(nic(&st, EDGE_INT)["xdp"]["live"], true);
+    let (_, text, _) = cli_in(
+        &lab.edge,
+        std::path::Path::new("/"),
+        &["status", "--instance", &instance],
+    );
+    assert!(text.contains("NOT every bound NIC is protected"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(lab);
+}

@@ -117,15 +117,20 @@ pub struct State {
     pub bindings: Vec<BoundIface>,
     pub reloads: Reloads,
     pub flow_capacity: u32,
-    /// The last reload asked for (`None` before the first), so the daemon can log who reloaded
-    /// and what came of it.
+    /// The latest reloads (at most `RELOAD_LOG` of them, oldest first), so the daemon can log
+    /// each one, who made it and what came of it, even when several come between two looks.
     #[serde(default)]
-    pub last_reload: Option<ReloadAttempt>,
+    pub reload_log: Vec<ReloadAttempt>,
 }
+
+/// How many reloads the state remembers for the daemon's log.
+pub const RELOAD_LOG: usize = 16;
 
 /// One `reload` as the daemon logs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReloadAttempt {
+    /// Its number among the instance's reloads (succeeded + failed, this one included).
+    pub seq: u64,
     /// The reloading process and its user.
     pub pid: u32,
     pub uid: u32,

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE, DEFAULT_NAME},
     compile::{Compiled, compile_with},
-    instance::{BoundIface, Instance, LAYOUT, Loaded, Lock, ReloadAttempt, State},
+    instance::{BoundIface, Instance, LAYOUT, Loaded, Lock, RELOAD_LOG, ReloadAttempt, State},
     loader::{AttachMode, Attached, Classifier, check_privileges},
     maps::{Holds, Maps},
     snapshot::{Reloads, unix_now},
@@ -201,7 +201,7 @@ fn bring_up(
                     ..Reloads::default()
                 },
                 flow_capacity: capacity,
-                last_reload: None,
+                reload_log: Vec::new(),
             }
         }
     };
@@ -265,6 +265,7 @@ pub fn reload(instance: &Instance, catalogue: Option<&Path>) -> anyhow::Result<R
     let started = Instant::now();
     let result = swap(instance, &mut state, catalogue);
     let mut attempt = ReloadAttempt {
+        seq: state.reloads.succeeded + state.reloads.failed + 1,
         pid: std::process::id(),
         uid: unsafe { libc::getuid() },
         at: unix_now(),
@@ -294,7 +295,9 @@ pub fn reload(instance: &Instance, catalogue: Option<&Path>) -> anyhow::Result<R
             attempt.error = Some(format!("{e:#}"));
         }
     }
-    state.last_reload = Some(attempt);
+    state.reload_log.push(attempt);
+    let excess = state.reload_log.len().saturating_sub(RELOAD_LOG);
+    state.reload_log.drain(..excess);
     state.generation += 1;
     instance.write_state(&state)?;
     let swapped = result?;

@@ -423,6 +423,8 @@ struct Daemon {
     generation: u64,
     /// Evictions are derived from a walk that is not atomic: never report fewer than before.
     evicted_floor: u64,
+    /// Reloads (by number) already logged: those before this daemon started count as logged.
+    reloads_logged: u64,
 }
 
 fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
@@ -449,7 +451,6 @@ impl Daemon {
         let Some(state) = self.instance.read_state()? else {
             return Ok(());
         };
-        let seen = self.reloads;
         self.reloads = state.reloads;
         if state.generation != self.generation {
             let (info, compiled) = catalogue_info(&state)?;
@@ -457,9 +458,14 @@ impl Daemon {
             self.catalogue = info;
             self.generation = state.generation;
         }
-        if state.reloads.succeeded != seen.succeeded || state.reloads.failed != seen.failed {
-            log_reload(&state, &self.catalogue);
+        for attempt in state
+            .reload_log
+            .iter()
+            .filter(|a| a.seq > self.reloads_logged)
+        {
+            log_reload(attempt);
         }
+        self.reloads_logged = state.reloads.succeeded + state.reloads.failed;
         Ok(())
     }
 
@@ -472,32 +478,18 @@ impl Daemon {
     }
 }
 
-/// One journal line per reload the daemon sees (the last one, if several came between two
-/// looks: the counts say how many).
-fn log_reload(state: &State, running: &CatalogueInfo) {
-    let who = state
-        .last_reload
-        .as_ref()
-        .map(|a| format!("pid {} uid {}", a.pid, a.uid))
-        .unwrap_or_else(|| "unknown process".to_string());
-    match state.last_reload.as_ref().and_then(|a| a.error.as_deref()) {
-        None => log::info!(
-            "reload by {who}: {} rules from {} (sha256 {}) in force; {} reloads succeeded, {} failed",
-            running.rules,
-            running.source,
-            running.digest,
-            state.reloads.succeeded,
-            state.reloads.failed
+/// One log line per reload the daemon sees, made by any process.
+fn log_reload(a: &edge_classifier::instance::ReloadAttempt) {
+    let who = format!("pid {} uid {}", a.pid, a.uid);
+    match (&a.error, &a.digest, a.rules) {
+        (None, Some(digest), Some(rules)) => log::info!(
+            "reload by {who}: {rules} rules from {} (sha256 {digest}) in force",
+            a.source
         ),
-        Some(error) => log::warn!(
-            "reload by {who} of {} failed, the running rules stay ({} rules from {}, sha256 {}): {error}",
-            state
-                .last_reload
-                .as_ref()
-                .map_or("?", |a| a.source.as_str()),
-            running.rules,
-            running.source,
-            running.digest
+        (None, ..) => log::info!("reload by {who}: {} in force", a.source),
+        (Some(error), ..) => log::warn!(
+            "reload by {who} of {} failed, the running rules stay: {error}",
+            a.source
         ),
     }
 }
@@ -596,6 +588,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         reloads: started.state.reloads,
         generation: started.state.generation,
         evicted_floor: 0,
+        reloads_logged: started.state.reloads.succeeded + started.state.reloads.failed,
     }));
     let for_exporter = daemon.clone();
     let snapshot: metrics::SnapshotFn = Arc::new(move || {

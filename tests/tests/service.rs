@@ -4,7 +4,7 @@
 //! Frames from the lab's remote host check what passes: start → protected; `systemctl reload`
 //! with an edited catalogue → the new rule in force; `systemctl restart` → XDP never leaves the
 //! NIC and no forbidden connection completes; `systemctl stop` → still protected;
-//! `edge-classifier stop` → detached. The unit passes `systemd-analyze verify`, and `systemd-analyze
+//! `edge-classifier stop` → detached; `dpkg --remove` → stopped and detached. The unit passes `systemd-analyze verify`, and `systemd-analyze
 //! security` scores it. Root; needs the package path in EC_DEB (`cargo xtask test` builds it).
 
 use std::{
@@ -488,6 +488,23 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
     assert!(
         connects(&lab, CLIENT_V4, 22, 2000),
         "22 reachable once detached"
+    );
+
+    // Removing the package stops the service and detaches: nothing could manage the pins after.
+    c.run(&["systemctl", "start", "edge-classifier"]);
+    assert!(xdp_prog(&lab.edge).is_some(), "started again");
+    c.run(&["dpkg", "--remove", "edge-classifier"]);
+    assert!(!c.ok(&["systemctl", "is-active", "-q", "edge-classifier"]));
+    assert_eq!(xdp_prog(&lab.edge), None, "dpkg --remove detaches");
+    assert!(!root.join("usr/bin/edge-classifier").exists());
+    assert!(
+        root.join("etc/edge-classifier/edge.toml").exists(),
+        "remove keeps the conffiles"
+    );
+    c.run(&["dpkg", "--purge", "edge-classifier"]);
+    assert!(
+        !root.join("etc/edge-classifier/edge.toml").exists(),
+        "purge removes them"
     );
     drop(listeners);
     drop(c);

@@ -79,7 +79,10 @@ pub mod reason {
     /// No rule allows it; passed because `policy.egress = "pass"`.
     pub const PASS_EGRESS_NO_RULE: u32 = 19;
     pub const DROP_EGRESS_NO_RULE: u32 = 20;
-    pub const COUNT: u32 = 21;
+    /// Monitor mode (`default = "pass"`): a reply without a recorded flow, which would have been
+    /// dropped as `not_established`.
+    pub const PASS_MONITOR_NOT_ESTABLISHED: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Label values, indexed by reason; `true` where the reason is a drop.
     pub const NAMES: [(&str, bool); COUNT as usize] = [
@@ -104,6 +107,7 @@ pub mod reason {
         ("egress_untracked", false),
         ("egress_no_rule", false),
         ("egress_no_rule", true),
+        ("monitor_not_established", false),
     ];
 }
 

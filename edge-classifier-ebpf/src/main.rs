@@ -200,11 +200,15 @@ fn try_classify(
     };
 
     // Neighbour discovery keeps the link alive whatever the address policy says.
-    if l3.is_v6 && l3.proto == parse::IPPROTO_ICMPV6 && l3.fragment != Fragment::Later {
-        let ty = parse::icmp_type(ctx, &l3)?;
-        if (133..=137).contains(&ty) {
-            return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
-        }
+    // A truncated ICMPv6 header is not neighbour discovery; what it is to the Edge is decided
+    // below, by its destination first, like any other truncated frame.
+    if l3.is_v6
+        && l3.proto == parse::IPPROTO_ICMPV6
+        && l3.fragment != Fragment::Later
+        && let Ok(ty) = parse::icmp_type(ctx, &l3)
+        && (133..=137).contains(&ty)
+    {
+        return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
     }
 
     let local_bits = local_bits(active, &l3.dst);
@@ -284,10 +288,13 @@ fn try_classify(
         && match_class(active, reply_from, local_bits, &mut remote, role_mask).is_some())
         || (reply_to != 0
             && match_class(active, reply_to, local_bits, &mut remote, role_mask).is_some());
-    Ok(if claimed {
-        Verdict::drop(reason::DROP_NOT_ESTABLISHED)
-    } else {
+    Ok(if !claimed {
         no_rule(policy)
+    } else if policy.flags & POLICY_DEFAULT_PASS != 0 {
+        // Monitor mode drops nothing a rule decides: counted as what it would have been.
+        Verdict::pass(reason::PASS_MONITOR_NOT_ESTABLISHED)
+    } else {
+        Verdict::drop(reason::DROP_NOT_ESTABLISHED)
     })
 }
 

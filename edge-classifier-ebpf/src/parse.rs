@@ -62,7 +62,8 @@ pub const TCP_ACK: u8 = 0x10;
 const VLAN_HLEN: usize = 4;
 const MAX_VLAN_TAGS: usize = 2;
 
-/// IPv6 extension headers walked before giving up (fail closed).
+/// IPv6 extension headers walked before giving up (fail closed): a frame may carry this many,
+/// and the walk takes one step more to reach the upper-layer header.
 const MAX_IPV6_EXT: usize = 8;
 /// Bytes of IPv6 extension headers accepted; keeps offsets bounded for the verifier.
 const MAX_IPV6_EXT_BYTES: usize = 512;
@@ -128,11 +129,6 @@ fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Result<*const T, Malformed> {
         return Err(Malformed);
     }
     Ok((start + offset) as *const T)
-}
-
-#[inline(always)]
-fn u8_at(ctx: &impl Frame, offset: usize) -> Result<u8, Malformed> {
-    Ok(unsafe { *ptr_at::<u8>(ctx, offset)? })
 }
 
 #[inline(always)]
@@ -207,8 +203,10 @@ fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     let payload = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
     let start = off + 40;
     let end = start + payload;
-    // Jumbograms (payload length 0) are not carried by an edge NIC; treat as malformed.
-    if payload == 0 && hdr[6] != 59 {
+    // Payload length 0 means a jumbogram only with a hop-by-hop header next (RFC 2675), which an
+    // edge NIC does not carry: that fails closed. With any other next header it is an ordinary
+    // empty datagram, classified (and its missing headers found missing) as any other.
+    if payload == 0 && hdr[6] == 0 {
         return Err(Malformed);
     }
     if end > ctx.len() {
@@ -223,7 +221,7 @@ fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     let mut cur = start;
     let mut fragment = Fragment::No;
     let mut done = false;
-    for _ in 0..MAX_IPV6_EXT {
+    for _ in 0..MAX_IPV6_EXT + 1 {
         let len = match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
@@ -253,13 +251,18 @@ fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
                 0
             }
         };
-        if done || fragment == Fragment::Later {
-            done = true;
+        if done {
             break;
         }
+        // The header must lie within the datagram before anything it says is believed: one that
+        // reaches past the payload length sits (partly) in link-layer padding.
         cur += len;
         if cur > start + MAX_IPV6_EXT_BYTES || cur > end {
             return Err(Malformed);
+        }
+        if fragment == Fragment::Later {
+            done = true;
+            break;
         }
     }
     if !done {
@@ -282,7 +285,11 @@ pub fn icmp_type(ctx: &impl Frame, ip: &Ip) -> Result<u8, Malformed> {
     if ip.l4_off + 4 > ip.l4_end {
         return Err(Malformed);
     }
-    u8_at(ctx, ip.l4_off)
+    // The whole 4-byte header is read (and bounds-checked) as one: a 1-byte read lets LLVM
+    // turn `data + off + 1 > data_end` into `data + off >= data_end`, a form the verifier does
+    // not learn a packet range from.
+    let h = unsafe { &*ptr_at::<[u8; 4]>(ctx, ip.l4_off)? };
+    Ok(h[0])
 }
 
 #[inline(always)]

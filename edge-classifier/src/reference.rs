@@ -169,14 +169,16 @@ fn ipv6(frame: &[u8], off: usize) -> Parsed<Ip> {
     let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
     let start = off + 40;
     let end = start + payload;
-    if (payload == 0 && h[6] != 59) || end > frame.len() {
+    // Payload length 0 is a jumbogram only with hop-by-hop next (RFC 2675), which fails closed;
+    // otherwise it is an empty datagram.
+    if (payload == 0 && h[6] == 0) || end > frame.len() {
         return Err(Malformed);
     }
     let mut next = h[6];
     let mut cur = start;
     let mut fragment = Fragment::No;
-    // At most MAX_IPV6_EXT headers are looked at, the upper-layer one included.
-    for _ in 0..MAX_IPV6_EXT {
+    // At most MAX_IPV6_EXT extension headers, then the upper-layer one.
+    for _ in 0..=MAX_IPV6_EXT {
         let len = match next {
             0 | 43 | 60 => {
                 let e = bytes(frame, cur, 2)?;
@@ -211,6 +213,11 @@ fn ipv6(frame: &[u8], off: usize) -> Parsed<Ip> {
                 });
             }
         };
+        // A header is believed only once it is known to lie within the datagram.
+        cur += len;
+        if cur > start + MAX_IPV6_EXT_BYTES || cur > end {
+            return Err(Malformed);
+        }
         if fragment == Fragment::Later {
             return Ok(Ip {
                 is_v6: true,
@@ -221,10 +228,6 @@ fn ipv6(frame: &[u8], off: usize) -> Parsed<Ip> {
                 l4_end: end,
                 fragment,
             });
-        }
-        cur += len;
-        if cur > start + MAX_IPV6_EXT_BYTES || cur > end {
-            return Err(Malformed);
         }
     }
     Err(Malformed)
@@ -480,11 +483,12 @@ impl<'a> Reference<'a> {
             }
             L3::Ip(ip) => ip,
         };
-        if ip.is_v6 && ip.proto == 58 && ip.fragment != Fragment::Later {
-            let ty = icmp_type(frame, &ip)?;
-            if (133..=137).contains(&ty) {
-                return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
-            }
+        if ip.is_v6
+            && ip.proto == 58
+            && ip.fragment != Fragment::Later
+            && icmp_type(frame, &ip).is_ok_and(|ty| (133..=137).contains(&ty))
+        {
+            return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
         }
         let local_bits = self.sets.bits(&ip.dst);
         if local_bits & SET_PROTECTED == 0 {
@@ -561,10 +565,12 @@ impl<'a> Reference<'a> {
                 && self
                     .match_class(reply_to, local_bits, &ip.src, role_mask)
                     .is_some());
-        Ok(if claimed {
-            Verdict::drop(reason::DROP_NOT_ESTABLISHED)
-        } else {
+        Ok(if !claimed {
             self.no_rule()
+        } else if policy.flags & POLICY_DEFAULT_PASS != 0 {
+            Verdict::pass(reason::PASS_MONITOR_NOT_ESTABLISHED)
+        } else {
+            Verdict::drop(reason::DROP_NOT_ESTABLISHED)
         })
     }
 

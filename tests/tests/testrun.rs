@@ -689,3 +689,188 @@ fn reloads_rewrite_the_stride_table() {
         check(&mut h, nets, step);
     }
 }
+
+/// Each class an independent oracle found the kernel and the reference agreeing on, wrongly
+/// (issue 13): a fixture per class, checked in the kernel and in the reference classifier.
+fn expect_both(h: &mut Harness, name: &str, frame: &[u8], action: u32, counted: Counted) {
+    h.expect(name, frame, action, &counted);
+    let compiled = h.classifier.compiled().clone();
+    let reference = edge_classifier::reference::Reference::new(&compiled);
+    let v = reference.ingress(
+        frame,
+        compiled.role_mask(&h.binding.role).expect("bound role"),
+        &mut edge_classifier::reference::FlowTable::default(),
+        0,
+    );
+    let got = match v.counted {
+        edge_classifier::reference::Counted::Rule(slot) => {
+            let id = &compiled.rules.iter().find(|r| r.slot == slot).unwrap().id;
+            format!("rule {id}")
+        }
+        edge_classifier::reference::Counted::Reason(r) => {
+            let (n, d) = edge_classifier_common::reason::NAMES[r as usize];
+            Counted::Reason(n, d).to_string()
+        }
+    };
+    assert_eq!(got, counted.to_string(), "{name}: the reference classifier");
+    assert_eq!(
+        v.pass,
+        action == XDP_PASS,
+        "{name}: the reference's verdict"
+    );
+}
+
+/// An IPv6 frame (Ethernet + fixed header of `tcp(...)`) whose payload length and next header
+/// are set by hand and whose bytes after the fixed header are `rest`.
+fn ipv6_raw(dst: Ipv6Addr, payload_len: u16, next: u8, rest: &[u8]) -> Vec<u8> {
+    let mut f = tcp(v6(PARTNER6), 40000, v6(dst), 5061)[..54].to_vec();
+    f[18..20].copy_from_slice(&payload_len.to_be_bytes());
+    f[20] = next;
+    f.extend_from_slice(rest);
+    f
+}
+
+#[test]
+fn an_ipv6_fragment_header_in_the_padding_is_malformed() {
+    // 1. A fragment header with a non-zero offset past the payload length (3 bytes), in the
+    // frame's padding: malformed, whatever the fragments policy (it passed as `fragment` under
+    // fragments = "pass").
+    let frag_in_padding = ipv6_raw(EXT6, 3, 44, &[6, 0, 0x00, 0x10, 0, 0, 0, 1]);
+    for fragments in ["drop", "pass"] {
+        let mut h = Harness::edited_default(
+            "external",
+            &[(
+                "fragments = \"drop\"",
+                &format!("fragments = \"{fragments}\""),
+            )],
+        );
+        expect_both(
+            &mut h,
+            &format!("fragment header in padding, fragments = {fragments}"),
+            &frag_in_padding,
+            XDP_DROP,
+            drop_reason("malformed"),
+        );
+    }
+}
+
+#[test]
+fn ipv6_payload_length_0_is_an_empty_datagram_unless_hop_by_hop_follows() {
+    let mut h = Harness::default_catalogue("external");
+    // 2. Payload length 0 with a next header other than hop-by-hop is an empty datagram, not a
+    // jumbogram: to an address the Edge does not protect it passes as `unprotected`.
+    let unprotected = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x99);
+    for next in [6u8, 17, 59] {
+        expect_both(
+            &mut h,
+            &format!("payload length 0, next header {next}, unprotected"),
+            &ipv6_raw(unprotected, 0, next, &[0; 6]),
+            XDP_PASS,
+            pass_reason("unprotected"),
+        );
+    }
+    // To the Edge, an empty TCP datagram has no TCP header: malformed. And payload length 0
+    // with hop-by-hop next (a jumbogram) fails closed anywhere.
+    expect_both(
+        &mut h,
+        "payload length 0, TCP, protected",
+        &ipv6_raw(EXT6, 0, 6, &[0; 6]),
+        XDP_DROP,
+        drop_reason("malformed"),
+    );
+    expect_both(
+        &mut h,
+        "jumbogram (payload length 0, hop-by-hop)",
+        &ipv6_raw(unprotected, 0, 0, &[6, 0, 0xc2, 4, 0, 1, 0, 0]),
+        XDP_DROP,
+        drop_reason("malformed"),
+    );
+}
+
+#[test]
+fn eight_extension_headers_are_walked_and_truncated_icmpv6_is_judged_by_its_destination() {
+    let mut h = Harness::default_catalogue("external");
+    let unprotected = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x99);
+    // The walk bound: eight extension headers are walked, a ninth is one too many.
+    let tcp_hdr = tcp(v6(PARTNER6), 40000, v6(EXT6), 5061)[54..].to_vec();
+    let exts = |n: usize| {
+        let mut rest = Vec::new();
+        for i in 0..n {
+            let next = if i + 1 == n { 6 } else { 60 };
+            // Destination options, 8 bytes: next, length 0, PadN of 4.
+            rest.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        rest.extend_from_slice(&tcp_hdr);
+        ipv6_raw(EXT6, rest.len() as u16, 60, &rest)
+    };
+    expect_both(
+        &mut h,
+        "8 extension headers",
+        &exts(8),
+        XDP_PASS,
+        Counted::Rule("public-im-sip-in"),
+    );
+    expect_both(
+        &mut h,
+        "9 extension headers",
+        &exts(9),
+        XDP_DROP,
+        drop_reason("malformed"),
+    );
+
+    // A truncated ICMPv6 header to an address the Edge does not protect passes, as a truncated
+    // TCP header does; to the Edge it is malformed.
+    expect_both(
+        &mut h,
+        "truncated ICMPv6, unprotected",
+        &ipv6_raw(unprotected, 2, 58, &[128, 0, 0, 0, 0, 0]),
+        XDP_PASS,
+        pass_reason("unprotected"),
+    );
+    expect_both(
+        &mut h,
+        "truncated ICMPv6, protected",
+        &ipv6_raw(EXT6, 2, 58, &[128, 0, 0, 0, 0, 0]),
+        XDP_DROP,
+        drop_reason("malformed"),
+    );
+}
+
+#[test]
+fn monitor_mode_passes_replies_without_a_flow() {
+    // 3. Monitor mode (default = "pass") drops nothing a rule decides: a reply of an outbound
+    // row with no recorded flow passes, counted as `monitor_not_established`.
+    let mut h =
+        Harness::edited_default("external", &[("default = \"drop\"", "default = \"pass\"")]);
+    for (name, frame) in [
+        (
+            "S1 reply without a flow",
+            tcp(v4(PARTNER4), 5061, v4(EXT4), 40000),
+        ),
+        (
+            "to P4's local range without a flow",
+            tcp(v4(CLIENT4), 40000, v4(EXT4), 50000),
+        ),
+        (
+            "S1 reply without a flow, IPv6",
+            tcp(v6(PARTNER6), 5061, v6(EXT6), 40000),
+        ),
+    ] {
+        expect_both(
+            &mut h,
+            name,
+            &frame,
+            XDP_PASS,
+            pass_reason("monitor_not_established"),
+        );
+    }
+    // And with default = "drop" the same frames still drop.
+    let mut h = Harness::default_catalogue("external");
+    expect_both(
+        &mut h,
+        "S1 reply without a flow, default = drop",
+        &tcp(v4(PARTNER4), 5061, v4(EXT4), 40000),
+        XDP_DROP,
+        drop_reason("not_established"),
+    );
+}

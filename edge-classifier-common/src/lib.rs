@@ -47,6 +47,18 @@ pub const POLICY_PASS_NON_IP: u32 = 1 << 2;
 pub const POLICY_DEFAULT_PASS: u32 = 1 << 3;
 /// Egress frames from protected addresses that no rule allows are dropped, not only counted.
 pub const POLICY_DROP_EGRESS: u32 = 1 << 4;
+/// Every address configured on a bound NIC (link-local included, kept in `IFACE_ADDRS_V4/V6`
+/// by the daemon) is protected, whether or not a catalogue set names it.
+pub const POLICY_PROTECT_IFACE_ADDRS: u32 = 1 << 5;
+
+/// Entries of each of the `IFACE_ADDRS_V4` / `IFACE_ADDRS_V6` hash maps (address → ifindex).
+pub const IFACE_ADDRS_MAX: u32 = 1024;
+/// UDP ports of a DHCP client's replies, which pass to the NIC's own addresses (DHCPv4 67 → 68,
+/// DHCPv6 547 → 546 on a link-local address), as a host firewall lets them.
+pub const DHCP4_SERVER: u16 = 67;
+pub const DHCP4_CLIENT: u16 = 68;
+pub const DHCP6_SERVER: u16 = 547;
+pub const DHCP6_CLIENT: u16 = 546;
 
 /// Rule flags (`RuleMatch::flags`).
 pub const RULE_OUTBOUND: u32 = 1 << 0;
@@ -82,7 +94,9 @@ pub mod reason {
     /// Monitor mode (`default = "pass"`): a reply without a recorded flow, which would have been
     /// dropped as `not_established`.
     pub const PASS_MONITOR_NOT_ESTABLISHED: u32 = 21;
-    pub const COUNT: u32 = 22;
+    /// A DHCP server's reply to the client on a bound NIC's own address.
+    pub const PASS_DHCP_CLIENT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Label values, indexed by reason; `true` where the reason is a drop.
     pub const NAMES: [(&str, bool); COUNT as usize] = [
@@ -108,6 +122,7 @@ pub mod reason {
         ("egress_no_rule", false),
         ("egress_no_rule", true),
         ("monitor_not_established", false),
+        ("dhcp_client", false),
     ];
 }
 

@@ -11,16 +11,18 @@ mod parse;
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, map, xdp},
-    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, IFACE_SLOTS, IfaceInfo, LOCALS_V4, LOCALS_V6, LPM_BUFFER_BITS, Locals, Lpm4,
-    Lpm6, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS,
-    POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, PORT_ENTRIES, PORT_SPACE,
-    Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY, SET_PROTECTED, SMALL4, SMALL6,
-    STATS_ENTRIES, STATS_STRIDE, STRIDE_BLOCK, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4,
-    Small6, StrideBlock, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, reason,
+    BUFFERS, Counter, DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, IFACE_ADDRS_MAX,
+    IFACE_SLOTS, IfaceInfo, LOCALS_V4, LOCALS_V6, LPM_BUFFER_BITS, Locals, Lpm4, Lpm6,
+    MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS,
+    POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS,
+    PORT_ENTRIES, PORT_SPACE, Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY,
+    SET_PROTECTED, SMALL4, SMALL6, STATS_ENTRIES, STATS_STRIDE, STRIDE_BLOCK, STRIDE_BLOCKS,
+    STRIDE_LEAVES, STRIDE_TOP, Small4, Small6, StrideBlock, TRANSPORT_TCP, TRANSPORT_UDP,
+    TRANSPORTS, reason,
 };
 use parse::{Addr, Fragment, Frame, L3, L4, Malformed};
 
@@ -52,6 +54,13 @@ static STRIDE4_BLOCKS: Array<StrideBlock> = Array::with_max_entries(BUFFERS * ST
 static STRIDE4_LEAVES: Array<u64> = Array::with_max_entries(BUFFERS * STRIDE_LEAVES, 0);
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+/// Addresses configured on the bound NICs (link-local included), kept current by the daemon;
+/// protected under `POLICY_PROTECT_IFACE_ADDRS`. Not double-buffered: they follow the NICs, not
+/// the catalogue.
+#[map]
+static IFACE_ADDRS_V4: HashMap<u32, u32> = HashMap::with_max_entries(IFACE_ADDRS_MAX, 0);
+#[map]
+static IFACE_ADDRS_V6: HashMap<[u32; 4], u32> = HashMap::with_max_entries(IFACE_ADDRS_MAX, 0);
 
 /// Whether a frame passes and which counter (reason or rule) records it.
 #[derive(Clone, Copy)]
@@ -211,13 +220,21 @@ fn try_classify(
         return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
     }
 
-    let local_bits = local_bits(active, &l3.dst);
+    let mut local_bits = local_bits(active, &l3.dst);
+    // Protected only as an address of a bound NIC (a link-local one, say): no rule's local set
+    // holds it, so only DHCP replies to the client and what the policies allow reach it.
+    let mut nic_only = false;
     if local_bits & SET_PROTECTED == 0 {
-        return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
-            Verdict::pass(reason::PASS_UNPROTECTED)
+        if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && iface_addr(&l3.dst) {
+            local_bits = SET_PROTECTED | SET_ANY;
+            nic_only = true;
         } else {
-            Verdict::drop(reason::DROP_UNPROTECTED)
-        });
+            return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
+                Verdict::pass(reason::PASS_UNPROTECTED)
+            } else {
+                Verdict::drop(reason::DROP_UNPROTECTED)
+            });
+        }
     }
 
     if l3.fragment == Fragment::Later {
@@ -250,6 +267,9 @@ fn try_classify(
         L4::ShortFragment => return Ok(Verdict::drop(reason::DROP_SHORT_FRAGMENT)),
         L4::Other => return Ok(no_rule(policy)),
     };
+    if nic_only && transport == TRANSPORT_UDP && dhcp_reply(&l3.dst, sport, dport) {
+        return Ok(Verdict::pass(reason::PASS_DHCP_CLIENT));
+    }
 
     let mut remote = Remote {
         addr: &l3.src,
@@ -365,6 +385,39 @@ fn try_egress(
     } else {
         Verdict::pass(reason::PASS_EGRESS_NO_RULE)
     })
+}
+
+/// An address configured on a bound NIC.
+#[inline(always)]
+fn iface_addr(addr: &Addr) -> bool {
+    // Keys are address bytes held in u32 words (native order): a byte-array key on the stack
+    // gets word stores at odd offsets, which the verifier refuses.
+    match addr {
+        Addr::V4(a) => {
+            let k = u32::from_ne_bytes(*a);
+            unsafe { IFACE_ADDRS_V4.get(k) }.is_some()
+        }
+        Addr::V6(a) => {
+            let k = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+            unsafe { IFACE_ADDRS_V6.get(k) }.is_some()
+        }
+    }
+}
+
+/// A DHCP server's reply to the client: 67 → 68, or 547 → 546 to a link-local address.
+#[inline(always)]
+fn dhcp_reply(dst: &Addr, sport: u16, dport: u16) -> bool {
+    match dst {
+        Addr::V4(_) => sport == DHCP4_SERVER && dport == DHCP4_CLIENT,
+        Addr::V6(a) => {
+            sport == DHCP6_SERVER && dport == DHCP6_CLIENT && a[0] == 0xfe && a[1] & 0xc0 == 0x80
+        }
+    }
 }
 
 #[inline(always)]

@@ -156,6 +156,8 @@ struct RawPolicy {
     icmpv6: Option<Vec<Spanned<RawIcmp>>>,
     #[serde(default)]
     egress: Option<Action>,
+    #[serde(default)]
+    protect_interface_addresses: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,6 +252,8 @@ pub struct Policy {
     /// Egress frames from protected addresses that no rule allows (neither an outbound rule nor
     /// a reply to an inbound one): counted, and dropped only when this says so.
     pub egress: Action,
+    /// Every address configured on a bound NIC (link-local included) is protected too.
+    pub protect_interface_addresses: bool,
 }
 
 /// The egress flow table that makes outbound rows stateful.
@@ -703,6 +707,7 @@ fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError
         icmp: parse_icmp(src, p.icmp, ICMP_NAMES, DEFAULT_ICMP, "ICMP")?,
         icmpv6: parse_icmp(src, p.icmpv6, ICMPV6_NAMES, DEFAULT_ICMPV6, "ICMPv6")?,
         egress: p.egress.unwrap_or(Action::Pass),
+        protect_interface_addresses: p.protect_interface_addresses.unwrap_or(true),
     };
     let flows = parse_flows(src, raw.flows)?;
     for r in &rules {

@@ -8,8 +8,8 @@ use std::{
 use edge_classifier_common::{
     FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES,
     POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP,
-    POLICY_PASS_UNPROTECTED, PORT_SPACE, PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY,
-    SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
+    POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, PORT_SPACE, PortEntry, RULE_OUTBOUND,
+    RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
 };
 use ipnet::IpNet;
 
@@ -445,6 +445,9 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
     }
     if p.egress == Action::Drop {
         flags |= POLICY_DROP_EGRESS;
+    }
+    if p.protect_interface_addresses {
+        flags |= POLICY_PROTECT_IFACE_ADDRS;
     }
     let hz = ticks_per_second();
     let policy = edge_classifier_common::Policy {

@@ -5,6 +5,7 @@
 //! - [`stride`]: the IPv4 stride table large catalogues compile to.
 //! - [`maps`]: every read and write of the kernel maps, including the double-buffered swap.
 //! - [`loader`]: loads the embedded eBPF object, binds NICs to roles, attaches (and pins).
+//! - [`nic_addrs`]: the bound NICs' own addresses, followed as they change.
 //! - [`instance`]: where a pinned instance keeps its pins and state, across processes.
 //! - [`lifecycle`]: start (or adopt), reload and stop a pinned instance.
 //! - [`snapshot`]: one read of every counter, as the exporter and `stats` see it.
@@ -27,6 +28,7 @@ pub mod loader;
 pub mod logging;
 pub mod maps;
 pub mod metrics;
+pub mod nic_addrs;
 pub mod reference;
 pub mod replay;
 pub mod report;

@@ -469,6 +469,51 @@ impl Daemon {
         Ok(())
     }
 
+    /// Makes the kernel's table of the bound NICs' own addresses match what is configured now;
+    /// logs what changed.
+    fn sync_nic_addrs(&mut self) -> anyhow::Result<()> {
+        let names: Vec<String> = self
+            .classifier
+            .bindings()
+            .iter()
+            .map(|b| b.name.clone())
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let now = edge_classifier::nic_addrs::configured(&names)
+            .context("reading the NICs' addresses")?;
+        let before = self.classifier.maps().iface_addrs()?;
+        if before == now {
+            return Ok(());
+        }
+        self.classifier.maps_mut().set_iface_addrs(&now)?;
+        let added: Vec<String> = now
+            .keys()
+            .filter(|a| !before.contains_key(a))
+            .map(|a| a.to_string())
+            .collect();
+        let removed: Vec<String> = before
+            .keys()
+            .filter(|a| !now.contains_key(a))
+            .map(|a| a.to_string())
+            .collect();
+        log::info!(
+            "addresses of {} protected as the NICs' own: {} now{}{}",
+            names.join(", "),
+            now.len(),
+            if added.is_empty() {
+                String::new()
+            } else {
+                format!("; added {}", added.join(", "))
+            },
+            if removed.is_empty() {
+                String::new()
+            } else {
+                format!("; removed {}", removed.join(", "))
+            },
+        );
+        Ok(())
+    }
+
     fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         self.refresh()?;
         let mut s = Snapshot::read(&self.classifier, self.catalogue.clone(), self.reloads)?;
@@ -590,6 +635,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         evicted_floor: 0,
         reloads_logged: started.state.reloads.succeeded + started.state.reloads.failed,
     }));
+    for (nic, _) in &specs {
+        for w in edge_classifier::nic_addrs::routing_warnings(nic) {
+            log::warn!("{nic}: {w}");
+        }
+    }
+    // The NICs' own addresses are in the kernel before the service says it is ready, and are
+    // followed from then on.
+    daemon
+        .lock()
+        .expect("lock")
+        .sync_nic_addrs()
+        .context("protecting the NICs' own addresses")?;
+    let mut nic_changes = edge_classifier::nic_addrs::Changes::subscribe()
+        .map_err(|e| log::warn!("following address changes (re-read every second instead): {e}"))
+        .ok();
     let for_exporter = daemon.clone();
     let snapshot: metrics::SnapshotFn = Arc::new(move || {
         for_exporter
@@ -633,8 +693,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = signals.term.recv() => break,
             _ = tick.tick() => {
-                if let Err(e) = daemon.lock().expect("lock").refresh() {
+                let mut d = daemon.lock().expect("lock");
+                if let Err(e) = d.refresh() {
                     log::warn!("reading the instance state: {e:#}");
+                }
+                if let Err(e) = d.sync_nic_addrs() {
+                    log::warn!("{e:#}");
+                }
+            }
+            changed = async {
+                match nic_changes.as_mut() {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = changed {
+                    log::warn!("address notifications: {e}; re-reading every second instead");
+                    nic_changes = None;
+                }
+                if let Err(e) = daemon.lock().expect("lock").sync_nic_addrs() {
+                    log::warn!("{e:#}");
                 }
             }
             _ = signals.hup.recv() => {

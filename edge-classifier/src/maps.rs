@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use crate::{compile::Compiled, instance::Instance, stride::Stride4};
 
 /// Every map of the object, by its name in the ELF.
-pub const MAP_NAMES: [&str; 17] = [
+pub const MAP_NAMES: [&str; 19] = [
     "ACTIVE",
     "POLICY",
     "IFACES",
@@ -38,6 +38,8 @@ pub const MAP_NAMES: [&str; 17] = [
     "FLOWS_V4",
     "FLOWS_V6",
     "FLOW_STATS",
+    "IFACE_ADDRS_V4",
+    "IFACE_ADDRS_V6",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +148,7 @@ impl Maps {
                 "SETS_V4" | "SETS_V6" => Map::LpmTrie(data),
                 "STATS" | "FLOW_STATS" => Map::PerCpuArray(data),
                 "FLOWS_V4" | "FLOWS_V6" => Map::LruHashMap(data),
+                "IFACE_ADDRS_V4" | "IFACE_ADDRS_V6" => Map::HashMap(data),
                 _ => Map::Array(data),
             };
             out.insert(name, map);
@@ -192,6 +195,56 @@ impl Maps {
             Array::try_from(self.get_mut("IFACES")).map_err(err("IFACES"))?;
         a.set(info.ifindex % IFACE_SLOTS, info, 0)
             .map_err(err("IFACES"))
+    }
+
+    /// Makes `IFACE_ADDRS_V4/V6` hold exactly `addrs` (address → ifindex): new ones are added
+    /// before stale ones go, so an address that stays is never missing. Returns (added, removed).
+    pub fn set_iface_addrs(
+        &mut self,
+        addrs: &std::collections::BTreeMap<std::net::IpAddr, u32>,
+    ) -> Result<(usize, usize), MapsError> {
+        use std::net::IpAddr;
+        let want4: StdHashMap<u32, u32> = addrs
+            .iter()
+            .filter_map(|(a, i)| match a {
+                IpAddr::V4(v4) => Some((u32::from_ne_bytes(v4.octets()), *i)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let want6: StdHashMap<[u32; 4], u32> = addrs
+            .iter()
+            .filter_map(|(a, i)| match a {
+                IpAddr::V6(v6) => Some((v6_words(v6.octets()), *i)),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        let (a4, r4) = sync_hash(self.get_mut("IFACE_ADDRS_V4"), "IFACE_ADDRS_V4", &want4)?;
+        let (a6, r6) = sync_hash(self.get_mut("IFACE_ADDRS_V6"), "IFACE_ADDRS_V6", &want6)?;
+        Ok((a4 + a6, r4 + r6))
+    }
+
+    /// What `IFACE_ADDRS_V4/V6` hold.
+    pub fn iface_addrs(
+        &self,
+    ) -> Result<std::collections::BTreeMap<std::net::IpAddr, u32>, MapsError> {
+        let mut out = std::collections::BTreeMap::new();
+        let v4: HashMap<_, u32, u32> =
+            HashMap::try_from(self.get("IFACE_ADDRS_V4")).map_err(err("IFACE_ADDRS_V4"))?;
+        for kv in v4.iter() {
+            let (k, v) = kv.map_err(err("IFACE_ADDRS_V4"))?;
+            out.insert(std::net::IpAddr::from(k.to_ne_bytes()), v);
+        }
+        let v6: HashMap<_, [u32; 4], u32> =
+            HashMap::try_from(self.get("IFACE_ADDRS_V6")).map_err(err("IFACE_ADDRS_V6"))?;
+        for kv in v6.iter() {
+            let (k, v) = kv.map_err(err("IFACE_ADDRS_V6"))?;
+            let mut octets = [0u8; 16];
+            for (i, w) in k.iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            out.insert(std::net::IpAddr::from(octets), v);
+        }
+        Ok(out)
     }
 
     pub fn iface(&self, ifindex: u32) -> Result<IfaceInfo, MapsError> {
@@ -616,4 +669,37 @@ fn sync_trie<K: aya::Pod>(
         }
     }
     Ok(())
+}
+
+/// An IPv6 address as the data plane's `IFACE_ADDRS_V6` key: its bytes in four u32 words.
+fn v6_words(o: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// Makes a hash map hold exactly `want`: inserts first, then removes what is not wanted.
+fn sync_hash<K: aya::Pod + Eq + std::hash::Hash>(
+    map: &mut Map,
+    name: &'static str,
+    want: &StdHashMap<K, u32>,
+) -> Result<(usize, usize), MapsError> {
+    let mut h: HashMap<_, K, u32> = HashMap::try_from(map).map_err(err(name))?;
+    let have: StdHashMap<K, u32> = h.iter().collect::<Result<_, _>>().map_err(err(name))?;
+    let mut added = 0;
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            h.insert(k, v, 0).map_err(err(name))?;
+            added += 1;
+        }
+    }
+    let mut removed = 0;
+    for k in have.keys().filter(|k| !want.contains_key(k)) {
+        h.remove(k).map_err(err(name))?;
+        removed += 1;
+    }
+    Ok((added, removed))
 }

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use edge_classifier_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    PORT_SPACE, Policy, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP, reason,
+    POLICY_PROTECT_IFACE_ADDRS, PORT_SPACE, Policy, SET_ANY, SET_PROTECTED, TRANSPORT_TCP,
+    TRANSPORT_UDP, reason,
 };
 use ipnet::IpNet;
 
@@ -406,6 +407,8 @@ fn expired(state: &FlowState, now: u64, policy: &Policy, transport: u32) -> bool
 pub struct Reference<'a> {
     compiled: &'a Compiled,
     sets: Sets,
+    /// The bound NICs' own addresses (the kernel's `IFACE_ADDRS_V4/V6`).
+    nic_addrs: std::collections::HashSet<std::net::IpAddr>,
 }
 
 impl<'a> Reference<'a> {
@@ -413,7 +416,22 @@ impl<'a> Reference<'a> {
         Reference {
             compiled,
             sets: Sets::new(compiled),
+            nic_addrs: Default::default(),
         }
+    }
+
+    /// The same classifier with these addresses configured on the bound NICs.
+    pub fn with_nic_addrs(mut self, addrs: impl IntoIterator<Item = std::net::IpAddr>) -> Self {
+        self.nic_addrs = addrs.into_iter().collect();
+        self
+    }
+
+    fn nic_addr(&self, addr: &Addr) -> bool {
+        let ip = match addr {
+            Addr::V4(a) => std::net::IpAddr::from(*a),
+            Addr::V6(a) => std::net::IpAddr::from(*a),
+        };
+        self.nic_addrs.contains(&ip)
     }
 
     fn policy(&self) -> &Policy {
@@ -490,13 +508,20 @@ impl<'a> Reference<'a> {
         {
             return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
         }
-        let local_bits = self.sets.bits(&ip.dst);
+        let mut local_bits = self.sets.bits(&ip.dst);
+        // An address of a bound NIC that no set names: protected, matched by no rule.
+        let mut nic_only = false;
         if local_bits & SET_PROTECTED == 0 {
-            return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
-                Verdict::pass(reason::PASS_UNPROTECTED)
+            if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && self.nic_addr(&ip.dst) {
+                local_bits = SET_PROTECTED | SET_ANY;
+                nic_only = true;
             } else {
-                Verdict::drop(reason::DROP_UNPROTECTED)
-            });
+                return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
+                    Verdict::pass(reason::PASS_UNPROTECTED)
+                } else {
+                    Verdict::drop(reason::DROP_UNPROTECTED)
+                });
+            }
         }
         if ip.fragment == Fragment::Later {
             return Ok(if policy.flags & POLICY_PASS_FRAGMENTS != 0 {
@@ -527,6 +552,15 @@ impl<'a> Reference<'a> {
             L4::ShortFragment => return Ok(Verdict::drop(reason::DROP_SHORT_FRAGMENT)),
             L4::Other => return Ok(self.no_rule()),
         };
+        // DHCP replies to the client on the NIC's own address (RFC 2131 ports; RFC 8415 on a
+        // link-local address, fe80::/10).
+        let dhcp = match &ip.dst {
+            Addr::V4(_) => sport == 67 && dport == 68,
+            Addr::V6(a) => sport == 547 && dport == 546 && a[0] == 0xfe && a[1] & 0xc0 == 0x80,
+        };
+        if nic_only && transport == TRANSPORT_UDP && dhcp {
+            return Ok(Verdict::pass(reason::PASS_DHCP_CLIENT));
+        }
         let dentry = self.port_entry(transport, dport);
         if dentry.inbound != 0
             && let Some(slot) = self.match_class(dentry.inbound, local_bits, &ip.src, role_mask)

@@ -248,3 +248,167 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     let _ = std::fs::remove_dir_all(&dir);
     drop(lab);
 }
+
+/// The NIC's IPv6 link-local address of `dev` in `ns`, once duplicate address detection is done.
+fn link_local(ns: &str, dev: &str) -> std::net::Ipv6Addr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-6", "addr", "show", "dev", dev, "scope", "link"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(addr) = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("inet6 ") && !l.contains("tentative"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+        {
+            return addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no link-local address on {dev}: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ifindex_in(ns: &str, dev: &str) -> u32 {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "dev", dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("ifindex")
+}
+
+#[test]
+fn the_nics_own_addresses_are_protected_and_followed_as_they_change() {
+    let lab = Lab::create("na").expect("lab");
+    let instance = format!("na{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let listeners = Listeners::start(&lab.edge, &[22], &[]).expect("listeners");
+    let edge_ll = link_local(&lab.edge, EDGE_EXT);
+    let _ = link_local(&lab.remote, "wan0");
+    let wan0 = ifindex_in(&lab.remote, "wan0");
+    let to = |addr: std::net::IpAddr, ms: u64| {
+        let dst = match addr {
+            std::net::IpAddr::V6(a) if a.is_unicast_link_local() => {
+                SocketAddr::V6(std::net::SocketAddrV6::new(a, 22, 0, wan0))
+            }
+            a => SocketAddr::new(a, 22),
+        };
+        let src = if dst.is_ipv6() {
+            SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0)
+        } else {
+            SocketAddr::new(CLIENT_V4, 0)
+        };
+        tcp_exchange(&lab.remote, src, dst, Duration::from_millis(ms))
+            .unwrap()
+            .connected
+    };
+    let added: std::net::IpAddr = "198.51.100.77".parse().unwrap();
+    assert!(
+        to(edge_ll.into(), 2000),
+        "control: link-local 22 open before the daemon"
+    );
+
+    let _daemon = start_daemon(
+        &lab.edge,
+        &[
+            "--instance",
+            &instance,
+            "--metrics",
+            METRICS,
+            "--iface",
+            "ext0=external",
+        ],
+    );
+    let seen = listeners.tcp(22).connections.len();
+    assert!(
+        !to(edge_ll.into(), 500),
+        "TCP 22 to the NIC's link-local address is dropped"
+    );
+
+    // An address added while the daemon runs is protected within a second or so.
+    let ok = Command::new("ip")
+        .args([
+            "-n",
+            &lab.edge,
+            "addr",
+            "add",
+            "198.51.100.77/24",
+            "dev",
+            EDGE_EXT,
+        ])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let pinned = || {
+        edge_classifier::maps::Maps::open_pinned(
+            &edge_classifier::instance::Instance::new(&instance).unwrap(),
+        )
+        .expect("pinned maps")
+        .iface_addrs()
+        .expect("IFACE_ADDRS")
+    };
+    let t = Instant::now();
+    while !pinned().contains_key(&added) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "198.51.100.77 not protected 5 s after it was added"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!(
+        "added address in the kernel's table after {:.1} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    assert!(!to(added, 300), "TCP 22 to the added address is dropped");
+    let table = pinned();
+    assert!(table.contains_key(&added), "{table:?}");
+    assert!(
+        table.contains_key(&std::net::IpAddr::V6(edge_ll)),
+        "{table:?}"
+    );
+    assert!(
+        table.contains_key(&"198.51.100.255".parse().unwrap()),
+        "the subnet broadcast: {table:?}"
+    );
+
+    // Removed again: it leaves the table (another host may take the address).
+    let ok = Command::new("ip")
+        .args([
+            "-n",
+            &lab.edge,
+            "addr",
+            "del",
+            "198.51.100.77/24",
+            "dev",
+            EDGE_EXT,
+        ])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pinned().contains_key(&added) {
+        assert!(
+            Instant::now() < deadline,
+            "198.51.100.77 still protected after removal"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        listeners.tcp(22).connections.len(),
+        seen,
+        "no connection to 22 completed while the addresses were the Edge's"
+    );
+    drop(lab);
+}

@@ -874,3 +874,135 @@ fn monitor_mode_passes_replies_without_a_flow() {
         drop_reason("not_established"),
     );
 }
+
+/// `protect_interface_addresses`: the bound NICs' own addresses (a link-local one, the subnet
+/// broadcast) are protected though no set names them; DHCP replies to the client, neighbour
+/// discovery and the ICMP policy still reach them. Kernel and reference, with the addresses in
+/// `IFACE_ADDRS_V4/V6` as the daemon writes them.
+#[test]
+fn a_bound_nics_own_addresses_are_protected() {
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x10);
+    let peer_ll = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x1);
+    let global_nic = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x99);
+    let broadcast = Ipv4Addr::new(198, 51, 100, 255);
+    let nic: std::collections::BTreeMap<IpAddr, u32> =
+        [v6(link_local), v6(global_nic), v4(broadcast), v6(EXT6)]
+            .into_iter()
+            .map(|a| (a, 1))
+            .collect();
+    let check = |h: &mut Harness, cases: Vec<Case>| {
+        h.classifier
+            .maps_mut()
+            .set_iface_addrs(&nic)
+            .expect("IFACE_ADDRS");
+        let compiled = h.classifier.compiled().clone();
+        let role_mask = compiled.role_mask(&h.binding.role).expect("role");
+        let reference = edge_classifier::reference::Reference::new(&compiled)
+            .with_nic_addrs(nic.keys().copied());
+        for (name, frame, action, counted) in cases {
+            h.expect(name, &frame, action, &counted);
+            let v = reference.ingress(
+                &frame,
+                role_mask,
+                &mut edge_classifier::reference::FlowTable::default(),
+                0,
+            );
+            let got = match v.counted {
+                edge_classifier::reference::Counted::Rule(slot) => {
+                    let r = compiled.rules.iter().find(|r| r.slot == slot).unwrap();
+                    format!("rule {}", r.id)
+                }
+                edge_classifier::reference::Counted::Reason(r) => {
+                    let (n, d) = edge_classifier_common::reason::NAMES[r as usize];
+                    Counted::Reason(n, d).to_string()
+                }
+            };
+            assert_eq!(got, counted.to_string(), "{name}: the reference");
+            assert_eq!(
+                v.pass,
+                action == XDP_PASS,
+                "{name}: the reference's verdict"
+            );
+        }
+    };
+    let mut nd = tcp(v6(peer_ll), 1, v6(link_local), 2);
+    // An ICMPv6 neighbour solicitation in place of the TCP header (type 135).
+    nd[20] = 58;
+    nd[54..58].copy_from_slice(&[135, 0, 0, 0]);
+    let mut echo = nd.clone();
+    echo[54] = 128;
+    let mut h = Harness::default_catalogue("external");
+    check(
+        &mut h,
+        vec![
+            drop_as(
+                "TCP 22 to the NIC's link-local address",
+                tcp(v6(peer_ll), 40000, v6(link_local), 22),
+                "no_rule",
+            ),
+            drop_as(
+                "TCP 22 to an address added to the NIC",
+                tcp(v6(CLIENT6), 40000, v6(global_nic), 22),
+                "no_rule",
+            ),
+            drop_as(
+                "TCP 22 to the IPv4 subnet broadcast",
+                tcp(v4(CLIENT4), 40000, v4(broadcast), 22),
+                "no_rule",
+            ),
+            pass_as(
+                "DHCPv6 reply to the client on link-local",
+                udp(v6(peer_ll), 547, v6(link_local), 546),
+                "dhcp_client",
+            ),
+            drop_as(
+                "DHCPv6 ports to a global NIC address",
+                udp(v6(CLIENT6), 547, v6(global_nic), 546),
+                "no_rule",
+            ),
+            pass_as(
+                "DHCPv4 reply to the broadcast address",
+                udp(v4(CLIENT4), 67, v4(broadcast), 68),
+                "dhcp_client",
+            ),
+            drop_as(
+                "UDP 547 -> 546 to the Edge's catalogue address needs a rule",
+                udp(v6(PARTNER6), 547, v6(EXT6), 546),
+                "no_rule",
+            ),
+            pass_as("neighbour solicitation", nd, "neighbour_discovery"),
+            pass_as("ping to the link-local address", echo, "icmp"),
+            pass_rule(
+                "P1 to the catalogue address, also a NIC address",
+                tcp(v6(PARTNER6), 40000, v6(EXT6), 5061),
+                "public-im-sip-in",
+            ),
+            pass_as(
+                "another host's address on the link stays unprotected",
+                tcp(
+                    v6(peer_ll),
+                    40000,
+                    v6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x77)),
+                    22,
+                ),
+                "unprotected",
+            ),
+        ],
+    );
+    // Turned off, the NIC's own addresses are as unprotected as any other.
+    let mut h = Harness::edited_default(
+        "external",
+        &[(
+            "protect_interface_addresses = true",
+            "protect_interface_addresses = false",
+        )],
+    );
+    check(
+        &mut h,
+        vec![pass_as(
+            "TCP 22 to link-local, protection off",
+            tcp(v6(peer_ll), 40000, v6(link_local), 22),
+            "unprotected",
+        )],
+    );
+}

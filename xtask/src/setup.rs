@@ -76,20 +76,45 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The pinned eBPF nightly, e.g. `nightly-2026-05-19`, read from the eBPF crate's
-/// `rust-toolchain.toml`.
-pub fn ebpf_toolchain() -> anyhow::Result<String> {
+/// The pinned eBPF toolchain as the eBPF crate's `rust-toolchain.toml` names it.
+pub struct Pinned {
+    /// e.g. `nightly-2026-05-19`
+    pub channel: String,
+    pub components: Vec<String>,
+}
+
+/// Reads the eBPF crate's `rust-toolchain.toml`.
+pub fn pinned() -> anyhow::Result<Pinned> {
     let file = workspace_root().join("edge-classifier-ebpf/rust-toolchain.toml");
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let doc: toml::Table = text
         .parse()
         .with_context(|| format!("parsing {}", file.display()))?;
-    doc.get("toolchain")
+    let t = doc.get("toolchain");
+    let channel = t
         .and_then(|t| t.get("channel"))
         .and_then(|c| c.as_str())
         .map(str::to_owned)
-        .ok_or_else(|| anyhow!("{} has no [toolchain] channel", file.display()))
+        .ok_or_else(|| anyhow!("{} has no [toolchain] channel", file.display()))?;
+    let components = t
+        .and_then(|t| t.get("components"))
+        .and_then(|c| c.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Pinned {
+        channel,
+        components,
+    })
+}
+
+/// The pinned eBPF nightly's channel, e.g. `nightly-2026-05-19`.
+pub fn ebpf_toolchain() -> anyhow::Result<String> {
+    Ok(pinned()?.channel)
 }
 
 /// `LLVM version: 22.1.4` in `rustc -vV` → 22.
@@ -150,27 +175,39 @@ fn ensure_packages(packages: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs the pinned nightly with rust-src (for `-Z build-std=core`) and returns its LLVM major.
-fn ensure_toolchain(channel: &str) -> anyhow::Result<u32> {
-    let has_rust_src = output(Command::new("rustup").args([
+/// Installs the pinned nightly with its components (rust-src for `-Z build-std=core`, clippy
+/// and rustfmt) and returns its LLVM major.
+fn ensure_toolchain(pin: &Pinned) -> anyhow::Result<u32> {
+    let channel = pin.channel.as_str();
+    let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
         channel,
         "--installed",
     ]))
-    .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")));
-    if !has_rust_src {
-        eprintln!("setup: installing the eBPF toolchain {channel} with rust-src");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            channel,
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
+    .unwrap_or_default();
+    let missing: Vec<&str> = pin
+        .components
+        .iter()
+        .map(String::as_str)
+        .filter(|c| {
+            !installed
+                .lines()
+                .any(|l| l.starts_with(&format!("{c}-")) || l == *c)
+        })
+        .collect();
+    if installed.is_empty() || !missing.is_empty() {
+        eprintln!(
+            "setup: installing the eBPF toolchain {channel} with {}",
+            pin.components.join(", ")
+        );
+        let mut cmd = Command::new("rustup");
+        cmd.args(["toolchain", "install", channel, "--profile", "minimal"]);
+        for c in &pin.components {
+            cmd.args(["--component", c]);
+        }
+        run(&mut cmd)?;
     }
     let vv = output(Command::new("rustup").args(["run", channel, "rustc", "-vV"]))
         .with_context(|| format!("`rustup run {channel} rustc -vV` failed"))?;
@@ -220,8 +257,9 @@ fn ensure_bpf_linker(channel: &str, llvm: u32) -> anyhow::Result<()> {
 }
 
 pub fn setup() -> anyhow::Result<()> {
-    let channel = ebpf_toolchain()?;
-    let llvm = ensure_toolchain(&channel)?;
+    let pin = pinned()?;
+    let channel = pin.channel.clone();
+    let llvm = ensure_toolchain(&pin)?;
     let mut packages: Vec<String> = PACKAGES.iter().map(|p| p.to_string()).collect();
     packages.push(format!("llvm-{llvm}-dev"));
     packages.push(format!("libpolly-{llvm}-dev"));

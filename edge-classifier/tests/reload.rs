@@ -408,14 +408,14 @@ fn after_kill_9_the_nic_stays_protected_and_a_new_daemon_adopts_it() {
     assert!(connect(443, 3000).answered);
     let p3_before = rule(&scrape(&lab.edge), "client-sip-tls-in");
     assert!(p3_before >= 3.0, "P3 counted {p3_before}");
-    let xdp_before = xdp_prog(&lab.edge);
+    let xdp_before = xdp_prog(&lab.edge, EDGE_EXT);
 
     unsafe { libc::kill(daemon.pid(), libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(300));
     drop(daemon);
     // Nobody serves the instance now; the kernel still does the work.
     assert_eq!(
-        xdp_prog(&lab.edge),
+        xdp_prog(&lab.edge, EDGE_EXT),
         xdp_before,
         "XDP still attached after kill -9"
     );
@@ -439,7 +439,7 @@ fn after_kill_9_the_nic_stays_protected_and_a_new_daemon_adopts_it() {
         p3_after >= p3_before + 9.0,
         "P3 counter continued: {p3_before} before kill, {p3_after} after adoption"
     );
-    let xdp_after = xdp_prog(&lab.edge);
+    let xdp_after = xdp_prog(&lab.edge, EDGE_EXT);
     assert!(
         xdp_after.is_some() && xdp_after != xdp_before,
         "the new program replaced the old in place: {xdp_before:?} -> {xdp_after:?}"
@@ -451,21 +451,10 @@ fn after_kill_9_the_nic_stays_protected_and_a_new_daemon_adopts_it() {
     let (ok, out, err) = cli(&["stop", "--instance", &instance]);
     assert!(ok, "stop: {out}{err}");
     assert!(out.contains("detached from ext0, int0"), "{out}");
-    assert_eq!(xdp_prog(&lab.edge), None, "XDP detached by stop");
+    assert_eq!(xdp_prog(&lab.edge, EDGE_EXT), None, "XDP detached by stop");
     assert!(connect(22, 3000).connected, "22 reachable once stopped");
     assert!(!std::path::Path::new(&format!("/sys/fs/bpf/edge-classifier/{instance}")).exists());
     drop(daemon);
     drop(listeners);
     drop(lab);
-}
-
-/// The id of the XDP program on ext0, as `ip link` shows it.
-fn xdp_prog(ns: &str) -> Option<u32> {
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns, "-d", "link", "show", "dev", EDGE_EXT])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let at = text.find("prog/xdp id ")? + "prog/xdp id ".len();
-    text[at..].split_whitespace().next()?.parse().ok()
 }

@@ -42,17 +42,6 @@ fn status_json(ns: &str, instance: &str) -> (i32, serde_json::Value) {
     (code, v)
 }
 
-/// The id of the XDP program on ext0, as `ip link` shows it.
-fn xdp_prog(ns: &str) -> Option<u64> {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-d", "link", "show", "dev", EDGE_EXT])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let at = text.find("prog/xdp id ")? + "prog/xdp id ".len();
-    text[at..].split_whitespace().next()?.parse().ok()
-}
-
 fn nic<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["interfaces"]
         .as_array()
@@ -137,7 +126,7 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     assert_eq!(ext["tc"]["live"], true);
     assert_eq!(
         ext["xdp"]["program_id"].as_u64(),
-        xdp_prog(&lab.edge),
+        xdp_prog(&lab.edge, EDGE_EXT).map(u64::from),
         "the program the kernel runs on ext0: {st:#}"
     );
 

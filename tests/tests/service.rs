@@ -208,17 +208,6 @@ fn comm(pid: u32) -> String {
         .to_string()
 }
 
-/// The XDP program id on ext0, as `ip link` shows it.
-fn xdp_prog(ns: &str) -> Option<u32> {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-d", "link", "show", "dev", EDGE_EXT])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let at = text.find("prog/xdp id ")? + "prog/xdp id ".len();
-    text[at..].split_whitespace().next()?.parse().ok()
-}
-
 fn connects(lab: &Lab, from: std::net::IpAddr, port: u16, ms: u64) -> bool {
     tcp_exchange(
         &lab.remote,
@@ -234,6 +223,10 @@ fn connects(lab: &Lab, from: std::net::IpAddr, port: u16, ms: u64) -> bool {
 fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
     let deb = std::env::var("EC_DEB")
         .expect("EC_DEB names the .deb to test: run through `cargo xtask test`, which builds it");
+    assert!(
+        Path::new(&deb).is_absolute() && Path::new(&deb).is_file(),
+        "EC_DEB={deb}: an absolute path to the package (tests run in their crate's folder)"
+    );
     let cache = root_cache();
     let lab = Lab::create("svc").expect("lab");
     let root =
@@ -308,7 +301,7 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
         connects(&lab, CLIENT_V4, 22, 2000),
         "control: 22 open before the service"
     );
-    assert_eq!(xdp_prog(&lab.edge), None);
+    assert_eq!(xdp_prog(&lab.edge, EDGE_EXT), None);
 
     // start: Type=notify, so `systemctl start` returns once every NIC is protected.
     c.run(&["systemctl", "start", "edge-classifier"]);
@@ -317,7 +310,10 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
         status.starts_with("protecting ext0 (external), int0 (internal)"),
         "{status}"
     );
-    assert!(xdp_prog(&lab.edge).is_some(), "XDP on ext0 once started");
+    assert!(
+        xdp_prog(&lab.edge, EDGE_EXT).is_some(),
+        "XDP on ext0 once started"
+    );
     let before = listeners.tcp(22).connections.len();
     assert!(
         !connects(&lab, CLIENT_V4, 22, 500),
@@ -382,7 +378,7 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if xdp_prog(&edge).is_none() {
+                if xdp_prog(&edge, EDGE_EXT).is_none() {
                     gaps.fetch_add(1, Ordering::Relaxed);
                 }
                 let _ = tcp_exchange(
@@ -395,7 +391,7 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
             }
         })
     };
-    let prog_before = xdp_prog(&lab.edge);
+    let prog_before = xdp_prog(&lab.edge, EDGE_EXT);
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     c.run(&["systemctl", "restart", "edge-classifier"]);
@@ -422,7 +418,7 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
         "no connection to 22 completed"
     );
     assert_ne!(
-        xdp_prog(&lab.edge),
+        xdp_prog(&lab.edge, EDGE_EXT),
         prog_before,
         "the new daemon's program replaced the old"
     );
@@ -435,7 +431,7 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
     c.run(&["systemctl", "stop", "edge-classifier"]);
     assert!(!c.ok(&["systemctl", "is-active", "-q", "edge-classifier"]));
     assert!(
-        xdp_prog(&lab.edge).is_some(),
+        xdp_prog(&lab.edge, EDGE_EXT).is_some(),
         "XDP stays after systemctl stop"
     );
     assert!(
@@ -481,7 +477,7 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
     // `edge-classifier stop` really detaches.
     c.run(&["edge-classifier", "stop"]);
     assert_eq!(
-        xdp_prog(&lab.edge),
+        xdp_prog(&lab.edge, EDGE_EXT),
         None,
         "detached by edge-classifier stop"
     );
@@ -492,10 +488,14 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
 
     // Removing the package stops the service and detaches: nothing could manage the pins after.
     c.run(&["systemctl", "start", "edge-classifier"]);
-    assert!(xdp_prog(&lab.edge).is_some(), "started again");
+    assert!(xdp_prog(&lab.edge, EDGE_EXT).is_some(), "started again");
     c.run(&["dpkg", "--remove", "edge-classifier"]);
     assert!(!c.ok(&["systemctl", "is-active", "-q", "edge-classifier"]));
-    assert_eq!(xdp_prog(&lab.edge), None, "dpkg --remove detaches");
+    assert_eq!(
+        xdp_prog(&lab.edge, EDGE_EXT),
+        None,
+        "dpkg --remove detaches"
+    );
     assert!(!root.join("usr/bin/edge-classifier").exists());
     assert!(
         root.join("etc/edge-classifier/edge.toml").exists(),

@@ -693,9 +693,22 @@ fn reloads_rewrite_the_stride_table() {
 /// Each class an independent oracle found the kernel and the reference agreeing on, wrongly
 /// (issue 13): a fixture per class, checked in the kernel and in the reference classifier.
 fn expect_both(h: &mut Harness, name: &str, frame: &[u8], action: u32, counted: Counted) {
+    expect_both_with(h, &[], name, frame, action, counted)
+}
+
+/// The same, with `nic_addrs` configured on the bound NIC (the kernel's table must hold them).
+fn expect_both_with(
+    h: &mut Harness,
+    nic_addrs: &[IpAddr],
+    name: &str,
+    frame: &[u8],
+    action: u32,
+    counted: Counted,
+) {
     h.expect(name, frame, action, &counted);
     let compiled = h.classifier.compiled().clone();
-    let reference = edge_classifier::reference::Reference::new(&compiled);
+    let reference = edge_classifier::reference::Reference::new(&compiled)
+        .with_nic_addrs(nic_addrs.iter().copied());
     let v = reference.ingress(
         frame,
         compiled.role_mask(&h.binding.role).expect("bound role"),
@@ -895,34 +908,9 @@ fn a_bound_nics_own_addresses_are_protected() {
             .maps_mut()
             .set_iface_addrs(&nic)
             .expect("IFACE_ADDRS");
-        let compiled = h.classifier.compiled().clone();
-        let role_mask = compiled.role_mask(&h.binding.role).expect("role");
-        let reference = edge_classifier::reference::Reference::new(&compiled)
-            .with_nic_addrs(nic.keys().copied());
+        let addrs: Vec<IpAddr> = nic.keys().copied().collect();
         for (name, frame, action, counted) in cases {
-            h.expect(name, &frame, action, &counted);
-            let v = reference.ingress(
-                &frame,
-                role_mask,
-                &mut edge_classifier::reference::FlowTable::default(),
-                0,
-            );
-            let got = match v.counted {
-                edge_classifier::reference::Counted::Rule(slot) => {
-                    let r = compiled.rules.iter().find(|r| r.slot == slot).unwrap();
-                    format!("rule {}", r.id)
-                }
-                edge_classifier::reference::Counted::Reason(r) => {
-                    let (n, d) = edge_classifier_common::reason::NAMES[r as usize];
-                    Counted::Reason(n, d).to_string()
-                }
-            };
-            assert_eq!(got, counted.to_string(), "{name}: the reference");
-            assert_eq!(
-                v.pass,
-                action == XDP_PASS,
-                "{name}: the reference's verdict"
-            );
+            expect_both_with(h, &addrs, name, &frame, action, counted);
         }
     };
     let mut nd = tcp(v6(peer_ll), 1, v6(link_local), 2);

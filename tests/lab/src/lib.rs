@@ -541,3 +541,14 @@ fn af_packet(ns: &str, iface: &str, kind: i32, proto: i32) -> anyhow::Result<std
         Ok(sock)
     })
 }
+
+/// The id of the XDP program on `dev` in `ns`, as `ip -d link` shows it; None when there is none.
+pub fn xdp_prog(ns: &str, dev: &str) -> Option<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", "dev", dev])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("prog/xdp id ")? + "prog/xdp id ".len();
+    text[at..].split_whitespace().next()?.parse().ok()
+}

@@ -936,10 +936,13 @@ fn main() -> anyhow::Result<()> {
     writeln!(md, "# edge-classifier benchmarks\n")?;
     writeln!(
         md,
-        "Made by `cargo xtask bench` on {} (kernel {}, {} CPUs), all in one run. Medians of {RUNS} runs, (min–max) beside them. Benchmarks are measurements, never pass/fail tests.\n",
+        "Made by `cargo xtask bench` on {} (kernel {}, {} CPUs, CPU `{}`, spec_rstack_overflow: `{}`), all in one run. Medians of {RUNS} runs, (min–max) beside them. Benchmarks are measurements, never pass/fail tests. Ratios hold for this kind of host only: with the SRSO \"safe RET\" mitigation every kernel call is dear and the empty program costs several times what it does without.\n",
         sh(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC"))?.trim(),
         kernel.trim(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        std::fs::read_to_string("/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow")
+            .map_or_else(|_| "unknown".to_string(), |s| s.trim().to_string()),
     )?;
 
     // The TestRun comparisons run on one CPU, bpftool's runs of xdp-filter included (children
@@ -1103,4 +1106,16 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(out_dir.join("RESULTS.md"), &md)?;
     println!("{md}");
     Ok(())
+}
+
+/// The CPU's model name, as /proc/cpuinfo gives it.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string())
 }

@@ -221,6 +221,7 @@ fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     let mut cur = start;
     let mut fragment = Fragment::No;
     let mut done = false;
+    let mut walked = 0;
     for _ in 0..MAX_IPV6_EXT + 1 {
         let len = match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
@@ -258,6 +259,12 @@ fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
         // reaches past the payload length sits (partly) in link-layer padding.
         cur += len;
         if cur > start + MAX_IPV6_EXT_BYTES || cur > end {
+            return Err(Malformed);
+        }
+        // The last step is for the upper-layer header only: a ninth extension header is one too
+        // many, a later fragment's included.
+        walked += 1;
+        if walked > MAX_IPV6_EXT {
             return Err(Malformed);
         }
         if fragment == Fragment::Later {

@@ -830,6 +830,22 @@ fn eight_extension_headers_are_walked_and_truncated_icmpv6_is_judged_by_its_dest
         XDP_DROP,
         drop_reason("malformed"),
     );
+    // A ninth header is one too many even when it is a later fragment's, which ends the walk
+    // (the kernel's last step, meant for the upper-layer header, took it as a fragment).
+    let mut rest = Vec::new();
+    for i in 0..8 {
+        let next = if i == 7 { 44 } else { 60 };
+        rest.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    rest.extend_from_slice(&[6, 0, 0x00, 0x10, 0, 0, 0, 1]);
+    rest.extend_from_slice(&tcp_hdr);
+    expect_both(
+        &mut h,
+        "8 extension headers and a later fragment's as the ninth",
+        &ipv6_raw(EXT6, rest.len() as u16, 60, &rest),
+        XDP_DROP,
+        drop_reason("malformed"),
+    );
 
     // A truncated ICMPv6 header to an address the Edge does not protect passes, as a truncated
     // TCP header does; to the Edge it is malformed.

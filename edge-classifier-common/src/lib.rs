@@ -4,6 +4,8 @@
 //! agree on the bytes; the `user` feature adds `aya::Pod` so the loader can write them into maps.
 #![no_std]
 
+pub mod layout;
+
 /// Rule tables are double-buffered: userspace fills the inactive half, then flips [`ACTIVE`].
 pub const BUFFERS: u32 = 2;
 

@@ -16,13 +16,12 @@ use aya_ebpf::{
 };
 use edge_classifier_common::{
     BUFFERS, Counter, DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, IFACE_ADDRS_MAX,
-    IFACE_SLOTS, IfaceInfo, LOCALS_V4, LOCALS_V6, LPM_BUFFER_BITS, Locals, Lpm4, Lpm6,
-    MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS,
-    POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS,
-    PORT_ENTRIES, PORT_SPACE, Policy, PortEntry, RULE_COUNTER_BASE, RuleClass, SET_ANY,
-    SET_PROTECTED, SMALL4, SMALL6, STATS_ENTRIES, STATS_STRIDE, STRIDE_BLOCK, STRIDE_BLOCKS,
-    STRIDE_LEAVES, STRIDE_TOP, Small4, Small6, StrideBlock, TRANSPORT_TCP, TRANSPORT_UDP,
-    TRANSPORTS, reason,
+    IFACE_SLOTS, IfaceInfo, LOCALS_V4, LOCALS_V6, Locals, Lpm4, Lpm6, MAX_CANDIDATES, MAX_CLASSES,
+    MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
+    POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, PORT_ENTRIES, Policy,
+    PortEntry, RuleClass, SET_ANY, SET_PROTECTED, SMALL4, SMALL6, STATS_ENTRIES, STRIDE_BLOCK,
+    STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6, StrideBlock, TRANSPORT_TCP,
+    TRANSPORT_UDP, layout, reason,
 };
 use parse::{Addr, Fragment, Frame, L3, L4, Malformed};
 
@@ -85,7 +84,7 @@ impl Verdict {
     const fn rule(slot: u32) -> Self {
         Self {
             pass: true,
-            counter: RULE_COUNTER_BASE + slot,
+            counter: layout::rule_counter(slot),
         }
     }
 }
@@ -179,7 +178,7 @@ pub fn edge_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn count(block: u32, counter: u32, packets: u64, len: usize) {
-    if let Some(c) = STATS.get_ptr_mut(block * STATS_STRIDE + counter) {
+    if let Some(c) = STATS.get_ptr_mut(layout::stats(block, counter)) {
         // Per-CPU slot: no other writer, so plain adds are enough.
         unsafe {
             (*c).packets += packets;
@@ -276,8 +275,7 @@ fn try_classify(
         bits: None,
         active,
     };
-    let base = active * TRANSPORTS * PORT_SPACE + transport * PORT_SPACE;
-    let dentry = PORTS.get(base + dport as u32);
+    let dentry = PORTS.get(layout::port(active, transport, dport as u32));
     if let Some(entry) = dentry
         && entry.inbound != 0
         && let Some(slot) = match_class(active, entry.inbound, local_bits, &mut remote, role_mask)
@@ -288,7 +286,7 @@ fn try_classify(
     // answer a flow the Edge opened. Anyone can forge that claim; only the flow table, filled on
     // egress, can prove it. The flow names its rule, so a reply needs no rule matching at all:
     // a flow lives on until it ends even if a reload changes its rule, like conntrack.
-    let reply_from = match PORTS.get(base + sport as u32) {
+    let reply_from = match PORTS.get(layout::port(active, transport, sport as u32)) {
         Some(entry) => entry.reply_from,
         None => 0,
     };
@@ -352,16 +350,15 @@ fn try_egress(
         bits: None,
         active,
     };
-    let base = active * TRANSPORTS * PORT_SPACE + transport * PORT_SPACE;
     // The same classes ingress uses for replies, seen from the other side: an outbound rule's
     // remote service port is this frame's destination, its local range holds the source.
     let mut slot = None;
-    if let Some(entry) = PORTS.get(base + dport as u32)
+    if let Some(entry) = PORTS.get(layout::port(active, transport, dport as u32))
         && entry.reply_from != 0
     {
         slot = match_class(active, entry.reply_from, local_bits, &mut remote, role_mask);
     }
-    let sentry = PORTS.get(base + sport as u32);
+    let sentry = PORTS.get(layout::port(active, transport, sport as u32));
     if slot.is_none()
         && let Some(entry) = sentry
         && entry.reply_to != 0
@@ -561,16 +558,16 @@ fn large_bits(active: u32, addr: &Addr) -> u64 {
 /// The set bits of an IPv4 address from the stride table: at most three array loads.
 #[inline(always)]
 fn stride_v4(active: u32, a: u32) -> Option<u64> {
-    let mut e = *STRIDE4_TOP.get(active * STRIDE_TOP + (a >> 16))?;
+    let mut e = *STRIDE4_TOP.get(layout::stride_top(active, a >> 16))?;
     if e & STRIDE_BLOCK != 0 {
-        let block = STRIDE4_BLOCKS.get(active * STRIDE_BLOCKS + (e & !STRIDE_BLOCK))?;
+        let block = STRIDE4_BLOCKS.get(layout::stride_block(active, e & !STRIDE_BLOCK))?;
         e = block.entries[((a >> 8) & 0xff) as usize];
         if e & STRIDE_BLOCK != 0 {
-            let block = STRIDE4_BLOCKS.get(active * STRIDE_BLOCKS + (e & !STRIDE_BLOCK))?;
+            let block = STRIDE4_BLOCKS.get(layout::stride_block(active, e & !STRIDE_BLOCK))?;
             e = block.entries[(a & 0xff) as usize];
         }
     }
-    STRIDE4_LEAVES.get(active * STRIDE_LEAVES + e).copied()
+    STRIDE4_LEAVES.get(layout::stride_leaf(active, e)).copied()
 }
 
 #[inline(always)]
@@ -578,7 +575,7 @@ fn trie_bits(active: u32, addr: &Addr) -> u64 {
     let buffer = active as u8;
     let found = match addr {
         Addr::V4(a) => SETS_V4.get(Key::new(
-            LPM_BUFFER_BITS + 32,
+            layout::lpm_prefix_len(32),
             Lpm4 {
                 buffer,
                 _pad: [0; 3],
@@ -586,7 +583,7 @@ fn trie_bits(active: u32, addr: &Addr) -> u64 {
             },
         )),
         Addr::V6(a) => SETS_V6.get(Key::new(
-            LPM_BUFFER_BITS + 128,
+            layout::lpm_prefix_len(128),
             Lpm6 {
                 buffer,
                 _pad: [0; 3],
@@ -608,7 +605,7 @@ fn match_class(
     remote: &mut Remote,
     role_mask: u32,
 ) -> Option<u32> {
-    let class = CLASSES.get(active * MAX_CLASSES + class)?;
+    let class = CLASSES.get(layout::class(active, class))?;
     let n = class.count as usize;
     for i in 0..MAX_CANDIDATES {
         if i >= n {

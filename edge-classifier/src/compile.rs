@@ -9,7 +9,7 @@ use edge_classifier_common::{
     FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES,
     POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP,
     POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, PORT_SPACE, PortEntry, RULE_OUTBOUND,
-    RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
+    RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
 };
 use ipnet::IpNet;
 
@@ -107,7 +107,7 @@ pub struct Compiled {
     /// Interface roles of the catalogue.
     pub roles: Vec<String>,
     pub policy: edge_classifier_common::Policy,
-    /// `ports[transport * PORT_SPACE + port]`.
+    /// `ports[layout::compiled_port(transport, port)]`.
     pub ports: Vec<PortEntry>,
     /// Class 0 is "no rule" and is stored empty.
     pub classes: Vec<RuleClass>,
@@ -308,7 +308,7 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
     // changes; each distinct ordered set of rules becomes one class.
     let mut classes: Vec<RuleClass> = vec![RuleClass::default()];
     let mut class_ids: HashMap<Vec<usize>, u32> = HashMap::new();
-    let mut ports = vec![PortEntry::default(); 2 * PORT_SPACE as usize];
+    let mut ports = vec![PortEntry::default(); layout::compiled_port(TRANSPORTS, 0)];
     for transport in [Transport::Tcp, Transport::Udp] {
         for kind in [Kind::Inbound, Kind::ReplyFrom, Kind::ReplyTo] {
             let members: Vec<usize> = cat
@@ -383,9 +383,9 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
                         id
                     }
                 };
-                let base = (transport_index(transport) * PORT_SPACE) as usize;
                 for port in *start..end {
-                    let e = &mut ports[base + port as usize];
+                    let e =
+                        &mut ports[layout::compiled_port(transport_index(transport), port as u16)];
                     match kind {
                         Kind::Inbound => e.inbound = id,
                         Kind::ReplyFrom => e.reply_from = id,
@@ -564,7 +564,7 @@ mod tests {
         for row in ["S1", "P1", "P2", "P3", "P4", "P5", "P6", "X1", "X2", "X3"] {
             assert!(rows.contains(row), "seed row {row} missing: {rows:?}");
         }
-        let tcp = |port: u16| c.ports[(TRANSPORT_TCP * PORT_SPACE) as usize + port as usize];
+        let tcp = |port: u16| c.ports[layout::compiled_port(TRANSPORT_TCP, port)];
         assert_ne!(tcp(443).inbound, 0);
         assert_eq!(tcp(22).inbound, 0);
         assert_ne!(tcp(50000).reply_to, 0);

@@ -11,9 +11,8 @@ use aya::{
     },
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, LPM_BUFFER_BITS, Lpm4,
-    Lpm6, MAX_CLASSES, MAX_IFACES, PORT_SPACE, PortEntry, RULE_COUNTER_BASE, STATS_STRIDE,
-    STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, TRANSPORTS, flow_stat, reason,
+    BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, Lpm4, Lpm6, MAX_IFACES,
+    PORT_SPACE, PortEntry, TRANSPORTS, flow_stat, layout, reason,
 };
 use ipnet::IpNet;
 
@@ -256,9 +255,10 @@ impl Maps {
     pub fn iface_stats(&self, block: u32, slots: &[u32]) -> Result<IfaceStats, MapsError> {
         let stats: PerCpuArray<_, Counter> =
             PerCpuArray::try_from(self.get("STATS")).map_err(err("STATS"))?;
-        let base = block * STATS_STRIDE;
         let read = |i: u32| -> Result<Counter, MapsError> {
-            let per_cpu = stats.get(&(base + i), 0).map_err(err("STATS"))?;
+            let per_cpu = stats
+                .get(&layout::stats(block, i), 0)
+                .map_err(err("STATS"))?;
             Ok(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
                 packets: a.packets + c.packets,
                 bytes: a.bytes + c.bytes,
@@ -268,7 +268,7 @@ impl Maps {
             reasons: (0..reason::COUNT).map(read).collect::<Result<_, _>>()?,
             rules: slots
                 .iter()
-                .map(|s| read(RULE_COUNTER_BASE + s))
+                .map(|s| read(layout::rule_counter(*s)))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -295,7 +295,7 @@ impl Maps {
                     }))
                 })?;
                 stats
-                    .set(block * STATS_STRIDE + RULE_COUNTER_BASE + slot, zero, 0)
+                    .set(layout::stats(block, layout::rule_counter(*slot)), zero, 0)
                     .map_err(err("STATS"))?;
             }
         }
@@ -459,14 +459,14 @@ impl Maps {
         }
         self.write_changed(
             "CLASSES",
-            buffer * MAX_CLASSES,
+            layout::class(buffer, 0),
             &new.classes,
             old.map(|o| &o.classes[..]),
         )?;
         {
             let mut ports: Array<_, PortEntry> =
                 Array::try_from(self.get_mut("PORTS")).map_err(err("PORTS"))?;
-            let base = buffer * TRANSPORTS * PORT_SPACE;
+            let base = layout::port(buffer, 0, 0);
             let zero = PortEntry::default();
             for (i, entry) in new.ports.iter().enumerate() {
                 let before = old.map_or(&zero, |o| &o.ports[i]);
@@ -484,7 +484,7 @@ impl Maps {
                     unreachable!("v4 list")
                 };
                 Key::new(
-                    LPM_BUFFER_BITS + n.prefix_len() as u32,
+                    layout::lpm_prefix_len(n.prefix_len() as u32),
                     Lpm4 {
                         buffer: b,
                         _pad: [0; 3],
@@ -509,7 +509,7 @@ impl Maps {
                     unreachable!("v6 list")
                 };
                 Key::new(
-                    LPM_BUFFER_BITS + n.prefix_len() as u32,
+                    layout::lpm_prefix_len(n.prefix_len() as u32),
                     Lpm6 {
                         buffer: b,
                         _pad: [0; 3],
@@ -539,19 +539,19 @@ impl Maps {
     ) -> Result<(), MapsError> {
         self.write_changed(
             "STRIDE4_TOP",
-            buffer * STRIDE_TOP,
+            layout::stride_top(buffer, 0),
             &new.top,
             old.map(|o| &o.top[..]),
         )?;
         self.write_changed(
             "STRIDE4_BLOCKS",
-            buffer * STRIDE_BLOCKS,
+            layout::stride_block(buffer, 0),
             &new.blocks,
             old.map(|o| &o.blocks[..]),
         )?;
         self.write_changed(
             "STRIDE4_LEAVES",
-            buffer * STRIDE_LEAVES,
+            layout::stride_leaf(buffer, 0),
             &new.leaves,
             old.map(|o| &o.leaves[..]),
         )
@@ -581,7 +581,7 @@ impl Maps {
         {
             let mut ports: Array<_, PortEntry> =
                 Array::try_from(self.get_mut("PORTS")).map_err(err("PORTS"))?;
-            let base = buffer * TRANSPORTS * PORT_SPACE;
+            let base = layout::port(buffer, 0, 0);
             for i in 0..TRANSPORTS * PORT_SPACE {
                 if ports.get(&(base + i), 0).map_err(err("PORTS"))? != PortEntry::default() {
                     ports

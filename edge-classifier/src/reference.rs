@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use edge_classifier_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, PORT_SPACE, Policy, SET_ANY, SET_PROTECTED, TRANSPORT_TCP,
-    TRANSPORT_UDP, reason,
+    POLICY_PROTECT_IFACE_ADDRS, Policy, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
+    layout, reason,
 };
 use etherparse::{
     EtherType, Ethernet2Slice, IpAuthHeaderSlice, IpNumber, Ipv4HeaderSlice,
@@ -503,7 +503,7 @@ impl<'a> Reference<'a> {
     }
 
     fn port_entry(&self, transport: u32, port: u16) -> edge_classifier_common::PortEntry {
-        self.compiled.ports[(transport * PORT_SPACE) as usize + port as usize]
+        self.compiled.ports[layout::compiled_port(transport, port)]
     }
 
     /// First rule of `class` that the interface role and both addresses satisfy.

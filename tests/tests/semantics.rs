@@ -676,10 +676,13 @@ fn corruptions() -> Vec<(&'static str, Corruption)> {
 }
 
 fn transport_base(t: Transport) -> usize {
-    (match t {
-        Transport::Tcp => TRANSPORT_TCP,
-        Transport::Udp => TRANSPORT_UDP,
-    } * PORT_SPACE) as usize
+    edge_classifier_common::layout::compiled_port(
+        match t {
+            Transport::Tcp => TRANSPORT_TCP,
+            Transport::Udp => TRANSPORT_UDP,
+        },
+        0,
+    )
 }
 
 /// Each prefix with only its own named-set bits: what a compiler that forgot that LPM returns

@@ -46,9 +46,7 @@ use edge_classifier::{
     compile::{CompileError, Compiled, compile},
     reference::{Counted, FlowTable, Reference},
 };
-use edge_classifier_common::{
-    PORT_SPACE, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP, reason,
-};
+use edge_classifier_common::{SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP, reason};
 use edge_classifier_tests::{tcp, udp};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 

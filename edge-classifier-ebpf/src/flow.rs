@@ -4,25 +4,17 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_jiffies64,
-    macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
 use edge_classifier_common::{
-    DEFAULT_FLOW_CAPACITY, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowKey4, FlowState,
-    Policy, TRANSPORT_TCP, flow_stat,
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowKey4, FlowState, Policy, TRANSPORT_TCP,
+    flow_stat,
 };
 
-use crate::parse::{Addr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
-
-/// Sized by the loader from the catalogue's `[flows] capacity` before the object is loaded.
-#[map]
-static FLOWS_V4: LruHashMap<FlowKey4, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
-#[map]
-static FLOWS_V6: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
-#[map]
-static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(flow_stat::COUNT, 0);
+use crate::{
+    maps::{FLOW_STATS, FLOWS_V4, FLOWS_V6, REPLY_CACHE_V4, REPLY_CACHE_V6},
+    parse::{Addr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 const EEXIST: i32 = 17;
 
@@ -172,19 +164,12 @@ struct Reply<'a> {
 /// purged flow is forgotten at once. What a hit cannot see is a flow evicted from a full table
 /// earlier in the same tick (the LRU has no hook to tell): its replies pass on that CPU until
 /// the tick ends, 1/HZ s at most. That flow was the Edge's own a moment before.
-#[map]
-static REPLY_CACHE_V4: PerCpuArray<CachedReply<2>> =
-    PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);
-#[map]
-static REPLY_CACHE_V6: PerCpuArray<CachedReply<5>> =
-    PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);
-
-const REPLY_CACHE_SLOTS: u32 = 256;
+pub(crate) const REPLY_CACHE_SLOTS: u32 = 256;
 
 /// A flow key as `N` words, the tick it was found live, and what the table said of it.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct CachedReply<const N: usize> {
+pub(crate) struct CachedReply<const N: usize> {
     key: [u64; N],
     /// `bpf_jiffies64` when the table said the flow was live; the entry is good for that tick.
     tick: u64,

@@ -6,60 +6,23 @@
 #![no_main]
 
 mod flow;
+mod maps;
 mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    macros::{classifier, xdp},
+    maps::lpm_trie::Key,
     programs::{TcContext, XdpContext},
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, IFACE_ADDRS_MAX,
-    IFACE_SLOTS, IfaceInfo, LOCALS_V4, LOCALS_V6, Locals, Lpm4, Lpm6, MAX_CANDIDATES, MAX_CLASSES,
-    MAX_PREFIXES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
-    POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, PORT_ENTRIES, Policy,
-    PortEntry, RuleClass, SET_ANY, SET_PROTECTED, SMALL4, SMALL6, STATS_ENTRIES, STRIDE_BLOCK,
-    STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6, StrideBlock, TRANSPORT_TCP,
-    TRANSPORT_UDP, layout, reason,
+    DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, IFACE_SLOTS, LOCALS_V4, LOCALS_V6,
+    Lpm4, Lpm6, MAX_CANDIDATES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
+    POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, Policy, SET_ANY,
+    SET_PROTECTED, SMALL4, SMALL6, STRIDE_BLOCK, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
 };
+use maps::*;
 use parse::{Addr, Fragment, Frame, L3, L4, Malformed};
-
-#[map]
-static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
-#[map]
-static POLICY: Array<Policy> = Array::with_max_entries(BUFFERS, 0);
-#[map]
-static IFACES: Array<IfaceInfo> = Array::with_max_entries(IFACE_SLOTS, 0);
-#[map]
-static PORTS: Array<PortEntry> = Array::with_max_entries(PORT_ENTRIES, 0);
-#[map]
-static CLASSES: Array<RuleClass> = Array::with_max_entries(BUFFERS * MAX_CLASSES, 0);
-#[map]
-static SETS_V4: LpmTrie<Lpm4, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
-#[map]
-static SETS_V6: LpmTrie<Lpm6, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
-#[map]
-static LOCALS: Array<Locals> = Array::with_max_entries(BUFFERS, 0);
-#[map]
-static SMALL_V4: Array<Small4> = Array::with_max_entries(BUFFERS, 0);
-#[map]
-static SMALL_V6: Array<Small6> = Array::with_max_entries(BUFFERS, 0);
-#[map]
-static STRIDE4_TOP: Array<u32> = Array::with_max_entries(BUFFERS * STRIDE_TOP, 0);
-#[map]
-static STRIDE4_BLOCKS: Array<StrideBlock> = Array::with_max_entries(BUFFERS * STRIDE_BLOCKS, 0);
-#[map]
-static STRIDE4_LEAVES: Array<u64> = Array::with_max_entries(BUFFERS * STRIDE_LEAVES, 0);
-#[map]
-static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
-/// Addresses configured on the bound NICs (link-local included), kept current by the daemon;
-/// protected under `POLICY_PROTECT_IFACE_ADDRS`. Not double-buffered: they follow the NICs, not
-/// the catalogue.
-#[map]
-static IFACE_ADDRS_V4: HashMap<u32, u32> = HashMap::with_max_entries(IFACE_ADDRS_MAX, 0);
-#[map]
-static IFACE_ADDRS_V6: HashMap<[u32; 4], u32> = HashMap::with_max_entries(IFACE_ADDRS_MAX, 0);
 
 /// Whether a frame passes and which counter (reason or rule) records it.
 #[derive(Clone, Copy)]

@@ -1,0 +1,87 @@
+//! Every map of the object, declared once, one line of purpose each. The loader names the same
+//! maps (pins, typed handles); the indices into the buffered ones are in
+//! `edge_classifier_common::layout`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use edge_classifier_common::{
+    BUFFERS, Counter, DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState, IFACE_ADDRS_MAX,
+    IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, PORT_ENTRIES, Policy,
+    PortEntry, RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
+    StrideBlock, flow_stat,
+};
+
+use crate::flow::{CachedReply, REPLY_CACHE_SLOTS};
+
+/// The active rule buffer (bit 0) and a generation that every flip and flow purge changes.
+#[map]
+pub(crate) static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+/// Per buffer: the policy flags, ICMP type bitmaps and flow timeouts.
+#[map]
+pub(crate) static POLICY: Array<Policy> = Array::with_max_entries(BUFFERS, 0);
+/// Bound interfaces by `ifindex % IFACE_SLOTS`: counter block and role bit.
+#[map]
+pub(crate) static IFACES: Array<IfaceInfo> = Array::with_max_entries(IFACE_SLOTS, 0);
+/// Per buffer and transport, each port's rule classes (inbound, reply-from, reply-to).
+#[map]
+pub(crate) static PORTS: Array<PortEntry> = Array::with_max_entries(PORT_ENTRIES, 0);
+/// Per buffer, the rule classes: up to `MAX_CANDIDATES` rules in file order with set masks.
+#[map]
+pub(crate) static CLASSES: Array<RuleClass> = Array::with_max_entries(BUFFERS * MAX_CLASSES, 0);
+/// IPv4 prefixes → set bits, for catalogues no small or stride table holds (both buffers).
+#[map]
+pub(crate) static SETS_V4: LpmTrie<Lpm4, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+/// IPv6 prefixes → set bits, for catalogues no small table holds (both buffers).
+#[map]
+pub(crate) static SETS_V6: LpmTrie<Lpm6, u64> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+/// Per buffer, the Edge's own host addresses, compared directly before a table walk.
+#[map]
+pub(crate) static LOCALS: Array<Locals> = Array::with_max_entries(BUFFERS, 0);
+/// Per buffer, the IPv4 prefixes of a small catalogue, scanned.
+#[map]
+pub(crate) static SMALL_V4: Array<Small4> = Array::with_max_entries(BUFFERS, 0);
+/// Per buffer, the IPv6 prefixes of a small catalogue, scanned.
+#[map]
+pub(crate) static SMALL_V6: Array<Small6> = Array::with_max_entries(BUFFERS, 0);
+/// Per buffer, the IPv4 stride table's first level (the top 16 bits).
+#[map]
+pub(crate) static STRIDE4_TOP: Array<u32> = Array::with_max_entries(BUFFERS * STRIDE_TOP, 0);
+/// Per buffer, the stride table's 256-entry blocks (the next 8 bits, then the last 8).
+#[map]
+pub(crate) static STRIDE4_BLOCKS: Array<StrideBlock> =
+    Array::with_max_entries(BUFFERS * STRIDE_BLOCKS, 0);
+/// Per buffer, the stride table's leaves: set bits.
+#[map]
+pub(crate) static STRIDE4_LEAVES: Array<u64> = Array::with_max_entries(BUFFERS * STRIDE_LEAVES, 0);
+/// Per CPU, per interface block: packets and bytes per reason and per rule slot.
+#[map]
+pub(crate) static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+/// Addresses configured on the bound NICs (link-local included), kept current by the daemon;
+/// protected under `POLICY_PROTECT_IFACE_ADDRS`. Not double-buffered: they follow the NICs.
+#[map]
+pub(crate) static IFACE_ADDRS_V4: HashMap<u32, u32> = HashMap::with_max_entries(IFACE_ADDRS_MAX, 0);
+/// The same for IPv6, keyed by the address in four words.
+#[map]
+pub(crate) static IFACE_ADDRS_V6: HashMap<[u32; 4], u32> =
+    HashMap::with_max_entries(IFACE_ADDRS_MAX, 0);
+/// IPv4 flows the Edge opened (16-byte key); sized by the loader from `[flows] capacity`.
+#[map]
+pub(crate) static FLOWS_V4: LruHashMap<FlowKey4, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+/// IPv6 flows the Edge opened (40-byte key); sized the same way.
+#[map]
+pub(crate) static FLOWS_V6: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+/// Per CPU: flows created, expired, not recorded (`flow_stat`).
+#[map]
+pub(crate) static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(flow_stat::COUNT, 0);
+/// Per CPU, the IPv4 replies found live in the flow table this tick (see `flow::cached_reply`).
+#[map]
+pub(crate) static REPLY_CACHE_V4: PerCpuArray<CachedReply<2>> =
+    PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);
+/// The same for IPv6.
+#[map]
+pub(crate) static REPLY_CACHE_V6: PerCpuArray<CachedReply<5>> =
+    PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);

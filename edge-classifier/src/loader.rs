@@ -243,7 +243,7 @@ impl Classifier {
             .try_into()
             .map_err(LoadError::Program)?;
         verified("TC egress", egress.load())?;
-        let maps = Maps::take(&mut ebpf);
+        let maps = Maps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
             maps,

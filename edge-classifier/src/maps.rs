@@ -11,35 +11,71 @@ use aya::{
     },
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, Lpm4, Lpm6, MAX_IFACES,
-    PORT_SPACE, PortEntry, TRANSPORTS, flow_stat, layout, reason,
+    BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6,
+    MAX_IFACES, PORT_SPACE, Policy, PortEntry, RuleClass, Small4, Small6, StrideBlock, TRANSPORTS,
+    flow_stat, layout, reason,
 };
 use ipnet::IpNet;
 
 use crate::{compile::Compiled, instance::Instance, stride::Stride4};
 
-/// Every map of the object, by its name in the ELF.
-pub const MAP_NAMES: [&str; 19] = [
-    "ACTIVE",
-    "POLICY",
-    "IFACES",
-    "PORTS",
-    "CLASSES",
-    "SETS_V4",
-    "SETS_V6",
-    "LOCALS",
-    "SMALL_V4",
-    "SMALL_V6",
-    "STRIDE4_TOP",
-    "STRIDE4_BLOCKS",
-    "STRIDE4_LEAVES",
-    "STATS",
-    "FLOWS_V4",
-    "FLOWS_V6",
-    "FLOW_STATS",
-    "IFACE_ADDRS_V4",
-    "IFACE_ADDRS_V6",
-];
+/// Declares every map of the object once: its ELF name (the pin's name), the typed handle's
+/// field, type and kind. The struct, the name list and both ways of opening the maps (from a
+/// freshly loaded object, or from an instance's pins) come from this one list; aya checks the
+/// key and value sizes against the kernel's once, when each handle is built.
+macro_rules! maps {
+    ($($name:literal => $field:ident: $ty:ty, $kind:ident;)*) => {
+        /// Every map of the object, as typed handles.
+        pub struct Maps {
+            $($field: $ty,)*
+        }
+
+        /// Every map's name in the ELF, which is also its pin's name.
+        pub const MAP_NAMES: &[&str] = &[$($name),*];
+
+        impl Maps {
+            /// Builds every handle from the map `open` gives for each name.
+            fn build(mut open: impl FnMut(&'static str) -> Result<Map, MapsError>) -> Result<Maps, MapsError> {
+                Ok(Maps {
+                    $($field: <$ty>::try_from(open($name)?).map_err(err($name))?,)*
+                })
+            }
+
+            /// Opens the pinned maps of a running instance.
+            pub fn open_pinned(instance: &Instance) -> Result<Maps, MapsError> {
+                Maps::build(|name| {
+                    let data = MapData::from_pin(instance.map_pin(name)).map_err(err(name))?;
+                    Ok(match name {
+                        $($name => Map::$kind(data),)*
+                        _ => unreachable!("every name is listed"),
+                    })
+                })
+            }
+        }
+    };
+}
+
+maps! {
+    "ACTIVE" => active: Array<MapData, u32>, Array;
+    "POLICY" => policy: Array<MapData, Policy>, Array;
+    "IFACES" => ifaces: Array<MapData, IfaceInfo>, Array;
+    "PORTS" => ports: Array<MapData, PortEntry>, Array;
+    "CLASSES" => classes: Array<MapData, RuleClass>, Array;
+    "SETS_V4" => sets_v4: LpmTrie<MapData, Lpm4, u64>, LpmTrie;
+    "SETS_V6" => sets_v6: LpmTrie<MapData, Lpm6, u64>, LpmTrie;
+    "LOCALS" => locals: Array<MapData, Locals>, Array;
+    "SMALL_V4" => small_v4: Array<MapData, Small4>, Array;
+    "SMALL_V6" => small_v6: Array<MapData, Small6>, Array;
+    "STRIDE4_TOP" => stride4_top: Array<MapData, u32>, Array;
+    "STRIDE4_BLOCKS" => stride4_blocks: Array<MapData, StrideBlock>, Array;
+    "STRIDE4_LEAVES" => stride4_leaves: Array<MapData, u64>, Array;
+    "STATS" => stats: PerCpuArray<MapData, Counter>, PerCpuArray;
+    "FLOWS_V4" => flows_v4: HashMap<MapData, FlowKey4, FlowState>, LruHashMap;
+    "FLOWS_V6" => flows_v6: HashMap<MapData, FlowKey, FlowState>, LruHashMap;
+    "FLOW_STATS" => flow_stats: PerCpuArray<MapData, u64>, PerCpuArray;
+    "IFACE_ADDRS_V4" => iface_addrs_v4: HashMap<MapData, u32, u32>, HashMap;
+    "IFACE_ADDRS_V6" => iface_addrs_v6: HashMap<MapData, [u32; 4], u32>, HashMap;
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("map {map}: {source}")]
@@ -103,8 +139,6 @@ fn sock(family: u8, addr: &[u8; 16], port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, port)
 }
 
-pub struct Maps(StdHashMap<&'static str, Map>);
-
 /// What a rule buffer holds before it is written.
 #[derive(Clone, Copy)]
 pub enum Holds<'a> {
@@ -129,42 +163,18 @@ impl<'a> Holds<'a> {
 
 impl Maps {
     /// Takes every map out of a loaded object (the programs keep their references).
-    pub fn take(ebpf: &mut Ebpf) -> Maps {
-        Maps(
-            MAP_NAMES
-                .iter()
-                .map(|n| (*n, ebpf.take_map(n).unwrap_or_else(|| panic!("map {n}"))))
-                .collect(),
-        )
-    }
-
-    /// Opens the pinned maps of a running instance.
-    pub fn open_pinned(instance: &Instance) -> Result<Maps, MapsError> {
-        let mut out = StdHashMap::new();
-        for name in MAP_NAMES {
-            let data = MapData::from_pin(instance.map_pin(name)).map_err(err(name))?;
-            let map = match name {
-                "SETS_V4" | "SETS_V6" => Map::LpmTrie(data),
-                "STATS" | "FLOW_STATS" => Map::PerCpuArray(data),
-                "FLOWS_V4" | "FLOWS_V6" => Map::LruHashMap(data),
-                "IFACE_ADDRS_V4" | "IFACE_ADDRS_V6" => Map::HashMap(data),
-                _ => Map::Array(data),
-            };
-            out.insert(name, map);
-        }
-        Ok(Maps(out))
-    }
-
-    fn get(&self, name: &'static str) -> &Map {
-        &self.0[name]
-    }
-
-    fn get_mut(&mut self, name: &'static str) -> &mut Map {
-        self.0.get_mut(name).expect("every map is held")
+    pub fn take(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
+        Maps::build(|name| {
+            ebpf.take_map(name).ok_or_else(|| {
+                err(name)(MapError::InvalidName {
+                    name: name.to_string(),
+                })
+            })
+        })
     }
 
     pub fn active(&self) -> Result<u32, MapsError> {
-        let a: Array<_, u32> = Array::try_from(self.get("ACTIVE")).map_err(err("ACTIVE"))?;
+        let a = &self.active;
         Ok(a.get(&0, 0).map_err(err("ACTIVE"))? & 1)
     }
 
@@ -175,23 +185,24 @@ impl Maps {
     }
 
     fn bump_active(&mut self, next: impl Fn(u32) -> u32) -> Result<(), MapsError> {
-        let mut a: Array<_, u32> =
-            Array::try_from(self.get_mut("ACTIVE")).map_err(err("ACTIVE"))?;
+        let a = &mut self.active;
         let word = a.get(&0, 0).map_err(err("ACTIVE"))?;
         a.set(0, next(word), 0).map_err(err("ACTIVE"))
     }
 
     /// Capacity of each flow table as the kernel made it.
     pub fn flow_capacity(&self) -> Result<u32, MapsError> {
-        let Map::LruHashMap(data) = self.get("FLOWS_V4") else {
-            unreachable!("FLOWS_V4 is an LRU hash")
-        };
-        Ok(data.info().map_err(err("FLOWS_V4"))?.max_entries())
+        use aya::maps::IterableMap as _;
+        Ok(self
+            .flows_v4
+            .map()
+            .info()
+            .map_err(err("FLOWS_V4"))?
+            .max_entries())
     }
 
     pub fn set_iface(&mut self, info: IfaceInfo) -> Result<(), MapsError> {
-        let mut a: Array<_, IfaceInfo> =
-            Array::try_from(self.get_mut("IFACES")).map_err(err("IFACES"))?;
+        let a = &mut self.ifaces;
         a.set(info.ifindex % IFACE_SLOTS, info, 0)
             .map_err(err("IFACES"))
     }
@@ -217,8 +228,8 @@ impl Maps {
                 IpAddr::V4(_) => None,
             })
             .collect();
-        let (a4, r4) = sync_hash(self.get_mut("IFACE_ADDRS_V4"), "IFACE_ADDRS_V4", &want4)?;
-        let (a6, r6) = sync_hash(self.get_mut("IFACE_ADDRS_V6"), "IFACE_ADDRS_V6", &want6)?;
+        let (a4, r4) = sync_hash(&mut self.iface_addrs_v4, "IFACE_ADDRS_V4", &want4)?;
+        let (a6, r6) = sync_hash(&mut self.iface_addrs_v6, "IFACE_ADDRS_V6", &want6)?;
         Ok((a4 + a6, r4 + r6))
     }
 
@@ -227,14 +238,12 @@ impl Maps {
         &self,
     ) -> Result<std::collections::BTreeMap<std::net::IpAddr, u32>, MapsError> {
         let mut out = std::collections::BTreeMap::new();
-        let v4: HashMap<_, u32, u32> =
-            HashMap::try_from(self.get("IFACE_ADDRS_V4")).map_err(err("IFACE_ADDRS_V4"))?;
+        let v4 = &self.iface_addrs_v4;
         for kv in v4.iter() {
             let (k, v) = kv.map_err(err("IFACE_ADDRS_V4"))?;
             out.insert(std::net::IpAddr::from(k.to_ne_bytes()), v);
         }
-        let v6: HashMap<_, [u32; 4], u32> =
-            HashMap::try_from(self.get("IFACE_ADDRS_V6")).map_err(err("IFACE_ADDRS_V6"))?;
+        let v6 = &self.iface_addrs_v6;
         for kv in v6.iter() {
             let (k, v) = kv.map_err(err("IFACE_ADDRS_V6"))?;
             let mut octets = [0u8; 16];
@@ -247,14 +256,13 @@ impl Maps {
     }
 
     pub fn iface(&self, ifindex: u32) -> Result<IfaceInfo, MapsError> {
-        let a: Array<_, IfaceInfo> = Array::try_from(self.get("IFACES")).map_err(err("IFACES"))?;
+        let a = &self.ifaces;
         a.get(&(ifindex % IFACE_SLOTS), 0).map_err(err("IFACES"))
     }
 
     /// Counters of one counter block, summed over CPUs: every reason, then `slots` in order.
     pub fn iface_stats(&self, block: u32, slots: &[u32]) -> Result<IfaceStats, MapsError> {
-        let stats: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(self.get("STATS")).map_err(err("STATS"))?;
+        let stats = &self.stats;
         let read = |i: u32| -> Result<Counter, MapsError> {
             let per_cpu = stats
                 .get(&layout::stats(block, i), 0)
@@ -284,8 +292,7 @@ impl Maps {
                 io_error: e,
             }))
         })?;
-        let mut stats: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(self.get_mut("STATS")).map_err(err("STATS"))?;
+        let stats = &mut self.stats;
         for block in 0..MAX_IFACES {
             for slot in slots {
                 let zero = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| {
@@ -304,17 +311,14 @@ impl Maps {
 
     /// The flow table: occupancy and events, summed over CPUs.
     pub fn flow_stats(&self) -> Result<FlowStats, MapsError> {
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.get("FLOW_STATS")).map_err(err("FLOW_STATS"))?;
+        let stats = &self.flow_stats;
         let read = |i: u32| -> Result<u64, MapsError> {
             Ok(stats.get(&i, 0).map_err(err("FLOW_STATS"))?.iter().sum())
         };
         // Keys may vanish while we walk; a failed step just ends the count.
-        let v4: HashMap<_, FlowKey4, FlowState> =
-            HashMap::try_from(self.get("FLOWS_V4")).map_err(err("FLOWS_V4"))?;
+        let v4 = &self.flows_v4;
         let present_v4 = v4.keys().take_while(Result::is_ok).count() as u64;
-        let v6: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.get("FLOWS_V6")).map_err(err("FLOWS_V6"))?;
+        let v6 = &self.flows_v6;
         let present_v6 = v6.keys().take_while(Result::is_ok).count() as u64;
         let present = present_v4 + present_v6;
         let created = read(flow_stat::CREATED)?;
@@ -334,10 +338,8 @@ impl Maps {
     /// Every recorded flow of both families (a walk of the tables: for inspection, not the hot
     /// path).
     pub fn flows(&self) -> Result<Vec<Flow>, MapsError> {
-        let v4: HashMap<_, FlowKey4, FlowState> =
-            HashMap::try_from(self.get("FLOWS_V4")).map_err(err("FLOWS_V4"))?;
-        let v6: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.get("FLOWS_V6")).map_err(err("FLOWS_V6"))?;
+        let v4 = &self.flows_v4;
+        let v6 = &self.flows_v6;
         Ok(v4
             .iter()
             .filter_map(Result::ok)
@@ -357,13 +359,11 @@ impl Maps {
     pub fn insert_flow(&mut self, key: &FlowKey, state: &FlowState) -> Result<(), MapsError> {
         match key.v4() {
             Some(k) => {
-                let mut flows: HashMap<_, FlowKey4, FlowState> =
-                    HashMap::try_from(self.get_mut("FLOWS_V4")).map_err(err("FLOWS_V4"))?;
+                let flows = &mut self.flows_v4;
                 flows.insert(k, state, 0).map_err(err("FLOWS_V4"))
             }
             None => {
-                let mut flows: HashMap<_, FlowKey, FlowState> =
-                    HashMap::try_from(self.get_mut("FLOWS_V6")).map_err(err("FLOWS_V6"))?;
+                let flows = &mut self.flows_v6;
                 flows.insert(key, state, 0).map_err(err("FLOWS_V6"))
             }
         }
@@ -380,8 +380,7 @@ impl Maps {
             .collect();
         let mut removed = 0u64;
         {
-            let mut v4: HashMap<_, FlowKey4, FlowState> =
-                HashMap::try_from(self.get_mut("FLOWS_V4")).map_err(err("FLOWS_V4"))?;
+            let v4 = &mut self.flows_v4;
             for k in stale.iter().filter_map(FlowKey::v4) {
                 if v4.remove(&k).is_ok() {
                     removed += 1;
@@ -389,8 +388,7 @@ impl Maps {
             }
         }
         {
-            let mut v6: HashMap<_, FlowKey, FlowState> =
-                HashMap::try_from(self.get_mut("FLOWS_V6")).map_err(err("FLOWS_V6"))?;
+            let v6 = &mut self.flows_v6;
             for k in stale.iter().filter(|k| k.family == 6) {
                 if v6.remove(k).is_ok() {
                     removed += 1;
@@ -400,8 +398,7 @@ impl Maps {
         if removed > 0 {
             // Replies of the removed flows may sit in the program's reply caches.
             self.bump_active(|word| word.wrapping_add(2))?;
-            let mut stats: PerCpuArray<_, u64> =
-                PerCpuArray::try_from(self.get_mut("FLOW_STATS")).map_err(err("FLOW_STATS"))?;
+            let stats = &mut self.flow_stats;
             let mut values: Vec<u64> = stats
                 .get(&flow_stat::EXPIRED, 0)
                 .map_err(err("FLOW_STATS"))?
@@ -431,25 +428,21 @@ impl Maps {
         }
         let old = holds.compiled();
         {
-            let mut policy: Array<_, edge_classifier_common::Policy> =
-                Array::try_from(self.get_mut("POLICY")).map_err(err("POLICY"))?;
+            let policy = &mut self.policy;
             policy.set(buffer, new.policy, 0).map_err(err("POLICY"))?;
         }
         {
-            let mut locals: Array<_, edge_classifier_common::Locals> =
-                Array::try_from(self.get_mut("LOCALS")).map_err(err("LOCALS"))?;
+            let locals = &mut self.locals;
             locals.set(buffer, new.locals, 0).map_err(err("LOCALS"))?;
         }
         {
-            let mut small: Array<_, edge_classifier_common::Small4> =
-                Array::try_from(self.get_mut("SMALL_V4")).map_err(err("SMALL_V4"))?;
+            let small = &mut self.small_v4;
             small
                 .set(buffer, new.small_v4, 0)
                 .map_err(err("SMALL_V4"))?;
         }
         {
-            let mut small: Array<_, edge_classifier_common::Small6> =
-                Array::try_from(self.get_mut("SMALL_V6")).map_err(err("SMALL_V6"))?;
+            let small = &mut self.small_v6;
             small
                 .set(buffer, new.small_v6, 0)
                 .map_err(err("SMALL_V6"))?;
@@ -457,15 +450,15 @@ impl Maps {
         if let Some(stride) = &new.stride_v4 {
             self.write_stride(buffer, stride, old.and_then(|o| o.stride_v4.as_ref()))?;
         }
-        self.write_changed(
+        Self::write_changed(
+            &mut self.classes,
             "CLASSES",
             layout::class(buffer, 0),
             &new.classes,
             old.map(|o| &o.classes[..]),
         )?;
         {
-            let mut ports: Array<_, PortEntry> =
-                Array::try_from(self.get_mut("PORTS")).map_err(err("PORTS"))?;
+            let ports = &mut self.ports;
             let base = layout::port(buffer, 0, 0);
             let zero = PortEntry::default();
             for (i, entry) in new.ports.iter().enumerate() {
@@ -477,8 +470,7 @@ impl Maps {
         }
         let b = buffer as u8;
         {
-            let mut trie: LpmTrie<_, Lpm4, u64> =
-                LpmTrie::try_from(self.get_mut("SETS_V4")).map_err(err("SETS_V4"))?;
+            let trie = &mut self.sets_v4;
             let key = |net: &IpNet| {
                 let IpNet::V4(n) = net else {
                     unreachable!("v4 list")
@@ -494,7 +486,7 @@ impl Maps {
             };
             // What a buffer's trie holds is always `trie_v4()` of its last catalogue.
             sync_trie(
-                &mut trie,
+                trie,
                 new.trie_v4(),
                 old.map(Compiled::trie_v4),
                 key,
@@ -502,8 +494,7 @@ impl Maps {
             )?;
         }
         {
-            let mut trie: LpmTrie<_, Lpm6, u64> =
-                LpmTrie::try_from(self.get_mut("SETS_V6")).map_err(err("SETS_V6"))?;
+            let trie = &mut self.sets_v6;
             let key = |net: &IpNet| {
                 let IpNet::V6(n) = net else {
                     unreachable!("v6 list")
@@ -518,7 +509,7 @@ impl Maps {
                 )
             };
             sync_trie(
-                &mut trie,
+                trie,
                 new.trie_v6(),
                 old.map(Compiled::trie_v6),
                 key,
@@ -537,19 +528,22 @@ impl Maps {
         new: &Stride4,
         old: Option<&Stride4>,
     ) -> Result<(), MapsError> {
-        self.write_changed(
+        Self::write_changed(
+            &mut self.stride4_top,
             "STRIDE4_TOP",
             layout::stride_top(buffer, 0),
             &new.top,
             old.map(|o| &o.top[..]),
         )?;
-        self.write_changed(
+        Self::write_changed(
+            &mut self.stride4_blocks,
             "STRIDE4_BLOCKS",
             layout::stride_block(buffer, 0),
             &new.blocks,
             old.map(|o| &o.blocks[..]),
         )?;
-        self.write_changed(
+        Self::write_changed(
+            &mut self.stride4_leaves,
             "STRIDE4_LEAVES",
             layout::stride_leaf(buffer, 0),
             &new.leaves,
@@ -557,16 +551,15 @@ impl Maps {
         )
     }
 
-    /// Writes `new` into array `name` from index `base`, skipping the entries equal to what
+    /// Writes `new` into `array` (named `name`) from index `base`, skipping the entries equal to what
     /// `old` says is there.
     fn write_changed<T: aya::Pod + PartialEq>(
-        &mut self,
+        array: &mut Array<MapData, T>,
         name: &'static str,
         base: u32,
         new: &[T],
         old: Option<&[T]>,
     ) -> Result<(), MapsError> {
-        let mut array: Array<_, T> = Array::try_from(self.get_mut(name)).map_err(err(name))?;
         for (i, v) in new.iter().enumerate() {
             if old.and_then(|o| o.get(i)) != Some(v) {
                 array.set(base + i as u32, v, 0).map_err(err(name))?;
@@ -579,8 +572,7 @@ impl Maps {
     /// class and no prefix of it is left in the tries.
     fn clear_buffer(&mut self, buffer: u32) -> Result<(), MapsError> {
         {
-            let mut ports: Array<_, PortEntry> =
-                Array::try_from(self.get_mut("PORTS")).map_err(err("PORTS"))?;
+            let ports = &mut self.ports;
             let base = layout::port(buffer, 0, 0);
             for i in 0..TRANSPORTS * PORT_SPACE {
                 if ports.get(&(base + i), 0).map_err(err("PORTS"))? != PortEntry::default() {
@@ -591,8 +583,7 @@ impl Maps {
             }
         }
         {
-            let mut trie: LpmTrie<_, Lpm4, u64> =
-                LpmTrie::try_from(self.get_mut("SETS_V4")).map_err(err("SETS_V4"))?;
+            let trie = &mut self.sets_v4;
             let stale: Vec<Key<Lpm4>> = trie
                 .keys()
                 .filter_map(Result::ok)
@@ -603,8 +594,7 @@ impl Maps {
             }
         }
         {
-            let mut trie: LpmTrie<_, Lpm6, u64> =
-                LpmTrie::try_from(self.get_mut("SETS_V6")).map_err(err("SETS_V6"))?;
+            let trie = &mut self.sets_v6;
             let stale: Vec<Key<Lpm6>> = trie
                 .keys()
                 .filter_map(Result::ok)
@@ -646,7 +636,7 @@ impl Maps {
 }
 
 fn sync_trie<K: aya::Pod>(
-    trie: &mut LpmTrie<&mut MapData, K, u64>,
+    trie: &mut LpmTrie<MapData, K, u64>,
     new: &[(IpNet, u64)],
     old: Option<&[(IpNet, u64)]>,
     key: impl Fn(&IpNet) -> Key<K>,
@@ -683,11 +673,10 @@ fn v6_words(o: [u8; 16]) -> [u32; 4] {
 
 /// Makes a hash map hold exactly `want`: inserts first, then removes what is not wanted.
 fn sync_hash<K: aya::Pod + Eq + std::hash::Hash>(
-    map: &mut Map,
+    h: &mut HashMap<MapData, K, u32>,
     name: &'static str,
     want: &StdHashMap<K, u32>,
 ) -> Result<(usize, usize), MapsError> {
-    let mut h: HashMap<_, K, u32> = HashMap::try_from(map).map_err(err(name))?;
     let have: StdHashMap<K, u32> = h.iter().collect::<Result<_, _>>().map_err(err(name))?;
     let mut added = 0;
     for (k, v) in want {

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use crate::{
     catalogue::{Catalogue, CatalogueError},
     compile::{Assignments, CompileError, Compiled, compile_with},
-    snapshot::Reloads,
 };
 
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -62,6 +61,15 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstanceError + '_ {
         path: path.display().to_string(),
         source,
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// Reloads of an instance, as its state keeps them.
+pub struct Reloads {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// When the running rules were loaded (start or last successful reload), Unix seconds.
+    pub last: f64,
 }
 
 /// What one rule buffer holds: enough to compile it again, bit for bit.

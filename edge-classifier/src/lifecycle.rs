@@ -11,10 +11,12 @@ use anyhow::{Context as _, bail};
 use crate::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE, DEFAULT_NAME},
     compile::{Compiled, compile_with},
-    instance::{BoundIface, Instance, LAYOUT, Loaded, Lock, RELOAD_LOG, ReloadAttempt, State},
+    instance::{
+        BoundIface, Instance, LAYOUT, Loaded, Lock, RELOAD_LOG, ReloadAttempt, Reloads, State,
+    },
     loader::{AttachMode, Attached, Classifier, check_privileges},
     maps::{Holds, Maps},
-    snapshot::{Reloads, unix_now},
+    snapshot::unix_now,
 };
 
 /// A catalogue and the text it was parsed from (the state keeps the text).
@@ -359,7 +361,7 @@ fn swap(
             state.flow_capacity
         );
     }
-    let mut maps = Maps::open_pinned(instance)?;
+    let mut maps = Maps::open_pinned(&instance.maps_dir())?;
     let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
     let now = swap_recorded(
         instance,

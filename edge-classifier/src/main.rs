@@ -10,12 +10,12 @@ use edge_classifier::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE},
     compile::Compiled,
     compile::compile,
-    instance::{DEFAULT_INSTANCE, Instance, State},
+    instance::{DEFAULT_INSTANCE, Instance, Reloads, State},
     lifecycle,
     loader::{AttachMode, Classifier},
     metrics::{self, DEFAULT_METRICS_ADDR},
     report,
-    snapshot::{CatalogueInfo, Reloads, Snapshot},
+    snapshot::{CatalogueInfo, Snapshot},
 };
 use tokio::signal::unix::{SignalKind, signal};
 

@@ -17,7 +17,7 @@ use edge_classifier_common::{
 };
 use ipnet::IpNet;
 
-use crate::{compile::Compiled, instance::Instance, stride::Stride4};
+use crate::{compile::Compiled, stride::Stride4};
 
 /// Declares every map of the object once: its ELF name (the pin's name), the typed handle's
 /// field, type and kind. The struct, the name list and both ways of opening the maps (from a
@@ -41,10 +41,10 @@ macro_rules! maps {
                 })
             }
 
-            /// Opens the pinned maps of a running instance.
-            pub fn open_pinned(instance: &Instance) -> Result<Maps, MapsError> {
+            /// Opens the maps pinned in `dir` (an instance's `maps/` directory).
+            pub fn open_pinned(dir: &std::path::Path) -> Result<Maps, MapsError> {
                 Maps::build(|name| {
-                    let data = MapData::from_pin(instance.map_pin(name)).map_err(err(name))?;
+                    let data = MapData::from_pin(dir.join(name)).map_err(err(name))?;
                     Ok(match name {
                         $($name => Map::$kind(data),)*
                         _ => unreachable!("every name is listed"),

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     compile::Compiled,
+    instance::Reloads,
     loader::{Classifier, FlowStats, LoadError},
     maps::{Maps, MapsError},
 };
@@ -31,14 +32,6 @@ pub struct CatalogueInfo {
     /// SHA-256 of the catalogue text.
     pub digest: String,
     pub rules: usize,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Reloads {
-    pub succeeded: u64,
-    pub failed: u64,
-    /// When the running rules were loaded (start or last successful reload), Unix seconds.
-    pub last: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,9 +10,9 @@ use std::{ffi::CString, fmt::Write as _, os::unix::ffi::OsStrExt as _, path::Pat
 use serde::Serialize;
 
 use crate::{
-    instance::{Instance, InstanceError, State},
+    instance::{Instance, InstanceError, Reloads, State},
     maps::{Maps, MapsError},
-    snapshot::{Bound, CatalogueInfo, Reloads, Snapshot},
+    snapshot::{Bound, CatalogueInfo, Snapshot},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +181,7 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
         .collect();
     let maps = if instance.map_pin("ACTIVE").exists() {
         Some(
-            Maps::open_pinned(instance).map_err(|source| StatusError::Maps {
+            Maps::open_pinned(&instance.maps_dir()).map_err(|source| StatusError::Maps {
                 instance: instance.name.clone(),
                 source,
             })?,

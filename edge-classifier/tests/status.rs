@@ -341,7 +341,9 @@ fn the_nics_own_addresses_are_protected_and_followed_as_they_change() {
     assert!(ok);
     let pinned = || {
         edge_classifier::maps::Maps::open_pinned(
-            &edge_classifier::instance::Instance::new(&instance).unwrap(),
+            &edge_classifier::instance::Instance::new(&instance)
+                .unwrap()
+                .maps_dir(),
         )
         .expect("pinned maps")
         .iface_addrs()

@@ -735,7 +735,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Err(e) = d.refresh() {
                     log::warn!("reading the instance state: {e:#}");
                 }
-                print_table(&d.classifier);
+                print_table(&mut d);
             }
         }
     }
@@ -743,7 +743,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     server.abort();
     let mut d = daemon.lock().expect("lock");
     let _ = d.refresh();
-    print_table(&d.classifier);
+    print_table(&mut d);
     if args.detach_on_exit {
         let _lock = args.instance.lock()?;
         d.classifier.detach_all();
@@ -762,19 +762,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the counter tables. Best effort: a reader that went away (closed pipe) must not stop
-/// the classifier from detaching cleanly.
-fn print_table(classifier: &Classifier) {
-    let text =
-        (|| -> anyhow::Result<String> {
-            let stats = classifier
-                .bindings()
-                .iter()
-                .map(|b| Ok((b.clone(), classifier.iface_stats(b)?)))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok(report::table(classifier.compiled(), &stats)
-                + &report::flows(&classifier.flow_stats()?))
-        })();
+/// Prints the counter tables from one snapshot, the read `/metrics`, `stats` and `status` use.
+/// Best effort: a reader that went away (closed pipe) must not stop the classifier from
+/// detaching cleanly.
+fn print_table(daemon: &mut Daemon) {
+    let text = daemon.snapshot().map(|s| report::snapshot_table(&s, None));
     use std::io::Write as _;
     let written = match text {
         Ok(t) => {

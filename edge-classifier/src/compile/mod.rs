@@ -1,5 +1,7 @@
 //! Compiles a validated catalogue into the contents of one buffer of the kernel maps.
 
+pub mod stride;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,

@@ -1,23 +1,19 @@
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+mod daemon;
+
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use edge_classifier::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE},
-    compile::Compiled,
     compile::compile,
-    instance::{DEFAULT_INSTANCE, Instance, Reloads, State},
+    instance::{DEFAULT_INSTANCE, Instance},
     lifecycle,
-    loader::{AttachMode, Classifier},
+    loader::AttachMode,
     metrics::{self, DEFAULT_METRICS_ADDR},
     report,
-    snapshot::{CatalogueInfo, Snapshot},
+    snapshot::Snapshot,
 };
-use tokio::signal::unix::{SignalKind, signal};
 
 /// XDP classifier for the NICs of a SIP/XMPP federation edge server (Lync/Skype for Business
 /// Edge, Kamailio, Prosody, ejabberd): drops what the port matrix does not allow, at line rate.
@@ -229,10 +225,14 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run(RunArgs {
+            rt.block_on(daemon::run(daemon::RunArgs {
                 catalogue,
                 ifaces,
-                mode,
+                mode: match mode {
+                    Mode::Auto => AttachMode::Auto,
+                    Mode::Native => AttachMode::Native,
+                    Mode::Generic => AttachMode::Generic,
+                },
                 metrics_addr: metrics,
                 instance: Instance::new(&instance)?,
                 detach_on_exit,
@@ -413,132 +413,6 @@ fn stats(from: &StatsFrom, watch: bool, count: Option<u64>) -> anyhow::Result<()
     }
 }
 
-/// What the exporter reads: the classifier and what it knows of its catalogue and reloads.
-struct Daemon {
-    classifier: Classifier,
-    instance: Instance,
-    catalogue: CatalogueInfo,
-    reloads: Reloads,
-    /// The state generation `classifier` reflects.
-    generation: u64,
-    /// Evictions are derived from a walk that is not atomic: never report fewer than before.
-    evicted_floor: u64,
-    /// Reloads (by number) already logged: those before this daemon started count as logged.
-    reloads_logged: u64,
-}
-
-fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
-    let loaded = state
-        .active()
-        .context("no active rule buffer in the state")?;
-    let (cat, compiled) = loaded
-        .compile()
-        .map_err(|e| anyhow::anyhow!("the running catalogue does not compile: {e}"))?;
-    Ok((
-        CatalogueInfo {
-            source: cat.source_name.clone(),
-            digest: cat.digest.clone(),
-            rules: cat.rules.len(),
-        },
-        compiled,
-    ))
-}
-
-impl Daemon {
-    /// Catches up with reloads other processes made (`edge-classifier reload`), and logs each
-    /// one it sees: who reloaded, and the catalogue now in force or why the reload failed.
-    fn refresh(&mut self) -> anyhow::Result<()> {
-        let Some(state) = self.instance.read_state()? else {
-            return Ok(());
-        };
-        self.reloads = state.reloads;
-        if state.generation != self.generation {
-            let (info, compiled) = catalogue_info(&state)?;
-            self.classifier.set_compiled(compiled);
-            self.catalogue = info;
-            self.generation = state.generation;
-        }
-        for attempt in state
-            .reload_log
-            .iter()
-            .filter(|a| a.seq > self.reloads_logged)
-        {
-            log_reload(attempt);
-        }
-        self.reloads_logged = state.reloads.succeeded + state.reloads.failed;
-        Ok(())
-    }
-
-    /// Makes the kernel's table of the bound NICs' own addresses match what is configured now;
-    /// logs what changed.
-    fn sync_nic_addrs(&mut self) -> anyhow::Result<()> {
-        let names: Vec<String> = self
-            .classifier
-            .bindings()
-            .iter()
-            .map(|b| b.name.clone())
-            .collect();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let now = edge_classifier::nic_addrs::configured(&names)
-            .context("reading the NICs' addresses")?;
-        let before = self.classifier.maps().iface_addrs()?;
-        if before == now {
-            return Ok(());
-        }
-        self.classifier.maps_mut().set_iface_addrs(&now)?;
-        let added: Vec<String> = now
-            .keys()
-            .filter(|a| !before.contains_key(a))
-            .map(|a| a.to_string())
-            .collect();
-        let removed: Vec<String> = before
-            .keys()
-            .filter(|a| !now.contains_key(a))
-            .map(|a| a.to_string())
-            .collect();
-        log::info!(
-            "addresses of {} protected as the NICs' own: {} now{}{}",
-            names.join(", "),
-            now.len(),
-            if added.is_empty() {
-                String::new()
-            } else {
-                format!("; added {}", added.join(", "))
-            },
-            if removed.is_empty() {
-                String::new()
-            } else {
-                format!("; removed {}", removed.join(", "))
-            },
-        );
-        Ok(())
-    }
-
-    fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
-        self.refresh()?;
-        let mut s = Snapshot::read(&self.classifier, self.catalogue.clone(), self.reloads)?;
-        s.flows.evicted = s.flows.evicted.max(self.evicted_floor);
-        self.evicted_floor = s.flows.evicted;
-        Ok(s)
-    }
-}
-
-/// One log line per reload the daemon sees, made by any process.
-fn log_reload(a: &edge_classifier::instance::ReloadAttempt) {
-    let who = format!("pid {} uid {}", a.pid, a.uid);
-    match (&a.error, &a.digest, a.rules) {
-        (None, Some(digest), Some(rules)) => log::info!(
-            "reload by {who}: {rules} rules from {} (sha256 {digest}) in force",
-            a.source
-        ),
-        (None, ..) => log::info!("reload by {who}: {} in force", a.source),
-        (Some(error), ..) => log::warn!(
-            "reload by {who} of {} failed, the running rules stay: {error}",
-            a.source
-        ),
-    }
-}
-
 fn check(file: &std::path::Path) -> anyhow::Result<()> {
     let cat = Catalogue::load(file)?;
     let compiled = compile(&cat)?;
@@ -555,231 +429,4 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
         compiled.classes.len() - 1
     );
     Ok(())
-}
-
-fn parse_iface(spec: &str) -> anyhow::Result<(String, String)> {
-    let (name, role) = spec.split_once('=').unwrap_or((spec, "external"));
-    if name.is_empty() || role.is_empty() {
-        bail!("--iface `{spec}`: expected NAME or NAME=ROLE, e.g. eth0=external");
-    }
-    Ok((name.to_string(), role.to_string()))
-}
-
-struct RunArgs {
-    catalogue: Option<PathBuf>,
-    ifaces: Vec<String>,
-    mode: Mode,
-    metrics_addr: String,
-    instance: Instance,
-    detach_on_exit: bool,
-}
-
-/// The signals the daemon handles, registered before anything is attached so that none of
-/// them can kill it half-way (SIGHUP's default action is to terminate).
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-    usr1: tokio::signal::unix::Signal,
-}
-
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut signals = Signals {
-        term: signal(SignalKind::terminate())?,
-        hup: signal(SignalKind::hangup())?,
-        usr1: signal(SignalKind::user_defined1())?,
-    };
-    let specs = args
-        .ifaces
-        .iter()
-        .map(|s| parse_iface(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    if let Some(path) = &args.catalogue {
-        // Fail on a bad catalogue before touching anything.
-        let cat = Catalogue::load(path)?;
-        compile(&cat).with_context(|| format!("compiling {}", cat.source_name))?;
-    }
-    // Bind before attaching: a taken port is an error to fix before any NIC is touched.
-    let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
-        .await
-        .with_context(|| format!("--metrics {}: cannot listen there", args.metrics_addr))?;
-    let mode = match args.mode {
-        Mode::Auto => AttachMode::Auto,
-        Mode::Native => AttachMode::Native,
-        Mode::Generic => AttachMode::Generic,
-    };
-    let started = lifecycle::start(&args.instance, args.catalogue.as_deref(), &specs, mode)?;
-    let (info, _) = catalogue_info(&started.state)?;
-    log::info!(
-        "{} instance {} with {} rules from {}; SIGUSR1 prints counters; on SIGINT/SIGTERM {}",
-        if started.adopted {
-            "adopted"
-        } else {
-            "started"
-        },
-        args.instance.name,
-        info.rules,
-        info.source,
-        if args.detach_on_exit {
-            "detaches"
-        } else {
-            "the NICs stay protected (`edge-classifier stop` detaches)"
-        }
-    );
-    let _claim = started.claim;
-    let daemon = Arc::new(Mutex::new(Daemon {
-        classifier: started.classifier,
-        instance: args.instance.clone(),
-        catalogue: info,
-        reloads: started.state.reloads,
-        generation: started.state.generation,
-        evicted_floor: 0,
-        reloads_logged: started.state.reloads.succeeded + started.state.reloads.failed,
-    }));
-    for (nic, _) in &specs {
-        for w in edge_classifier::nic_addrs::routing_warnings(nic) {
-            log::warn!("{nic}: {w}");
-        }
-    }
-    // The NICs' own addresses are in the kernel before the service says it is ready, and are
-    // followed from then on.
-    daemon
-        .lock()
-        .expect("lock")
-        .sync_nic_addrs()
-        .context("protecting the NICs' own addresses")?;
-    let mut nic_changes = edge_classifier::nic_addrs::Changes::subscribe()
-        .map_err(|e| log::warn!("following address changes (re-read every second instead): {e}"))
-        .ok();
-    let for_exporter = daemon.clone();
-    let snapshot: metrics::SnapshotFn = Arc::new(move || {
-        for_exporter
-            .lock()
-            .map_err(|_| anyhow::anyhow!("classifier state poisoned"))?
-            .snapshot()
-    });
-    log::info!(
-        "serving metrics on http://{}/metrics",
-        listener.local_addr()?
-    );
-    let server = tokio::spawn(metrics::serve(listener, snapshot));
-    // Tells a supervisor that every NIC is protected: systemd (Type=notify) through
-    // sd_notify, the lab and scripts through the `ready` line.
-    let running = daemon.lock().expect("lock").catalogue.clone();
-    let status = format!(
-        "protecting {} with {} rules from {}",
-        specs
-            .iter()
-            .map(|(n, r)| format!("{n} ({r})"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        running.rules,
-        running.source,
-    );
-    if let Err(e) = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status),
-    ]) {
-        log::warn!("telling systemd the service is ready: {e}");
-    }
-    if !edge_classifier::logging::to_journal() {
-        println!("ready");
-    }
-
-    // Reloads made by other processes are logged within a second of being made.
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = signals.term.recv() => break,
-            _ = tick.tick() => {
-                let mut d = daemon.lock().expect("lock");
-                if let Err(e) = d.refresh() {
-                    log::warn!("reading the instance state: {e:#}");
-                }
-                if let Err(e) = d.sync_nic_addrs() {
-                    log::warn!("{e:#}");
-                }
-            }
-            changed = async {
-                match nic_changes.as_mut() {
-                    Some(c) => c.next().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if let Err(e) = changed {
-                    log::warn!("address notifications: {e}; re-reading every second instead");
-                    nic_changes = None;
-                }
-                if let Err(e) = daemon.lock().expect("lock").sync_nic_addrs() {
-                    log::warn!("{e:#}");
-                }
-            }
-            _ = signals.hup.recv() => {
-                // As nginx and most daemons: SIGHUP reads the catalogue file again.
-                log::info!("SIGHUP: reloading the catalogue file");
-                let instance = args.instance.clone();
-                let reloaded =
-                    tokio::task::spawn_blocking(move || lifecycle::reload(&instance, None)).await;
-                match reloaded {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => log::debug!("SIGHUP reload failed: {e:#}"),
-                    Err(e) => log::warn!("SIGHUP reload did not finish: {e}"),
-                }
-                if let Err(e) = daemon.lock().expect("lock").refresh() {
-                    log::warn!("reading the instance state: {e:#}");
-                }
-            }
-            _ = signals.usr1.recv() => {
-                let mut d = daemon.lock().expect("lock");
-                if let Err(e) = d.refresh() {
-                    log::warn!("reading the instance state: {e:#}");
-                }
-                print_table(&mut d);
-            }
-        }
-    }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    server.abort();
-    let mut d = daemon.lock().expect("lock");
-    let _ = d.refresh();
-    print_table(&mut d);
-    if args.detach_on_exit {
-        let _lock = args.instance.lock()?;
-        d.classifier.detach_all();
-        args.instance.remove()?;
-        log::info!(
-            "detached and removed the pins of instance {}",
-            args.instance.name
-        );
-    } else {
-        log::info!(
-            "exiting; instance {} stays attached (`edge-classifier stop --instance {}` detaches)",
-            args.instance.name,
-            args.instance.name
-        );
-    }
-    Ok(())
-}
-
-/// Prints the counter tables from one snapshot, the read `/metrics`, `stats` and `status` use.
-/// Best effort: a reader that went away (closed pipe) must not stop the classifier from
-/// detaching cleanly.
-fn print_table(daemon: &mut Daemon) {
-    let text = daemon.snapshot().map(|s| report::snapshot_table(&s, None));
-    use std::io::Write as _;
-    let written = match text {
-        Ok(t) => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(edge_classifier::logging::stdout_text(&t).as_bytes())
-                .and_then(|()| out.flush())
-        }
-        Err(e) => {
-            log::warn!("reading counters: {e:#}");
-            Ok(())
-        }
-    };
-    if let Err(e) = written {
-        log::warn!("printing counters: {e}");
-    }
 }

@@ -1,7 +1,9 @@
-//! `cargo xtask setup | run | reload | test | bench`.
+//! `cargo xtask setup | run | reload | test | package | bench`: the CLI here, one file per task.
 
-mod lab_run;
+mod bench;
 mod package;
+mod reload;
+mod run;
 mod setup;
 mod test;
 
@@ -64,11 +66,11 @@ enum Task {
     },
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn check(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn check(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
@@ -77,7 +79,7 @@ fn check(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 /// Builds the `edge-classifier` binary and returns its path.
-fn build_binary() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn build_binary() -> anyhow::Result<std::path::PathBuf> {
     check(cargo().args([
         "build",
         "--package",
@@ -88,7 +90,7 @@ fn build_binary() -> anyhow::Result<std::path::PathBuf> {
     Ok(target_dir()?.join("debug/edge-classifier"))
 }
 
-fn target_dir() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn target_dir() -> anyhow::Result<std::path::PathBuf> {
     let out = cargo()
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .output()?;
@@ -102,44 +104,6 @@ fn target_dir() -> anyhow::Result<std::path::PathBuf> {
     Ok(std::path::PathBuf::from(&meta[start..end]))
 }
 
-/// Bounded libFuzzer runs of each target from its seeds; a crash fails (the input is kept in
-/// tests/fuzz/artifacts/TARGET/).
-fn fuzz(seconds: u32) -> anyhow::Result<()> {
-    // cargo-fuzz needs a nightly; the eBPF one is already installed and the fuzz crate builds
-    // the eBPF object with it anyway.
-    let toolchain = setup::ebpf_toolchain()?;
-    for target in ["catalogue", "frame"] {
-        let corpus = std::env::temp_dir().join(format!("ec-fuzz-{target}"));
-        std::fs::create_dir_all(&corpus)?;
-        let out = Command::new("cargo")
-            .arg(format!("+{toolchain}"))
-            .args(["fuzz", "run", "--fuzz-dir", "tests/fuzz", target])
-            .arg(&corpus)
-            .arg(format!("tests/fuzz/seeds/{target}"))
-            .args([
-                "--",
-                &format!("-max_total_time={seconds}"),
-                "-rss_limit_mb=1024",
-                "-timeout=10",
-            ])
-            .output()
-            .with_context(|| format!("running cargo fuzz for {target}"))?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let runs = stderr
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("Done "))
-            .unwrap_or("(no summary)")
-            .to_string();
-        if !out.status.success() {
-            eprintln!("{stderr}");
-            bail!("fuzz target {target} failed: {}", out.status);
-        }
-        println!("fuzz {target}: {runs}, no crash");
-    }
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -148,77 +112,12 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             package::package().map(|_| ())
         }
-        Task::Run { args, duration } => {
-            setup::setup()?;
-            let bin = build_binary()?;
-            if args
-                .iter()
-                .any(|a| a == "--iface" || a.starts_with("--iface="))
-            {
-                let status = Command::new(&bin).arg("run").args(&args).status()?;
-                std::process::exit(status.code().unwrap_or(1));
-            }
-            lab_run::run(&bin, &args, duration)
-        }
-        Task::Bench => {
-            setup::setup_bench()?;
-            check(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "edge-classifier",
-                "--package",
-                "edge-classifier-tests",
-                "--bin",
-                "edge-classifier",
-                "--bin",
-                "edge-classifier-bench",
-            ]))?;
-            let dir = target_dir()?.join("release");
-            let status = Command::new(dir.join("edge-classifier-bench"))
-                .arg("benchmarks")
-                .arg(dir.join("edge-classifier"))
-                .status()?;
-            if !status.success() {
-                bail!("benchmarks failed: {status}");
-            }
-            Ok(())
-        }
+        Task::Run { args, duration } => run::run(&args, duration),
+        Task::Bench => bench::run(),
         Task::Reload {
             catalogue,
             instance,
-        } => {
-            let bin = build_binary()?;
-            let mut cmd = Command::new(&bin);
-            cmd.args(["reload", "--instance", &instance]);
-            if let Some(c) = catalogue {
-                cmd.arg("--catalogue").arg(c);
-            }
-            let status = cmd.status()?;
-            std::process::exit(status.code().unwrap_or(1));
-        }
-        Task::Test { long, args } => {
-            setup::setup()?;
-            // The package is built first: the container test boots its unit.
-            let deb = package::package();
-            let mut extra = Vec::new();
-            let deb = match deb {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    eprintln!("building the package failed: {e:#}");
-                    extra.push(format!("cargo xtask package: {e:#}"));
-                    None
-                }
-            };
-            let (tally, cargo_ok) = test::run_tests(long, &args, deb.as_deref())?;
-            // Fuzzing only when every test passed: a failure is found faster by the tests.
-            if cargo_ok
-                && tally.totals().failed == 0
-                && let Err(e) = fuzz(if long { 600 } else { 15 })
-            {
-                extra.push(format!("{e:#}"));
-            }
-            test::report(&tally, cargo_ok, &extra)
-        }
+        } => reload::run(catalogue.as_deref(), &instance),
+        Task::Test { long, args } => test::run(long, &args),
     }
 }

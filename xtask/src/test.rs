@@ -11,7 +11,9 @@ use std::io::{BufRead as _, BufReader};
 
 use anyhow::{Context as _, bail};
 
-use crate::cargo;
+use std::process::Command;
+
+use crate::{cargo, package, setup};
 
 /// One test binary and, once it finished, its counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +101,68 @@ impl Tally {
         }
         t
     }
+}
+
+/// `cargo xtask test`: setup, the package (the service test boots its unit), every test
+/// binary, then bounded fuzz runs when every test passed, and the closing tally.
+pub fn run(long: bool, args: &[String]) -> anyhow::Result<()> {
+    setup::setup()?;
+    let mut extra = Vec::new();
+    let deb = match package::package() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("building the package failed: {e:#}");
+            extra.push(format!("cargo xtask package: {e:#}"));
+            None
+        }
+    };
+    let (tally, cargo_ok) = run_tests(long, args, deb.as_deref())?;
+    // Fuzzing only when every test passed: a failure is found faster by the tests.
+    if cargo_ok
+        && tally.totals().failed == 0
+        && let Err(e) = fuzz(if long { 600 } else { 15 })
+    {
+        extra.push(format!("{e:#}"));
+    }
+    report(&tally, cargo_ok, &extra)
+}
+
+/// Bounded libFuzzer runs of each target from its seeds; a crash fails (the input is kept in
+/// tests/fuzz/artifacts/TARGET/).
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    // cargo-fuzz needs a nightly; the eBPF one is already installed and the fuzz crate builds
+    // the eBPF object with it anyway.
+    let toolchain = setup::ebpf_toolchain()?;
+    for target in ["catalogue", "frame"] {
+        let corpus = std::env::temp_dir().join(format!("ec-fuzz-{target}"));
+        std::fs::create_dir_all(&corpus)?;
+        let out = Command::new("cargo")
+            .arg(format!("+{toolchain}"))
+            .args(["fuzz", "run", "--fuzz-dir", "tests/fuzz", target])
+            .arg(&corpus)
+            .arg(format!("tests/fuzz/seeds/{target}"))
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=1024",
+                "-timeout=10",
+            ])
+            .output()
+            .with_context(|| format!("running cargo fuzz for {target}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let runs = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Done "))
+            .unwrap_or("(no summary)")
+            .to_string();
+        if !out.status.success() {
+            eprintln!("{stderr}");
+            bail!("fuzz target {target} failed: {}", out.status);
+        }
+        println!("fuzz {target}: {runs}, no crash");
+    }
+    Ok(())
 }
 
 /// Runs every test; prints the tally and returns it with cargo's success.

@@ -1,4 +1,5 @@
-//! `cargo xtask run` without NICs: the classifier on a namespace lab, with traffic to look at.
+//! `cargo xtask run`: with `--iface`, `edge-classifier run` on real NICs; without, the
+//! classifier on a namespace lab, with traffic to look at.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -209,7 +210,21 @@ impl Drop for Daemon {
     }
 }
 
-pub fn run(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Result<()> {
+pub fn run(args: &[String], duration: Option<u64>) -> anyhow::Result<()> {
+    crate::setup::setup()?;
+    let bin = crate::build_binary()?;
+    if args
+        .iter()
+        .any(|a| a == "--iface" || a.starts_with("--iface="))
+    {
+        let status = Command::new(&bin).arg("run").args(args).status()?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    lab(&bin, args, duration)
+}
+
+/// The lab: three namespaces, the classifier on the edge one, traffic for every seed row.
+fn lab(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Result<()> {
     let lab = Lab::create("run")?;
     println!("lab: namespaces {}, {}, {}", lab.remote, lab.edge, lab.fe);
     let _listeners = Listeners::start(

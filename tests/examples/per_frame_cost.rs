@@ -81,20 +81,14 @@ fn main() {
     );
     let request6 = tcp_segment(edge6, 41000, peer6, 5061, SYN);
     assert_eq!(h.run_dir(Dir::Out, &request6), TC_NEXT);
+    // P1's first frame from the shared seed-row table.
+    let p1 = |v6: bool| {
+        let (src, sport, dst, dport) = edge_classifier_lab::seed("P1").first(v6);
+        tcp(src, sport, dst, dport)
+    };
     let frames = [
-        (
-            "TCP 5061 SYN from a partner (P1, pass)",
-            tcp(partner, 40000, edge, 5061),
-        ),
-        (
-            "P1 SYN over IPv6 (pass)",
-            tcp(
-                "2001:db8:203::5".parse().unwrap(),
-                40000,
-                "2001:db8:100::10".parse().unwrap(),
-                5061,
-            ),
-        ),
+        ("TCP 5061 SYN from a partner (P1, pass)", p1(false)),
+        ("P1 SYN over IPv6 (pass)", p1(true)),
         ("TCP 22 SYN (no rule, drop)", tcp(partner, 40000, edge, 22)),
         ("S1 reply, flow recorded (pass)", reply.clone()),
         (

@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use edge_classifier_lab::{
-    CLIENT_V4, CLIENT_V6, EDGE_EXT, EDGE_EXT_V4, EDGE_EXT_V6, EDGE_INT, EDGE_INT_V4, EDGE_INT_V6,
-    FE_V4, FE_V6, Lab, Listeners, PARTNER_V4, PARTNER_V6, tcp_exchange, udp_send,
+    CLIENT_V4, CLIENT_V6, EDGE_EXT, EDGE_EXT_V4, EDGE_EXT_V6, EDGE_INT, Lab, Listeners, Peer,
+    SEED_ROWS, tcp_exchange, udp_send,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -45,10 +45,8 @@ struct Probe {
 
 fn probes() -> Vec<Probe> {
     let mut v = Vec::new();
-    for (client, partner, ext, int, fe) in [
-        (CLIENT_V4, PARTNER_V4, EDGE_EXT_V4, EDGE_INT_V4, FE_V4),
-        (CLIENT_V6, PARTNER_V6, EDGE_EXT_V6, EDGE_INT_V6, FE_V6),
-    ] {
+    // The seed rows' addresses come from the table; the refused probes use these.
+    for (client, ext) in [(CLIENT_V4, EDGE_EXT_V4), (CLIENT_V6, EDGE_EXT_V6)] {
         let p = |what, from, udp, src, dst, port, allowed| Probe {
             what,
             from,
@@ -70,52 +68,41 @@ fn probes() -> Vec<Probe> {
             allowed: false,
         };
         use Host::*;
+        let v6 = client.is_ipv6();
+        // Every seed row, from the shared fixture table: an inbound row's peer connects to the
+        // Edge; for an outbound row the edge opens the flow, and the replies pass because
+        // egress recorded it.
+        for r in SEED_ROWS {
+            let (src, sport, dst, port) = r.first(v6);
+            let from = match (r.inbound, r.peer) {
+                (false, _) => Edge,
+                (true, Peer::FrontEnd) => FrontEnd,
+                (true, _) => Remote,
+            };
+            let what = format!(
+                "{} {}{} {} -> {} {}",
+                r.row,
+                if r.inbound { "" } else { "edge " },
+                if r.udp { "udp" } else { "tcp" },
+                src,
+                dst,
+                port
+            );
+            v.push(Probe {
+                // The kernel picks TCP source ports, except P4's, which is the Edge's media port.
+                sport: if r.udp || r.row == "P4" { sport } else { 0 },
+                ..p(
+                    Box::leak(what.into_boxed_str()),
+                    from,
+                    r.udp,
+                    src,
+                    dst,
+                    port,
+                    true,
+                )
+            });
+        }
         v.extend([
-            p(
-                "P1 IM partner -> SIP/MTLS 5061",
-                Remote,
-                false,
-                partner,
-                ext,
-                5061,
-                true,
-            ),
-            p(
-                "P3 client -> SIP/TLS 443",
-                Remote,
-                false,
-                client,
-                ext,
-                443,
-                true,
-            ),
-            p(
-                "P6 client -> STUN udp 3478",
-                Remote,
-                true,
-                client,
-                ext,
-                3478,
-                true,
-            ),
-            p(
-                "X1 XMPP peer -> 5269",
-                Remote,
-                false,
-                client,
-                ext,
-                5269,
-                true,
-            ),
-            p(
-                "X3 front end -> internal 23456",
-                FrontEnd,
-                false,
-                fe,
-                int,
-                23456,
-                true,
-            ),
             p(
                 "non-partner -> 5061",
                 Remote,
@@ -141,55 +128,6 @@ fn probes() -> Vec<Probe> {
             forged("forged reply from 5269", false, 5269, 40000),
             forged("forged reply from udp 3478", true, 3478, 40001),
             forged("unsolicited -> media port 50020", false, 33000, 50020),
-            // The edge opens these; the replies pass because egress recorded the flow.
-            p(
-                "P2 edge -> IM partner 5061",
-                Edge,
-                false,
-                ext,
-                partner,
-                5061,
-                true,
-            ),
-            p(
-                "S1 edge -> federated peer 5061",
-                Edge,
-                false,
-                ext,
-                client,
-                5061,
-                true,
-            ),
-            p(
-                "X2 edge -> XMPP peer 5269",
-                Edge,
-                false,
-                ext,
-                client,
-                5269,
-                true,
-            ),
-            p(
-                "P5 edge -> STUN udp 3478",
-                Edge,
-                true,
-                ext,
-                client,
-                3478,
-                true,
-            ),
-            Probe {
-                sport: 50010,
-                ..p(
-                    "P4 edge media 50010 -> tcp 7000",
-                    Edge,
-                    false,
-                    ext,
-                    client,
-                    7000,
-                    true,
-                )
-            },
         ]);
     }
     // The forged probes borrow the remote peers' service ports as source ports: all of them go
@@ -284,7 +222,17 @@ fn lab(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Result<()
             Host::Edge => &lab.edge,
         };
         if p.from == Host::Edge && remote_listeners.is_none() {
-            remote_listeners = Some(Listeners::start(&lab.remote, &[5061, 5269, 7000], &[3478])?);
+            // The outbound seed rows' remote ports.
+            let ports = |udp: bool| -> Vec<u16> {
+                SEED_ROWS
+                    .iter()
+                    .filter(|r| !r.inbound && r.udp == udp)
+                    .map(|r| r.first(false).3)
+                    .collect::<std::collections::BTreeSet<u16>>()
+                    .into_iter()
+                    .collect()
+            };
+            remote_listeners = Some(Listeners::start(&lab.remote, &ports(false), &ports(true))?);
         }
         let src = SocketAddr::new(p.src, p.sport);
         let dst = SocketAddr::new(p.dst, p.port);

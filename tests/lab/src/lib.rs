@@ -30,6 +30,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+pub mod seed;
+pub use seed::{Peer, SEED_ROWS, SeedRow, seed};
+
 pub const EDGE_EXT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10));
 pub const EDGE_EXT_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10));
 pub const EDGE_INT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));

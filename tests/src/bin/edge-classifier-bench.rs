@@ -216,37 +216,32 @@ fn mix() -> Vec<MixFrame> {
     let partner6 = ext("2001:db8:203::5");
     let mut lldp = vec![0x01, 0x80, 0xc2, 0, 0, 0x0e, 2, 0, 0, 0, 0, 1, 0x88, 0xcc];
     lldp.resize(60, 0);
-    vec![
-        frame(
-            "P1 TCP 5061 from a partner",
-            tcp(partner, 40000, edge, 5061),
-            "external",
-            true,
-        ),
-        frame(
-            "P3 TCP 443",
-            tcp(client, 40000, edge, 443),
-            "external",
-            true,
-        ),
-        frame(
-            "P6 UDP 3478",
-            udp(client, 40000, edge, 3478),
-            "external",
-            true,
-        ),
-        frame(
-            "X1 TCP 5269",
-            tcp(client, 40000, edge, 5269),
-            "external",
-            true,
-        ),
-        frame(
-            "X3 TCP 23456 on the internal NIC",
-            tcp(ext("192.0.2.20"), 40000, ext("192.0.2.10"), 23456),
-            "internal",
-            true,
-        ),
+    // Every inbound seed row's first frame, from the shared fixture table.
+    let mut mix: Vec<MixFrame> = SEED_ROWS
+        .iter()
+        .filter(|r| r.inbound)
+        .map(|r| {
+            let (src, sport, dst, dport) = r.first(false);
+            let name = format!(
+                "{} {} {}{}",
+                r.row,
+                if r.udp { "UDP" } else { "TCP" },
+                r.port,
+                match (r.peer, r.role) {
+                    (_, "internal") => " on the internal NIC",
+                    (edge_classifier_lab::Peer::Partner, _) => " from a partner",
+                    _ => "",
+                }
+            );
+            let f = if r.udp {
+                udp(src, sport, dst, dport)
+            } else {
+                tcp(src, sport, dst, dport)
+            };
+            frame(Box::leak(name.into_boxed_str()), f, r.role, true)
+        })
+        .collect();
+    mix.extend([
         frame(
             "S1 reply (flow table hit)",
             tcp_segment(client, 5061, edge, 41000, ACK),
@@ -272,7 +267,8 @@ fn mix() -> Vec<MixFrame> {
             true,
         ),
         frame("LLDP (non-IP)", lldp, "external", true),
-    ]
+    ]);
+    mix
 }
 
 /// Replies of the other outbound rows, timed beside the mix but not in it: every outbound row's

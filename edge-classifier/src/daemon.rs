@@ -243,8 +243,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let snapshot: metrics::SnapshotFn = Arc::new(move || {
         for_exporter
             .lock()
-            .map_err(|_| anyhow::anyhow!("classifier state poisoned"))?
+            .map_err(|_| "classifier state poisoned".to_string())?
             .snapshot()
+            .map_err(|e| format!("{e:#}"))
     });
     log::info!(
         "serving metrics on http://{}/metrics",

@@ -36,13 +36,27 @@ pub struct Explanation {
     pub established: bool,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("{src} and {dst} are of different address families")]
+    MixedFamilies { src: SocketAddr, dst: SocketAddr },
+    #[error("interface role `{role}` is not in the catalogue: expected one of {known}")]
+    UnknownRole { role: String, known: String },
+    #[error("building the frame: {0}")]
+    Build(#[from] etherparse::err::packet::BuildWriteError),
+}
+
 /// A TCP SYN (or a UDP datagram) from `src` to `dst`.
-pub fn frame(transport: Transport, src: SocketAddr, dst: SocketAddr) -> anyhow::Result<Vec<u8>> {
+pub fn frame(
+    transport: Transport,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Result<Vec<u8>, ExplainError> {
     let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
     let ip = match (src, dst) {
         (SocketAddr::V4(s), SocketAddr::V4(d)) => eth.ipv4(s.ip().octets(), d.ip().octets(), 64),
         (SocketAddr::V6(s), SocketAddr::V6(d)) => eth.ipv6(s.ip().octets(), d.ip().octets(), 64),
-        _ => anyhow::bail!("{src} and {dst} are of different address families"),
+        _ => return Err(ExplainError::MixedFamilies { src, dst }),
     };
     let mut out = Vec::new();
     match transport {
@@ -63,13 +77,13 @@ pub fn explain(
     src: SocketAddr,
     dst: SocketAddr,
     established: bool,
-) -> anyhow::Result<Explanation> {
-    let role_mask = compiled.role_mask(role).ok_or_else(|| {
-        anyhow::anyhow!(
-            "interface role `{role}` is not in the catalogue: expected one of {}",
-            compiled.roles.join(", ")
-        )
-    })?;
+) -> Result<Explanation, ExplainError> {
+    let role_mask = compiled
+        .role_mask(role)
+        .ok_or_else(|| ExplainError::UnknownRole {
+            role: role.to_string(),
+            known: compiled.roles.join(", "),
+        })?;
     let reference = Reference::new(compiled);
     let mut flows = FlowTable::default();
     let f = frame(transport, src, dst)?;

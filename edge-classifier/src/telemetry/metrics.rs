@@ -22,7 +22,8 @@ use crate::snapshot::Snapshot;
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 
 /// Takes a snapshot of the running classifier (blocking: it reads kernel maps).
-pub type SnapshotFn = Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync>;
+/// Reads one snapshot for a scrape; the error is the whole chain, as text for the HTTP 500 body.
+pub type SnapshotFn = Arc<dyn Fn() -> Result<Snapshot, String> + Send + Sync>;
 
 /// One metric family being filled. Families are built directly (no registry): a scrape is a
 /// fresh read of the maps, and with 10,000 rules the registry's per-series label hashing cost
@@ -261,7 +262,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
 async fn take(f: SnapshotFn) -> Result<Snapshot, Response> {
     match tokio::task::spawn_blocking(move || f()).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response()),
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()),
         Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()),
     }
 }
@@ -306,9 +307,33 @@ pub async fn serve(listener: tokio::net::TcpListener, f: SnapshotFn) -> std::io:
     axum::serve(listener, app).await
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "no classifier answers at {url}: is `edge-classifier run` running with --metrics {addr}?: {source}"
+    )]
+    Unreachable {
+        url: String,
+        addr: String,
+        #[source]
+        source: ureq::Error,
+    },
+    #[error("reading {url}: {source}")]
+    Read {
+        url: String,
+        #[source]
+        source: ureq::Error,
+    },
+    #[error("{url} did not return a snapshot: {source}")]
+    NotSnapshot {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// A snapshot from a running classifier's `/snapshot` endpoint.
-pub fn fetch(addr: &str) -> anyhow::Result<Snapshot> {
-    use anyhow::Context as _;
+pub fn fetch(addr: &str) -> Result<Snapshot, FetchError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .build()
@@ -317,11 +342,16 @@ pub fn fetch(addr: &str) -> anyhow::Result<Snapshot> {
     let body = agent
         .get(&url)
         .call()
-        .with_context(|| {
-            format!("no classifier answers at {url}: is `edge-classifier run` running with --metrics {addr}?")
+        .map_err(|source| FetchError::Unreachable {
+            url: url.clone(),
+            addr: addr.to_string(),
+            source,
         })?
         .body_mut()
         .read_to_string()
-        .with_context(|| format!("reading {url}"))?;
-    serde_json::from_str(&body).with_context(|| format!("{url} did not return a snapshot"))
+        .map_err(|source| FetchError::Read {
+            url: url.clone(),
+            source,
+        })?;
+    serde_json::from_str(&body).map_err(|source| FetchError::NotSnapshot { url, source })
 }

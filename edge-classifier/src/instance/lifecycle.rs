@@ -6,8 +6,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
-
 use crate::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE, DEFAULT_NAME},
     compile::{Compiled, compile_with},
@@ -19,6 +17,54 @@ use crate::{
     snapshot::unix_now,
 };
 
+/// Why a start, reload or stop did not happen. Each message says what to do; the ones that wrap
+/// another error carry its text.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Load(#[from] crate::loader::LoadError),
+    #[error(transparent)]
+    Instance(#[from] crate::instance::InstanceError),
+    #[error(transparent)]
+    Catalogue(#[from] crate::catalogue::CatalogueError),
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
+    #[error("{what} catalogue {path}: {error}")]
+    Read {
+        what: &'static str,
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("compiling {name}: {error}")]
+    Compile {
+        name: String,
+        error: crate::compile::CompileError,
+    },
+    #[error("{name}: does not fit the data plane: {error}")]
+    DoesNotFit {
+        name: String,
+        error: crate::compile::CompileError,
+    },
+    #[error("the instance's active rule buffer is unknown; restart it with `run`")]
+    UnknownActive,
+    #[error("the running catalogue no longer compiles: {0}")]
+    RunningBroken(String),
+    #[error(
+        "{catalogue}: interface {iface} is bound to role `{role}`, which this catalogue does not declare under [interfaces]"
+    )]
+    RoleGone {
+        catalogue: String,
+        iface: String,
+        role: String,
+    },
+    #[error("instance {0} is busy but names no process")]
+    BusyNoPid(String),
+    #[error("no classifier instance `{0}` is running: nothing to stop")]
+    NothingToStop(String),
+}
+
+type Result<T> = std::result::Result<T, LifecycleError>;
+
 /// A catalogue and the text it was parsed from (the state keeps the text).
 pub struct Source {
     pub catalogue: Catalogue,
@@ -29,11 +75,17 @@ impl Source {
     /// Reads a catalogue file. The state records its absolute path, so a later `reload`
     /// without `--catalogue` finds it from any directory (a symlink stays a symlink: a
     /// configuration tool that repoints it is followed).
-    pub fn read(path: &Path) -> anyhow::Result<Source> {
-        let path = std::path::absolute(path)
-            .with_context(|| format!("resolving catalogue path {}", path.display()))?;
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading catalogue {}", path.display()))?;
+    pub fn read(path: &Path) -> Result<Source> {
+        let path = std::path::absolute(path).map_err(|error| LifecycleError::Read {
+            what: "resolving",
+            path: path.display().to_string(),
+            error,
+        })?;
+        let text = std::fs::read_to_string(&path).map_err(|error| LifecycleError::Read {
+            what: "reading",
+            path: path.display().to_string(),
+            error,
+        })?;
         let catalogue = Catalogue::parse(&path.display().to_string(), &text)?;
         Ok(Source { catalogue, text })
     }
@@ -45,7 +97,7 @@ impl Source {
         }
     }
 
-    fn from_loaded(l: &Loaded) -> anyhow::Result<Source> {
+    fn from_loaded(l: &Loaded) -> Result<Source> {
         Ok(Source {
             catalogue: l.catalogue()?,
             text: l.text.clone(),
@@ -70,7 +122,7 @@ pub fn start(
     catalogue: Option<&Path>,
     ifaces: &[(String, String)],
     mode: AttachMode,
-) -> anyhow::Result<Started> {
+) -> Result<Started> {
     check_privileges()?;
     // What can be checked without touching the kernel is checked first: a typo in a NIC name
     // must not leave pins behind.
@@ -126,8 +178,11 @@ pub fn start(
         .and_then(State::active)
         .map(|l| l.assignments.clone())
         .unwrap_or_default();
-    let compiled = compile_with(&source.catalogue, &prev_assign)
-        .with_context(|| format!("compiling {}", source.catalogue.source_name))?;
+    let compiled =
+        compile_with(&source.catalogue, &prev_assign).map_err(|error| LifecycleError::Compile {
+            name: source.catalogue.source_name.clone(),
+            error,
+        })?;
     for (_, role) in ifaces {
         if compiled.role_mask(role).is_none() {
             return Err(crate::loader::LoadError::UnknownRole {
@@ -159,7 +214,7 @@ fn bring_up(
     compiled: Compiled,
     ifaces: &[(String, String)],
     mode: AttachMode,
-) -> anyhow::Result<(Classifier, State)> {
+) -> Result<(Classifier, State)> {
     let mut classifier = Classifier::load_pinned(compiled.clone(), instance)?;
     let capacity = classifier.maps().flow_capacity()?;
     if capacity != compiled.flow_capacity {
@@ -260,7 +315,7 @@ pub struct Reloaded {
 /// Validates and compiles `catalogue` (without one: the file the instance runs from, read
 /// again), writes it into the inactive buffer of the pinned maps and flips to it. Any error
 /// leaves the running rules untouched; failures and successes are counted in the state.
-pub fn reload(instance: &Instance, catalogue: Option<&Path>) -> anyhow::Result<Reloaded> {
+pub fn reload(instance: &Instance, catalogue: Option<&Path>) -> Result<Reloaded> {
     check_privileges()?;
     let _lock = instance.lock()?;
     let mut state = instance.require_state()?;
@@ -320,38 +375,31 @@ struct Swapped {
     active: u32,
 }
 
-fn swap(
-    instance: &Instance,
-    state: &mut State,
-    catalogue: Option<&Path>,
-) -> anyhow::Result<Swapped> {
+fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Result<Swapped> {
     let running = state
         .active()
         .cloned()
-        .context("the instance's active rule buffer is unknown; restart it with `run`")?;
+        .ok_or(LifecycleError::UnknownActive)?;
     let source = match catalogue {
         Some(path) => Source::read(path)?,
         None if running.source == DEFAULT_NAME => Source::default_catalogue(),
         None => Source::read(&PathBuf::from(&running.source))?,
     };
-    let (_, active_old) = running
-        .compile()
-        .map_err(|e| anyhow::anyhow!("the running catalogue no longer compiles: {e}"))?;
-    let compiled: Compiled = compile_with(&source.catalogue, &active_old.assignments)
-        .with_context(|| {
-            format!(
-                "{}: does not fit the data plane",
-                source.catalogue.source_name
-            )
+    let (_, active_old) = running.compile().map_err(LifecycleError::RunningBroken)?;
+    let compiled: Compiled =
+        compile_with(&source.catalogue, &active_old.assignments).map_err(|error| {
+            LifecycleError::DoesNotFit {
+                name: source.catalogue.source_name.clone(),
+                error,
+            }
         })?;
     for b in &state.bindings {
         if compiled.role_mask(&b.role).is_none() {
-            bail!(
-                "{}: interface {} is bound to role `{}`, which this catalogue does not declare under [interfaces]",
-                source.catalogue.source_name,
-                b.name,
-                b.role
-            );
+            return Err(LifecycleError::RoleGone {
+                catalogue: source.catalogue.source_name.clone(),
+                iface: b.name.clone(),
+                role: b.role.clone(),
+            });
         }
     }
     if compiled.flow_capacity != state.flow_capacity {
@@ -388,7 +436,7 @@ fn swap_recorded(
     new: &Compiled,
     loaded: Loaded,
     active_old: Option<&Compiled>,
-) -> anyhow::Result<u32> {
+) -> Result<u32> {
     let target = 1 - maps.active()?;
     let inactive_old = state.holds(target);
     let holds = if state.empty[target as usize] {
@@ -407,7 +455,7 @@ fn swap_recorded(
 
 /// Stops instance `instance`: asks its daemon (if any) to exit, removes the link pins (which
 /// detaches the programs), the map pins and the state.
-pub fn stop(instance: &Instance) -> anyhow::Result<Vec<String>> {
+pub fn stop(instance: &Instance) -> Result<Vec<String>> {
     check_privileges()?;
     // Read first: a daemon started with --detach-on-exit cleans up itself when signalled.
     let state = instance.read_state().ok().flatten();
@@ -416,9 +464,9 @@ pub fn stop(instance: &Instance) -> anyhow::Result<Vec<String>> {
     let claim = match instance.claim() {
         Ok(c) => c,
         Err(crate::instance::InstanceError::Busy { pid, .. }) => {
-            let pid: i32 = pid.parse().with_context(|| {
-                format!("instance {} is busy but names no process", instance.name)
-            })?;
+            let pid: i32 = pid
+                .parse()
+                .map_err(|_| LifecycleError::BusyNoPid(instance.name.clone()))?;
             unsafe { libc::kill(pid, libc::SIGTERM) };
             signalled = true;
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -438,10 +486,7 @@ pub fn stop(instance: &Instance) -> anyhow::Result<Vec<String>> {
     if state.is_none() && !pinned && !signalled {
         drop(claim);
         instance.remove()?;
-        bail!(
-            "no classifier instance `{}` is running: nothing to stop",
-            instance.name
-        );
+        return Err(LifecycleError::NothingToStop(instance.name.clone()));
     }
     let names = state
         .map(|s| s.bindings.into_iter().map(|b| b.name).collect())

@@ -306,8 +306,47 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         })
         .collect();
 
-    // Sweep each (transport, kind) port line: at every range boundary the set of covering rules
-    // changes; each distinct ordered set of rules becomes one class.
+    let (classes, ports) = port_classes(cat, &rules)?;
+
+    let prefixes_v4 = push_down(v4);
+    let prefixes_v6 = push_down(v6);
+    let locals = locals(&prefixes_v4, &prefixes_v6);
+
+    let mut small_v4 = small_v4(&prefixes_v4);
+    let small_v6 = small_v6(&prefixes_v6);
+    let stride_v4 = if small_v4.complete == 0 {
+        Stride4::build(&prefixes_v4)
+    } else {
+        None
+    };
+    small_v4.stride = u32::from(stride_v4.is_some());
+
+    let policy = policy(cat);
+
+    Ok(Compiled {
+        rules,
+        roles,
+        policy,
+        ports,
+        classes,
+        prefixes_v4,
+        prefixes_v6,
+        flow_capacity: cat.flows.capacity,
+        assignments,
+        locals,
+        small_v4,
+        small_v6,
+        stride_v4,
+    })
+}
+
+/// The port tables and their rule classes. Each (transport, kind) port line is swept: at every
+/// range boundary the set of covering rules changes, and each distinct ordered set of rules
+/// becomes one class (first match wins within it).
+fn port_classes(
+    cat: &Catalogue,
+    rules: &[CompiledRule],
+) -> Result<(Vec<RuleClass>, Vec<PortEntry>), CompileError> {
     let mut classes: Vec<RuleClass> = vec![RuleClass::default()];
     let mut class_ids: HashMap<Vec<usize>, u32> = HashMap::new();
     let mut ports = vec![PortEntry::default(); layout::compiled_port(TRANSPORTS, 0)];
@@ -398,10 +437,17 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         }
     }
 
-    let prefixes_v4 = push_down(v4);
-    let prefixes_v6 = push_down(v6);
+    Ok((classes, ports))
+}
+
+/// The Edge's own host addresses (protected /32 and /128 prefixes), compared directly by the
+/// data plane before any table walk; as many as the map holds.
+fn locals(
+    prefixes_v4: &[(IpNet, u64)],
+    prefixes_v6: &[(IpNet, u64)],
+) -> edge_classifier_common::Locals {
     let mut locals = edge_classifier_common::Locals::default();
-    for (net, bits) in prefixes_v4.iter().chain(&prefixes_v6) {
+    for (net, bits) in prefixes_v4.iter().chain(prefixes_v6) {
         if bits & SET_PROTECTED == 0 || net.prefix_len() != net.max_prefix_len() {
             continue;
         }
@@ -422,15 +468,11 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         }
     }
 
-    let mut small_v4 = small_v4(&prefixes_v4);
-    let small_v6 = small_v6(&prefixes_v6);
-    let stride_v4 = if small_v4.complete == 0 {
-        Stride4::build(&prefixes_v4)
-    } else {
-        None
-    };
-    small_v4.stride = u32::from(stride_v4.is_some());
+    locals
+}
 
+/// The policy word, ICMP bitmaps and flow timeouts in kernel ticks.
+fn policy(cat: &Catalogue) -> edge_classifier_common::Policy {
     let p = &cat.policy;
     let mut flags = 0;
     if p.default == Action::Pass {
@@ -452,7 +494,7 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         flags |= POLICY_PROTECT_IFACE_ADDRS;
     }
     let hz = ticks_per_second();
-    let policy = edge_classifier_common::Policy {
+    edge_classifier_common::Policy {
         flags,
         _pad: 0,
         icmp4: bitmap(&p.icmp),
@@ -460,23 +502,7 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         tcp_idle_ticks: cat.flows.tcp_idle as u64 * hz,
         udp_idle_ticks: cat.flows.udp_idle as u64 * hz,
         tcp_closing_ticks: cat.flows.tcp_closing as u64 * hz,
-    };
-
-    Ok(Compiled {
-        rules,
-        roles,
-        policy,
-        ports,
-        classes,
-        prefixes_v4,
-        prefixes_v6,
-        flow_capacity: cat.flows.capacity,
-        assignments,
-        locals,
-        small_v4,
-        small_v6,
-        stride_v4,
-    })
+    }
 }
 
 /// Prefixes longest first, so the first match of a scan is the longest-prefix match; `None`

@@ -469,29 +469,37 @@ impl Classifier {
     }
 
     fn keep_xdp_link(&mut self, name: &str, id: XdpLinkId) -> Result<(), LoadError> {
-        let Some(instance) = self.instance.clone() else {
+        if self.instance.is_none() {
             self.links.push(id);
             return Ok(());
-        };
-        let path = instance.link_pin(name, "xdp");
+        }
         let link = self.program().take_link(id).map_err(LoadError::Program)?;
-        let fd: FdLink = link.try_into().map_err(|e| pin_err(name, &path, e))?;
-        let _ = std::fs::remove_file(&path);
-        let pinned = fd.pin(&path).map_err(|e| pin_err(name, &path, e))?;
-        self.pinned_links.push(pinned);
-        Ok(())
+        self.pin_link(name, "xdp", link)
     }
 
     fn keep_tc_link(&mut self, name: &str, id: SchedClassifierLinkId) -> Result<(), LoadError> {
-        let Some(instance) = self.instance.clone() else {
+        if self.instance.is_none() {
             self.egress_links.push(id);
             return Ok(());
-        };
-        let path = instance.link_pin(name, "tc");
+        }
         let link = self
             .egress_program()
             .take_link(id)
             .map_err(LoadError::Program)?;
+        self.pin_link(name, "tc", link)
+    }
+
+    /// Pins a link of NIC `name` as the instance's `kind` link, replacing a stale pin.
+    fn pin_link<L>(&mut self, name: &str, kind: &str, link: L) -> Result<(), LoadError>
+    where
+        L: TryInto<FdLink>,
+        L::Error: std::error::Error,
+    {
+        let instance = self
+            .instance
+            .clone()
+            .expect("only pinned classifiers pin links");
+        let path = instance.link_pin(name, kind);
         let fd: FdLink = link.try_into().map_err(|e| pin_err(name, &path, e))?;
         let _ = std::fs::remove_file(&path);
         let pinned = fd.pin(&path).map_err(|e| pin_err(name, &path, e))?;

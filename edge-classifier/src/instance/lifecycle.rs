@@ -137,20 +137,7 @@ pub fn start(
         (None, Some(active)) => active.catalogue()?,
         (None, None) => Catalogue::default_catalogue(),
     };
-    for (_, role) in ifaces {
-        if !declared.interfaces.contains_key(role) {
-            return Err(crate::loader::LoadError::UnknownRole {
-                role: role.clone(),
-                known: declared
-                    .interfaces
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-            .into());
-        }
-    }
+    roles_declared(ifaces, declared.interfaces.keys())?;
     instance.prepare()?;
     let claim = instance.claim()?;
     let _lock = instance.lock()?;
@@ -183,15 +170,7 @@ pub fn start(
             name: source.catalogue.source_name.clone(),
             error,
         })?;
-    for (_, role) in ifaces {
-        if compiled.role_mask(role).is_none() {
-            return Err(crate::loader::LoadError::UnknownRole {
-                role: role.clone(),
-                known: compiled.roles.join(", "),
-            }
-            .into());
-        }
-    }
+    roles_declared(ifaces, compiled.roles.iter())?;
     let fresh = prior.is_none();
     let result = bring_up(instance, prior, source, compiled, ifaces, mode);
     if result.is_err() && fresh {
@@ -205,6 +184,23 @@ pub fn start(
         claim,
         adopted: !fresh,
     })
+}
+
+/// Every NIC's role is one the catalogue declares under `[interfaces]`.
+fn roles_declared<'a>(
+    ifaces: &[(String, String)],
+    known: impl Iterator<Item = &'a String> + Clone,
+) -> Result<()> {
+    for (_, role) in ifaces {
+        if !known.clone().any(|k| k == role) {
+            return Err(crate::loader::LoadError::UnknownRole {
+                role: role.clone(),
+                known: known.cloned().collect::<Vec<_>>().join(", "),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 fn bring_up(

@@ -40,7 +40,7 @@ fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
         .context("no active rule buffer in the state")?;
     let (cat, compiled) = loaded
         .compile()
-        .map_err(|e| anyhow::anyhow!("the running catalogue does not compile: {e}"))?;
+        .context("the running catalogue does not compile")?;
     Ok((
         CatalogueInfo {
             source: cat.source_name.clone(),

@@ -48,7 +48,7 @@ pub enum LifecycleError {
     #[error("the instance's active rule buffer is unknown; restart it with `run`")]
     UnknownActive,
     #[error("the running catalogue no longer compiles: {0}")]
-    RunningBroken(String),
+    RunningBroken(crate::instance::LoadedError),
     #[error(
         "{catalogue}: interface {iface} is bound to role `{role}`, which this catalogue does not declare under [interfaces]"
     )]

@@ -75,6 +75,16 @@ pub struct Reloads {
     pub last: f64,
 }
 
+/// Why a rule buffer's recorded catalogue cannot be compiled again (another version's syntax, or
+/// limits that changed).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadedError {
+    #[error(transparent)]
+    Catalogue(#[from] CatalogueError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+}
+
 /// What one rule buffer holds: enough to compile it again, bit for bit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Loaded {
@@ -96,10 +106,9 @@ impl Loaded {
         Catalogue::parse(&self.source, &self.text)
     }
 
-    pub fn compile(&self) -> Result<(Catalogue, Compiled), String> {
-        let cat = self.catalogue().map_err(|e| e.to_string())?;
-        let compiled =
-            compile_with(&cat, &self.assignments).map_err(|e: CompileError| e.to_string())?;
+    pub fn compile(&self) -> Result<(Catalogue, Compiled), LoadedError> {
+        let cat = self.catalogue()?;
+        let compiled = compile_with(&cat, &self.assignments)?;
         Ok((cat, compiled))
     }
 }

@@ -25,8 +25,11 @@ pub enum StatusError {
         #[source]
         source: MapsError,
     },
-    #[error("the running catalogue of instance `{instance}` does not compile: {message}")]
-    Catalogue { instance: String, message: String },
+    #[error("the running catalogue of instance `{instance}` does not compile: {error}")]
+    Catalogue {
+        instance: String,
+        error: crate::instance::LoadedError,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -150,9 +153,9 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
         .daemon()
         .map(|(pid, running)| Daemon { pid, running });
     let compiled = match state.as_ref().and_then(State::active) {
-        Some(l) => Some(l.compile().map_err(|message| StatusError::Catalogue {
+        Some(l) => Some(l.compile().map_err(|error| StatusError::Catalogue {
             instance: instance.name.clone(),
-            message,
+            error,
         })?),
         None => None,
     };

@@ -24,10 +24,11 @@ use edge_classifier_common::{
 use edge_classifier_tests::*;
 use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
 
-const EXT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const EXT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
-const PEER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+// The lab's addresses: the Edge, and a client in no set.
+const EXT4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::EDGE_EXT_V4);
+const EXT6: Ipv6Addr = edge_classifier_lab::v6_of(edge_classifier_lab::EDGE_EXT_V6);
+const PEER4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::CLIENT_V4);
+const PEER6: Ipv6Addr = edge_classifier_lab::v6_of(edge_classifier_lab::CLIENT_V6);
 
 /// Flows recorded in both the kernel table and the reference table before the run; their
 /// last-seen time is far in the future so that they never idle out during it.

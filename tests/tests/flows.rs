@@ -9,14 +9,15 @@ use std::{
 
 use edge_classifier_tests::*;
 
-const EXT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const EXT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+// The lab's Edge and partner; the peers are hosts of the flows these tests open.
+const EXT4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::EDGE_EXT_V4);
+const EXT6: Ipv6Addr = edge_classifier_lab::v6_of(edge_classifier_lab::EDGE_EXT_V6);
 const PEER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
 const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x999, 0, 0, 0, 0, 7);
 const OTHER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 78);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x999, 0, 0, 0, 0, 8);
-const PARTNER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
-const PARTNER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, 5);
+const PARTNER4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::PARTNER_V4);
+const PARTNER6: Ipv6Addr = edge_classifier_lab::v6_of(edge_classifier_lab::PARTNER_V6);
 const PARTNER4B: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 6);
 const PARTNER6B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, 6);
 

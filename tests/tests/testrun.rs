@@ -7,14 +7,15 @@ use edge_classifier_lab::{SEED_ROWS, SeedRow};
 use edge_classifier_tests::*;
 use etherparse::{IpFragOffset, IpNumber, Ipv6Extensions, Ipv6FragmentHeader, Ipv6RawExtHeader};
 
-const EXT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const INT4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const EXT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
-const INT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 0x10);
+// The lab's addresses; CLIENT is a host outside every set and outside the lab's subnets.
+const EXT4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::EDGE_EXT_V4);
+const INT4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::EDGE_INT_V4);
+const EXT6: Ipv6Addr = edge_classifier_lab::v6_of(edge_classifier_lab::EDGE_EXT_V6);
+const INT6: Ipv6Addr = edge_classifier_lab::v6_of(edge_classifier_lab::EDGE_INT_V6);
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x999, 0, 0, 0, 0, 7);
-const PARTNER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
-const PARTNER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, 5);
+const PARTNER4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::PARTNER_V4);
+const PARTNER6: Ipv6Addr = edge_classifier_lab::v6_of(edge_classifier_lab::PARTNER_V6);
 
 fn v4(a: Ipv4Addr) -> IpAddr {
     IpAddr::V4(a)

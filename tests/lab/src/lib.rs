@@ -555,3 +555,20 @@ pub fn xdp_prog(ns: &str, dev: &str) -> Option<u32> {
     let at = text.find("prog/xdp id ")? + "prog/xdp id ".len();
     text[at..].split_whitespace().next()?.parse().ok()
 }
+
+/// The IPv4 address inside one of the `IpAddr` constants above, for tests that build frames
+/// from `Ipv4Addr` (so that no test restates an address the lab defines).
+pub const fn v4_of(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => panic!("an IPv4 constant"),
+    }
+}
+
+/// The IPv6 counterpart of [`v4_of`].
+pub const fn v6_of(a: IpAddr) -> Ipv6Addr {
+    match a {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(_) => panic!("an IPv6 constant"),
+    }
+}

@@ -41,7 +41,7 @@ pub const SET_ANY: u64 = 1 << 1;
 pub const FIRST_NAMED_SET_BIT: u32 = 2;
 pub const MAX_NAMED_SETS: u32 = 64 - FIRST_NAMED_SET_BIT;
 
-/// Policy flags (`Policy::flags`).
+/// PolicyEntry flags (`PolicyEntry::flags`).
 pub const POLICY_PASS_UNPROTECTED: u32 = 1 << 0;
 pub const POLICY_PASS_FRAGMENTS: u32 = 1 << 1;
 pub const POLICY_PASS_NON_IP: u32 = 1 << 2;

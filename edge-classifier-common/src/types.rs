@@ -14,7 +14,7 @@ pub struct Counter {
 /// What the program does with frames no rule speaks of; one per buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Policy {
+pub struct PolicyEntry {
     pub flags: u32,
     pub _pad: u32,
     /// ICMP types (0..=255) that pass to protected addresses, as a bitmap.
@@ -290,7 +290,7 @@ pub const LPM_BUFFER_BITS: u32 = 32;
 mod pod {
     use super::*;
     unsafe impl aya::Pod for Counter {}
-    unsafe impl aya::Pod for Policy {}
+    unsafe impl aya::Pod for PolicyEntry {}
     unsafe impl aya::Pod for IfaceInfo {}
     unsafe impl aya::Pod for PortEntry {}
     unsafe impl aya::Pod for RuleMatch {}
@@ -309,7 +309,7 @@ mod pod {
 // Padding would leak uninitialised bytes into map values and break byte-wise comparisons.
 const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<Policy>() == 96);
+    assert!(core::mem::size_of::<PolicyEntry>() == 96);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowKey4>() == 16);
     assert!(core::mem::size_of::<Small4>() == 16 + 4 * SMALL4 + 4 * SMALL4 + 8 * SMALL4);

@@ -5,7 +5,7 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use edge_classifier_common::{
     DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, Policy, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
+    POLICY_PROTECT_IFACE_ADDRS, PolicyEntry, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
     layout, reason,
 };
 
@@ -49,7 +49,7 @@ pub(crate) fn try_classify(
     ctx: &XdpContext,
     word: u32,
     role_mask: u32,
-    policy: &Policy,
+    policy: &PolicyEntry,
 ) -> Result<Verdict, Malformed> {
     let active = word & 1;
     let l3 = match parse::l3(ctx)? {
@@ -180,7 +180,7 @@ pub(crate) fn try_egress(
     ctx: &TcContext,
     active: u32,
     role_mask: u32,
-    policy: &Policy,
+    policy: &PolicyEntry,
 ) -> Result<Verdict, Malformed> {
     let l3 = match parse::l3(ctx)? {
         L3::Ip(ip) => ip,
@@ -275,7 +275,7 @@ pub(crate) fn dhcp_reply(dst: &Addr, sport: u16, dport: u16) -> bool {
 }
 
 #[inline(always)]
-pub(crate) fn no_rule(policy: &Policy) -> Verdict {
+pub(crate) fn no_rule(policy: &PolicyEntry) -> Verdict {
     if policy.flags & POLICY_DEFAULT_PASS != 0 {
         Verdict::pass(reason::PASS_MONITOR)
     } else {

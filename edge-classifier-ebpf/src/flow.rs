@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray},
 };
 use edge_classifier_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowKey4, FlowState, Policy, TRANSPORT_TCP,
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowKey4, FlowState, PolicyEntry, TRANSPORT_TCP,
     flow_stat,
 };
 
@@ -75,7 +75,7 @@ fn closing(flags: u32) -> bool {
 }
 
 #[inline(always)]
-fn expired(state: &FlowState, now: u64, policy: &Policy, transport: u32) -> bool {
+fn expired(state: &FlowState, now: u64, policy: &PolicyEntry, transport: u32) -> bool {
     let timeout = if transport != TRANSPORT_TCP {
         policy.udp_idle_ticks
     } else if closing(state.flags) {
@@ -102,7 +102,7 @@ pub fn record(
     key: &Key,
     slot: u32,
     role_mask: u32,
-    policy: &Policy,
+    policy: &PolicyEntry,
     transport: u32,
     tcp_flags: u8,
 ) {
@@ -119,7 +119,7 @@ pub fn reply(
     key: &Key,
     generation: u32,
     role_mask: u32,
-    policy: &Policy,
+    policy: &PolicyEntry,
     transport: u32,
     tcp_flags: u8,
 ) -> Option<u32> {
@@ -150,7 +150,7 @@ struct Reply<'a> {
     /// The `ACTIVE` word: it changes with every flip and flow purge.
     generation: u32,
     role_mask: u32,
-    policy: &'a Policy,
+    policy: &'a PolicyEntry,
     transport: u32,
     tcp_flags: u8,
     now: u64,
@@ -241,7 +241,7 @@ fn record_in<K>(
     key: &K,
     slot: u32,
     role_mask: u32,
-    policy: &Policy,
+    policy: &PolicyEntry,
     transport: u32,
     tcp_flags: u8,
 ) {
@@ -297,7 +297,7 @@ fn reply_in<K>(
     flows: &LruHashMap<K, FlowState>,
     key: &K,
     role_mask: u32,
-    policy: &Policy,
+    policy: &PolicyEntry,
     transport: u32,
     tcp_flags: u8,
     now: u64,

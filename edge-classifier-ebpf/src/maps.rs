@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use edge_classifier_common::{
     BUFFERS, Counter, DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState, IFACE_ADDRS_MAX,
-    IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, PORT_ENTRIES, Policy,
-    PortEntry, RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
-    StrideBlock, flow_stat,
+    IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, PORT_ENTRIES,
+    PolicyEntry, PortEntry, RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP,
+    Small4, Small6, StrideBlock, flow_stat,
 };
 
 use crate::flow::{CachedReply, REPLY_CACHE_SLOTS};
@@ -20,7 +20,7 @@ use crate::flow::{CachedReply, REPLY_CACHE_SLOTS};
 pub(crate) static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 /// Per buffer: the policy flags, ICMP type bitmaps and flow timeouts.
 #[map]
-pub(crate) static POLICY: Array<Policy> = Array::with_max_entries(BUFFERS, 0);
+pub(crate) static POLICY: Array<PolicyEntry> = Array::with_max_entries(BUFFERS, 0);
 /// Bound interfaces by `ifindex % IFACE_SLOTS`: counter block and role bit.
 #[map]
 pub(crate) static IFACES: Array<IfaceInfo> = Array::with_max_entries(IFACE_SLOTS, 0);

@@ -332,7 +332,8 @@ const ICMPV6_NAMES: &[(&str, u8)] = &[
 const DEFAULT_ICMP: &[u8] = &[0, 3, 8, 11, 12];
 const DEFAULT_ICMPV6: &[u8] = &[1, 2, 3, 4, 128, 129];
 
-struct Source<'a> {
+/// The catalogue text with its line index: turns byte spans into file:line:column.
+struct Located<'a> {
     name: &'a str,
     text: &'a str,
     /// Byte offset where each line starts: every rule records its location, and rescanning
@@ -340,12 +341,12 @@ struct Source<'a> {
     line_starts: Vec<usize>,
 }
 
-impl<'a> Source<'a> {
+impl<'a> Located<'a> {
     fn new(name: &'a str, text: &'a str) -> Self {
         let line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
-        Source {
+        Located {
             name,
             text,
             line_starts,
@@ -390,7 +391,7 @@ impl Catalogue {
     }
 
     pub fn parse(name: &str, text: &str) -> Result<Self, CatalogueError> {
-        let src = Source::new(name, text);
+        let src = Located::new(name, text);
         let raw: RawCatalogue = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             src.error(span, e.message().trim().to_string())
@@ -421,7 +422,7 @@ fn is_set_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
-fn parse_port(src: &Source, spanned: &Spanned<RawPort>) -> Result<PortRange, CatalogueError> {
+fn parse_port(src: &Located, spanned: &Spanned<RawPort>) -> Result<PortRange, CatalogueError> {
     let span = spanned.span();
     let one = |n: i64| -> Result<u16, CatalogueError> {
         if (1..=65535).contains(&n) {
@@ -469,7 +470,7 @@ fn parse_port(src: &Source, spanned: &Spanned<RawPort>) -> Result<PortRange, Cat
 }
 
 fn parse_icmp(
-    src: &Source,
+    src: &Located,
     list: Option<Vec<Spanned<RawIcmp>>>,
     names: &[(&str, u8)],
     default: &[u8],
@@ -509,7 +510,7 @@ fn parse_icmp(
     Ok(out)
 }
 
-fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError> {
+fn validate(src: &Located, raw: RawCatalogue) -> Result<Catalogue, CatalogueError> {
     let mut sets = BTreeMap::new();
     for (name, prefixes) in raw.sets {
         let set_name = name.get_ref();
@@ -742,7 +743,7 @@ fn validate(src: &Source, raw: RawCatalogue) -> Result<Catalogue, CatalogueError
     })
 }
 
-fn parse_flows(src: &Source, raw: RawFlows) -> Result<Flows, CatalogueError> {
+fn parse_flows(src: &Located, raw: RawFlows) -> Result<Flows, CatalogueError> {
     let d = Flows::default();
     let bounded = |v: Option<Spanned<i64>>, default: u32, max: u32, what: &str, unit: &str| {
         let Some(v) = v else { return Ok(default) };

@@ -108,7 +108,7 @@ pub struct Compiled {
     pub rules: Vec<CompiledRule>,
     /// Interface roles of the catalogue.
     pub roles: Vec<String>,
-    pub policy: edge_classifier_common::Policy,
+    pub policy: edge_classifier_common::PolicyEntry,
     /// `ports[layout::compiled_port(transport, port)]`.
     pub ports: Vec<PortEntry>,
     /// Class 0 is "no rule" and is stored empty.
@@ -472,7 +472,7 @@ fn locals(
 }
 
 /// The policy word, ICMP bitmaps and flow timeouts in kernel ticks.
-fn policy(cat: &Catalogue) -> edge_classifier_common::Policy {
+fn policy(cat: &Catalogue) -> edge_classifier_common::PolicyEntry {
     let p = &cat.policy;
     let mut flags = 0;
     if p.default == Action::Pass {
@@ -494,7 +494,7 @@ fn policy(cat: &Catalogue) -> edge_classifier_common::Policy {
         flags |= POLICY_PROTECT_IFACE_ADDRS;
     }
     let hz = ticks_per_second();
-    edge_classifier_common::Policy {
+    edge_classifier_common::PolicyEntry {
         flags,
         _pad: 0,
         icmp4: bitmap(&p.icmp),

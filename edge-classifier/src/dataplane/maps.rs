@@ -12,8 +12,8 @@ use aya::{
 };
 use edge_classifier_common::{
     BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6,
-    MAX_IFACES, PORT_SPACE, Policy, PortEntry, RuleClass, Small4, Small6, StrideBlock, TRANSPORTS,
-    flow_stat, layout, reason,
+    MAX_IFACES, PORT_SPACE, PolicyEntry, PortEntry, RuleClass, Small4, Small6, StrideBlock,
+    TRANSPORTS, flow_stat, layout, reason,
 };
 use ipnet::IpNet;
 
@@ -57,7 +57,7 @@ macro_rules! maps {
 
 maps! {
     "ACTIVE" => active: Array<MapData, u32>, Array;
-    "POLICY" => policy: Array<MapData, Policy>, Array;
+    "POLICY" => policy: Array<MapData, PolicyEntry>, Array;
     "IFACES" => ifaces: Array<MapData, IfaceInfo>, Array;
     "PORTS" => ports: Array<MapData, PortEntry>, Array;
     "CLASSES" => classes: Array<MapData, RuleClass>, Array;

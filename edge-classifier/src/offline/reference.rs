@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use edge_classifier_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, Policy, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
+    POLICY_PROTECT_IFACE_ADDRS, PolicyEntry, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
     layout, reason,
 };
 use etherparse::{
@@ -448,7 +448,7 @@ fn closing(flags: u32) -> bool {
     flags & FLOW_RST != 0 || flags & (FLOW_FIN_OUT | FLOW_FIN_IN) == FLOW_FIN_OUT | FLOW_FIN_IN
 }
 
-fn expired(state: &FlowState, now: u64, policy: &Policy, transport: u32) -> bool {
+fn expired(state: &FlowState, now: u64, policy: &PolicyEntry, transport: u32) -> bool {
     let timeout = if transport != TRANSPORT_TCP {
         policy.udp_idle_ticks
     } else if closing(state.flags) {
@@ -490,7 +490,7 @@ impl<'a> Reference<'a> {
         self.nic_addrs.contains(&ip)
     }
 
-    fn policy(&self) -> &Policy {
+    fn policy(&self) -> &PolicyEntry {
         &self.compiled.policy
     }
 
@@ -735,7 +735,7 @@ fn record(
     key: FlowKey,
     slot: u32,
     role_mask: u32,
-    policy: &Policy,
+    policy: &PolicyEntry,
     transport: u32,
     tcp_flags: u8,
     now: u64,

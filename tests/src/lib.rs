@@ -34,26 +34,26 @@ pub const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 /// What a frame must be counted under.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Counted {
+pub enum Expected {
     Rule(&'static str),
     Reason(&'static str, bool),
 }
 
-impl std::fmt::Display for Counted {
+impl std::fmt::Display for Expected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Counted::Rule(id) => write!(f, "rule {id}"),
-            Counted::Reason(name, true) => write!(f, "drop {name}"),
-            Counted::Reason(name, false) => write!(f, "pass {name}"),
+            Expected::Rule(id) => write!(f, "rule {id}"),
+            Expected::Reason(name, true) => write!(f, "drop {name}"),
+            Expected::Reason(name, false) => write!(f, "pass {name}"),
         }
     }
 }
 
-pub fn pass_reason(name: &'static str) -> Counted {
-    Counted::Reason(name, false)
+pub fn pass_reason(name: &'static str) -> Expected {
+    Expected::Reason(name, false)
 }
-pub fn drop_reason(name: &'static str) -> Counted {
-    Counted::Reason(name, true)
+pub fn drop_reason(name: &'static str) -> Expected {
+    Expected::Reason(name, true)
 }
 
 /// The classifier loaded (not attached) with `lo` bound to `role`: BPF_PROG_TEST_RUN frames
@@ -119,7 +119,7 @@ impl Harness {
 
     /// Runs `frame` through XDP, asserts the action and that exactly the expected counter moved
     /// by one frame of this length (and nothing else moved).
-    pub fn expect(&mut self, name: &str, frame: &[u8], action: u32, counted: &Counted) {
+    pub fn expect(&mut self, name: &str, frame: &[u8], action: u32, counted: &Expected) {
         self.expect_dir(Dir::In, name, frame, action, counted)
     }
 
@@ -130,7 +130,7 @@ impl Harness {
         name: &str,
         frame: &[u8],
         action: u32,
-        counted: &Counted,
+        counted: &Expected,
     ) {
         let before = self.stats();
         let got = self.run_dir(dir, frame);
@@ -139,7 +139,7 @@ impl Harness {
         for (i, (b, a)) in before.reasons.iter().zip(&after.reasons).enumerate() {
             if a != b {
                 let (n, d) = reason::NAMES[i];
-                moved.push((Counted::Reason(n, d).to_string(), delta(b, a)));
+                moved.push((Expected::Reason(n, d).to_string(), delta(b, a)));
             }
         }
         let rules = &self.classifier.compiled().rules;

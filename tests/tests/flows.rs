@@ -54,11 +54,11 @@ fn short_timeouts() -> Harness {
 }
 
 fn out_rule(h: &mut Harness, name: &str, frame: &[u8], rule: &'static str) {
-    h.expect_dir(Dir::Out, name, frame, TC_NEXT, &Counted::Rule(rule));
+    h.expect_dir(Dir::Out, name, frame, TC_NEXT, &Expected::Rule(rule));
 }
 
 fn in_rule(h: &mut Harness, name: &str, frame: &[u8], rule: &'static str) {
-    h.expect_dir(Dir::In, name, frame, XDP_PASS, &Counted::Rule(rule));
+    h.expect_dir(Dir::In, name, frame, XDP_PASS, &Expected::Rule(rule));
 }
 
 fn in_drop(h: &mut Harness, name: &str, frame: &[u8], reason: &'static str) {
@@ -455,7 +455,7 @@ fn egress_outside_outbound_rules_is_counted_and_dropped_only_by_policy() {
             &[("egress = \"pass\"", &format!("egress = \"{policy}\""))],
         );
         for (edge, peer, _, partner, _) in families() {
-            let out = |h: &mut Harness, name: &str, frame: Vec<u8>, action: u32, c: Counted| {
+            let out = |h: &mut Harness, name: &str, frame: Vec<u8>, action: u32, c: Expected| {
                 h.expect_dir(
                     Dir::Out,
                     &format!("egress {policy}: {name}"),
@@ -484,7 +484,7 @@ fn egress_outside_outbound_rules_is_counted_and_dropped_only_by_policy() {
                 "SIP to a partner",
                 tcp_segment(edge, 41401, partner, 5061, SYN),
                 TC_NEXT,
-                Counted::Rule("public-im-sip-out"),
+                Expected::Rule("public-im-sip-out"),
             );
             // Replies from inbound services are not outbound flows, and always go out.
             out(

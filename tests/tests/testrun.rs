@@ -24,10 +24,10 @@ fn v6(a: Ipv6Addr) -> IpAddr {
     IpAddr::V6(a)
 }
 
-type Case = (&'static str, Vec<u8>, u32, Counted);
+type Case = (&'static str, Vec<u8>, u32, Expected);
 
 fn pass_rule(name: &'static str, frame: Vec<u8>, rule: &'static str) -> Case {
-    (name, frame, XDP_PASS, Counted::Rule(rule))
+    (name, frame, XDP_PASS, Expected::Rule(rule))
 }
 
 fn drop_as(name: &'static str, frame: Vec<u8>, reason: &'static str) -> Case {
@@ -63,7 +63,7 @@ fn every_inbound_seed_row_passes_and_counts_against_its_rule() {
                 &format!("{} {}", r.row, if v6 { "IPv6" } else { "IPv4" }),
                 &seed_frame(r, v6, false),
                 XDP_PASS,
-                &Counted::Rule(r.rule),
+                &Expected::Rule(r.rule),
             );
         }
     }
@@ -706,7 +706,7 @@ fn reloads_rewrite_the_stride_table() {
 
 /// Each class an independent oracle found the kernel and the reference agreeing on, wrongly
 /// (issue 13): a fixture per class, checked in the kernel and in the reference classifier.
-fn expect_both(h: &mut Harness, name: &str, frame: &[u8], action: u32, counted: Counted) {
+fn expect_both(h: &mut Harness, name: &str, frame: &[u8], action: u32, counted: Expected) {
     expect_both_with(h, &[], name, frame, action, counted)
 }
 
@@ -717,7 +717,7 @@ fn expect_both_with(
     name: &str,
     frame: &[u8],
     action: u32,
-    counted: Counted,
+    counted: Expected,
 ) {
     h.expect(name, frame, action, &counted);
     let compiled = h.classifier.compiled().clone();
@@ -736,7 +736,7 @@ fn expect_both_with(
         }
         edge_classifier::reference::Counted::Reason(r) => {
             let (n, d) = edge_classifier_common::reason::NAMES[r as usize];
-            Counted::Reason(n, d).to_string()
+            Expected::Reason(n, d).to_string()
         }
     };
     assert_eq!(got, counted.to_string(), "{name}: the reference classifier");
@@ -835,7 +835,7 @@ fn eight_extension_headers_are_walked_and_truncated_icmpv6_is_judged_by_its_dest
         "8 extension headers",
         &exts(8),
         XDP_PASS,
-        Counted::Rule("public-im-sip-in"),
+        Expected::Rule("public-im-sip-in"),
     );
     expect_both(
         &mut h,

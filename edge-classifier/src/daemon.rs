@@ -236,7 +236,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .expect("lock")
         .sync_nic_addrs()
         .context("protecting the NICs' own addresses")?;
-    let mut nic_changes = edge_classifier::nic_addrs::Changes::subscribe()
+    let nic_changes = edge_classifier::nic_addrs::Changes::subscribe()
         .map_err(|e| log::warn!("following address changes (re-read every second instead): {e}"))
         .ok();
     let for_exporter = daemon.clone();
@@ -252,9 +252,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     let server = tokio::spawn(metrics::serve(listener, snapshot));
-    // Tells a supervisor that every NIC is protected: systemd (Type=notify) through
-    // sd_notify, the lab and scripts through the `ready` line.
-    let running = daemon.lock().expect("lock").catalogue.clone();
+    notify_ready(&specs, &daemon.lock().expect("lock").catalogue);
+    follow(&daemon, &mut signals, &args.instance, nic_changes).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    server.abort();
+    shut_down(&args, &mut daemon.lock().expect("lock"))
+}
+
+/// Tells a supervisor that every NIC is protected: systemd (Type=notify) through sd_notify,
+/// the lab and scripts through the `ready` line.
+fn notify_ready(specs: &[(String, String)], running: &CatalogueInfo) {
     let status = format!(
         "protecting {} with {} rules from {}",
         specs
@@ -274,8 +281,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !edge_classifier::logging::to_journal() {
         println!("ready");
     }
+}
 
-    // Reloads made by other processes are logged within a second of being made.
+/// Until SIGINT or SIGTERM: logs the reloads other processes make (within a second), keeps the
+/// NICs' addresses in the kernel, reloads on SIGHUP and prints the counters on SIGUSR1.
+async fn follow(
+    daemon: &Mutex<Daemon>,
+    signals: &mut Signals,
+    instance: &Instance,
+    mut nic_changes: Option<edge_classifier::nic_addrs::Changes>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -308,7 +323,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = signals.hup.recv() => {
                 // As nginx and most daemons: SIGHUP reads the catalogue file again.
                 log::info!("SIGHUP: reloading the catalogue file");
-                let instance = args.instance.clone();
+                let instance = instance.clone();
                 let reloaded =
                     tokio::task::spawn_blocking(move || lifecycle::reload(&instance, None)).await;
                 match reloaded {
@@ -329,11 +344,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    server.abort();
-    let mut d = daemon.lock().expect("lock");
+}
+
+/// What `run` leaves behind: the counters printed once more, and the NICs protected (or, with
+/// --detach-on-exit, detached and the pins removed).
+fn shut_down(args: &RunArgs, d: &mut Daemon) -> anyhow::Result<()> {
     let _ = d.refresh();
-    print_table(&mut d);
+    print_table(d);
     if args.detach_on_exit {
         let _lock = args.instance.lock()?;
         d.classifier.detach_all();

@@ -44,6 +44,11 @@ impl Verdict {
     }
 }
 
+/// One frame's decision, read top to bottom in the order the spec gives (link control, the
+/// destination's protection, fragments, L4, inbound rules, replies). It is longer than the
+/// rest on purpose: every early return is a verdict a reader checks against SPEC §3–4 in
+/// sequence, and the whole is inlined into the XDP entry point, so splitting it would only
+/// scatter that sequence (and give LLVM more stack to spill across).
 #[inline(always)]
 pub(crate) fn try_classify(
     ctx: &XdpContext,

@@ -178,31 +178,8 @@ fn main() -> anyhow::Result<()> {
     edge_classifier::logging::init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Catalogue { instance, .. } => {
-            match instance {
-                None => print!("{DEFAULT_CATALOGUE}"),
-                Some(name) => {
-                    let state = Instance::new(&name)?.require_state()?;
-                    let running = state
-                        .active()
-                        .context("the instance's active rule buffer is unknown")?;
-                    print!("{}", running.text);
-                }
-            }
-            Ok(())
-        }
-        Command::Status { instance, json } => {
-            let status = edge_classifier::status::read(&Instance::new(&instance)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{status}");
-            }
-            if !status.protected {
-                std::process::exit(3);
-            }
-            Ok(())
-        }
+        Command::Catalogue { instance, .. } => catalogue(instance.as_deref()),
+        Command::Status { instance, json } => status(&instance, json),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "edge-classifier", &mut std::io::stdout());
@@ -260,31 +237,7 @@ fn main() -> anyhow::Result<()> {
             transport,
             src,
             dst,
-        } => {
-            let cat = match &catalogue {
-                Some(p) => Catalogue::load(p)?,
-                None => Catalogue::default_catalogue(),
-            };
-            let compiled = compile(&cat)?;
-            let e = edge_classifier::explain::explain(
-                &compiled,
-                &role,
-                if out {
-                    edge_classifier::explain::Way::Out
-                } else {
-                    edge_classifier::explain::Way::In
-                },
-                match transport {
-                    L4::Tcp => edge_classifier::catalogue::Transport::Tcp,
-                    L4::Udp => edge_classifier::catalogue::Transport::Udp,
-                },
-                src,
-                dst,
-                established,
-            )?;
-            println!("{e}");
-            Ok(())
-        }
+        } => explain(catalogue, &role, out, established, transport, (src, dst)),
         Command::Replay {
             catalogue,
             role,
@@ -316,6 +269,69 @@ fn main() -> anyhow::Result<()> {
             stats(&from, watch, count)
         }
     }
+}
+
+/// `catalogue`: the embedded default, or the text instance `name` runs.
+fn catalogue(instance: Option<&str>) -> anyhow::Result<()> {
+    match instance {
+        None => print!("{DEFAULT_CATALOGUE}"),
+        Some(name) => {
+            let state = Instance::new(name)?.require_state()?;
+            let running = state
+                .active()
+                .context("the instance's active rule buffer is unknown")?;
+            print!("{}", running.text);
+        }
+    }
+    Ok(())
+}
+
+/// `status`: exits 3 when a bound NIC is not protected.
+fn status(instance: &str, json: bool) -> anyhow::Result<()> {
+    let status = edge_classifier::status::read(&Instance::new(instance)?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{status}");
+    }
+    if !status.protected {
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+/// `explain`: one flow's first frame through the reference classifier.
+fn explain(
+    catalogue: Option<PathBuf>,
+    role: &str,
+    out: bool,
+    established: bool,
+    transport: L4,
+    (src, dst): (std::net::SocketAddr, std::net::SocketAddr),
+) -> anyhow::Result<()> {
+    let cat = match &catalogue {
+        Some(p) => Catalogue::load(p)?,
+        None => Catalogue::default_catalogue(),
+    };
+    let compiled = compile(&cat)?;
+    let e = edge_classifier::explain::explain(
+        &compiled,
+        role,
+        if out {
+            edge_classifier::explain::Way::Out
+        } else {
+            edge_classifier::explain::Way::In
+        },
+        match transport {
+            L4::Tcp => edge_classifier::catalogue::Transport::Tcp,
+            L4::Udp => edge_classifier::catalogue::Transport::Udp,
+        },
+        src,
+        dst,
+        established,
+    )?;
+    println!("{e}");
+    Ok(())
 }
 
 fn replay(

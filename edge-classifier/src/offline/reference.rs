@@ -538,6 +538,9 @@ impl<'a> Reference<'a> {
             .unwrap_or(Verdict::drop(reason::DROP_MALFORMED))
     }
 
+    /// Ingress in the spec's order, one early return per verdict, as the kernel program's
+    /// `try_classify` (which is long for the same reason): split, the sequence a reader checks
+    /// against SPEC §3–4 would be scattered.
     fn try_ingress(
         &self,
         frame: &[u8],

@@ -511,8 +511,60 @@ fn parse_icmp(
 }
 
 fn validate(src: &Located, raw: RawCatalogue) -> Result<Catalogue, CatalogueError> {
+    let sets = parse_sets(src, raw.sets)?;
+    for role in raw.interfaces.keys() {
+        if !is_set_name(role) {
+            return Err(src.error(
+                0..0,
+                format!("invalid interface role `{role}`: expected lowercase letters, digits, `_` or `-`"),
+            ));
+        }
+    }
+    if raw.interfaces.len() > 32 {
+        return Err(src.error(0..0, "more than 32 interface roles"));
+    }
+
+    let rules = parse_rules(src, raw.rules, &sets, &raw.interfaces)?;
+    let policy = parse_policy(src, raw.policy, &sets)?;
+    let flows = parse_flows(src, raw.flows)?;
+    for r in &rules {
+        if r.local == ANY {
+            return Err(CatalogueError::Invalid {
+                file: r.location.file.clone(),
+                line: r.location.line,
+                column: r.location.column,
+                message: format!(
+                    "rule `{}` has local = \"any\": the local side must name the Edge's own addresses",
+                    r.id
+                ),
+            });
+        }
+    }
+
+    Ok(Catalogue {
+        source_name: src.name.to_string(),
+        digest: {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(src.text.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        },
+        policy,
+        interfaces: raw.interfaces,
+        sets,
+        rules,
+        flows,
+    })
+}
+
+/// `[sets]`: named lists of prefixes (a bare address is its /32 or /128).
+fn parse_sets(
+    src: &Located,
+    raw: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
+) -> Result<BTreeMap<String, Vec<IpNet>>, CatalogueError> {
     let mut sets = BTreeMap::new();
-    for (name, prefixes) in raw.sets {
+    for (name, prefixes) in raw {
         let set_name = name.get_ref();
         if set_name == ANY {
             return Err(src.error(name.span(), "set `any` is built in and cannot be redefined"));
@@ -565,38 +617,42 @@ fn validate(src: &Located, raw: RawCatalogue) -> Result<Catalogue, CatalogueErro
             ),
         ));
     }
-    let known_set = |name: &Spanned<String>, what: &str| -> Result<String, CatalogueError> {
-        let n = name.get_ref();
-        if n == ANY || sets.contains_key(n) {
-            Ok(n.clone())
-        } else {
-            let mut known: Vec<&str> = sets.keys().map(String::as_str).collect();
-            known.push(ANY);
-            Err(src.error(
-                name.span(),
-                format!(
-                    "unknown {what} set `{n}`: expected one of {}",
-                    known.join(", ")
-                ),
-            ))
-        }
-    };
+    Ok(sets)
+}
 
-    for role in raw.interfaces.keys() {
-        if !is_set_name(role) {
-            return Err(src.error(
-                0..0,
-                format!("invalid interface role `{role}`: expected lowercase letters, digits, `_` or `-`"),
-            ));
-        }
+/// A set a rule or the policy names: one of `[sets]`, or `any`.
+fn known_set(
+    src: &Located,
+    sets: &BTreeMap<String, Vec<IpNet>>,
+    name: &Spanned<String>,
+    what: &str,
+) -> Result<String, CatalogueError> {
+    let n = name.get_ref();
+    if n == ANY || sets.contains_key(n) {
+        Ok(n.clone())
+    } else {
+        let mut known: Vec<&str> = sets.keys().map(String::as_str).collect();
+        known.push(ANY);
+        Err(src.error(
+            name.span(),
+            format!(
+                "unknown {what} set `{n}`: expected one of {}",
+                known.join(", ")
+            ),
+        ))
     }
-    if raw.interfaces.len() > 32 {
-        return Err(src.error(0..0, "more than 32 interface roles"));
-    }
+}
 
-    let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
+/// `[[rule]]`s in file order: ids kebab-case and unique, the rest checked by [`parse_rule`].
+fn parse_rules(
+    src: &Located,
+    raw: Vec<RawRule>,
+    sets: &BTreeMap<String, Vec<IpNet>>,
+    interfaces: &BTreeMap<String, String>,
+) -> Result<Vec<Rule>, CatalogueError> {
+    let mut rules: Vec<Rule> = Vec::with_capacity(raw.len());
     let mut seen_ids: std::collections::HashMap<String, usize> = Default::default();
-    for r in raw.rules {
+    for r in raw {
         let id = r.id.get_ref();
         if !is_kebab(id) {
             return Err(src.error(
@@ -614,84 +670,102 @@ fn validate(src: &Located, raw: RawCatalogue) -> Result<Catalogue, CatalogueErro
             ));
         }
         seen_ids.insert(id.clone(), rules.len());
-        if let Some(row) = &r.seed_row {
-            let s = row.get_ref();
-            let ok = s.len() <= 8
-                && s.starts_with(|c: char| c.is_ascii_uppercase())
-                && s[1..].chars().all(|c| c.is_ascii_digit())
-                && s.len() > 1;
-            if !ok {
-                return Err(src.error(
-                    row.span(),
-                    format!("invalid seed row `{s}`: expected a row name such as S1, P4 or X3"),
-                ));
-            }
-        }
-        let protocol = r.protocol.get_ref().trim();
-        if protocol.is_empty() {
-            return Err(src.error(
-                r.protocol.span(),
-                "empty protocol label: expected e.g. SIP/MTLS, SIP/TLS, RTP, STUN/MSTURN, XMPP",
-            ));
-        }
-        let local = known_set(&r.local, "local")?;
-        let remote = known_set(&r.remote, "remote")?;
-        let iface = r.interface.get_ref();
-        if !raw.interfaces.contains_key(iface) {
-            let known: Vec<&str> = raw.interfaces.keys().map(String::as_str).collect();
-            return Err(src.error(
-                r.interface.span(),
-                format!(
-                    "unknown interface role `{iface}`: expected one of {} (declare it under [interfaces])",
-                    known.join(", ")
-                ),
-            ));
-        }
-        let (ports, port_side) = match (&r.port, &r.local_port) {
-            (Some(p), None) => (parse_port(src, p)?, PortSide::Service),
-            (None, Some(p)) if r.direction == Direction::Outbound => {
-                (parse_port(src, p)?, PortSide::Local)
-            }
-            (None, Some(p)) => {
-                return Err(src.error(
-                    p.span(),
-                    "`local_port` is for outbound rules (the Edge's own source port range): an inbound rule names its service port with `port`",
-                ));
-            }
-            (Some(_), Some(p)) => {
-                return Err(src.error(
-                    p.span(),
-                    "a rule has either `port` (the service port) or `local_port` (the Edge's own port range), not both",
-                ));
-            }
-            (None, None) => {
-                return Err(src.error(
-                    r.id.span(),
-                    format!("rule `{id}` has no port: expected `port = N` or `port = \"LO-HI\"`"),
-                ));
-            }
-        };
-        rules.push(Rule {
-            id: id.clone(),
-            seed_row: r.seed_row.map(|s| s.into_inner()),
-            role: r.role,
-            protocol: protocol.to_string(),
-            transport: r.transport,
-            direction: r.direction,
-            local,
-            remote,
-            ports,
-            port_side,
-            interface: iface.clone(),
-            note: r.note,
-            location: src.location(r.id.span().start),
-        });
+        rules.push(parse_rule(src, r, sets, interfaces)?);
     }
+    Ok(rules)
+}
 
-    let p = raw.policy;
+/// One rule: seed row, protocol label, sets, interface role and ports.
+fn parse_rule(
+    src: &Located,
+    r: RawRule,
+    sets: &BTreeMap<String, Vec<IpNet>>,
+    interfaces: &BTreeMap<String, String>,
+) -> Result<Rule, CatalogueError> {
+    let id = r.id.get_ref();
+    if let Some(row) = &r.seed_row {
+        let s = row.get_ref();
+        let ok = s.len() <= 8
+            && s.starts_with(|c: char| c.is_ascii_uppercase())
+            && s[1..].chars().all(|c| c.is_ascii_digit())
+            && s.len() > 1;
+        if !ok {
+            return Err(src.error(
+                row.span(),
+                format!("invalid seed row `{s}`: expected a row name such as S1, P4 or X3"),
+            ));
+        }
+    }
+    let protocol = r.protocol.get_ref().trim();
+    if protocol.is_empty() {
+        return Err(src.error(
+            r.protocol.span(),
+            "empty protocol label: expected e.g. SIP/MTLS, SIP/TLS, RTP, STUN/MSTURN, XMPP",
+        ));
+    }
+    let local = known_set(src, sets, &r.local, "local")?;
+    let remote = known_set(src, sets, &r.remote, "remote")?;
+    let iface = r.interface.get_ref();
+    if !interfaces.contains_key(iface) {
+        let known: Vec<&str> = interfaces.keys().map(String::as_str).collect();
+        return Err(src.error(
+            r.interface.span(),
+            format!(
+                "unknown interface role `{iface}`: expected one of {} (declare it under [interfaces])",
+                known.join(", ")
+            ),
+        ));
+    }
+    let (ports, port_side) = match (&r.port, &r.local_port) {
+        (Some(p), None) => (parse_port(src, p)?, PortSide::Service),
+        (None, Some(p)) if r.direction == Direction::Outbound => {
+            (parse_port(src, p)?, PortSide::Local)
+        }
+        (None, Some(p)) => {
+            return Err(src.error(
+                p.span(),
+                "`local_port` is for outbound rules (the Edge's own source port range): an inbound rule names its service port with `port`",
+            ));
+        }
+        (Some(_), Some(p)) => {
+            return Err(src.error(
+                p.span(),
+                "a rule has either `port` (the service port) or `local_port` (the Edge's own port range), not both",
+            ));
+        }
+        (None, None) => {
+            return Err(src.error(
+                r.id.span(),
+                format!("rule `{id}` has no port: expected `port = N` or `port = \"LO-HI\"`"),
+            ));
+        }
+    };
+    Ok(Rule {
+        id: id.clone(),
+        seed_row: r.seed_row.map(|s| s.into_inner()),
+        role: r.role,
+        protocol: protocol.to_string(),
+        transport: r.transport,
+        direction: r.direction,
+        local,
+        remote,
+        ports,
+        port_side,
+        interface: iface.clone(),
+        note: r.note,
+        location: src.location(r.id.span().start),
+    })
+}
+
+/// `[policy]`.
+fn parse_policy(
+    src: &Located,
+    p: RawPolicy,
+    sets: &BTreeMap<String, Vec<IpNet>>,
+) -> Result<Policy, CatalogueError> {
     let mut protected = Vec::new();
     for s in p.protected.unwrap_or_default() {
-        let name = known_set(&s, "protected")?;
+        let name = known_set(src, sets, &s, "protected")?;
         if name == ANY {
             return Err(src.error(
                 s.span(),
@@ -700,7 +774,7 @@ fn validate(src: &Located, raw: RawCatalogue) -> Result<Catalogue, CatalogueErro
         }
         protected.push(name);
     }
-    let policy = Policy {
+    Ok(Policy {
         default: p.default.unwrap_or(Action::Drop),
         unprotected: p.unprotected.unwrap_or(Action::Pass),
         fragments: p.fragments.unwrap_or(Action::Drop),
@@ -710,36 +784,6 @@ fn validate(src: &Located, raw: RawCatalogue) -> Result<Catalogue, CatalogueErro
         icmpv6: parse_icmp(src, p.icmpv6, ICMPV6_NAMES, DEFAULT_ICMPV6, "ICMPv6")?,
         egress: p.egress.unwrap_or(Action::Pass),
         protect_interface_addresses: p.protect_interface_addresses.unwrap_or(true),
-    };
-    let flows = parse_flows(src, raw.flows)?;
-    for r in &rules {
-        if r.local == ANY {
-            return Err(CatalogueError::Invalid {
-                file: r.location.file.clone(),
-                line: r.location.line,
-                column: r.location.column,
-                message: format!(
-                    "rule `{}` has local = \"any\": the local side must name the Edge's own addresses",
-                    r.id
-                ),
-            });
-        }
-    }
-
-    Ok(Catalogue {
-        source_name: src.name.to_string(),
-        digest: {
-            use sha2::Digest as _;
-            sha2::Sha256::digest(src.text.as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        },
-        policy,
-        interfaces: raw.interfaces,
-        sets,
-        rules,
-        flows,
     })
 }
 

@@ -77,6 +77,23 @@ fn kernel_release() -> String {
 
 /// The snapshot as Prometheus text exposition format.
 pub fn render(s: &Snapshot) -> prometheus::Result<String> {
+    let mut families = interface_families(s);
+    families.extend(flow_families(&s.flows));
+    families.extend(instance_families(s));
+    let families: Vec<MetricFamily> = families.into_iter().map(|f| f.0).collect();
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&families, &mut out)?;
+    Ok(String::from_utf8(out).expect("the text encoder writes UTF-8"))
+}
+
+/// A family holding one series without labels.
+fn one(mut fam: Family, v: f64) -> Family {
+    fam.push(&[], v);
+    fam
+}
+
+/// Per interface: the rule counters, the reason counters and whether it is attached.
+fn interface_families(s: &Snapshot) -> Vec<Family> {
     let mut rule_packets = Family::counter(
         "edge_classifier_rule_packets_total",
         "Frames a rule allowed (outbound rules: their flows both ways), by rule and interface.",
@@ -138,8 +155,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         );
     }
 
-    let f = &s.flows;
-    let mut families = vec![
+    vec![
         rule_packets,
         rule_bytes,
         dropped,
@@ -147,11 +163,12 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         passed,
         passed_bytes,
         attached,
-    ];
-    let one = |mut fam: Family, v: f64| {
-        fam.push(&[], v);
-        fam
-    };
+    ]
+}
+
+/// The flow tables: occupancy, capacity and their event counters.
+fn flow_families(f: &crate::maps::FlowStats) -> Vec<Family> {
+    let mut families = Vec::new();
     let mut entries = Family::gauge(
         "edge_classifier_flow_table_entries",
         "Outbound flows in the flow table of each address family now.",
@@ -196,6 +213,12 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             f.insert_failed as f64,
         ),
     ]);
+    families
+}
+
+/// The instance: reloads, the running catalogue, the build, and this scrape's read time.
+fn instance_families(s: &Snapshot) -> Vec<Family> {
+    let mut families = Vec::new();
     let mut reloads = Family::counter(
         "edge_classifier_reloads_total",
         "Catalogue reloads, by result (success: swapped in; failure: rejected, old rules kept).",
@@ -253,10 +276,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         ),
     ]);
 
-    let families: Vec<MetricFamily> = families.into_iter().map(|f| f.0).collect();
-    let mut out = Vec::new();
-    TextEncoder::new().encode(&families, &mut out)?;
-    Ok(String::from_utf8(out).expect("the text encoder writes UTF-8"))
+    families
 }
 
 async fn take(f: SnapshotFn) -> Result<Snapshot, Response> {

@@ -427,26 +427,18 @@ impl Maps {
             self.clear_buffer(buffer)?;
         }
         let old = holds.compiled();
-        {
-            let policy = &mut self.policy;
-            policy.set(buffer, new.policy, 0).map_err(err("POLICY"))?;
-        }
-        {
-            let locals = &mut self.locals;
-            locals.set(buffer, new.locals, 0).map_err(err("LOCALS"))?;
-        }
-        {
-            let small = &mut self.small_v4;
-            small
-                .set(buffer, new.small_v4, 0)
-                .map_err(err("SMALL_V4"))?;
-        }
-        {
-            let small = &mut self.small_v6;
-            small
-                .set(buffer, new.small_v6, 0)
-                .map_err(err("SMALL_V6"))?;
-        }
+        self.policy
+            .set(buffer, new.policy, 0)
+            .map_err(err("POLICY"))?;
+        self.locals
+            .set(buffer, new.locals, 0)
+            .map_err(err("LOCALS"))?;
+        self.small_v4
+            .set(buffer, new.small_v4, 0)
+            .map_err(err("SMALL_V4"))?;
+        self.small_v6
+            .set(buffer, new.small_v6, 0)
+            .map_err(err("SMALL_V6"))?;
         if let Some(stride) = &new.stride_v4 {
             self.write_stride(buffer, stride, old.and_then(|o| o.stride_v4.as_ref()))?;
         }
@@ -468,6 +460,17 @@ impl Maps {
                 }
             }
         }
+        self.write_tries(buffer, new, old)
+    }
+
+    /// Writes a buffer's prefixes into the LPM tries: what a buffer's trie holds is always
+    /// `trie_v4()`/`trie_v6()` of its last catalogue, so only the difference is written.
+    fn write_tries(
+        &mut self,
+        buffer: u32,
+        new: &Compiled,
+        old: Option<&Compiled>,
+    ) -> Result<(), MapsError> {
         let b = buffer as u8;
         {
             let trie = &mut self.sets_v4;
@@ -484,7 +487,6 @@ impl Maps {
                     },
                 )
             };
-            // What a buffer's trie holds is always `trie_v4()` of its last catalogue.
             sync_trie(
                 trie,
                 new.trie_v4(),

@@ -15,12 +15,9 @@ pub fn flows(s: &FlowStats) -> String {
 /// `edge-classifier stats`: a snapshot as tables; with the previous snapshot, per-second rates.
 pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
     let mut out = String::new();
-    let dt = prev.map(|p| s.taken - p.taken).filter(|d| *d > 0.0);
-    let rate = |now: u64, before: Option<u64>| -> String {
-        match (dt, before) {
-            (Some(dt), Some(b)) => format!("{:.1}", now.saturating_sub(b) as f64 / dt),
-            _ => "-".to_string(),
-        }
+    let rates = Rates {
+        dt: prev.map(|p| s.taken - p.taken).filter(|d| *d > 0.0),
+        prev,
     };
     let _ = writeln!(
         out,
@@ -43,6 +40,41 @@ pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
         );
     }
     let _ = writeln!(out);
+    rules_table(&mut out, s, &rates);
+    let _ = writeln!(out);
+    reasons_table(&mut out, s, &rates);
+    let _ = writeln!(out);
+    out.push_str(&flows(&s.flows));
+    let _ = writeln!(
+        out,
+        "reloads: {} succeeded, {} failed",
+        s.reloads.succeeded, s.reloads.failed
+    );
+    out
+}
+
+/// Per-second rates against the previous snapshot, when there is one.
+struct Rates<'a> {
+    dt: Option<f64>,
+    prev: Option<&'a Snapshot>,
+}
+
+impl Rates<'_> {
+    fn rate(&self, now: u64, before: Option<u64>) -> String {
+        match (self.dt, before) {
+            (Some(dt), Some(b)) => format!("{:.1}", now.saturating_sub(b) as f64 / dt),
+            _ => "-".to_string(),
+        }
+    }
+
+    fn before(&self, iface: &str) -> Option<&crate::snapshot::Interface> {
+        self.prev
+            .and_then(|p| p.interfaces.iter().find(|i| i.name == iface))
+    }
+}
+
+/// A row per rule and interface of the rule's role.
+fn rules_table(out: &mut String, s: &Snapshot, rates: &Rates) {
     let _ = writeln!(
         out,
         "{:<26} {:<4} {:<9} {:<4} {:<18} {:<10} {:>10} {:>12} {:>10} {:>12}",
@@ -57,9 +89,8 @@ pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
         "PKT/S",
         "BYTES/S"
     );
-    let before = |iface: &str| prev.and_then(|p| p.interfaces.iter().find(|i| i.name == iface));
     for i in &s.interfaces {
-        let p = before(&i.name);
+        let p = rates.before(&i.name);
         for r in &i.rules {
             let pr = p.and_then(|p| p.rules.iter().find(|x| x.id == r.id));
             let _ = writeln!(
@@ -73,19 +104,22 @@ pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
                 i.name,
                 r.packets,
                 r.bytes,
-                rate(r.packets, pr.map(|x| x.packets)),
-                rate(r.bytes, pr.map(|x| x.bytes)),
+                rates.rate(r.packets, pr.map(|x| x.packets)),
+                rates.rate(r.bytes, pr.map(|x| x.bytes)),
             );
         }
     }
-    let _ = writeln!(out);
+}
+
+/// A row per reason that counted anything, and interface.
+fn reasons_table(out: &mut String, s: &Snapshot, rates: &Rates) {
     let _ = writeln!(
         out,
         "{:<8} {:<22} {:<10} {:>10} {:>12} {:>10}",
         "VERDICT", "REASON", "INTERFACE", "PACKETS", "BYTES", "PKT/S"
     );
     for i in &s.interfaces {
-        let p = before(&i.name);
+        let p = rates.before(&i.name);
         for c in i.reasons.iter().filter(|c| c.packets > 0) {
             let pc = p.and_then(|p| {
                 p.reasons
@@ -100,16 +134,8 @@ pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
                 i.name,
                 c.packets,
                 c.bytes,
-                rate(c.packets, pc.map(|x| x.packets)),
+                rates.rate(c.packets, pc.map(|x| x.packets)),
             );
         }
     }
-    let _ = writeln!(out);
-    out.push_str(&flows(&s.flows));
-    let _ = writeln!(
-        out,
-        "reloads: {} succeeded, {} failed",
-        s.reloads.succeeded, s.reloads.failed
-    );
-    out
 }

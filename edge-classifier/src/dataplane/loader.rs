@@ -387,46 +387,7 @@ impl Classifier {
         let before = before.filter(|b| b.ifindex == ifindex);
         self.bind_block(name, role, before.map(|b| b.block))?;
         if let (Some(instance), Some(before)) = (self.instance.clone(), before) {
-            let xdp_pin = instance.link_pin(name, "xdp");
-            let tc_pin = instance.link_pin(name, "tc");
-            if let (Ok(xdp), Ok(tc)) = (
-                PinnedLink::from_pin(&xdp_pin),
-                PinnedLink::from_pin(&tc_pin),
-            ) {
-                // Egress first, as on a fresh attach.
-                let tc: SchedClassifierLink = FdLink::from(tc)
-                    .try_into()
-                    .map_err(|e| pin_err(name, &tc_pin, e))?;
-                let id = self.egress_program().attach_to_link(tc).map_err(|source| {
-                    LoadError::AttachEgress {
-                        iface: name.to_string(),
-                        source,
-                    }
-                })?;
-                self.egress_links.push(id);
-                let xdp: XdpLink = FdLink::from(xdp)
-                    .try_into()
-                    .map_err(|e| pin_err(name, &xdp_pin, e))?;
-                let mode_name = before.mode.clone().unwrap_or_default();
-                let id =
-                    self.program()
-                        .attach_to_link(xdp)
-                        .map_err(|source| LoadError::Attach {
-                            iface: name.to_string(),
-                            mode: ModeName(XdpMode::Default),
-                            source,
-                        })?;
-                self.links.push(id);
-                let b = self
-                    .bindings
-                    .iter_mut()
-                    .find(|b| b.name == name)
-                    .expect("bound");
-                b.mode = Some(ModeName(match mode_name.as_str() {
-                    "generic" => XdpMode::Skb,
-                    "offload" => XdpMode::Hardware,
-                    _ => XdpMode::Driver,
-                }));
+            if self.adopt_links(&instance, name, before)? {
                 return Ok(Attached::Replaced);
             }
             log::warn!("{name}: pinned links are gone; attaching afresh");
@@ -466,6 +427,60 @@ impl Classifier {
             mode: ModeName(m),
             source,
         })
+    }
+
+    /// Puts this process's programs into the links an earlier run pinned for NIC `name`
+    /// (`BPF_LINK_UPDATE`: the old program is replaced in place, no gap). `false` when the
+    /// pins are gone.
+    fn adopt_links(
+        &mut self,
+        instance: &Instance,
+        name: &str,
+        before: &BoundIface,
+    ) -> Result<bool, LoadError> {
+        let xdp_pin = instance.link_pin(name, "xdp");
+        let tc_pin = instance.link_pin(name, "tc");
+        if let (Ok(xdp), Ok(tc)) = (
+            PinnedLink::from_pin(&xdp_pin),
+            PinnedLink::from_pin(&tc_pin),
+        ) {
+            // Egress first, as on a fresh attach.
+            let tc: SchedClassifierLink = FdLink::from(tc)
+                .try_into()
+                .map_err(|e| pin_err(name, &tc_pin, e))?;
+            let id = self.egress_program().attach_to_link(tc).map_err(|source| {
+                LoadError::AttachEgress {
+                    iface: name.to_string(),
+                    source,
+                }
+            })?;
+            self.egress_links.push(id);
+            let xdp: XdpLink = FdLink::from(xdp)
+                .try_into()
+                .map_err(|e| pin_err(name, &xdp_pin, e))?;
+            let mode_name = before.mode.clone().unwrap_or_default();
+            let id = self
+                .program()
+                .attach_to_link(xdp)
+                .map_err(|source| LoadError::Attach {
+                    iface: name.to_string(),
+                    mode: ModeName(XdpMode::Default),
+                    source,
+                })?;
+            self.links.push(id);
+            let b = self
+                .bindings
+                .iter_mut()
+                .find(|b| b.name == name)
+                .expect("bound");
+            b.mode = Some(ModeName(match mode_name.as_str() {
+                "generic" => XdpMode::Skb,
+                "offload" => XdpMode::Hardware,
+                _ => XdpMode::Driver,
+            }));
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn keep_xdp_link(&mut self, name: &str, id: XdpLinkId) -> Result<(), LoadError> {

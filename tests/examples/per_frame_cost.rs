@@ -139,7 +139,7 @@ fn main() {
         big.run_dir(Dir::Out, &frame);
     }
     assert_eq!(big.run_dir(Dir::Out, &request), TC_NEXT);
-    let stats = big.classifier.flow_stats().expect("flow stats");
+    let stats = big.classifier.maps().flow_stats().expect("flow stats");
     let ours = median(
         (0..5)
             .map(|_| ns_per_frame(big.classifier.program(), &reply, repeat))

@@ -7,7 +7,8 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use edge_classifier::{
     catalogue::Catalogue,
     compile::compile,
-    loader::{Binding, Classifier, IfaceStats},
+    loader::{Binding, Classifier},
+    maps::IfaceStats,
 };
 use edge_classifier_common::{Counter, reason};
 use etherparse::{

@@ -348,7 +348,7 @@ struct Checker {
     reference: Reference<'static>,
     flows: FlowTable,
     role_mask: u32,
-    last: edge_classifier::loader::IfaceStats,
+    last: edge_classifier::maps::IfaceStats,
     checked: u64,
     disagreements: Vec<(Vec<u8>, String)>,
 }
@@ -489,6 +489,7 @@ impl Checker {
         let kernel: std::collections::BTreeMap<String, (FlowKey, FlowState)> = self
             .h
             .classifier
+            .maps()
             .flows()
             .expect("kernel flows")
             .into_iter()
@@ -950,7 +951,7 @@ fn kernel_and_reference_agree_on_egress_replies_and_a_moving_clock() {
                 // kernel reads and the one the test read could differ).
                 _ => {
                     let j = next_tick();
-                    for f in c.h.classifier.flows().expect("flows") {
+                    for f in c.h.classifier.maps().flows().expect("flows") {
                         let t = *rng.pick(&timeouts);
                         let margin = 25 + rng.below(200) as u64;
                         let age = if rng.below(2) == 0 {

@@ -184,10 +184,10 @@ fn egress_records_outbound_flows_and_only_their_replies_pass() {
         }
     }
     // Every recorded flow names the rule that allowed it, and nothing else was recorded.
-    let flows = h.classifier.flows().expect("flows");
+    let flows = h.classifier.maps().flows().expect("flows");
     assert_eq!(flows.len(), 10, "flows recorded: {flows:?}");
     // Each family's flows sit in that family's table, listed with their real addresses.
-    let s = h.classifier.flow_stats().expect("flow stats");
+    let s = h.classifier.maps().flow_stats().expect("flow stats");
     assert_eq!((s.present_v4, s.present_v6), (5, 5), "{s:?}");
     for (edge, ..) in families() {
         let of_family: Vec<_> = flows
@@ -249,9 +249,9 @@ fn ingress_alone_never_creates_a_flow() {
         &tcp_segment(peer, 5061, edge, 41500, ACK),
         "not_established",
     );
-    let flows = h.classifier.flows().expect("flows");
+    let flows = h.classifier.maps().flows().expect("flows");
     assert!(flows.is_empty(), "ingress created flows: {flows:?}");
-    let s = h.classifier.flow_stats().expect("flow stats");
+    let s = h.classifier.maps().flow_stats().expect("flow stats");
     assert_eq!((s.created, s.present), (0, 0), "{s:?}");
 }
 
@@ -274,14 +274,14 @@ fn idle_flows_expire_and_a_new_request_revives_them() {
             );
         }
         sleep(Duration::from_millis(1300));
-        let before = h.classifier.flow_stats().expect("flow stats");
+        let before = h.classifier.maps().flow_stats().expect("flow stats");
         in_drop(
             &mut h,
             "STUN reply after 1.3 s idle",
             &reply,
             "not_established",
         );
-        let after = h.classifier.flow_stats().expect("flow stats");
+        let after = h.classifier.maps().flow_stats().expect("flow stats");
         assert_eq!(
             after.expired,
             before.expired + 1,
@@ -564,7 +564,7 @@ fn a_full_table_evicts_the_least_recently_used_flows() {
         let got = h.run_dir(Dir::Out, &udp(edge, port(i), peer, 3478));
         assert_eq!(got, TC_NEXT, "request {i}");
     }
-    let s = h.classifier.flow_stats().expect("flow stats");
+    let s = h.classifier.maps().flow_stats().expect("flow stats");
     assert_eq!(s.capacity, CAPACITY);
     assert_eq!(s.created, FLOWS as u64, "{s:?}");
     assert_eq!(s.insert_failed, 0, "{s:?}");

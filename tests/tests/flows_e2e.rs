@@ -70,7 +70,7 @@ struct Counters<'a> {
 }
 
 impl Counters<'_> {
-    fn ext(&self) -> edge_classifier::loader::IfaceStats {
+    fn ext(&self) -> edge_classifier::maps::IfaceStats {
         let b = self
             .c
             .bindings()
@@ -257,7 +257,7 @@ fn outbound_rows_pass_only_replies_to_flows_the_edge_opened() {
             "the late answer counts as not_established"
         );
     }
-    let expired = classifier.flow_stats().expect("flow stats").expired;
+    let expired = classifier.maps().flow_stats().expect("flow stats").expired;
     assert!(expired >= 2, "expired flows: {expired}");
 
     // 3. Flows the edge opens, both ways: TCP to 5061 (partner: P2, anyone else: S1) and 5269
@@ -364,7 +364,7 @@ fn outbound_rows_pass_only_replies_to_flows_the_edge_opened() {
         );
         assert!(seen >= 4, "rule {id}: only {seen} frames");
     }
-    let flows = classifier.flows().expect("flows");
+    let flows = classifier.maps().flows().expect("flows");
     assert!(
         flows.iter().any(|f| f.remote().port() == 5269),
         "X2 flows recorded: {flows:?}"

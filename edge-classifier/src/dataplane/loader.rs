@@ -16,7 +16,7 @@ use aya::{
 };
 use edge_classifier_common::{IFACE_SLOTS, IfaceInfo, MAX_IFACES};
 
-pub use crate::maps::{Flow, FlowStats, IfaceStats};
+use crate::maps::IfaceStats;
 use crate::{
     compile::Compiled,
     instance::{BoundIface, Instance},
@@ -574,24 +574,10 @@ impl Classifier {
         }
     }
 
-    /// The flow table: occupancy and events, summed over CPUs.
-    pub fn flow_stats(&self) -> Result<FlowStats, LoadError> {
-        Ok(self.maps.flow_stats()?)
-    }
-
-    /// Every recorded flow (a walk of the table: for inspection, not the hot path).
-    pub fn flows(&self) -> Result<Vec<Flow>, LoadError> {
-        Ok(self.maps.flows()?)
-    }
-
     /// Counters of one bound interface, summed over CPUs; `rules` in catalogue order.
     pub fn iface_stats(&self, binding: &Binding) -> Result<IfaceStats, LoadError> {
         let slots: Vec<u32> = self.compiled.rules.iter().map(|r| r.slot).collect();
         Ok(self.maps.iface_stats(binding.block, &slots)?)
-    }
-
-    pub fn active_buffer(&self) -> Result<u32, LoadError> {
-        Ok(self.maps.active()?)
     }
 
     pub fn instance(&self) -> Option<&Instance> {

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     compile::Compiled,
     instance::Reloads,
-    loader::{Classifier, FlowStats, LoadError},
-    maps::{Maps, MapsError},
+    loader::{Classifier, LoadError},
+    maps::{FlowStats, Maps, MapsError},
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

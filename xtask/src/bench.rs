@@ -15,7 +15,7 @@ pub fn run() -> anyhow::Result<()> {
         "--package",
         "edge-classifier",
         "--package",
-        "edge-classifier-tests",
+        "edge-classifier-bench",
         "--bin",
         "edge-classifier",
         "--bin",

@@ -237,74 +237,9 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         roles: Assignments::assign(&prev.roles, roles.iter().map(String::as_str), 32)
             .ok_or(CompileError::TooManyRoles)?,
     };
-    let set_bit: HashMap<&str, u64> = cat
-        .sets
-        .keys()
-        .enumerate()
-        .map(|(i, name)| (name.as_str(), 1u64 << (FIRST_NAMED_SET_BIT as usize + i)))
-        .collect();
-    let mask_of = |set: &str| -> u64 { if set == ANY { SET_ANY } else { set_bit[set] } };
-
-    let mut protected: BTreeSet<&str> = cat.policy.protected.iter().map(String::as_str).collect();
-    protected.extend(cat.rules.iter().map(|r| r.local.as_str()));
-
-    let mut v4: BTreeMap<IpNet, u64> = BTreeMap::new();
-    let mut v6: BTreeMap<IpNet, u64> = BTreeMap::new();
-    // Every address carries `any`, so a lookup never misses.
-    v4.insert("0.0.0.0/0".parse().expect("valid"), SET_ANY);
-    v6.insert("::/0".parse().expect("valid"), SET_ANY);
-    for (name, nets) in &cat.sets {
-        let mut bits = set_bit[name.as_str()];
-        if protected.contains(name.as_str()) {
-            bits |= SET_PROTECTED;
-        }
-        for net in nets {
-            let table = match net.addr() {
-                IpAddr::V4(_) => &mut v4,
-                IpAddr::V6(_) => &mut v6,
-            };
-            *table.entry(*net).or_default() |= bits;
-        }
-    }
-    for (family, table) in [(4u8, &v4), (6u8, &v6)] {
-        if table.len() > MAX_PREFIXES_PER_BUFFER as usize {
-            return Err(CompileError::TooManyPrefixes {
-                family,
-                count: table.len(),
-                max: MAX_PREFIXES_PER_BUFFER,
-            });
-        }
-    }
-
-    let rules: Vec<CompiledRule> = cat
-        .rules
-        .iter()
-        .map(|r| {
-            let slot = assignments.slots[&r.id];
-            let matcher = RuleMatch {
-                local_mask: mask_of(&r.local),
-                remote_mask: mask_of(&r.remote),
-                slot,
-                role_mask: 1 << assignments.roles[&r.interface],
-                flags: if r.direction == Direction::Outbound {
-                    RULE_OUTBOUND
-                } else {
-                    0
-                },
-                _pad: 0,
-            };
-            CompiledRule {
-                id: r.id.clone(),
-                seed_row: r.seed_row.clone().unwrap_or_default(),
-                direction: r.direction,
-                transport: r.transport,
-                ports: r.ports_label(),
-                interface: r.interface.clone(),
-                slot,
-                matcher,
-            }
-        })
-        .collect();
+    let set_bit = set_bits(cat);
+    let (v4, v6) = prefix_tables(cat, &set_bit)?;
+    let rules = compile_rules(cat, &assignments, &set_bit);
 
     let (classes, ports) = port_classes(cat, &rules)?;
 
@@ -338,6 +273,94 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
         small_v6,
         stride_v4,
     })
+}
+
+/// Each named set's bit, in name order after the built-in bits.
+fn set_bits(cat: &Catalogue) -> HashMap<&str, u64> {
+    cat.sets
+        .keys()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), 1u64 << (FIRST_NAMED_SET_BIT as usize + i)))
+        .collect()
+}
+
+/// Every prefix of every set with the bits of the sets that name it (and the protected bit),
+/// per family; `any` is the default route of each.
+type PrefixTables = (BTreeMap<IpNet, u64>, BTreeMap<IpNet, u64>);
+
+fn prefix_tables(
+    cat: &Catalogue,
+    set_bit: &HashMap<&str, u64>,
+) -> Result<PrefixTables, CompileError> {
+    let mut protected: BTreeSet<&str> = cat.policy.protected.iter().map(String::as_str).collect();
+    protected.extend(cat.rules.iter().map(|r| r.local.as_str()));
+
+    let mut v4: BTreeMap<IpNet, u64> = BTreeMap::new();
+    let mut v6: BTreeMap<IpNet, u64> = BTreeMap::new();
+    // Every address carries `any`, so a lookup never misses.
+    v4.insert("0.0.0.0/0".parse().expect("valid"), SET_ANY);
+    v6.insert("::/0".parse().expect("valid"), SET_ANY);
+    for (name, nets) in &cat.sets {
+        let mut bits = set_bit[name.as_str()];
+        if protected.contains(name.as_str()) {
+            bits |= SET_PROTECTED;
+        }
+        for net in nets {
+            let table = match net.addr() {
+                IpAddr::V4(_) => &mut v4,
+                IpAddr::V6(_) => &mut v6,
+            };
+            *table.entry(*net).or_default() |= bits;
+        }
+    }
+    for (family, table) in [(4u8, &v4), (6u8, &v6)] {
+        if table.len() > MAX_PREFIXES_PER_BUFFER as usize {
+            return Err(CompileError::TooManyPrefixes {
+                family,
+                count: table.len(),
+                max: MAX_PREFIXES_PER_BUFFER,
+            });
+        }
+    }
+
+    Ok((v4, v6))
+}
+
+/// Each rule as the data plane matches it: its set masks, counter slot, role bit and direction.
+fn compile_rules(
+    cat: &Catalogue,
+    assignments: &Assignments,
+    set_bit: &HashMap<&str, u64>,
+) -> Vec<CompiledRule> {
+    let mask_of = |set: &str| -> u64 { if set == ANY { SET_ANY } else { set_bit[set] } };
+    cat.rules
+        .iter()
+        .map(|r| {
+            let slot = assignments.slots[&r.id];
+            let matcher = RuleMatch {
+                local_mask: mask_of(&r.local),
+                remote_mask: mask_of(&r.remote),
+                slot,
+                role_mask: 1 << assignments.roles[&r.interface],
+                flags: if r.direction == Direction::Outbound {
+                    RULE_OUTBOUND
+                } else {
+                    0
+                },
+                _pad: 0,
+            };
+            CompiledRule {
+                id: r.id.clone(),
+                seed_row: r.seed_row.clone().unwrap_or_default(),
+                direction: r.direction,
+                transport: r.transport,
+                ports: r.ports_label(),
+                interface: r.interface.clone(),
+                slot,
+                matcher,
+            }
+        })
+        .collect()
 }
 
 /// The port tables and their rule classes. Each (transport, kind) port line is swept: at every

@@ -194,6 +194,9 @@ fn ipv4(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     })
 }
 
+/// The fixed header and the extension-header walk in one function: the walk is one bounded loop
+/// whose offsets the verifier must follow from the header it starts at, and each check in it is
+/// one rule of RFC 8200 §4 (bound, chaining, length within the payload, fragment offset).
 #[inline(always)]
 fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     let hdr = unsafe { &*ptr_at::<[u8; 40]>(ctx, off)? };

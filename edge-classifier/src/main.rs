@@ -174,6 +174,8 @@ enum Mode {
     Generic,
 }
 
+/// One arm per subcommand, each handing its arguments to a function or the library; it is as
+/// long as the command list, which is the point of reading it in one place.
 fn main() -> anyhow::Result<()> {
     edge_classifier::logging::init();
     let cli = Cli::parse();

@@ -43,6 +43,8 @@ struct Probe {
     allowed: bool,
 }
 
+/// Every probe of the walkthrough, allowed and refused, both families: a table written out,
+/// long because the list is.
 fn probes() -> Vec<Probe> {
     let mut v = Vec::new();
     // The seed rows' addresses come from the table; the refused probes use these.
@@ -161,7 +163,9 @@ pub fn run(args: &[String], duration: Option<u64>) -> anyhow::Result<()> {
     lab(&bin, args, duration)
 }
 
-/// The lab: three namespaces, the classifier on the edge one, traffic for every seed row.
+/// The lab: three namespaces, the classifier on the edge one, traffic for every seed row. A
+/// walkthrough an operator reads from top to bottom (set up, attach, probe, print, wait, clean
+/// up), kept in one function for that reason.
 fn lab(bin: &Path, extra: &[String], duration: Option<u64>) -> anyhow::Result<()> {
     let lab = Lab::create("run")?;
     println!("lab: namespaces {}, {}, {}", lab.remote, lab.edge, lab.fe);

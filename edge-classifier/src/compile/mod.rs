@@ -363,6 +363,55 @@ fn compile_rules(
         .collect()
 }
 
+/// The rules on one (transport, kind) port line, in file order.
+fn line_members(cat: &Catalogue, transport: Transport, kind: Kind) -> Vec<usize> {
+    cat.rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            r.transport == transport
+                && match kind {
+                    Kind::Inbound => r.direction == Direction::Inbound,
+                    Kind::ReplyFrom => {
+                        r.direction == Direction::Outbound && r.port_side == PortSide::Service
+                    }
+                    Kind::ReplyTo => {
+                        r.direction == Direction::Outbound && r.port_side == PortSide::Local
+                    }
+                }
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The class of an ordered list of rules: the one made for the same list before, or a new one.
+fn class_for(
+    list: Vec<usize>,
+    rules: &[CompiledRule],
+    classes: &mut Vec<RuleClass>,
+    class_ids: &mut HashMap<Vec<usize>, u32>,
+) -> Result<u32, CompileError> {
+    Ok(match class_ids.get(&list) {
+        Some(id) => *id,
+        None => {
+            let mut class = RuleClass {
+                count: list.len() as u32,
+                ..Default::default()
+            };
+            for (n, &i) in list.iter().enumerate() {
+                class.rules[n] = rules[i].matcher;
+            }
+            let id = classes.len() as u32;
+            if id >= MAX_CLASSES {
+                return Err(CompileError::TooManyClasses(id as usize + 1));
+            }
+            classes.push(class);
+            class_ids.insert(list, id);
+            id
+        }
+    })
+}
+
 /// The port tables and their rule classes. Each (transport, kind) port line is swept: at every
 /// range boundary the set of covering rules changes, and each distinct ordered set of rules
 /// becomes one class (first match wins within it).
@@ -375,25 +424,7 @@ fn port_classes(
     let mut ports = vec![PortEntry::default(); layout::compiled_port(TRANSPORTS, 0)];
     for transport in [Transport::Tcp, Transport::Udp] {
         for kind in [Kind::Inbound, Kind::ReplyFrom, Kind::ReplyTo] {
-            let members: Vec<usize> = cat
-                .rules
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| {
-                    r.transport == transport
-                        && match kind {
-                            Kind::Inbound => r.direction == Direction::Inbound,
-                            Kind::ReplyFrom => {
-                                r.direction == Direction::Outbound
-                                    && r.port_side == PortSide::Service
-                            }
-                            Kind::ReplyTo => {
-                                r.direction == Direction::Outbound && r.port_side == PortSide::Local
-                            }
-                        }
-                })
-                .map(|(i, _)| i)
-                .collect();
+            let members = line_members(cat, transport, kind);
             let mut events: BTreeMap<u32, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
             for &i in &members {
                 let p = cat.rules[i].ports;
@@ -428,25 +459,7 @@ fn port_classes(
                             .join(", "),
                     });
                 }
-                let id = match class_ids.get(&list) {
-                    Some(id) => *id,
-                    None => {
-                        let mut class = RuleClass {
-                            count: list.len() as u32,
-                            ..Default::default()
-                        };
-                        for (n, &i) in list.iter().enumerate() {
-                            class.rules[n] = rules[i].matcher;
-                        }
-                        let id = classes.len() as u32;
-                        if id >= MAX_CLASSES {
-                            return Err(CompileError::TooManyClasses(id as usize + 1));
-                        }
-                        classes.push(class);
-                        class_ids.insert(list, id);
-                        id
-                    }
-                };
+                let id = class_for(list, rules, &mut classes, &mut class_ids)?;
                 for port in *start..end {
                     let e =
                         &mut ports[layout::compiled_port(transport_index(transport), port as u16)];

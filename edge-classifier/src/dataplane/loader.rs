@@ -212,8 +212,9 @@ impl Classifier {
     fn load_object(compiled: Compiled, instance: Option<&Instance>) -> Result<Self, LoadError> {
         check_privileges()?;
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries("FLOWS_V4", compiled.flow_capacity);
-        loader.map_max_entries("FLOWS_V6", compiled.flow_capacity);
+        for table in crate::maps::FLOW_TABLES {
+            loader.map_max_entries(table, compiled.flow_capacity);
+        }
         let pins: Vec<(&str, std::path::PathBuf)> = instance
             .map(|i| MAP_NAMES.iter().map(|n| (*n, i.map_pin(n))).collect())
             .unwrap_or_default();

@@ -55,6 +55,15 @@ macro_rules! maps {
     };
 }
 
+/// The flow tables: the loader sizes them from the catalogue's `[flows] capacity` before load.
+pub const FLOW_TABLES: [&str; 2] = ["FLOWS_V4", "FLOWS_V6"];
+
+/// Whether `dir` holds an instance's pinned maps (`ACTIVE`, the first of the list, is pinned
+/// with every instance).
+pub fn pinned_in(dir: &std::path::Path) -> bool {
+    dir.join(MAP_NAMES[0]).exists()
+}
+
 maps! {
     "ACTIVE" => active: Array<MapData, u32>, Array;
     "POLICY" => policy: Array<MapData, PolicyEntry>, Array;

@@ -142,7 +142,7 @@ pub fn start(
     let claim = instance.claim()?;
     let _lock = instance.lock()?;
     let mut prior = instance.read_state()?;
-    let pins_present = instance.map_pin("ACTIVE").exists();
+    let pins_present = crate::maps::pinned_in(&instance.maps_dir());
     if prior.is_some() && !pins_present {
         log::warn!(
             "instance {}: state without pinned maps (bpffs remounted?); starting afresh",

@@ -182,7 +182,7 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
             present: crate::loader::ifindex(&b.name).ok() == Some(b.ifindex),
         })
         .collect();
-    let maps = if instance.map_pin("ACTIVE").exists() {
+    let maps = if crate::maps::pinned_in(&instance.maps_dir()) {
         Some(
             Maps::open_pinned(&instance.maps_dir()).map_err(|source| StatusError::Maps {
                 instance: instance.name.clone(),

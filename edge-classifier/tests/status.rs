@@ -69,6 +69,15 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     std::fs::write(dir.join("edge.toml"), DEFAULT_CATALOGUE).unwrap();
     let _listeners = Listeners::start(&lab.edge, &[443], &[]).expect("listeners");
 
+    // Segment routing on for ext0: the daemon must warn that routing headers are classified on
+    // the header's destination.
+    in_netns(&lab.edge, || {
+        Ok(std::fs::write(
+            "/proc/sys/net/ipv6/conf/ext0/seg6_enabled",
+            "1",
+        )?)
+    })
+    .expect("seg6_enabled in the lab");
     // The daemon as systemd runs it: output to the journal (JOURNAL_STREAM), started from the
     // catalogue's directory with a relative path.
     let mut child = in_ns(&lab.edge, BIN)
@@ -106,6 +115,9 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
         panic!("no log line {what} in {:#?}", lines.lock().unwrap());
     };
     wait_for("serving metrics", &|l| l.contains("serving metrics"));
+    wait_for("the seg6_enabled warning", &|l| {
+        l.starts_with("<4>") && l.contains("ext0") && l.contains("seg6_enabled is on")
+    });
 
     let (code, st) = status_json(&lab.edge, &instance);
     assert_eq!(code, 0, "protected: {st:#}");
@@ -167,6 +179,20 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     wait_for("logging the reload", &|l| {
         l.starts_with("<6>") && l.contains("reload by pid ") && l.contains(&source)
     });
+    // SIGHUP reads the catalogue file again (the daemon reloads, and logs itself as who), and
+    // the daemon lives on.
+    let before = status_json(&lab.edge, &instance).1["reloads"]["succeeded"]
+        .as_u64()
+        .expect("reloads");
+    unsafe { libc::kill(daemon.pid(), libc::SIGHUP) };
+    let by_itself = format!("reload by pid {} ", daemon.pid());
+    wait_for("the SIGHUP reload", &|l| {
+        l.contains(&by_itself) && l.contains(&source)
+    });
+    let after = status_json(&lab.edge, &instance).1["reloads"]["succeeded"]
+        .as_u64()
+        .expect("reloads");
+    assert_eq!(after, before + 1, "SIGHUP made one reload");
     // A failed reload is logged as a warning, with the reason.
     std::fs::write(dir.join("bad.toml"), "[policy]\ndefault = \"maybe\"\n").unwrap();
     let (code, _, _) = cli_in(
@@ -215,12 +241,7 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     assert_eq!(out, DEFAULT_CATALOGUE, "the running catalogue's text");
 
     // The NIC goes away: its pinned link is defunct, and status says ext0 is not protected.
-    let ok = Command::new("ip")
-        .args(["-n", &lab.edge, "link", "del", EDGE_EXT])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    ip(&["-n", &lab.edge, "link", "del", EDGE_EXT]).expect("delete ext0");
     let (code, st) = status_json(&lab.edge, &instance);
     assert_eq!(code, 3, "not every NIC protected: {st:#}");
     assert_eq!(st["protected"], false);
@@ -325,20 +346,16 @@ fn the_nics_own_addresses_are_protected_and_followed_as_they_change() {
     );
 
     // An address added while the daemon runs is protected within a second or so.
-    let ok = Command::new("ip")
-        .args([
-            "-n",
-            &lab.edge,
-            "addr",
-            "add",
-            "198.51.100.77/24",
-            "dev",
-            EDGE_EXT,
-        ])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    ip(&[
+        "-n",
+        &lab.edge,
+        "addr",
+        "add",
+        "198.51.100.77/24",
+        "dev",
+        EDGE_EXT,
+    ])
+    .expect("ip addr add");
     let pinned = || {
         edge_classifier::maps::Maps::open_pinned(
             &edge_classifier::instance::Instance::new(&instance)
@@ -374,20 +391,16 @@ fn the_nics_own_addresses_are_protected_and_followed_as_they_change() {
     );
 
     // Removed again: it leaves the table (another host may take the address).
-    let ok = Command::new("ip")
-        .args([
-            "-n",
-            &lab.edge,
-            "addr",
-            "del",
-            "198.51.100.77/24",
-            "dev",
-            EDGE_EXT,
-        ])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    ip(&[
+        "-n",
+        &lab.edge,
+        "addr",
+        "del",
+        "198.51.100.77/24",
+        "dev",
+        EDGE_EXT,
+    ])
+    .expect("ip addr del");
     let deadline = Instant::now() + Duration::from_secs(5);
     while pinned().contains_key(&added) {
         assert!(

@@ -38,24 +38,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/differential")
 }
 
-/// xorshift64*: reproducible frames without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len())]
-    }
-}
-
 fn ip(a: &str) -> IpAddr {
     a.parse().unwrap()
 }
@@ -212,7 +194,7 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
                 .map(|_| {
                     (
                         *rng.pick(&[0x8100u16, 0x88a8, 0x9100]),
-                        rng.next() as u16 & 0x0fff,
+                        rng.next_u64() as u16 & 0x0fff,
                     )
                 })
                 .collect();
@@ -227,13 +209,13 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
         2 => {
             for _ in 0..1 + rng.below(3) {
                 let i = rng.below(f.len().min(80));
-                f[i] = rng.next() as u8;
+                f[i] = rng.next_u64() as u8;
             }
         }
         // IPv4: IHL nibble, flags/fragment offset, total length.
-        3 if is_v4 => f[L3] = 0x40 | (rng.next() as u8 & 0x0f),
+        3 if is_v4 => f[L3] = 0x40 | (rng.next_u64() as u8 & 0x0f),
         4 if is_v4 => {
-            let v = rng.next() as u16 & *rng.pick(&[0x3fffu16, 0x2000, 0x1fff, 0x0001]);
+            let v = rng.next_u64() as u16 & *rng.pick(&[0x3fffu16, 0x2000, 0x1fff, 0x0001]);
             f[L3 + 6..L3 + 8].copy_from_slice(&v.to_be_bytes());
         }
         5 if is_v4 || is_v6 => {
@@ -242,7 +224,7 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
             let nv = match rng.below(3) {
                 0 => v.wrapping_add(1 + rng.below(8) as u16),
                 1 => v.saturating_sub(1 + rng.below(8) as u16),
-                _ => rng.next() as u16,
+                _ => rng.next_u64() as u16,
             };
             f[at..at + 2].copy_from_slice(&nv.to_be_bytes());
         }
@@ -250,7 +232,7 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
         6 if (is_v4 || is_v6) => {
             let l4 = if is_v4 { L3 + 20 } else { L3 + 40 };
             if f.len() > l4 + 12 {
-                f[l4 + 12] = (rng.next() as u8) & 0xf0;
+                f[l4 + 12] = (rng.next_u64() as u8) & 0xf0;
             }
         }
         // IPv6: a random chain of extension headers before the L4 header.
@@ -273,7 +255,7 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
         // Random bytes behind a chosen ethertype.
         _ => {
             let len = L3 + rng.below(120);
-            f = (0..len).map(|_| rng.next() as u8).collect();
+            f = (0..len).map(|_| rng.next_u64() as u8).collect();
             let et: [u8; 2] = *rng.pick(&[
                 [0x08u8, 0x00],
                 [0x86, 0xdd],

@@ -47,7 +47,7 @@ use edge_classifier::{
     reference::{Counted, FlowTable, Reference},
 };
 use edge_classifier_common::{SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP, reason};
-use edge_classifier_tests::{tcp, udp};
+use edge_classifier_tests::{Rng, tcp, udp};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Generated catalogues per run unless `EC_SEMANTICS_CATALOGUES` says otherwise.
@@ -707,33 +707,12 @@ fn unpushed(prefixes: &[(IpNet, u64)]) -> Vec<(IpNet, u64)> {
 // Generated catalogues
 // ---------------------------------------------------------------------------------------------
 
-/// xorshift64*: reproducible catalogues without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len())]
-    }
-}
-
 /// A prefix of length `len` at a random place inside `parent` (`len >= parent`'s length).
 fn inside(rng: &mut Rng, parent: IpNet, len: u8) -> IpNet {
     match parent {
         IpNet::V4(p) => {
             let host = !u32::from(p.netmask());
-            let a = u32::from(p.network()) | (rng.next() as u32 & host);
+            let a = u32::from(p.network()) | (rng.next_u64() as u32 & host);
             IpNet::V4(
                 Ipv4Net::new(Ipv4Addr::from(a), len)
                     .expect("length")
@@ -742,7 +721,7 @@ fn inside(rng: &mut Rng, parent: IpNet, len: u8) -> IpNet {
         }
         IpNet::V6(p) => {
             let host = !u128::from(p.netmask());
-            let r = (u128::from(rng.next()) << 64) | u128::from(rng.next());
+            let r = (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64());
             let a = u128::from(p.network()) | (r & host);
             IpNet::V6(
                 Ipv6Net::new(Ipv6Addr::from(a), len)
@@ -775,7 +754,7 @@ fn random_prefix(rng: &mut Rng, v6: bool) -> IpNet {
             _ => (net("10.0.0.0/8"), &[8, 12, 16, 24, 32]),
         }
     };
-    let len = rng.pick(lens);
+    let len = *rng.pick(lens);
     inside(rng, base, len)
 }
 
@@ -797,17 +776,17 @@ const ANCHORS: &[u16] = &[
 
 /// `port = …` text: a single port or a range, near an anchor.
 fn random_ports(rng: &mut Rng) -> String {
-    let anchor = rng.pick(ANCHORS);
-    let lo = anchor.saturating_add(rng.pick(&[0u16, 0, 0, 1, 2])).max(1);
+    let anchor = *rng.pick(ANCHORS);
+    let lo = anchor.saturating_add(*rng.pick(&[0u16, 0, 0, 1, 2])).max(1);
     match rng.below(6) {
         0 | 1 => lo.to_string(),
         2 => "\"1-65535\"".to_string(),
         _ => {
-            let width = rng.pick(&[1u16, 2, 3, 10, 100, 1000, 10000, 20000]);
+            let width = *rng.pick(&[1u16, 2, 3, 10, 100, 1000, 10000, 20000]);
             let hi = lo.saturating_add(width);
             if rng.chance(3) {
                 // Ranges ending on another anchor: ends that touch or nest.
-                let end = rng.pick(ANCHORS).max(lo);
+                let end = (*rng.pick(ANCHORS)).max(lo);
                 format!("\"{lo}-{end}\"")
             } else {
                 format!("\"{lo}-{hi}\"")
@@ -904,7 +883,7 @@ fn random_catalogue(rng: &mut Rng) -> String {
              interface = \"{}\"\n",
             if outbound { "outbound" } else { "inbound" },
             random_ports(rng),
-            rng.pick(&roles),
+            *rng.pick(&roles),
         ));
     }
     t

@@ -50,7 +50,8 @@ pub const FE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0
 pub const EDGE_EXT: &str = "ext0";
 pub const EDGE_INT: &str = "int0";
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// `ip ARGS`, failing with its stderr.
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

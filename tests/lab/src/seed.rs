@@ -70,12 +70,6 @@ impl SeedRow {
             (false, _) => (edge, 41000, peer, self.port),
         }
     }
-
-    /// The reply to [`first`](Self::first): the same 5-tuple reversed.
-    pub fn reply(&self, v6: bool) -> (IpAddr, u16, IpAddr, u16) {
-        let (s, sp, d, dp) = self.first(v6);
-        (d, dp, s, sp)
-    }
 }
 
 /// The seed rows, in the order of the seed page.

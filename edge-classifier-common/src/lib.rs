@@ -49,6 +49,10 @@ pub const POLICY_PASS_NON_IP: u32 = 1 << 2;
 pub const POLICY_DEFAULT_PASS: u32 = 1 << 3;
 /// Egress frames from protected addresses that no rule allows are dropped, not only counted.
 pub const POLICY_DROP_EGRESS: u32 = 1 << 4;
+/// Egress frames from protected addresses that no rule allows are recorded in the flow table
+/// (`TRACKED_SLOT`), so their replies pass as `tracked_reply`: the Edge's own DNS, NTP and
+/// CRL lookups get their answers, while nothing else opens a way in.
+pub const POLICY_TRACK_EGRESS: u32 = 1 << 6;
 /// Every address configured on a bound NIC (link-local included, kept in `IFACE_ADDRS_V4/V6`
 /// by the daemon) is protected, whether or not a catalogue set names it.
 pub const POLICY_PROTECT_IFACE_ADDRS: u32 = 1 << 5;
@@ -61,6 +65,9 @@ pub const DHCP4_SERVER: u16 = 67;
 pub const DHCP4_CLIENT: u16 = 68;
 pub const DHCP6_SERVER: u16 = 547;
 pub const DHCP6_CLIENT: u16 = 546;
+
+/// `FlowState::slot` of a flow recorded by `POLICY_TRACK_EGRESS` rather than by a rule.
+pub const TRACKED_SLOT: u32 = u32::MAX;
 
 /// Rule flags (`RuleMatch::flags`).
 pub const RULE_OUTBOUND: u32 = 1 << 0;

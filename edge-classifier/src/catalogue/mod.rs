@@ -65,6 +65,21 @@ impl fmt::Display for Direction {
     }
 }
 
+/// `policy.egress`: what happens to a frame the Edge sends that no rule covers (neither an
+/// outbound rule nor a reply to an inbound one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Sent and recorded in the flow table, so its replies pass (`tracked_reply`): the Edge's
+    /// own DNS, NTP and CRL/OCSP lookups work, while inbound stays exactly the matrix.
+    #[default]
+    Track,
+    /// Sent and counted; replies are dropped unless a rule allows them.
+    Pass,
+    /// Dropped: the matrix enforced on egress too.
+    Drop,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
@@ -155,7 +170,7 @@ struct RawPolicy {
     #[serde(default)]
     icmpv6: Option<Vec<Spanned<RawIcmp>>>,
     #[serde(default)]
-    egress: Option<Action>,
+    egress: Option<Egress>,
     #[serde(default)]
     protect_interface_addresses: Option<bool>,
 }
@@ -250,8 +265,8 @@ pub struct Policy {
     pub icmp: Vec<u8>,
     pub icmpv6: Vec<u8>,
     /// Egress frames from protected addresses that no rule allows (neither an outbound rule nor
-    /// a reply to an inbound one): counted, and dropped only when this says so.
-    pub egress: Action,
+    /// a reply to an inbound one): always counted; tracked (the default), passed or dropped.
+    pub egress: Egress,
     /// Every address configured on a bound NIC (link-local included) is protected too.
     pub protect_interface_addresses: bool,
 }
@@ -782,7 +797,7 @@ fn parse_policy(
         protected,
         icmp: parse_icmp(src, p.icmp, ICMP_NAMES, DEFAULT_ICMP, "ICMP")?,
         icmpv6: parse_icmp(src, p.icmpv6, ICMPV6_NAMES, DEFAULT_ICMPV6, "ICMPv6")?,
-        egress: p.egress.unwrap_or(Action::Pass),
+        egress: p.egress.unwrap_or_default(),
         protect_interface_addresses: p.protect_interface_addresses.unwrap_or(true),
     })
 }
@@ -981,12 +996,12 @@ edge = ["198.51.100.10/32"]
     fn flows_and_egress_policy_parse_with_defaults_and_bounds() {
         let cat = Catalogue::parse("t.toml", BASE).unwrap();
         assert_eq!(cat.flows, Flows::default());
-        assert_eq!(cat.policy.egress, Action::Pass);
+        assert_eq!(cat.policy.egress, Egress::Track);
         let text = format!(
             "{BASE}[policy]\negress = \"drop\"\n[flows]\ncapacity = 1024\ntcp_idle = 600\nudp_idle = 30\ntcp_closing = 5\n"
         );
         let cat = Catalogue::parse("t.toml", &text).unwrap();
-        assert_eq!(cat.policy.egress, Action::Drop);
+        assert_eq!(cat.policy.egress, Egress::Drop);
         assert_eq!(
             cat.flows,
             Flows {

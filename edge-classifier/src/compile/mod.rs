@@ -10,13 +10,13 @@ use std::{
 use edge_classifier_common::{
     FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES,
     POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP,
-    POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, PORT_SPACE, PortEntry, RULE_OUTBOUND,
+    POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PORT_SPACE, PortEntry, RULE_OUTBOUND,
     RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
 };
 use ipnet::IpNet;
 
 use crate::{
-    catalogue::{ANY, Action, Catalogue, Direction, PortSide, Transport},
+    catalogue::{ANY, Action, Catalogue, Direction, Egress, PortSide, Transport},
     stride::Stride4,
 };
 
@@ -523,8 +523,10 @@ fn policy(cat: &Catalogue) -> edge_classifier_common::PolicyEntry {
     if p.non_ip == Action::Pass {
         flags |= POLICY_PASS_NON_IP;
     }
-    if p.egress == Action::Drop {
-        flags |= POLICY_DROP_EGRESS;
+    match p.egress {
+        Egress::Drop => flags |= POLICY_DROP_EGRESS,
+        Egress::Track => flags |= POLICY_TRACK_EGRESS,
+        Egress::Pass => {}
     }
     if p.protect_interface_addresses {
         flags |= POLICY_PROTECT_IFACE_ADDRS;

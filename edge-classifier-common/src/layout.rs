@@ -13,6 +13,12 @@ pub const fn port(buffer: u32, transport: u32, port: u32) -> u32 {
     (buffer * TRANSPORTS + transport) * PORT_SPACE + port
 }
 
+/// `TRACKED_PORTS[transport][remote port]`: not buffered, it follows the flows.
+#[inline(always)]
+pub const fn tracked_port(transport: u32, port: u16) -> u32 {
+    transport * PORT_SPACE + port as u32
+}
+
 /// A compiled catalogue's own port table: one buffer's worth, `[transport][port]`.
 #[inline(always)]
 pub const fn compiled_port(transport: u32, port: u16) -> usize {

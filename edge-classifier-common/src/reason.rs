@@ -23,7 +23,7 @@ pub const PASS_EGRESS_REPLY: u32 = 16;
 pub const PASS_EGRESS_UNPROTECTED: u32 = 17;
 /// Not a TCP/UDP frame with ports (ARP, ICMP, later fragments, unparsable).
 pub const PASS_EGRESS_UNTRACKED: u32 = 18;
-/// No rule allows it; passed because `policy.egress = "pass"`.
+/// No rule allows it; passed (and its replies dropped) because `policy.egress = "pass"`.
 pub const PASS_EGRESS_NO_RULE: u32 = 19;
 pub const DROP_EGRESS_NO_RULE: u32 = 20;
 /// Monitor mode (`default = "pass"`): a reply without a recorded flow, which would have been
@@ -31,7 +31,12 @@ pub const DROP_EGRESS_NO_RULE: u32 = 20;
 pub const PASS_MONITOR_NOT_ESTABLISHED: u32 = 21;
 /// A DHCP server's reply to the client on a bound NIC's own address.
 pub const PASS_DHCP_CLIENT: u32 = 22;
-pub const COUNT: u32 = 23;
+/// Egress with `policy.egress = "track"`: no rule allows it, so its flow is recorded for the
+/// replies (`TRACKED_SLOT`) and it is sent.
+pub const PASS_EGRESS_TRACKED: u32 = 23;
+/// A reply to a flow recorded by `PASS_EGRESS_TRACKED`.
+pub const PASS_TRACKED_REPLY: u32 = 24;
+pub const COUNT: u32 = 25;
 
 /// Label values, indexed by reason; `true` where the reason is a drop.
 pub const NAMES: [(&str, bool); COUNT as usize] = [
@@ -58,4 +63,6 @@ pub const NAMES: [(&str, bool); COUNT as usize] = [
     ("egress_no_rule", true),
     ("monitor_not_established", false),
     ("dhcp_client", false),
+    ("egress_tracked", false),
+    ("tracked_reply", false),
 ];

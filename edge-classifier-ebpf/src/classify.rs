@@ -5,8 +5,8 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use edge_classifier_common::{
     DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, PolicyEntry, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
-    layout, reason,
+    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, SET_ANY, SET_PROTECTED,
+    TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
 };
 
 use crate::{
@@ -156,13 +156,20 @@ pub(crate) fn try_classify(
         Some(entry) => entry.reply_to,
         None => 0,
     };
-    if reply_from == 0 && reply_to == 0 {
+    // Egress tracking records flows no rule covers: a frame from a port the Edge has talked to
+    // may answer one of them. Only the flow table says whether it does.
+    let tracked = policy.flags & POLICY_TRACK_EGRESS != 0 && flow::tracked_port(transport, sport);
+    if reply_from == 0 && reply_to == 0 && !tracked {
         return Ok(no_rule(policy));
     }
     if let Some(key) = flow::key(transport, &l3.dst, &l3.src, dport, sport)
         && let Some(slot) = flow::reply(&key, word, role_mask, policy, transport, tcp_flags)
     {
-        return Ok(Verdict::rule(slot));
+        return Ok(if slot == TRACKED_SLOT {
+            Verdict::pass(reason::PASS_TRACKED_REPLY)
+        } else {
+            Verdict::rule(slot)
+        });
     }
     let claimed = (reply_from != 0
         && match_class(active, reply_from, local_bits, &mut remote, role_mask).is_some())
@@ -179,7 +186,8 @@ pub(crate) fn try_classify(
 }
 
 /// Egress: the Edge's side of the matrix. Frames of flows an outbound rule allows are recorded
-/// and counted under the rule; replies from inbound services and everything else are counted.
+/// and counted under the rule; replies from inbound services are counted; the rest is tracked
+/// (recorded for its replies), passed or dropped as `policy.egress` says.
 #[inline(always)]
 pub(crate) fn try_egress(
     ctx: &TcContext,
@@ -227,23 +235,32 @@ pub(crate) fn try_egress(
     {
         slot = match_class(active, entry.reply_to, local_bits, &mut remote, role_mask);
     }
-    if let Some(slot) = slot {
-        if let Some(key) = flow::key(transport, &l3.src, &l3.dst, sport, dport) {
-            flow::record(&key, slot, role_mask, policy, transport, tcp_flags);
+    // One place records flows, for a rule or for tracking: two inlined copies of the record
+    // code also gave LLVM a register allocation the verifier refused.
+    let (slot, verdict) = match slot {
+        Some(slot) => (slot, Verdict::rule(slot)),
+        None => {
+            if let Some(entry) = sentry
+                && entry.inbound != 0
+                && match_class(active, entry.inbound, local_bits, &mut remote, role_mask).is_some()
+            {
+                return Ok(Verdict::pass(reason::PASS_EGRESS_REPLY));
+            }
+            if policy.flags & POLICY_TRACK_EGRESS == 0 {
+                return Ok(if policy.flags & POLICY_DROP_EGRESS != 0 {
+                    Verdict::drop(reason::DROP_EGRESS_NO_RULE)
+                } else {
+                    Verdict::pass(reason::PASS_EGRESS_NO_RULE)
+                });
+            }
+            flow::mark_tracked_port(transport, dport);
+            (TRACKED_SLOT, Verdict::pass(reason::PASS_EGRESS_TRACKED))
         }
-        return Ok(Verdict::rule(slot));
+    };
+    if let Some(key) = flow::key(transport, &l3.src, &l3.dst, sport, dport) {
+        flow::record(&key, slot, role_mask, policy, transport, tcp_flags);
     }
-    if let Some(entry) = sentry
-        && entry.inbound != 0
-        && match_class(active, entry.inbound, local_bits, &mut remote, role_mask).is_some()
-    {
-        return Ok(Verdict::pass(reason::PASS_EGRESS_REPLY));
-    }
-    Ok(if policy.flags & POLICY_DROP_EGRESS != 0 {
-        Verdict::drop(reason::DROP_EGRESS_NO_RULE)
-    } else {
-        Verdict::pass(reason::PASS_EGRESS_NO_RULE)
-    })
+    Ok(verdict)
 }
 
 /// An address configured on a bound NIC.

@@ -8,11 +8,11 @@ use aya_ebpf::{
 };
 use edge_classifier_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowKey4, FlowState, PolicyEntry, TRANSPORT_TCP,
-    flow_stat,
+    flow_stat, layout,
 };
 
 use crate::{
-    maps::{FLOW_STATS, FLOWS_V4, FLOWS_V6, REPLY_CACHE_V4, REPLY_CACHE_V6},
+    maps::{FLOW_STATS, FLOWS_V4, FLOWS_V6, REPLY_CACHE_V4, REPLY_CACHE_V6, TRACKED_PORTS},
     parse::{Addr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -326,4 +326,26 @@ fn reply_in<K>(
         }
     }
     Some(*state)
+}
+
+/// Egress tracking recorded a flow to `port`: replies from it are worth a flow lookup.
+#[inline(always)]
+pub fn mark_tracked_port(transport: u32, port: u16) {
+    if let Some(p) = TRACKED_PORTS.get_ptr_mut(layout::tracked_port(transport, port)) {
+        // Read first: a store on every frame would keep the line bouncing between CPUs.
+        unsafe {
+            if *p == 0 {
+                *p = 1;
+            }
+        }
+    }
+}
+
+/// Whether egress tracking ever recorded a flow to `port` (its replies come from it).
+#[inline(always)]
+pub fn tracked_port(transport: u32, port: u16) -> bool {
+    match TRACKED_PORTS.get(layout::tracked_port(transport, port)) {
+        Some(p) => *p != 0,
+        None => false,
+    }
 }

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use edge_classifier_common::{
     BUFFERS, Counter, DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState, IFACE_ADDRS_MAX,
     IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, PORT_ENTRIES,
-    PolicyEntry, PortEntry, RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP,
-    Small4, Small6, StrideBlock, flow_stat,
+    PORT_SPACE, PolicyEntry, PortEntry, RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES,
+    STRIDE_TOP, Small4, Small6, StrideBlock, TRANSPORTS, flow_stat,
 };
 
 use crate::flow::{CachedReply, REPLY_CACHE_SLOTS};
@@ -74,6 +74,11 @@ pub(crate) static FLOWS_V4: LruHashMap<FlowKey4, FlowState> =
 #[map]
 pub(crate) static FLOWS_V6: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+/// Per transport and remote port: set once a flow to that port was recorded by egress tracking.
+/// It keeps the flow lookup off the path of frames no rule covers (a SYN flood to TCP 22) unless
+/// they come from a port the Edge talks to. Never cleared: a stale entry costs only a lookup.
+#[map]
+pub(crate) static TRACKED_PORTS: Array<u8> = Array::with_max_entries(TRANSPORTS * PORT_SPACE, 0);
 /// Per CPU: flows created, expired, not recorded (`flow_stat`).
 #[map]
 pub(crate) static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(flow_stat::COUNT, 0);

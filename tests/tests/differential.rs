@@ -868,13 +868,21 @@ fn kernel_and_reference_agree_on_egress_replies_and_a_moving_clock() {
         .and_then(|s| s.parse::<u64>().ok())
         .map_or(6_000, |n| (n / 8).max(6_000));
     let [a4, a6] = addresses();
-    for role in ["external", "internal"] {
+    // Every egress policy: "track" (the default) records flows no rule covers, and its replies
+    // from any port must agree too.
+    for (role, egress) in [
+        ("external", "track"),
+        ("internal", "track"),
+        ("external", "pass"),
+        ("external", "drop"),
+    ] {
         let h = Harness::edited_default(
             role,
             &[
                 ("tcp_idle = 7440", "tcp_idle = 30"),
                 ("udp_idle = 180", "udp_idle = 2"),
                 ("tcp_closing = 10", "tcp_closing = 2"),
+                ("egress = \"track\"", &format!("egress = \"{egress}\"")),
             ],
         );
         // No seeded flows: this run makes its own, and they expire.
@@ -956,22 +964,29 @@ fn kernel_and_reference_agree_on_egress_replies_and_a_moving_clock() {
             c.compare_flow_tables(jiffies());
         }
         let seen = c.seen.clone();
-        c.finish(&format!("stateful-{role}"));
+        c.finish(&format!("stateful-{role}-{egress}"));
         eprintln!(
-            "{role}: {egress_checked} egress and {ingress_checked} ingress frames, {aged} clock steps: kernel and reference agree; counters reached: {seen:?}"
+            "{role}, egress {egress}: {egress_checked} egress and {ingress_checked} ingress frames, {aged} clock steps: kernel and reference agree; counters reached: {seen:?}"
         );
+        let mut wanted = vec![];
         if role == "external" {
-            for want in [
+            wanted.extend([
                 "rule sip-federation-out",
                 "rule messenger-stun-out",
                 "drop not_established",
                 "pass egress_inbound_reply",
-            ] {
-                assert!(
-                    seen.contains(want),
-                    "{role}: nothing reached `{want}`: {seen:?}"
-                );
-            }
+            ]);
+        }
+        wanted.extend(match egress {
+            "track" => ["pass egress_tracked", "pass tracked_reply"],
+            "pass" => ["pass egress_no_rule", "drop no_rule"],
+            _ => ["drop egress_no_rule", "drop no_rule"],
+        });
+        for want in wanted {
+            assert!(
+                seen.contains(want),
+                "{role}, egress {egress}: nothing reached `{want}`: {seen:?}"
+            );
         }
     }
 }

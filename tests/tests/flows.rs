@@ -447,12 +447,13 @@ fn tcp_flows_end_after_fin_both_ways_or_rst() {
 #[test]
 fn egress_outside_outbound_rules_is_counted_and_dropped_only_by_policy() {
     for (policy, action, unmatched) in [
+        ("track", TC_NEXT, pass_reason("egress_tracked")),
         ("pass", TC_NEXT, pass_reason("egress_no_rule")),
         ("drop", TC_DROP, drop_reason("egress_no_rule")),
     ] {
         let mut h = Harness::edited_default(
             "external",
-            &[("egress = \"pass\"", &format!("egress = \"{policy}\""))],
+            &[("egress = \"track\"", &format!("egress = \"{policy}\""))],
         );
         for (edge, peer, _, partner, _) in families() {
             let out = |h: &mut Harness, name: &str, frame: Vec<u8>, action: u32, c: Expected| {
@@ -678,4 +679,169 @@ fn a_purged_flow_is_forgotten_by_the_reply_cache_at_once() {
             "not_established",
         );
     }
+}
+
+/// `policy.egress = "track"`: what the Edge opens outside the rules (DNS, NTP, CRL fetches) gets
+/// its replies, and only those: the same 5-tuple, the same NIC role, while the flow lives.
+#[test]
+fn egress_tracking_passes_replies_to_what_the_edge_opened_and_nothing_else() {
+    let mut h = short_timeouts();
+    let tracked = || pass_reason("tracked_reply");
+    for (edge, peer, other, ..) in families() {
+        let answer = udp(peer, 53, edge, 40053);
+        in_drop(
+            &mut h,
+            &format!("{edge}: DNS answer before any query"),
+            &answer,
+            "no_rule",
+        );
+        h.expect_dir(
+            Dir::Out,
+            &format!("{edge}: DNS query"),
+            &udp(edge, 40053, peer, 53),
+            TC_NEXT,
+            &pass_reason("egress_tracked"),
+        );
+        h.expect_dir(
+            Dir::In,
+            &format!("{edge}: DNS answer"),
+            &answer,
+            XDP_PASS,
+            &tracked(),
+        );
+        for (what, frame) in [
+            ("from another server", udp(other, 53, edge, 40053)),
+            ("to another port", udp(peer, 53, edge, 40054)),
+            ("from another port", udp(peer, 54, edge, 40053)),
+            ("over TCP", tcp_segment(peer, 53, edge, 40053, SYN | ACK)),
+            // A forged source port opens nothing: the SSH port stays closed.
+            ("to SSH from port 53", tcp_segment(peer, 53, edge, 22, SYN)),
+        ] {
+            in_drop(
+                &mut h,
+                &format!("{edge}: DNS answer {what}"),
+                &frame,
+                "no_rule",
+            );
+        }
+        // TCP: a CRL fetch over HTTP, its replies, and a SYN from port 80 that opens nothing.
+        h.expect_dir(
+            Dir::Out,
+            &format!("{edge}: HTTP SYN"),
+            &tcp_segment(edge, 40080, peer, 80, SYN),
+            TC_NEXT,
+            &pass_reason("egress_tracked"),
+        );
+        h.expect_dir(
+            Dir::In,
+            &format!("{edge}: HTTP SYN-ACK"),
+            &tcp_segment(peer, 80, edge, 40080, SYN | ACK),
+            XDP_PASS,
+            &tracked(),
+        );
+        in_drop(
+            &mut h,
+            &format!("{edge}: SYN from port 80 to SSH"),
+            &tcp_segment(peer, 80, edge, 22, SYN),
+            "no_rule",
+        );
+        // A rule still decides what it covers: S1's flows count under S1, not as tracked.
+        out_rule(
+            &mut h,
+            &format!("{edge}: S1 SYN"),
+            &tcp_segment(edge, 40061, peer, 5061, SYN),
+            "sip-federation-out",
+        );
+        in_rule(
+            &mut h,
+            &format!("{edge}: S1 SYN-ACK"),
+            &tcp_segment(peer, 5061, edge, 40061, SYN | ACK),
+            "sip-federation-out",
+        );
+    }
+    // UDP flows idle out (udp_idle = 1 s here), and their replies drop again.
+    sleep(Duration::from_millis(2300));
+    for (edge, peer, ..) in families() {
+        in_drop(
+            &mut h,
+            &format!("{edge}: DNS answer after the flow idled out"),
+            &udp(peer, 53, edge, 40053),
+            "no_rule",
+        );
+    }
+}
+
+/// A tracked flow must come back on a NIC of the role it left by.
+#[test]
+fn a_tracked_reply_on_another_role_drops() {
+    let catalogue = edited_default_catalogue(&[]);
+    let mut out = Harness::new(&catalogue, "internal");
+    for (edge, peer, ..) in families() {
+        // The external address sent on an internal NIC (a routing quirk): tracked there.
+        out.expect_dir(
+            Dir::Out,
+            &format!("{edge}: NTP query on the internal NIC"),
+            &udp(edge, 40123, peer, 123),
+            TC_NEXT,
+            &pass_reason("egress_tracked"),
+        );
+        out.expect_dir(
+            Dir::In,
+            &format!("{edge}: NTP answer on the internal NIC"),
+            &udp(peer, 123, edge, 40123),
+            XDP_PASS,
+            &pass_reason("tracked_reply"),
+        );
+    }
+    // The same flow table seen from an external binding of the same object.
+    let ext = out
+        .classifier
+        .bind("lo", "external")
+        .unwrap_or_else(|e| panic!("rebind lo as external: {e}"))
+        .clone();
+    out.binding = ext;
+    for (edge, peer, ..) in families() {
+        in_drop(
+            &mut out,
+            &format!("{edge}: NTP answer on an external NIC"),
+            &udp(peer, 123, edge, 40123),
+            "no_rule",
+        );
+    }
+}
+
+/// A reload to `egress = "pass"` purges the tracked flows; one that keeps tracking keeps them.
+#[test]
+fn a_reload_keeps_tracked_flows_only_while_the_policy_tracks() {
+    let mut h = short_timeouts();
+    for (edge, peer, ..) in families() {
+        h.expect_dir(
+            Dir::Out,
+            &format!("{edge}: DNS query"),
+            &udp(edge, 40153, peer, 53),
+            TC_NEXT,
+            &pass_reason("egress_tracked"),
+        );
+    }
+    let tracking = edge_classifier::compile::compile(
+        &edge_classifier::catalogue::Catalogue::default_catalogue(),
+    )
+    .expect("compiles");
+    let kept = h
+        .classifier
+        .maps_mut()
+        .purge_flows(&tracking.flow_slots())
+        .expect("purge");
+    assert_eq!(kept, 0, "a tracking catalogue keeps tracked flows");
+    let passing = edge_classifier::compile::compile(&edited_default_catalogue(&[(
+        "egress = \"track\"",
+        "egress = \"pass\"",
+    )]))
+    .expect("compiles");
+    let removed = h
+        .classifier
+        .maps_mut()
+        .purge_flows(&passing.flow_slots())
+        .expect("purge");
+    assert_eq!(removed, 2, "both tracked flows purged");
 }

@@ -10,8 +10,9 @@ use std::{
 use edge_classifier_common::{
     FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES,
     POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP,
-    POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PORT_SPACE, PortEntry, RULE_OUTBOUND,
-    RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
+    POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PORT_SPACE,
+    PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRACKED_SLOT,
+    TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
 };
 use ipnet::IpNet;
 
@@ -152,13 +153,19 @@ impl Compiled {
         }
     }
 
-    /// Slots of the outbound rules (the ones flows are recorded for).
-    pub fn outbound_slots(&self) -> BTreeSet<u32> {
-        self.rules
+    /// The slots flows may be recorded under: the outbound rules', and `TRACKED_SLOT` when the
+    /// policy tracks the Edge's other flows. A reload keeps the flows of these slots only.
+    pub fn flow_slots(&self) -> BTreeSet<u32> {
+        let mut slots: BTreeSet<u32> = self
+            .rules
             .iter()
             .filter(|r| r.direction == Direction::Outbound)
             .map(|r| r.slot)
-            .collect()
+            .collect();
+        if self.policy.flags & POLICY_TRACK_EGRESS != 0 {
+            slots.insert(TRACKED_SLOT);
+        }
+        slots
     }
 }
 

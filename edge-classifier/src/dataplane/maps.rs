@@ -13,7 +13,7 @@ use aya::{
 use edge_classifier_common::{
     BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6,
     MAX_IFACES, PORT_SPACE, PolicyEntry, PortEntry, RuleClass, Small4, Small6, StrideBlock,
-    TRANSPORTS, flow_stat, layout, reason,
+    TRACKED_SLOT, TRANSPORTS, flow_stat, layout, reason,
 };
 use ipnet::IpNet;
 
@@ -84,6 +84,7 @@ maps! {
     "FLOW_STATS" => flow_stats: PerCpuArray<MapData, u64>, PerCpuArray;
     "IFACE_ADDRS_V4" => iface_addrs_v4: HashMap<MapData, u32, u32>, HashMap;
     "IFACE_ADDRS_V6" => iface_addrs_v6: HashMap<MapData, [u32; 4], u32>, HashMap;
+    "TRACKED_PORTS" => tracked_ports: Array<MapData, u8>, Array;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -366,6 +367,14 @@ impl Maps {
 
     /// Records a flow as the egress program would (for tests and dry runs).
     pub fn insert_flow(&mut self, key: &FlowKey, state: &FlowState) -> Result<(), MapsError> {
+        if state.slot == TRACKED_SLOT {
+            // As egress tracking does: the program looks up flows no rule covers only from
+            // ports marked here.
+            let transport = u32::from(key.transport);
+            self.tracked_ports
+                .set(layout::tracked_port(transport, key.remote_port), 1, 0)
+                .map_err(err("TRACKED_PORTS"))?;
+        }
         match key.v4() {
             Some(k) => {
                 let flows = &mut self.flows_v4;
@@ -641,7 +650,7 @@ impl Maps {
             .collect();
         self.zero_slots(&fresh)?;
         self.set_active(target)?;
-        self.purge_flows(&new.outbound_slots())?;
+        self.purge_flows(&new.flow_slots())?;
         Ok(target)
     }
 }

@@ -138,6 +138,12 @@ fn why(r: u32) -> &'static str {
         reason::PASS_EGRESS_NO_RULE | reason::DROP_EGRESS_NO_RULE => {
             "no outbound rule allows it; policy.egress decides"
         }
+        reason::PASS_EGRESS_TRACKED => {
+            "no outbound rule covers it; policy.egress = \"track\" records its flow, so its replies pass"
+        }
+        reason::PASS_TRACKED_REPLY => {
+            "it answers a flow the Edge opened outside the rules (policy.egress = \"track\")"
+        }
         _ => "",
     }
 }

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use edge_classifier_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, PolicyEntry, SET_ANY, SET_PROTECTED, TRANSPORT_TCP, TRANSPORT_UDP,
-    layout, reason,
+    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, SET_ANY, SET_PROTECTED,
+    TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
 };
 use etherparse::{
     EtherType, Ethernet2Slice, IpAuthHeaderSlice, IpNumber, Ipv4HeaderSlice,
@@ -628,7 +628,10 @@ impl<'a> Reference<'a> {
         }
         let reply_from = self.port_entry(transport, sport).reply_from;
         let reply_to = dentry.reply_to;
-        if reply_from == 0 && reply_to == 0 {
+        // With egress tracking any frame may answer a flow the Edge opened; the flow table
+        // alone decides (the kernel's port filter in front of it is only a shortcut).
+        let tracking = policy.flags & POLICY_TRACK_EGRESS != 0;
+        if reply_from == 0 && reply_to == 0 && !tracking {
             return Ok(self.no_rule());
         }
         let key = flow_key(transport, &ip.dst, &ip.src, dport, sport);
@@ -647,7 +650,11 @@ impl<'a> Reference<'a> {
                         state.flags |= FLOW_RST;
                     }
                 }
-                return Ok(Verdict::rule(state.slot));
+                return Ok(if state.slot == TRACKED_SLOT {
+                    Verdict::pass(reason::PASS_TRACKED_REPLY)
+                } else {
+                    Verdict::rule(state.slot)
+                });
             }
         }
         let claimed = (reply_from != 0
@@ -723,6 +730,20 @@ impl<'a> Reference<'a> {
                 .is_some()
         {
             return Ok(Verdict::pass(reason::PASS_EGRESS_REPLY));
+        }
+        if policy.flags & POLICY_TRACK_EGRESS != 0 {
+            let key = flow_key(transport, &ip.src, &ip.dst, sport, dport);
+            record(
+                flows,
+                key,
+                TRACKED_SLOT,
+                role_mask,
+                &policy,
+                transport,
+                tcp_flags,
+                now,
+            );
+            return Ok(Verdict::pass(reason::PASS_EGRESS_TRACKED));
         }
         Ok(if policy.flags & POLICY_DROP_EGRESS != 0 {
             Verdict::drop(reason::DROP_EGRESS_NO_RULE)

@@ -369,6 +369,69 @@ fn outbound_rows_pass_only_replies_to_flows_the_edge_opened() {
         flows.iter().any(|f| f.remote().port() == 5269),
         "X2 flows recorded: {flows:?}"
     );
+
+    // 4. What the Edge opens outside the matrix (`egress = "track"`, the default): its DNS
+    // query over UDP and a CRL fetch over TCP 80 are answered; a datagram from port 53 that
+    // answers no query of the Edge never reaches its socket.
+    let services = Listeners::start(&lab.remote, &[80], &[53]).expect("remote DNS/HTTP");
+    let tracked_before = counters.reason(reason::PASS_TRACKED_REPLY);
+    let egress_tracked = counters.reason(reason::PASS_EGRESS_TRACKED);
+    let no_rule = counters.reason(reason::DROP_NO_RULE);
+    let _ = tap_ext.drain_split(QUIET);
+    for (client, _, ext) in families {
+        let answered = udp_send(
+            &lab.edge,
+            SocketAddr::new(ext, 0),
+            SocketAddr::new(client, 53),
+            ALLOWED,
+        )
+        .expect("udp");
+        assert!(answered, "DNS query edge -> [{client}]:53 answered");
+        let x = tcp_exchange(
+            &lab.edge,
+            SocketAddr::new(ext, 0),
+            SocketAddr::new(client, 80),
+            ALLOWED,
+        )
+        .expect("tcp");
+        assert!(x.connected && x.answered, "edge -> [{client}]:80: {x:?}");
+    }
+    // The listeners hold port 53; the forged answers are sent from it once they are gone.
+    drop(services);
+    for (client, _, ext) in families {
+        let answered = udp_send(
+            &lab.remote,
+            SocketAddr::new(client, 53),
+            SocketAddr::new(ext, 40001),
+            DENIED,
+        )
+        .expect("udp probe");
+        assert!(!answered, "unsolicited UDP from port 53 to [{ext}]:40001");
+    }
+    std::thread::sleep(QUIET);
+    assert!(
+        edge_listeners.udp(40001).datagrams.is_empty(),
+        "an unsolicited datagram from port 53 reached edge udp/40001"
+    );
+    let (received, sent) = tap_ext.drain_split(QUIET);
+    let from_services = count(&received, |t| [53, 80].contains(&t.src.port()));
+    let to_services = count(&sent, |t| [53, 80].contains(&t.dst.port()));
+    assert!(from_services >= 6, "replies received: {from_services}");
+    assert_eq!(
+        counters.reason(reason::PASS_TRACKED_REPLY) - tracked_before,
+        from_services,
+        "tracked_reply vs frames from 53/80 that XDP passed"
+    );
+    assert_eq!(
+        counters.reason(reason::PASS_EGRESS_TRACKED) - egress_tracked,
+        to_services,
+        "egress_tracked vs frames sent to 53/80"
+    );
+    assert_eq!(
+        counters.reason(reason::DROP_NO_RULE) - no_rule,
+        2,
+        "the two unsolicited datagrams drop as no_rule"
+    );
     drop(remote_listeners);
     drop(edge_listeners);
     drop(classifier);

@@ -187,7 +187,7 @@ fn flow_families(f: &crate::maps::FlowStats) -> Vec<Family> {
         one(
             Family::counter(
                 "edge_classifier_flows_created_total",
-                "Outbound flows recorded on egress.",
+                "Flows recorded on egress (outbound rules, and tracked flows under policy.egress = \"track\").",
             ),
             f.created as f64,
         ),

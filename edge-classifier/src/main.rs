@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use edge_classifier::{
-    catalogue::{Catalogue, DEFAULT_CATALOGUE},
+    catalogue::{Catalogue, CatalogueError, DEFAULT_CATALOGUE},
     compile::compile,
     instance::{DEFAULT_INSTANCE, Instance},
     lifecycle,
@@ -432,7 +432,23 @@ fn stats(from: &StatsFrom, watch: bool, count: Option<u64>) -> anyhow::Result<()
 }
 
 fn check(file: &std::path::Path) -> anyhow::Result<()> {
-    let cat = Catalogue::load(file)?;
+    let cat = match Catalogue::load(file) {
+        Ok(cat) => cat,
+        // One error a line as they are, not the first behind anyhow's `Error: `; the count
+        // ends the output and sets the exit status.
+        Err(e) => {
+            if let CatalogueError::Invalid { errors } = &e {
+                eprintln!("{e}");
+                bail!(
+                    "{}: {} error{}",
+                    file.display(),
+                    errors.len(),
+                    if errors.len() == 1 { "" } else { "s" }
+                );
+            }
+            return Err(e.into());
+        }
+    };
     let compiled = compile(&cat)?;
     for w in cat.warnings() {
         eprintln!("{w}");

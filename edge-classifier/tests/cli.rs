@@ -70,6 +70,54 @@ fn bad_catalogue_is_rejected_with_its_location() {
 }
 
 #[test]
+fn check_reports_every_mistake_at_once() {
+    let out = bin()
+        .args(["catalogue", "--default"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8(out.stdout)
+        .unwrap()
+        .replacen("udp_idle = 180", "udp_idle = 0", 1)
+        .replacen(
+            "remote = \"public_im_partners\"",
+            "remote = \"partners\"",
+            1,
+        )
+        .replacen("port = 443", "port = 70000", 1);
+    let line = |l: &str| text.lines().position(|x| x == l).unwrap() + 1;
+    let path = tmp("mistakes.toml", &text);
+    let out = bin().arg("check").arg(&path).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad catalogue must fail");
+    let file = path.display();
+    let want = [
+        format!(
+            "{file}:{}:12: flows.udp_idle = 0 is out of range",
+            line("udp_idle = 0")
+        ),
+        format!(
+            "{file}:{}:10: unknown remote set `partners`: expected one of",
+            line("remote = \"partners\"")
+        ),
+        format!(
+            "{file}:{}:8: port 70000 is out of range",
+            line("port = 70000")
+        ),
+        format!("{file}: 3 errors"),
+    ];
+    // One line each, in file order, then the count (and a backtrace if RUST_BACKTRACE is set).
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= want.len(), "{stderr}");
+    for (got, want) in lines.iter().zip(&want) {
+        assert!(
+            got.contains(want.as_str()),
+            "expected `{want}` in: {stderr}"
+        );
+    }
+    std::fs::remove_file(path).ok();
+}
+
+#[test]
 fn unknown_interface_and_role_say_what_to_do() {
     let instance = format!("cli{}", std::process::id());
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/edge-classifier/{instance}"));

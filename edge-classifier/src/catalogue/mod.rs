@@ -16,19 +16,44 @@ pub const ANY: &str = "any";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {
-    #[error("{file}:{line}:{column}: {message}")]
-    Invalid {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    /// Every error of the file, in source order, one `file:line:column: message` a line.
+    #[error("{}", show_errors(.errors))]
+    Invalid { errors: Vec<Problem> },
     #[error("{file}: {source}")]
     Read {
         file: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// At most this many errors are shown, then how many more there are: a screenful is what an
+/// operator reads and fixes in one go.
+const MAX_ERRORS: usize = 20;
+
+fn show_errors(errors: &[Problem]) -> String {
+    let mut lines: Vec<String> = errors
+        .iter()
+        .take(MAX_ERRORS)
+        .map(Problem::to_string)
+        .collect();
+    if errors.len() > MAX_ERRORS {
+        lines.push(format!("... and {} more errors", errors.len() - MAX_ERRORS));
+    }
+    lines.join("\n")
+}
+
+/// One error in a catalogue and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub location: Location,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -130,7 +155,7 @@ enum RawPort {
 struct RawCatalogue {
     #[serde(default)]
     policy: RawPolicy,
-    interfaces: BTreeMap<String, String>,
+    interfaces: BTreeMap<Spanned<String>, String>,
     #[serde(default)]
     sets: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
     #[serde(default, rename = "rule")]
@@ -347,13 +372,15 @@ const ICMPV6_NAMES: &[(&str, u8)] = &[
 const DEFAULT_ICMP: &[u8] = &[0, 3, 8, 11, 12];
 const DEFAULT_ICMPV6: &[u8] = &[1, 2, 3, 4, 128, 129];
 
-/// The catalogue text with its line index: turns byte spans into file:line:column.
+/// The catalogue text with its line index, and the errors found in it so far: validation
+/// records every error and goes on, so that one `check` shows all of them.
 struct Located<'a> {
     name: &'a str,
     text: &'a str,
     /// Byte offset where each line starts: every rule records its location, and rescanning
     /// the text for each of 10,000 rules would be quadratic.
     line_starts: Vec<usize>,
+    errors: Vec<Problem>,
 }
 
 impl<'a> Located<'a> {
@@ -365,6 +392,7 @@ impl<'a> Located<'a> {
             name,
             text,
             line_starts,
+            errors: Vec::new(),
         }
     }
 
@@ -379,13 +407,24 @@ impl<'a> Located<'a> {
         }
     }
 
-    fn error(&self, span: Range<usize>, message: impl Into<String>) -> CatalogueError {
-        let Location { file, line, column } = self.location(span.start);
-        CatalogueError::Invalid {
-            file,
-            line,
-            column,
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.errors.push(Problem {
+            location: self.location(span.start),
             message: message.into(),
+        });
+    }
+
+    /// The value of a check, or `None` with its error recorded at `span`.
+    fn check<T>(&mut self, span: Range<usize>, result: Result<T, String>) -> Option<T> {
+        result.map_err(|message| self.error(span, message)).ok()
+    }
+
+    /// The errors in source order (validation finds them table by table).
+    fn into_error(mut self) -> CatalogueError {
+        self.errors
+            .sort_by_key(|p| (p.location.line, p.location.column));
+        CatalogueError::Invalid {
+            errors: self.errors,
         }
     }
 }
@@ -405,13 +444,23 @@ impl Catalogue {
         Self::parse(&name, &text)
     }
 
+    /// Every error of the file, or the catalogue. A TOML syntax or type error stops at that
+    /// one: serde cannot go on past it.
     pub fn parse(name: &str, text: &str) -> Result<Self, CatalogueError> {
-        let src = Located::new(name, text);
-        let raw: RawCatalogue = toml::from_str(text).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            src.error(span, e.message().trim().to_string())
-        })?;
-        validate(&src, raw)
+        let mut src = Located::new(name, text);
+        let raw: RawCatalogue = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                src.error(e.span().unwrap_or(0..0), e.message().trim());
+                return Err(src.into_error());
+            }
+        };
+        let cat = validate(&mut src, raw);
+        if src.errors.is_empty() {
+            Ok(cat)
+        } else {
+            Err(src.into_error())
+        }
     }
 
     pub fn rule(&self, id: &str) -> Option<&Rule> {
@@ -437,34 +486,30 @@ fn is_set_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
-fn parse_port(src: &Located, spanned: &Spanned<RawPort>) -> Result<PortRange, CatalogueError> {
-    let span = spanned.span();
-    let one = |n: i64| -> Result<u16, CatalogueError> {
-        if (1..=65535).contains(&n) {
-            Ok(n as u16)
-        } else {
-            Err(src.error(
-                span.clone(),
-                format!("port {n} is out of range: expected a port from 1 to 65535"),
-            ))
-        }
-    };
-    match spanned.get_ref() {
+fn port_number(n: i64) -> Result<u16, String> {
+    if (1..=65535).contains(&n) {
+        Ok(n as u16)
+    } else {
+        Err(format!(
+            "port {n} is out of range: expected a port from 1 to 65535"
+        ))
+    }
+}
+
+fn port_range(raw: &RawPort) -> Result<PortRange, String> {
+    match raw {
         RawPort::Number(n) => {
-            let p = one(*n)?;
+            let p = port_number(*n)?;
             Ok(PortRange { lo: p, hi: p })
         }
         RawPort::Text(t) => {
-            let parse = |s: &str| -> Result<u16, CatalogueError> {
+            let parse = |s: &str| -> Result<u16, String> {
                 let n: i64 = s.trim().parse().map_err(|_| {
-                    src.error(
-                        span.clone(),
-                        format!(
-                            "invalid port `{t}`: expected a port (5061) or a range (\"50000-59999\")"
-                        ),
+                    format!(
+                        "invalid port `{t}`: expected a port (5061) or a range (\"50000-59999\")"
                     )
                 })?;
-                one(n)
+                port_number(n)
             };
             let (lo, hi) = match t.split_once('-') {
                 Some((a, b)) => (parse(a)?, parse(b)?),
@@ -474,9 +519,8 @@ fn parse_port(src: &Located, spanned: &Spanned<RawPort>) -> Result<PortRange, Ca
                 }
             };
             if lo > hi {
-                return Err(src.error(
-                    span,
-                    format!("reversed port range `{t}`: expected low-high with low <= high"),
+                return Err(format!(
+                    "reversed port range `{t}`: expected low-high with low <= high"
                 ));
             }
             Ok(PortRange { lo, hi })
@@ -484,79 +528,53 @@ fn parse_port(src: &Located, spanned: &Spanned<RawPort>) -> Result<PortRange, Ca
     }
 }
 
+/// An ICMP type list; without one, `default`. Invalid entries are left out.
 fn parse_icmp(
-    src: &Located,
+    src: &mut Located,
     list: Option<Vec<Spanned<RawIcmp>>>,
     names: &[(&str, u8)],
     default: &[u8],
     what: &str,
-) -> Result<Vec<u8>, CatalogueError> {
+) -> Vec<u8> {
     let Some(list) = list else {
-        return Ok(default.to_vec());
+        return default.to_vec();
     };
     let mut out = Vec::new();
     for item in list {
         let ty = match item.get_ref() {
-            RawIcmp::Number(n) if (0..=255).contains(n) => *n as u8,
-            RawIcmp::Number(n) => {
-                return Err(src.error(
-                    item.span(),
-                    format!("{what} type {n} is out of range: expected 0 to 255"),
-                ));
-            }
+            RawIcmp::Number(n) if (0..=255).contains(n) => Ok(*n as u8),
+            RawIcmp::Number(n) => Err(format!(
+                "{what} type {n} is out of range: expected 0 to 255"
+            )),
             RawIcmp::Name(name) => match names.iter().find(|(n, _)| n == name) {
-                Some((_, t)) => *t,
+                Some((_, t)) => Ok(*t),
                 None => {
                     let known: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
-                    return Err(src.error(
-                        item.span(),
-                        format!(
-                            "unknown {what} type `{name}`: expected a number or one of {}",
-                            known.join(", ")
-                        ),
-                    ));
+                    Err(format!(
+                        "unknown {what} type `{name}`: expected a number or one of {}",
+                        known.join(", ")
+                    ))
                 }
             },
         };
-        if !out.contains(&ty) {
+        if let Some(ty) = src.check(item.span(), ty)
+            && !out.contains(&ty)
+        {
             out.push(ty);
         }
     }
-    Ok(out)
+    out
 }
 
-fn validate(src: &Located, raw: RawCatalogue) -> Result<Catalogue, CatalogueError> {
-    let sets = parse_sets(src, raw.sets)?;
-    for role in raw.interfaces.keys() {
-        if !is_set_name(role) {
-            return Err(src.error(
-                0..0,
-                format!("invalid interface role `{role}`: expected lowercase letters, digits, `_` or `-`"),
-            ));
-        }
-    }
-    if raw.interfaces.len() > 32 {
-        return Err(src.error(0..0, "more than 32 interface roles"));
-    }
-
-    let rules = parse_rules(src, raw.rules, &sets, &raw.interfaces)?;
-    let policy = parse_policy(src, raw.policy, &sets)?;
-    let flows = parse_flows(src, raw.flows)?;
-    for r in &rules {
-        if r.local == ANY {
-            return Err(CatalogueError::Invalid {
-                file: r.location.file.clone(),
-                line: r.location.line,
-                column: r.location.column,
-                message: format!(
-                    "rule `{}` has local = \"any\": the local side must name the Edge's own addresses",
-                    r.id
-                ),
-            });
-        }
-    }
-
-    Ok(Catalogue {
+/// Validates every table, recording each error in `src`; what is invalid is left out of the
+/// catalogue returned, which `parse` then discards.
+fn validate(src: &mut Located, raw: RawCatalogue) -> Catalogue {
+    let sets = parse_sets(src, raw.sets);
+    let interfaces = parse_interfaces(src, raw.interfaces);
+    let rules = parse_rules(src, raw.rules, &sets, &interfaces);
+    let policy = parse_policy(src, raw.policy, &sets);
+    let flows = parse_flows(src, raw.flows);
+    Catalogue {
         source_name: src.name.to_string(),
         digest: {
             use sha2::Digest as _;
@@ -566,138 +584,166 @@ fn validate(src: &Located, raw: RawCatalogue) -> Result<Catalogue, CatalogueErro
                 .collect()
         },
         policy,
-        interfaces: raw.interfaces,
+        interfaces,
         sets,
         rules,
         flows,
-    })
+    }
 }
 
-/// `[sets]`: named lists of prefixes (a bare address is its /32 or /128).
+/// `[interfaces]`: role names. An invalid name is kept, so that the rules naming it are not
+/// reported as well.
+fn parse_interfaces(
+    src: &mut Located,
+    raw: BTreeMap<Spanned<String>, String>,
+) -> BTreeMap<String, String> {
+    let mut by_position: Vec<&Spanned<String>> = raw.keys().collect();
+    by_position.sort_by_key(|role| role.span().start);
+    for role in &by_position {
+        if !is_set_name(role.get_ref()) {
+            src.error(
+                role.span(),
+                format!(
+                    "invalid interface role `{}`: expected lowercase letters, digits, `_` or `-`",
+                    role.get_ref()
+                ),
+            );
+        }
+    }
+    if let Some(role) = by_position.get(32) {
+        src.error(role.span(), "more than 32 interface roles");
+    }
+    raw.into_iter()
+        .map(|(role, what)| (role.into_inner(), what))
+        .collect()
+}
+
+/// `[sets]`: named lists of prefixes (a bare address is its /32 or /128). A set with an invalid
+/// name or prefix is kept, so that the rules naming it are not reported as well.
 fn parse_sets(
-    src: &Located,
+    src: &mut Located,
     raw: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
-) -> Result<BTreeMap<String, Vec<IpNet>>, CatalogueError> {
+) -> BTreeMap<String, Vec<IpNet>> {
     let mut sets = BTreeMap::new();
+    let mut starts = Vec::with_capacity(raw.len());
     for (name, prefixes) in raw {
         let set_name = name.get_ref();
+        starts.push(name.span());
         if set_name == ANY {
-            return Err(src.error(name.span(), "set `any` is built in and cannot be redefined"));
+            src.error(name.span(), "set `any` is built in and cannot be redefined");
+            continue;
         }
         if !is_set_name(set_name) {
-            return Err(src.error(
+            src.error(
                 name.span(),
                 format!(
                     "invalid set name `{set_name}`: expected lowercase letters, digits, `_` or `-`"
                 ),
-            ));
+            );
         }
         let mut nets = Vec::with_capacity(prefixes.len());
         for p in prefixes {
-            let text = p.get_ref().trim();
-            let net: IpNet = match text.parse::<IpNet>() {
-                Ok(n) => n,
-                Err(_) => match text.parse::<IpAddr>() {
-                    Ok(a) => IpNet::from(a),
-                    Err(_) => {
-                        return Err(src.error(
-                            p.span(),
-                            format!(
-                                "invalid CIDR prefix `{text}`: expected an IPv4 or IPv6 address or prefix such as 198.51.100.0/24 or 2001:db8::/32"
-                            ),
-                        ));
-                    }
-                },
-            };
-            if net.trunc() != net {
-                return Err(src.error(
-                    p.span(),
-                    format!(
-                        "prefix `{text}` has host bits set: expected {}",
-                        net.trunc()
-                    ),
-                ));
+            if let Some(net) = src.check(p.span(), prefix(p.get_ref())) {
+                nets.push(net);
             }
-            nets.push(net);
         }
         sets.insert(set_name.clone(), nets);
     }
-    if sets.len() > edge_classifier_common::MAX_NAMED_SETS as usize {
-        return Err(src.error(
-            0..0,
+    starts.sort_by_key(|span| span.start);
+    if let Some(span) = starts.get(edge_classifier_common::MAX_NAMED_SETS as usize) {
+        src.error(
+            span.clone(),
             format!(
                 "{} address sets defined: at most {} fit the set bitmask",
-                sets.len(),
+                starts.len(),
                 edge_classifier_common::MAX_NAMED_SETS
             ),
+        );
+    }
+    sets
+}
+
+/// One prefix of a set.
+fn prefix(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    let net: IpNet = match text.parse::<IpNet>() {
+        Ok(n) => n,
+        Err(_) => match text.parse::<IpAddr>() {
+            Ok(a) => IpNet::from(a),
+            Err(_) => {
+                return Err(format!(
+                    "invalid CIDR prefix `{text}`: expected an IPv4 or IPv6 address or prefix such as 198.51.100.0/24 or 2001:db8::/32"
+                ));
+            }
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "prefix `{text}` has host bits set: expected {}",
+            net.trunc()
         ));
     }
-    Ok(sets)
+    Ok(net)
 }
 
 /// A set a rule or the policy names: one of `[sets]`, or `any`.
 fn known_set(
-    src: &Located,
     sets: &BTreeMap<String, Vec<IpNet>>,
-    name: &Spanned<String>,
+    name: &str,
     what: &str,
-) -> Result<String, CatalogueError> {
-    let n = name.get_ref();
-    if n == ANY || sets.contains_key(n) {
-        Ok(n.clone())
+) -> Result<String, String> {
+    if name == ANY || sets.contains_key(name) {
+        Ok(name.to_string())
     } else {
         let mut known: Vec<&str> = sets.keys().map(String::as_str).collect();
         known.push(ANY);
-        Err(src.error(
-            name.span(),
-            format!(
-                "unknown {what} set `{n}`: expected one of {}",
-                known.join(", ")
-            ),
+        Err(format!(
+            "unknown {what} set `{name}`: expected one of {}",
+            known.join(", ")
         ))
     }
 }
 
 /// `[[rule]]`s in file order: ids kebab-case and unique, the rest checked by [`parse_rule`].
 fn parse_rules(
-    src: &Located,
+    src: &mut Located,
     raw: Vec<RawRule>,
     sets: &BTreeMap<String, Vec<IpNet>>,
     interfaces: &BTreeMap<String, String>,
-) -> Result<Vec<Rule>, CatalogueError> {
+) -> Vec<Rule> {
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.len());
-    let mut seen_ids: std::collections::HashMap<String, usize> = Default::default();
+    let mut seen_ids: std::collections::HashMap<String, Location> = Default::default();
     for r in raw {
         let id = r.id.get_ref();
         if !is_kebab(id) {
-            return Err(src.error(
+            src.error(
                 r.id.span(),
                 format!("invalid rule id `{id}`: expected kebab-case (lowercase letters, digits, single dashes)"),
-            ));
+            );
         }
-        if let Some(&first) = seen_ids.get(id) {
-            return Err(src.error(
+        if let Some(first) = seen_ids.get(id) {
+            src.error(
                 r.id.span(),
-                format!(
-                    "duplicate rule id `{id}`: already used at {}",
-                    rules[first].location
-                ),
-            ));
+                format!("duplicate rule id `{id}`: already used at {first}"),
+            );
+        } else {
+            seen_ids.insert(id.clone(), src.location(r.id.span().start));
         }
-        seen_ids.insert(id.clone(), rules.len());
-        rules.push(parse_rule(src, r, sets, interfaces)?);
+        rules.extend(parse_rule(src, r, sets, interfaces));
     }
-    Ok(rules)
+    rules
 }
 
-/// One rule: seed row, protocol label, sets, interface role and ports.
+/// One rule: seed row, protocol label, sets, interface role and ports; `None` when any of
+/// them is invalid (each error recorded).
 fn parse_rule(
-    src: &Located,
+    src: &mut Located,
     r: RawRule,
     sets: &BTreeMap<String, Vec<IpNet>>,
     interfaces: &BTreeMap<String, String>,
-) -> Result<Rule, CatalogueError> {
+) -> Option<Rule> {
     let id = r.id.get_ref();
+    let errors_before = src.errors.len();
     if let Some(row) = &r.seed_row {
         let s = row.get_ref();
         let ok = s.len() <= 8
@@ -705,57 +751,79 @@ fn parse_rule(
             && s[1..].chars().all(|c| c.is_ascii_digit())
             && s.len() > 1;
         if !ok {
-            return Err(src.error(
+            src.error(
                 row.span(),
                 format!("invalid seed row `{s}`: expected a row name such as S1, P4 or X3"),
-            ));
+            );
         }
     }
     let protocol = r.protocol.get_ref().trim();
     if protocol.is_empty() {
-        return Err(src.error(
+        src.error(
             r.protocol.span(),
             "empty protocol label: expected e.g. SIP/MTLS, SIP/TLS, RTP, STUN/MSTURN, XMPP",
-        ));
+        );
     }
-    let local = known_set(src, sets, &r.local, "local")?;
-    let remote = known_set(src, sets, &r.remote, "remote")?;
+    let local = src.check(r.local.span(), known_set(sets, r.local.get_ref(), "local"));
+    if local.as_deref() == Some(ANY) {
+        src.error(
+            r.local.span(),
+            format!(
+                "rule `{id}` has local = \"any\": the local side must name the Edge's own addresses"
+            ),
+        );
+    }
+    let remote = src.check(
+        r.remote.span(),
+        known_set(sets, r.remote.get_ref(), "remote"),
+    );
     let iface = r.interface.get_ref();
     if !interfaces.contains_key(iface) {
         let known: Vec<&str> = interfaces.keys().map(String::as_str).collect();
-        return Err(src.error(
+        src.error(
             r.interface.span(),
             format!(
                 "unknown interface role `{iface}`: expected one of {} (declare it under [interfaces])",
                 known.join(", ")
             ),
-        ));
+        );
     }
-    let (ports, port_side) = match (&r.port, &r.local_port) {
-        (Some(p), None) => (parse_port(src, p)?, PortSide::Service),
-        (None, Some(p)) if r.direction == Direction::Outbound => {
-            (parse_port(src, p)?, PortSide::Local)
-        }
+    let ports = match (&r.port, &r.local_port) {
+        (Some(p), None) => src
+            .check(p.span(), port_range(p.get_ref()))
+            .map(|range| (range, PortSide::Service)),
+        (None, Some(p)) if r.direction == Direction::Outbound => src
+            .check(p.span(), port_range(p.get_ref()))
+            .map(|range| (range, PortSide::Local)),
         (None, Some(p)) => {
-            return Err(src.error(
+            src.error(
                 p.span(),
                 "`local_port` is for outbound rules (the Edge's own source port range): an inbound rule names its service port with `port`",
-            ));
+            );
+            None
         }
         (Some(_), Some(p)) => {
-            return Err(src.error(
+            src.error(
                 p.span(),
                 "a rule has either `port` (the service port) or `local_port` (the Edge's own port range), not both",
-            ));
+            );
+            None
         }
         (None, None) => {
-            return Err(src.error(
+            src.error(
                 r.id.span(),
                 format!("rule `{id}` has no port: expected `port = N` or `port = \"LO-HI\"`"),
-            ));
+            );
+            None
         }
     };
-    Ok(Rule {
+    let (Some(local), Some(remote), Some((ports, port_side))) = (local, remote, ports) else {
+        return None;
+    };
+    if src.errors.len() > errors_before {
+        return None;
+    }
+    Some(Rule {
         id: id.clone(),
         seed_row: r.seed_row.map(|s| s.into_inner()),
         role: r.role,
@@ -772,80 +840,80 @@ fn parse_rule(
     })
 }
 
-/// `[policy]`.
-fn parse_policy(
-    src: &Located,
-    p: RawPolicy,
-    sets: &BTreeMap<String, Vec<IpNet>>,
-) -> Result<Policy, CatalogueError> {
+/// `[policy]`; an invalid entry is left out.
+fn parse_policy(src: &mut Located, p: RawPolicy, sets: &BTreeMap<String, Vec<IpNet>>) -> Policy {
     let mut protected = Vec::new();
     for s in p.protected.unwrap_or_default() {
-        let name = known_set(src, sets, &s, "protected")?;
+        let Some(name) = src.check(s.span(), known_set(sets, s.get_ref(), "protected")) else {
+            continue;
+        };
         if name == ANY {
-            return Err(src.error(
+            src.error(
                 s.span(),
                 "`any` cannot be protected: name the Edge's own address sets",
-            ));
+            );
+            continue;
         }
         protected.push(name);
     }
-    Ok(Policy {
+    Policy {
         default: p.default.unwrap_or(Action::Drop),
         unprotected: p.unprotected.unwrap_or(Action::Pass),
         fragments: p.fragments.unwrap_or(Action::Drop),
         non_ip: p.non_ip.unwrap_or(Action::Pass),
         protected,
-        icmp: parse_icmp(src, p.icmp, ICMP_NAMES, DEFAULT_ICMP, "ICMP")?,
-        icmpv6: parse_icmp(src, p.icmpv6, ICMPV6_NAMES, DEFAULT_ICMPV6, "ICMPv6")?,
+        icmp: parse_icmp(src, p.icmp, ICMP_NAMES, DEFAULT_ICMP, "ICMP"),
+        icmpv6: parse_icmp(src, p.icmpv6, ICMPV6_NAMES, DEFAULT_ICMPV6, "ICMPv6"),
         egress: p.egress.unwrap_or_default(),
         protect_interface_addresses: p.protect_interface_addresses.unwrap_or(true),
-    })
+    }
 }
 
-fn parse_flows(src: &Located, raw: RawFlows) -> Result<Flows, CatalogueError> {
+/// `[flows]`; an out-of-range value is reported and its default kept.
+fn parse_flows(src: &mut Located, raw: RawFlows) -> Flows {
     let d = Flows::default();
-    let bounded = |v: Option<Spanned<i64>>, default: u32, max: u32, what: &str, unit: &str| {
-        let Some(v) = v else { return Ok(default) };
+    let mut bounded = |v: Option<Spanned<i64>>, default: u32, max: u32, what: &str, unit: &str| {
+        let Some(v) = v else { return default };
         let n = *v.get_ref();
-        if (1..=max as i64).contains(&n) {
+        let value = if (1..=max as i64).contains(&n) {
             Ok(n as u32)
         } else {
-            Err(src.error(
-                v.span(),
-                format!("flows.{what} = {n} is out of range: expected 1 to {max} {unit}"),
+            Err(format!(
+                "flows.{what} = {n} is out of range: expected 1 to {max} {unit}"
             ))
-        }
+        };
+        src.check(v.span(), value).unwrap_or(default)
     };
-    Ok(Flows {
+    Flows {
         capacity: bounded(
             raw.capacity,
             d.capacity,
             MAX_FLOW_CAPACITY,
             "capacity",
             "flows",
-        )?,
+        ),
         tcp_idle: bounded(
             raw.tcp_idle,
             d.tcp_idle,
             MAX_FLOW_TIMEOUT,
             "tcp_idle",
             "seconds",
-        )?,
+        ),
         udp_idle: bounded(
             raw.udp_idle,
             d.udp_idle,
             MAX_FLOW_TIMEOUT,
             "udp_idle",
             "seconds",
-        )?,
+        ),
         tcp_closing: bounded(
             raw.tcp_closing,
             d.tcp_closing,
             MAX_FLOW_TIMEOUT,
             "tcp_closing",
             "seconds",
-        )?,
-    })
+        ),
+    }
 }
 
 /// A finding of `check` that is not an error.
@@ -937,21 +1005,26 @@ edge = ["198.51.100.10/32"]
         )
     }
 
-    /// Parses `text` and returns "line:column: message" of the error.
-    fn error(text: &str) -> String {
+    /// Parses `text` and returns "line:column: message" of each error.
+    fn errors(text: &str) -> Vec<String> {
         match Catalogue::parse("t.toml", text) {
             Ok(_) => panic!("accepted:\n{text}"),
-            Err(CatalogueError::Invalid {
-                file,
-                line,
-                column,
-                message,
-            }) => {
-                assert_eq!(file, "t.toml");
-                format!("{line}:{column}: {message}")
-            }
+            Err(CatalogueError::Invalid { errors }) => errors
+                .iter()
+                .map(|p| {
+                    assert_eq!(p.location.file, "t.toml");
+                    format!("{}:{}: {}", p.location.line, p.location.column, p.message)
+                })
+                .collect(),
             Err(e) => panic!("unexpected error {e}"),
         }
+    }
+
+    /// Parses `text` and returns "line:column: message" of its one error.
+    fn error(text: &str) -> String {
+        let mut all = errors(text);
+        assert_eq!(all.len(), 1, "one error expected: {all:#?}");
+        all.remove(0)
     }
 
     #[test]
@@ -1100,6 +1173,58 @@ edge = ["198.51.100.10/32"]
         // TOML syntax.
         let e = error(&format!("{BASE}[[rule]\n"));
         assert!(e.starts_with("5:"), "{e}");
+    }
+
+    #[test]
+    fn every_error_of_a_file_is_reported_in_source_order() {
+        // [flows] is validated after the rules and the sets, yet comes first in the file; the
+        // set with a bad prefix is still known to the rule that names it.
+        let text = format!(
+            "[flows]\nudp_idle = 0\n{}",
+            rule("port = 0").replace("remote = \"any\"", "remote = \"partners\"")
+        )
+        .replace("198.51.100.10/32", "198.51.100.300/32");
+        let e = errors(&text);
+        assert_eq!(e.len(), 4, "{e:#?}");
+        assert!(
+            e[0].starts_with("2:12: flows.udp_idle = 0 is out of range"),
+            "{e:#?}"
+        );
+        assert!(
+            e[1].starts_with("6:9: invalid CIDR prefix `198.51.100.300/32`"),
+            "{e:#?}"
+        );
+        assert!(
+            e[2].starts_with("13:10: unknown remote set `partners`"),
+            "{e:#?}"
+        );
+        assert!(e[3].starts_with("15:8: port 0 is out of range"), "{e:#?}");
+        let shown = Catalogue::parse("t.toml", &text).unwrap_err().to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 4, "{shown}");
+        assert!(
+            lines[2].starts_with("t.toml:13:10: unknown remote set"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn at_most_twenty_errors_are_shown() {
+        let mut text = BASE.to_string();
+        for i in 0..25 {
+            text += &rule("port = 0")
+                .replace(BASE, "")
+                .replace("\"r1\"", &format!("\"r{i}\""));
+        }
+        assert_eq!(errors(&text).len(), 25);
+        let shown = Catalogue::parse("t.toml", &text).unwrap_err().to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), MAX_ERRORS + 1, "{shown}");
+        assert!(
+            lines[0].starts_with("t.toml:13:8: port 0 is out of range"),
+            "{shown}"
+        );
+        assert_eq!(lines[MAX_ERRORS], "... and 5 more errors");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use edge_classifier::{
-    catalogue::{Catalogue, CatalogueError, DEFAULT_CATALOGUE},
+    catalogue::{Catalogue, CatalogueError, DEFAULT_CATALOGUE, profiles},
     compile::compile,
     instance::{DEFAULT_INSTANCE, Instance},
     lifecycle,
@@ -131,12 +131,17 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
-    /// Print a catalogue: the embedded default, or the one an instance runs.
-    #[command(group(clap::ArgGroup::new("which").required(true).args(["default", "instance"])))]
+    /// Print a catalogue: a shipped profile (on documentation addresses: edit its sets, then
+    /// `check` it), or the one an instance runs.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["default", "profile", "instance"])))]
     Catalogue {
-        /// The embedded default (the seed matrix on documentation addresses).
+        /// The embedded default: the `seed` profile.
         #[arg(long)]
         default: bool,
+        /// A shipped profile: seed (the seed matrix), sfb-edge (the whole Lync 2013 / Skype for
+        /// Business Edge role), sip-xmpp-edge (a Kamailio + Prosody + coturn edge).
+        #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(["seed", "sfb-edge", "sip-xmpp-edge"]))]
+        profile: Option<String>,
         /// The catalogue text instance NAME is running (from its state).
         #[arg(long, value_name = "NAME")]
         instance: Option<String>,
@@ -180,7 +185,9 @@ fn main() -> anyhow::Result<()> {
     edge_classifier::logging::init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Catalogue { instance, .. } => catalogue(instance.as_deref()),
+        Command::Catalogue {
+            instance, profile, ..
+        } => catalogue(instance.as_deref(), profile.as_deref()),
         Command::Status { instance, json } => status(&instance, json),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -273,10 +280,22 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `catalogue`: the embedded default, or the text instance `name` runs.
-fn catalogue(instance: Option<&str>) -> anyhow::Result<()> {
+/// `catalogue`: a profile (the embedded default without one), or the text instance `name` runs.
+fn catalogue(instance: Option<&str>, profile: Option<&str>) -> anyhow::Result<()> {
     match instance {
-        None => print!("{DEFAULT_CATALOGUE}"),
+        None => {
+            let text = match profile {
+                None => DEFAULT_CATALOGUE,
+                Some(name) => {
+                    profiles::profile(name)
+                        .with_context(|| {
+                            format!("no profile `{name}`: expected one of {}", profiles::names())
+                        })?
+                        .text
+                }
+            };
+            print!("{text}");
+        }
         Some(name) => {
             let state = Instance::new(name)?.require_state()?;
             let running = state

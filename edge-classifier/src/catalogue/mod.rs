@@ -1,6 +1,8 @@
 //! The rule catalogue: TOML in, a validated [`Catalogue`] out, with every error pointing at the
 //! file, line and column that caused it.
 
+pub mod profiles;
+
 use std::{collections::BTreeMap, fmt, net::IpAddr, ops::Range, path::Path};
 
 use ipnet::IpNet;

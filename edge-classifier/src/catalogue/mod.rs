@@ -3,7 +3,13 @@
 
 pub mod profiles;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, ops::Range, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    ops::Range,
+    path::Path,
+};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -575,6 +581,7 @@ fn validate(src: &mut Located, raw: RawCatalogue) -> Catalogue {
     let interfaces = parse_interfaces(src, raw.interfaces);
     let rules = parse_rules(src, raw.rules, &sets, &interfaces);
     let policy = parse_policy(src, raw.policy, &sets);
+    let sets = sets.nets;
     let flows = parse_flows(src, raw.flows);
     Catalogue {
         source_name: src.name.to_string(),
@@ -620,13 +627,55 @@ fn parse_interfaces(
         .collect()
 }
 
+/// `[sets]` as validated, with what the checks of the rules need to know about them.
+struct Sets {
+    nets: BTreeMap<String, Vec<IpNet>>,
+    /// Sets that lost a prefix to an error: their address families are unknown, so no rule is
+    /// reported for pairing them.
+    damaged: BTreeSet<String>,
+}
+
+/// The address families a set holds.
+#[derive(Clone, Copy)]
+struct Families {
+    v4: bool,
+    v6: bool,
+}
+
+impl Families {
+    fn shared_with(self, other: Families) -> bool {
+        (self.v4 && other.v4) || (self.v6 && other.v6)
+    }
+
+    /// For a set of one family: its name.
+    fn only(self) -> &'static str {
+        if self.v4 { "IPv4" } else { "IPv6" }
+    }
+}
+
+impl Sets {
+    /// `None` when unknown, or for an empty set (an error of its own).
+    fn families(&self, name: &str) -> Option<Families> {
+        if name == ANY {
+            return Some(Families { v4: true, v6: true });
+        }
+        if self.damaged.contains(name) {
+            return None;
+        }
+        let nets = self.nets.get(name)?;
+        let f = Families {
+            v4: nets.iter().any(|n| matches!(n, IpNet::V4(_))),
+            v6: nets.iter().any(|n| matches!(n, IpNet::V6(_))),
+        };
+        (f.v4 || f.v6).then_some(f)
+    }
+}
+
 /// `[sets]`: named lists of prefixes (a bare address is its /32 or /128). A set with an invalid
 /// name or prefix is kept, so that the rules naming it are not reported as well.
-fn parse_sets(
-    src: &mut Located,
-    raw: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
-) -> BTreeMap<String, Vec<IpNet>> {
+fn parse_sets(src: &mut Located, raw: BTreeMap<Spanned<String>, Vec<Spanned<String>>>) -> Sets {
     let mut sets = BTreeMap::new();
+    let mut damaged = BTreeSet::new();
     let mut starts = Vec::with_capacity(raw.len());
     for (name, prefixes) in raw {
         let set_name = name.get_ref();
@@ -643,10 +692,19 @@ fn parse_sets(
                 ),
             );
         }
+        if prefixes.is_empty() {
+            src.error(
+                name.span(),
+                format!("set `{set_name}` is empty: a rule naming it could never match; list its prefixes"),
+            );
+        }
         let mut nets = Vec::with_capacity(prefixes.len());
         for p in prefixes {
-            if let Some(net) = src.check(p.span(), prefix(p.get_ref())) {
-                nets.push(net);
+            match src.check(p.span(), prefix(p.get_ref())) {
+                Some(net) => nets.push(net),
+                None => {
+                    damaged.insert(set_name.clone());
+                }
             }
         }
         sets.insert(set_name.clone(), nets);
@@ -662,7 +720,10 @@ fn parse_sets(
             ),
         );
     }
-    sets
+    Sets {
+        nets: sets,
+        damaged,
+    }
 }
 
 /// One prefix of a set.
@@ -689,15 +750,11 @@ fn prefix(text: &str) -> Result<IpNet, String> {
 }
 
 /// A set a rule or the policy names: one of `[sets]`, or `any`.
-fn known_set(
-    sets: &BTreeMap<String, Vec<IpNet>>,
-    name: &str,
-    what: &str,
-) -> Result<String, String> {
-    if name == ANY || sets.contains_key(name) {
+fn known_set(sets: &Sets, name: &str, what: &str) -> Result<String, String> {
+    if name == ANY || sets.nets.contains_key(name) {
         Ok(name.to_string())
     } else {
-        let mut known: Vec<&str> = sets.keys().map(String::as_str).collect();
+        let mut known: Vec<&str> = sets.nets.keys().map(String::as_str).collect();
         known.push(ANY);
         Err(format!(
             "unknown {what} set `{name}`: expected one of {}",
@@ -710,7 +767,7 @@ fn known_set(
 fn parse_rules(
     src: &mut Located,
     raw: Vec<RawRule>,
-    sets: &BTreeMap<String, Vec<IpNet>>,
+    sets: &Sets,
     interfaces: &BTreeMap<String, String>,
 ) -> Vec<Rule> {
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.len());
@@ -741,7 +798,7 @@ fn parse_rules(
 fn parse_rule(
     src: &mut Located,
     r: RawRule,
-    sets: &BTreeMap<String, Vec<IpNet>>,
+    sets: &Sets,
     interfaces: &BTreeMap<String, String>,
 ) -> Option<Rule> {
     let id = r.id.get_ref();
@@ -779,6 +836,19 @@ fn parse_rule(
         r.remote.span(),
         known_set(sets, r.remote.get_ref(), "remote"),
     );
+    if let (Some(l), Some(rm)) = (&local, &remote)
+        && let (Some(lf), Some(rf)) = (sets.families(l), sets.families(rm))
+        && !lf.shared_with(rf)
+    {
+        src.error(
+            r.remote.span(),
+            format!(
+                "rule `{id}` can never match: local set `{l}` holds only {} prefixes and remote set `{rm}` only {} ones",
+                lf.only(),
+                rf.only()
+            ),
+        );
+    }
     let iface = r.interface.get_ref();
     if !interfaces.contains_key(iface) {
         let known: Vec<&str> = interfaces.keys().map(String::as_str).collect();
@@ -843,7 +913,7 @@ fn parse_rule(
 }
 
 /// `[policy]`; an invalid entry is left out.
-fn parse_policy(src: &mut Located, p: RawPolicy, sets: &BTreeMap<String, Vec<IpNet>>) -> Policy {
+fn parse_policy(src: &mut Located, p: RawPolicy, sets: &Sets) -> Policy {
     let mut protected = Vec::new();
     for s in p.protected.unwrap_or_default() {
         let Some(name) = src.check(s.span(), known_set(sets, s.get_ref(), "protected")) else {
@@ -1227,6 +1297,39 @@ edge = ["198.51.100.10/32"]
             "{shown}"
         );
         assert_eq!(lines[MAX_ERRORS], "... and 5 more errors");
+    }
+
+    #[test]
+    fn an_empty_set_is_an_error() {
+        let e = error(&format!("{BASE}nobody = []\n"));
+        assert_eq!(
+            e,
+            "5:1: set `nobody` is empty: a rule naming it could never match; list its prefixes"
+        );
+    }
+
+    #[test]
+    fn a_rule_whose_sets_share_no_address_family_is_an_error() {
+        let with_v6 = |remote: &str| {
+            rule("port = 443")
+                .replace("[[rule]]", "peers6 = [\"2001:db8::/32\"]\n[[rule]]")
+                .replace("remote = \"any\"", &format!("remote = \"{remote}\""))
+        };
+        assert_eq!(
+            error(&with_v6("peers6")),
+            "12:10: rule `r1` can never match: local set `edge` holds only IPv4 prefixes and remote set `peers6` only IPv6 ones"
+        );
+        // `any` holds both families, and so does a mixed set.
+        Catalogue::parse("t.toml", &with_v6("any")).unwrap();
+        let mixed = with_v6("peers6").replace(
+            "[\"198.51.100.10/32\"]",
+            "[\"198.51.100.10/32\", \"2001:db8:100::10/128\"]",
+        );
+        Catalogue::parse("t.toml", &mixed).unwrap();
+        // A set whose prefix is invalid has no known family: only the prefix is reported.
+        let e = errors(&with_v6("peers6").replace("2001:db8::/32", "2001:db8::/300"));
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(e[0].starts_with("5:11: invalid CIDR prefix"), "{e:#?}");
     }
 
     #[test]

@@ -1022,10 +1022,26 @@ impl Catalogue {
             .any(|n| y.iter().any(|m| m.contains(n) || n.contains(m)))
     }
 
-    /// Overlapping and shadowed rules: same transport, direction, port side and interface role.
+    /// Overlapping and shadowed rules (same transport, direction, port side and interface
+    /// role), and outbound rules that look like they name the Edge's own port range as the
+    /// peer's.
     pub fn warnings(&self) -> Vec<Warning> {
         let mut out = Vec::new();
         for (j, later) in self.rules.iter().enumerate() {
+            // The seed matrix writes the A/V Edge's own media range (50000-59999) where the
+            // peer's port goes; copied as `port`, it allows the wrong flows.
+            if later.direction == Direction::Outbound
+                && later.port_side == PortSide::Service
+                && later.ports.lo < later.ports.hi
+            {
+                out.push(Warning {
+                    location: later.location.clone(),
+                    message: format!(
+                        "rule `{}` is outbound with `port = \"{}\"`, the remote peer's port: if the range is the Edge's own source port range, write `local_port = \"{}\"`",
+                        later.id, later.ports, later.ports
+                    ),
+                });
+            }
             for earlier in &self.rules[..j] {
                 if earlier.transport != later.transport
                     || earlier.direction != later.direction
@@ -1330,6 +1346,26 @@ edge = ["198.51.100.10/32"]
         let e = errors(&with_v6("peers6").replace("2001:db8::/32", "2001:db8::/300"));
         assert_eq!(e.len(), 1, "{e:#?}");
         assert!(e[0].starts_with("5:11: invalid CIDR prefix"), "{e:#?}");
+    }
+
+    #[test]
+    fn an_outbound_port_range_gets_a_hint_about_local_port() {
+        let outbound = |ports: &str| {
+            let text = rule(ports).replace("\"inbound\"", "\"outbound\"");
+            Catalogue::parse("t.toml", &text).unwrap().warnings()
+        };
+        let w = outbound("port = \"50000-59999\"");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(
+            w[0].to_string(),
+            "t.toml:6:6: warning: rule `r1` is outbound with `port = \"50000-59999\"`, the remote peer's port: if the range is the Edge's own source port range, write `local_port = \"50000-59999\"`"
+        );
+        // One port, or the range already on the Edge's side: nothing to say.
+        assert!(outbound("port = 5061").is_empty());
+        assert!(outbound("local_port = \"50000-59999\"").is_empty());
+        // Inbound, the range is the Edge's own.
+        let inbound = Catalogue::parse("t.toml", &rule("port = \"50000-59999\"")).unwrap();
+        assert!(inbound.warnings().is_empty());
     }
 
     #[test]

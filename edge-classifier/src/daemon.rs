@@ -163,6 +163,7 @@ pub struct RunArgs {
     pub metrics_addr: String,
     pub instance: Instance,
     pub detach_on_exit: bool,
+    pub detach_missing: bool,
 }
 
 /// The signals the daemon handles, registered before anything is attached so that none of
@@ -196,7 +197,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--metrics {}: cannot listen there", args.metrics_addr))?;
     let mode = args.mode;
-    let started = lifecycle::start(&args.instance, args.catalogue.as_deref(), &specs, mode)?;
+    let started = lifecycle::start(
+        &args.instance,
+        args.catalogue.as_deref(),
+        &specs,
+        mode,
+        args.detach_missing,
+    )?;
     let (info, _) = catalogue_info(&started.state)?;
     log::info!(
         "{} instance {} with {} rules from {}; SIGUSR1 prints counters; on SIGINT/SIGTERM {}",

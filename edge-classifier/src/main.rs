@@ -54,6 +54,10 @@ enum Command {
         /// Detach and remove the pins on SIGINT/SIGTERM instead of leaving the NICs protected.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Detach NICs this instance protected that no --iface names. Without it they stay
+        /// protected, with their role and mode, and a warning says so.
+        #[arg(long)]
+        detach_missing: bool,
     },
     /// Swap a new catalogue into a running instance atomically; an invalid one changes nothing.
     ///
@@ -207,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             metrics,
             instance,
             detach_on_exit,
+            detach_missing,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -222,6 +227,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr: metrics,
                 instance: Instance::new(&instance)?,
                 detach_on_exit,
+                detach_missing,
             }))
         }
         Command::Reload {

@@ -352,7 +352,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
             rule_exprs.push((name, r["query"].as_str().unwrap().to_string()));
         }
     }
-    assert_eq!(rule_exprs.len(), 7, "rules loaded: {rule_exprs:?}");
+    assert_eq!(rule_exprs.len(), 8, "rules loaded: {rule_exprs:?}");
     for (name, expr) in &rule_exprs {
         query(&lab.edge, expr);
         for metric in metric_names(expr) {

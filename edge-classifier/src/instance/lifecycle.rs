@@ -117,11 +117,15 @@ pub struct Started {
 /// Starts instance `instance` on `ifaces`, or adopts it if an earlier run left it pinned: the
 /// new programs replace the old ones in their links, maps (rules, counters, flows) are kept,
 /// and `catalogue` (or, without one, the catalogue it was running) is swapped in.
+///
+/// A NIC the instance protected that `ifaces` leaves out stays protected (with a warning)
+/// unless `detach_missing`: a restart with a shortened command line must not open a NIC.
 pub fn start(
     instance: &Instance,
     catalogue: Option<&Path>,
     ifaces: &[(String, String)],
     mode: AttachMode,
+    detach_missing: bool,
 ) -> Result<Started> {
     check_privileges()?;
     // What can be checked without touching the kernel is checked first: a typo in a NIC name
@@ -172,7 +176,15 @@ pub fn start(
         })?;
     roles_declared(ifaces, compiled.roles.iter())?;
     let fresh = prior.is_none();
-    let result = bring_up(instance, prior, source, compiled, ifaces, mode);
+    let result = bring_up(
+        instance,
+        prior,
+        source,
+        compiled,
+        ifaces,
+        mode,
+        detach_missing,
+    );
     if result.is_err() && fresh {
         // Nothing of a failed fresh start may stay pinned or attached.
         let _ = instance.remove();
@@ -210,6 +222,7 @@ fn bring_up(
     compiled: Compiled,
     ifaces: &[(String, String)],
     mode: AttachMode,
+    detach_missing: bool,
 ) -> Result<(Classifier, State)> {
     let mut classifier = Classifier::load_pinned(compiled.clone(), instance)?;
     let capacity = classifier.maps().flow_capacity()?;
@@ -258,26 +271,91 @@ fn bring_up(
             }
         }
     };
-    for (name, role) in ifaces {
-        let before = state.bindings.iter().find(|b| &b.name == name);
-        match classifier.attach_keeping(name, role, mode, before)? {
-            Attached::Fresh(m) => log::info!("attached to {name} as {role} ({m} mode)"),
-            Attached::Replaced => log::info!(
-                "{name}: adopted the pinned attachment; the new program replaced the old one in place"
-            ),
-        }
-    }
+    // NICs the instance protected that the command line leaves out: kept with the role and
+    // mode they had, unless the operator asked to detach them.
+    let mut wanted: Vec<(String, String, AttachMode)> = ifaces
+        .iter()
+        .map(|(n, r)| (n.clone(), r.clone(), mode))
+        .collect();
     for gone in state
         .bindings
         .iter()
         .filter(|b| !ifaces.iter().any(|(n, _)| n == &b.name))
     {
-        log::info!(
-            "{}: attached by an earlier run but not named now; detaching",
-            gone.name
-        );
-        classifier.forget_pinned(&gone.name);
+        if detach_missing {
+            log::warn!(
+                "{}: protected by this instance as `{}` but not named by --iface; detaching it (--detach-missing)",
+                gone.name,
+                gone.role
+            );
+            classifier.forget_pinned(&gone.name);
+        } else if crate::loader::ifindex(&gone.name).is_err() {
+            log::warn!(
+                "{}: protected by this instance as `{}`, not named by --iface, and no longer present; forgetting it",
+                gone.name,
+                gone.role
+            );
+            classifier.forget_pinned(&gone.name);
+        } else if compiled.role_mask(&gone.role).is_none() {
+            return Err(LifecycleError::RoleGone {
+                catalogue: source.catalogue.source_name.clone(),
+                iface: format!(
+                    "{} (protected by this instance, not named by --iface: name it with --iface {}=ROLE or pass --detach-missing)",
+                    gone.name, gone.name
+                ),
+                role: gone.role.clone(),
+            });
+        } else {
+            log::warn!(
+                "{}: protected by this instance as `{}` but not named by --iface; still protecting it (name it, or pass --detach-missing to detach it)",
+                gone.name,
+                gone.role
+            );
+            let kept_mode = match gone.mode.as_deref() {
+                Some("native") => AttachMode::Native,
+                Some("generic") => AttachMode::Generic,
+                _ => mode,
+            };
+            wanted.push((gone.name.clone(), gone.role.clone(), kept_mode));
+        }
     }
+    for (name, role, mode) in &wanted {
+        let before = state.bindings.iter().find(|b| &b.name == name);
+        if let Some(b) = before
+            && &b.role != role
+        {
+            log::warn!(
+                "{name}: role changes from `{}` to `{role}`: the rules of `{role}` apply to it from now on",
+                b.role
+            );
+        }
+        match classifier.attach_keeping(name, role, *mode, before)? {
+            Attached::Fresh(m) => log::info!("attached to {name} as {role} ({m} mode)"),
+            Attached::Replaced => {
+                log::info!(
+                    "{name}: adopted the pinned attachment; the new program replaced the old one in place"
+                );
+                let kept = before.and_then(|b| b.mode.clone()).unwrap_or_default();
+                let asked = match mode {
+                    AttachMode::Native => Some("native"),
+                    AttachMode::Generic => Some("generic"),
+                    AttachMode::Auto => None,
+                };
+                if let Some(asked) = asked
+                    && asked != kept
+                {
+                    log::warn!(
+                        "{name}: --mode {asked} cannot be honoured on adoption: the pinned attachment stays in {kept} mode (run `edge-classifier stop` then `run --mode {asked}` to change it, which leaves a gap)"
+                    );
+                }
+            }
+        }
+    }
+    let nics: Vec<(&str, &str)> = wanted
+        .iter()
+        .map(|(n, r, _)| (n.as_str(), r.as_str()))
+        .collect();
+    crate::instance::guards::log_warnings(&source.catalogue, &nics);
     state.bindings = bound(&classifier);
     state.generation += 1;
     instance.write_state(&state)?;
@@ -415,6 +493,12 @@ fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Res
         loaded,
         Some(&active_old),
     )?;
+    let bound: Vec<(&str, &str)> = state
+        .bindings
+        .iter()
+        .map(|b| (b.name.as_str(), b.role.as_str()))
+        .collect();
+    crate::instance::guards::log_warnings(&source.catalogue, &bound);
     Ok(Swapped {
         source: source.catalogue.source_name.clone(),
         digest: source.catalogue.digest.clone(),

@@ -3,6 +3,7 @@
 //! each rule buffer, slots, bindings, reload counts) is kept in `/run/edge-classifier/NAME.json`.
 //! Both vanish at reboot, together.
 
+pub mod guards;
 pub mod lifecycle;
 pub mod status;
 

@@ -208,6 +208,7 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
                 .map(|b| Bound {
                     name: &b.name,
                     role: &b.role,
+                    ifindex: b.ifindex,
                     block: b.block,
                     mode: b.mode.clone(),
                 })

@@ -122,7 +122,15 @@ fn interface_families(s: &Snapshot) -> Vec<Family> {
         "edge_classifier_interface_attached",
         "1 when the classifier is attached to the interface (XDP ingress and TC egress), else 0.",
     );
+    let mut protected = Family::gauge(
+        "edge_classifier_protected_addresses_configured",
+        "Addresses configured on the interface that the catalogue's protected sets hold; 0 means its rules protect nothing there.",
+    );
     for i in &s.interfaces {
+        protected.push(
+            &[("interface", i.name.as_str())],
+            i.protected_addresses as f64,
+        );
         for rule in &i.rules {
             let l = [
                 ("rule", rule.id.as_str()),
@@ -163,6 +171,7 @@ fn interface_families(s: &Snapshot) -> Vec<Family> {
         passed,
         passed_bytes,
         attached,
+        protected,
     ]
 }
 

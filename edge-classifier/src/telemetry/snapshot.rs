@@ -3,7 +3,7 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use edge_classifier_common::reason;
+use edge_classifier_common::{SET_PROTECTED, reason};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -44,6 +44,10 @@ pub struct Interface {
     pub rules: Vec<RuleCounter>,
     /// Every reason, zero or not, so rates exist from the first scrape.
     pub reasons: Vec<ReasonCounter>,
+    /// Addresses configured on this NIC that the catalogue's protected sets hold: 0 means its
+    /// rules protect nothing on it (the sets name other addresses).
+    #[serde(default)]
+    pub protected_addresses: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +79,7 @@ pub fn unix_now() -> f64 {
 pub struct Bound<'a> {
     pub name: &'a str,
     pub role: &'a str,
+    pub ifindex: u32,
     /// Counter block.
     pub block: u32,
     pub mode: Option<String>,
@@ -93,6 +98,7 @@ impl Snapshot {
             .map(|b| Bound {
                 name: &b.name,
                 role: &b.role,
+                ifindex: b.ifindex,
                 block: b.block,
                 mode: b.mode.map(|m| m.to_string()),
             })
@@ -118,6 +124,17 @@ impl Snapshot {
         let started = Instant::now();
         let slots: Vec<u32> = compiled.rules.iter().map(|r| r.slot).collect();
         let mut interfaces = Vec::new();
+        // The NICs' addresses as the daemon keeps them in the kernel (address -> ifindex).
+        let nic_addrs = maps.iface_addrs()?;
+        let protected = |a: &std::net::IpAddr| {
+            let prefixes = match a {
+                std::net::IpAddr::V4(_) => &compiled.prefixes_v4,
+                std::net::IpAddr::V6(_) => &compiled.prefixes_v6,
+            };
+            prefixes
+                .iter()
+                .any(|(n, bits)| bits & SET_PROTECTED != 0 && n.contains(a))
+        };
         for b in bound {
             let stats = maps.iface_stats(b.block, &slots)?;
             let rules = compiled
@@ -155,6 +172,10 @@ impl Snapshot {
                 mode: b.mode.clone(),
                 rules,
                 reasons,
+                protected_addresses: nic_addrs
+                    .iter()
+                    .filter(|(a, ifindex)| **ifindex == b.ifindex && protected(a))
+                    .count() as u64,
             });
         }
         let flows = maps.flow_stats()?;

@@ -80,7 +80,7 @@ fn check_reports_every_mistake_at_once() {
         .replacen("udp_idle = 180", "udp_idle = 0", 1)
         .replacen(
             "remote = \"public_im_partners\"",
-            "remote = \"partners\"",
+            "remote = \"public_im_partner\"",
             1,
         )
         .replacen("port = 443", "port = 70000", 1);
@@ -96,8 +96,8 @@ fn check_reports_every_mistake_at_once() {
             line("udp_idle = 0")
         ),
         format!(
-            "{file}:{}:10: unknown remote set `partners`: expected one of",
-            line("remote = \"partners\"")
+            "{file}:{}:10: unknown remote set `public_im_partner`: did you mean `public_im_partners`? expected one of",
+            line("remote = \"public_im_partner\"")
         ),
         format!(
             "{file}:{}:8: port 70000 is out of range",

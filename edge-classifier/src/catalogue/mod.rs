@@ -155,6 +155,16 @@ impl fmt::Display for PortRange {
 #[serde(untagged)]
 enum RawPort {
     Number(i64),
+    /// `port = 443.0`: a slip, caught with a message that says what to write.
+    Float(f64),
+    Text(String),
+}
+
+/// `tcp_idle = 600` (seconds) or `tcp_idle = "10m"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Seconds(i64),
     Text(String),
 }
 
@@ -178,11 +188,11 @@ struct RawFlows {
     #[serde(default)]
     capacity: Option<Spanned<i64>>,
     #[serde(default)]
-    tcp_idle: Option<Spanned<i64>>,
+    tcp_idle: Option<Spanned<RawDuration>>,
     #[serde(default)]
-    udp_idle: Option<Spanned<i64>>,
+    udp_idle: Option<Spanned<RawDuration>>,
     #[serde(default)]
-    tcp_closing: Option<Spanned<i64>>,
+    tcp_closing: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -459,7 +469,7 @@ impl Catalogue {
         let raw: RawCatalogue = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(e) => {
-                src.error(e.span().unwrap_or(0..0), e.message().trim());
+                toml_error(&mut src, &e);
                 return Err(src.into_error());
             }
         };
@@ -504,12 +514,19 @@ fn port_number(n: i64) -> Result<u16, String> {
     }
 }
 
-fn port_range(raw: &RawPort) -> Result<PortRange, String> {
+/// The value of `key` (`port` or `local_port`).
+fn port_range(key: &str, raw: &RawPort) -> Result<PortRange, String> {
     match raw {
         RawPort::Number(n) => {
             let p = port_number(*n)?;
             Ok(PortRange { lo: p, hi: p })
         }
+        RawPort::Float(f) if f.fract() == 0.0 && (1.0..=65535.0).contains(f) => Err(format!(
+            "invalid port `{f:?}`: ports are integers, write `{key} = {f}`"
+        )),
+        RawPort::Float(f) => Err(format!(
+            "invalid port `{f:?}`: ports are integers from 1 to 65535"
+        )),
         RawPort::Text(t) => {
             let parse = |s: &str| -> Result<u16, String> {
                 let n: i64 = s.trim().parse().map_err(|_| {
@@ -559,7 +576,8 @@ fn parse_icmp(
                 None => {
                     let known: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
                     Err(format!(
-                        "unknown {what} type `{name}`: expected a number or one of {}",
+                        "unknown {what} type `{name}`: {}expected a number or one of {}",
+                        did_you_mean(name, known.iter().copied()),
                         known.join(", ")
                     ))
                 }
@@ -757,7 +775,8 @@ fn known_set(sets: &Sets, name: &str, what: &str) -> Result<String, String> {
         let mut known: Vec<&str> = sets.nets.keys().map(String::as_str).collect();
         known.push(ANY);
         Err(format!(
-            "unknown {what} set `{name}`: expected one of {}",
+            "unknown {what} set `{name}`: {}expected one of {}",
+            did_you_mean(name, known.iter().copied()),
             known.join(", ")
         ))
     }
@@ -855,17 +874,18 @@ fn parse_rule(
         src.error(
             r.interface.span(),
             format!(
-                "unknown interface role `{iface}`: expected one of {} (declare it under [interfaces])",
+                "unknown interface role `{iface}`: {}expected one of {} (declare it under [interfaces])",
+                did_you_mean(iface, known.iter().copied()),
                 known.join(", ")
             ),
         );
     }
     let ports = match (&r.port, &r.local_port) {
         (Some(p), None) => src
-            .check(p.span(), port_range(p.get_ref()))
+            .check(p.span(), port_range("port", p.get_ref()))
             .map(|range| (range, PortSide::Service)),
         (None, Some(p)) if r.direction == Direction::Outbound => src
-            .check(p.span(), port_range(p.get_ref()))
+            .check(p.span(), port_range("local_port", p.get_ref()))
             .map(|range| (range, PortSide::Local)),
         (None, Some(p)) => {
             src.error(
@@ -941,52 +961,196 @@ fn parse_policy(src: &mut Located, p: RawPolicy, sets: &Sets) -> Policy {
     }
 }
 
-/// `[flows]`; an out-of-range value is reported and its default kept.
+/// `[flows]`; an invalid value is reported and its default kept.
 fn parse_flows(src: &mut Located, raw: RawFlows) -> Flows {
     let d = Flows::default();
-    let mut bounded = |v: Option<Spanned<i64>>, default: u32, max: u32, what: &str, unit: &str| {
-        let Some(v) = v else { return default };
-        let n = *v.get_ref();
-        let value = if (1..=max as i64).contains(&n) {
-            Ok(n as u32)
-        } else {
-            Err(format!(
-                "flows.{what} = {n} is out of range: expected 1 to {max} {unit}"
-            ))
-        };
-        src.check(v.span(), value).unwrap_or(default)
+    let capacity = match raw.capacity {
+        None => d.capacity,
+        Some(v) => {
+            let n = *v.get_ref();
+            let capacity = in_range(n, MAX_FLOW_CAPACITY).ok_or_else(|| {
+                format!(
+                    "flows.capacity = {n} is out of range: expected 1 to {MAX_FLOW_CAPACITY} flows"
+                )
+            });
+            src.check(v.span(), capacity).unwrap_or(d.capacity)
+        }
+    };
+    let mut timeout = |v: Option<Spanned<RawDuration>>, default: u32, what: &str| match v {
+        None => default,
+        Some(v) => src
+            .check(v.span(), flow_timeout(v.get_ref(), what))
+            .unwrap_or(default),
     };
     Flows {
-        capacity: bounded(
-            raw.capacity,
-            d.capacity,
-            MAX_FLOW_CAPACITY,
-            "capacity",
-            "flows",
-        ),
-        tcp_idle: bounded(
-            raw.tcp_idle,
-            d.tcp_idle,
-            MAX_FLOW_TIMEOUT,
-            "tcp_idle",
-            "seconds",
-        ),
-        udp_idle: bounded(
-            raw.udp_idle,
-            d.udp_idle,
-            MAX_FLOW_TIMEOUT,
-            "udp_idle",
-            "seconds",
-        ),
-        tcp_closing: bounded(
-            raw.tcp_closing,
-            d.tcp_closing,
-            MAX_FLOW_TIMEOUT,
-            "tcp_closing",
-            "seconds",
-        ),
+        capacity,
+        tcp_idle: timeout(raw.tcp_idle, d.tcp_idle, "tcp_idle"),
+        udp_idle: timeout(raw.udp_idle, d.udp_idle, "udp_idle"),
+        tcp_closing: timeout(raw.tcp_closing, d.tcp_closing, "tcp_closing"),
     }
 }
+
+fn in_range(n: i64, max: u32) -> Option<u32> {
+    (1..=i64::from(max)).contains(&n).then_some(n as u32)
+}
+
+/// What a `[flows]` timeout may be, for the messages about one that is not.
+const DURATION_FORMS: &str =
+    "expected seconds (600) or a string such as \"90s\", \"15m\", \"2h\", \"1d\" or \"2h4m\"";
+
+/// A `[flows]` timeout in seconds, written as seconds or as a duration string.
+fn flow_timeout(raw: &RawDuration, what: &str) -> Result<u32, String> {
+    let (seconds, shown) = match raw {
+        RawDuration::Seconds(n) => (*n, n.to_string()),
+        RawDuration::Text(t) => {
+            let seconds = duration_seconds(t).ok_or_else(|| {
+                format!("invalid duration `{t}` for flows.{what}: {DURATION_FORMS}")
+            })?;
+            (
+                i64::try_from(seconds).unwrap_or(i64::MAX),
+                format!("\"{t}\""),
+            )
+        }
+    };
+    in_range(seconds, MAX_FLOW_TIMEOUT).ok_or_else(|| {
+        format!("flows.{what} = {shown} is out of range: expected 1 to {MAX_FLOW_TIMEOUT} seconds")
+    })
+}
+
+/// `"90s"`, `"15m"`, `"2h"`, `"1d"`, `"2h4m"`, `"1d 12h"`: whole days, hours, minutes and seconds,
+/// largest unit first, each at most once. A bare number is not accepted as a string: the
+/// integer form says seconds already, and `"90"` is more likely a unit left out.
+fn duration_seconds(text: &str) -> Option<u64> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let (mut total, mut previous_unit) = (0u64, u64::MAX);
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits].parse().ok()?;
+        let mut after = rest[digits..].chars();
+        let unit = match after.next()? {
+            'd' => 86_400,
+            'h' => 3_600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        if unit >= previous_unit {
+            return None;
+        }
+        previous_unit = unit;
+        total = total.saturating_add(n.saturating_mul(unit));
+        rest = after.as_str().trim_start();
+    }
+    Some(total)
+}
+
+/// The closest of `known` to `name`, when it is close enough to be a slip of the keyboard:
+/// at most one edit per three characters (a swap of two neighbours is one edit).
+fn closest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    known
+        .into_iter()
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|&(d, _)| d <= limit)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k)
+}
+
+/// `did you mean `x`? ` before an "expected ..." list, or nothing.
+fn did_you_mean<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> String {
+    closest(name, known)
+        .map(|k| format!("did you mean `{k}`? "))
+        .unwrap_or_default()
+}
+
+/// Edits (insert, delete, substitute, swap two neighbours) from `a` to `b`, ignoring case.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.to_lowercase().chars().collect();
+    let b: Vec<char> = b.to_lowercase().chars().collect();
+    // Three rows of the table: two back (for swaps), the previous one and this one.
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut row = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            row[j] = (previous[j] + 1)
+                .min(row[j - 1] + 1)
+                .min(previous[j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                row[j] = row[j].min(before[j - 2] + 1);
+            }
+        }
+        before = std::mem::replace(&mut previous, row);
+    }
+    previous[b.len()]
+}
+
+/// The one error serde stops at, said in the catalogue's terms where it is a common slip.
+fn toml_error(src: &mut Located, e: &toml::de::Error) {
+    let span = e.span().unwrap_or(0..0);
+    let message = e.message().trim();
+    let value = src.text.get(span.clone()).unwrap_or_default();
+    // `[ rule ]` and `["rule"]` are `[rule]` too.
+    let bare = |s: &str| -> String {
+        s.chars()
+            .filter(|c| !c.is_whitespace() && *c != '"' && *c != '\'')
+            .collect()
+    };
+    let before = src.text[..span.start].trim_end();
+    // Serde sees the `[rule]` table where a list was declared, or (after another `[rule]` or
+    // a `[[rule]]`) the key `rule` twice.
+    let about_rule_headers = (message.starts_with("invalid type: map, expected a sequence")
+        && bare(value) == "[rule]")
+        || (message == "duplicate key" && bare(value) == "rule" && before.ends_with('['));
+    if about_rule_headers {
+        // Every `[rule]` header is the same slip: say so at each.
+        let headers: Vec<Range<usize>> = src
+            .line_starts
+            .iter()
+            .filter_map(|&start| {
+                let line = src.text[start..].lines().next().unwrap_or_default();
+                let code = line.split('#').next().unwrap_or_default();
+                let indent = line.len() - line.trim_start().len();
+                (bare(code) == "[rule]").then_some(start + indent..start + line.len())
+            })
+            .collect();
+        if !headers.is_empty() {
+            for header in headers {
+                src.error(header, RULE_AS_TABLE);
+            }
+            return;
+        }
+    }
+    let message = if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((name, expected)) = rest.split_once("`, ")
+        && let Some(guess) = closest(name, expected.split('`').skip(1).step_by(2))
+    {
+        format!("unknown field `{name}`: did you mean `{guess}`? {expected}")
+    } else if let Some(raw) =
+        message.strip_prefix("data did not match any variant of untagged enum ")
+    {
+        match raw {
+            "RawPort" => {
+                format!("invalid port {value}: expected a port (5061) or a range (\"50000-59999\")")
+            }
+            "RawDuration" => format!("invalid duration {value}: {DURATION_FORMS}"),
+            "RawIcmp" => format!("invalid ICMP type {value}: expected a number or a name"),
+            _ => message.to_string(),
+        }
+    } else {
+        message.to_string()
+    };
+    src.error(span, message);
+}
+
+/// For `[rule]` where `[[rule]]` was meant: TOML reads it as one table, not a list of rules.
+const RULE_AS_TABLE: &str = "`[rule]` is a single table, but rules are a list: write `[[rule]]` (one `[[rule]]` header per rule)";
 
 /// A finding of `check` that is not an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1366,6 +1530,148 @@ edge = ["198.51.100.10/32"]
         // Inbound, the range is the Edge's own.
         let inbound = Catalogue::parse("t.toml", &rule("port = \"50000-59999\"")).unwrap();
         assert!(inbound.warnings().is_empty());
+    }
+
+    #[test]
+    fn rule_written_as_a_table_says_to_write_an_array_of_tables() {
+        let want = "`[rule]` is a single table, but rules are a list: write `[[rule]]` (one `[[rule]]` header per rule)";
+        let one = rule("port = 443").replace("[[rule]]", "[rule]");
+        assert_eq!(error(&one), format!("5:1: {want}"));
+        // Twice (TOML calls the second a duplicate key), and after a `[[rule]]`: each header.
+        let second = rule("port = 444")
+            .replace(BASE, "")
+            .replace("\"r1\"", "\"r2\"");
+        let e = errors(&format!(
+            "{one}{}",
+            second.replace("[[rule]]", "  [ rule ] # two")
+        ));
+        assert_eq!(e, [format!("5:1: {want}"), format!("14:3: {want}")]);
+        let e = errors(&format!(
+            "{}{}",
+            rule("port = 443"),
+            second.replace("[[rule]]", "[rule]")
+        ));
+        assert_eq!(e, [format!("14:1: {want}")]);
+        let e = errors(&format!("{one}{second}"));
+        assert_eq!(e, [format!("5:1: {want}")]);
+        let e = error(&one.replace("[rule]", "[\"rule\"]"));
+        assert_eq!(e, format!("5:1: {want}"));
+    }
+
+    #[test]
+    fn a_port_written_as_a_float_says_ports_are_integers() {
+        assert_eq!(
+            error(&rule("port = 443.0")),
+            "13:8: invalid port `443.0`: ports are integers, write `port = 443`"
+        );
+        let outbound = rule("local_port = 50000.0").replace("\"inbound\"", "\"outbound\"");
+        assert_eq!(
+            error(&outbound),
+            "13:14: invalid port `50000.0`: ports are integers, write `local_port = 50000`"
+        );
+        assert_eq!(
+            error(&rule("port = 443.5")),
+            "13:8: invalid port `443.5`: ports are integers from 1 to 65535"
+        );
+        // Neither a number nor a string.
+        assert_eq!(
+            error(&rule("port = true")),
+            "13:8: invalid port true: expected a port (5061) or a range (\"50000-59999\")"
+        );
+    }
+
+    #[test]
+    fn flow_timeouts_are_seconds_or_durations() {
+        let flows = |value: &str| format!("{BASE}[flows]\ntcp_idle = {value}\n");
+        for (value, seconds) in [
+            ("7440", 7440),
+            ("\"90s\"", 90),
+            ("\"15m\"", 900),
+            ("\"2h\"", 7200),
+            ("\"1d\"", 86_400),
+            ("\"2h4m\"", 7440),
+            ("\" 1d 12h \"", 129_600),
+        ] {
+            let cat = Catalogue::parse("t.toml", &flows(value)).unwrap();
+            assert_eq!(cat.flows.tcp_idle, seconds, "tcp_idle = {value}");
+        }
+        let forms =
+            r#"expected seconds (600) or a string such as "90s", "15m", "2h", "1d" or "2h4m""#;
+        for bad in ["2x", "4m2h", "1h1h", "90", "h", "", "1.5h", "-2h"] {
+            assert_eq!(
+                error(&flows(&format!("\"{bad}\""))),
+                format!("6:12: invalid duration `{bad}` for flows.tcp_idle: {forms}")
+            );
+        }
+        assert_eq!(
+            error(&flows("\"11d\"")),
+            "6:12: flows.tcp_idle = \"11d\" is out of range: expected 1 to 864000 seconds"
+        );
+        assert!(error(&flows("\"0s\"")).contains("is out of range"));
+        assert_eq!(
+            error(&flows("2.5")),
+            format!("6:12: invalid duration 2.5: {forms}")
+        );
+    }
+
+    #[test]
+    fn unknown_names_get_the_closest_known_one() {
+        // A key, serde's message kept and the suggestion added.
+        let e = error(&rule("prot = 443"));
+        assert!(
+            e.starts_with("13:1: unknown field `prot`: did you mean `port`? expected one of `id`,"),
+            "{e}"
+        );
+        let e = error(&format!("{BASE}[flows]\ntcp_idel = 5\n"));
+        assert!(
+            e.starts_with(
+                "6:1: unknown field `tcp_idel`: did you mean `tcp_idle`? expected one of"
+            ),
+            "{e}"
+        );
+        // Far from every key: no guess.
+        let e = error(&rule("port = 443\ncolour = \"red\""));
+        assert!(
+            e.starts_with("14:1: unknown field `colour`, expected one of"),
+            "{e}"
+        );
+        // A set.
+        let text = rule("port = 443")
+            .replace(
+                "[[rule]]",
+                "public_im_partners = [\"203.0.113.0/24\"]\n[[rule]]",
+            )
+            .replace("remote = \"any\"", "remote = \"publc_im_partners\"");
+        assert_eq!(
+            error(&text),
+            "12:10: unknown remote set `publc_im_partners`: did you mean `public_im_partners`? expected one of edge, public_im_partners, any"
+        );
+        // An interface role.
+        let text =
+            rule("port = 443").replace("interface = \"external\"", "interface = \"externl\"");
+        assert_eq!(
+            error(&text),
+            "12:13: unknown interface role `externl`: did you mean `external`? expected one of external (declare it under [interfaces])"
+        );
+        // An ICMP type.
+        let e = error(&format!("{BASE}[policy]\nicmp = [\"echo-requst\"]\n"));
+        assert!(
+            e.starts_with("6:9: unknown ICMP type `echo-requst`: did you mean `echo-request`?"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_a_swap_as_one_edit() {
+        assert_eq!(edit_distance("port", "port"), 0);
+        assert_eq!(edit_distance("prot", "port"), 1);
+        assert_eq!(edit_distance("Port", "port"), 0);
+        assert_eq!(edit_distance("externl", "external"), 1);
+        assert_eq!(edit_distance("", "any"), 3);
+        assert_eq!(edit_distance("dmz", "external"), 8);
+        assert_eq!(edit_distance("sctp", "tcp"), 2);
+        assert_eq!(closest("udpp", ["tcp", "udp"]), Some("udp"));
+        assert_eq!(closest("dmz", ["external", "internal"]), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use edge_classifier::{
-    catalogue::{Catalogue, CatalogueError, DEFAULT_CATALOGUE, profiles},
+    catalogue::{Catalogue, CatalogueError, DEFAULT_CATALOGUE, DEFAULT_NAME, profiles},
     compile::compile,
     instance::{DEFAULT_INSTANCE, Instance},
     lifecycle,
@@ -69,12 +69,17 @@ enum Command {
         instance: String,
     },
     /// Say what the classifier would do with a flow's first frame, and why (no kernel needed).
+    /// A drop names the nearest rule and what differed. Exit status: 0 pass, 1 drop, 2 error.
     ///
-    /// Example: explain --iface external tcp 203.0.113.5:40000 198.51.100.10:5061
+    /// Examples: explain --instance edge tcp 203.0.113.5:40000 198.51.100.10:5061;
+    /// explain icmp 203.0.113.5 198.51.100.10 --icmp-type echo-request
     Explain {
-        /// Rule catalogue; the embedded default when omitted.
-        #[arg(long, value_name = "FILE")]
+        /// Rule catalogue. Without it (or --instance) the embedded default answers, and says so.
+        #[arg(long, value_name = "FILE", conflicts_with = "instance")]
         catalogue: Option<PathBuf>,
+        /// Answer with the catalogue instance NAME is running (from its state).
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
         /// Role of the NIC the frame is on.
         #[arg(long = "iface", value_name = "ROLE", default_value = "external")]
         role: String,
@@ -84,13 +89,19 @@ enum Command {
         /// The Edge has opened the reverse flow first (for replies to outbound rules).
         #[arg(long)]
         established: bool,
-        /// tcp or udp.
+        /// ICMP/ICMPv6 type, by number or by the name the catalogue's icmp lists use.
+        #[arg(long, value_name = "TYPE", default_value = "echo-request")]
+        icmp_type: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// tcp, udp, icmp or icmpv6.
         #[arg(value_enum)]
-        transport: L4,
-        /// Source, `ADDR:PORT` or `[ADDR6]:PORT`.
-        src: std::net::SocketAddr,
-        /// Destination.
-        dst: std::net::SocketAddr,
+        protocol: Protocol,
+        /// Source: `ADDR:PORT` or `[ADDR6]:PORT` (just ADDR for ICMP).
+        src: String,
+        /// Destination, the same way.
+        dst: String,
     },
     /// Run every frame of a capture through the kernel program with a catalogue (a dry run):
     /// per-rule and per-reason counts, and any frame where the kernel and the reference
@@ -171,9 +182,11 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum L4 {
+enum Protocol {
     Tcp,
     Udp,
+    Icmp,
+    Icmpv6,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -246,13 +259,41 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Explain {
             catalogue,
+            instance,
             role,
             out,
             established,
-            transport,
+            icmp_type,
+            json,
+            protocol,
             src,
             dst,
-        } => explain(catalogue, &role, out, established, transport, (src, dst)),
+        } => {
+            let which = match (catalogue, instance) {
+                (Some(path), _) => Which::File(path),
+                (None, Some(name)) => Which::Instance(name),
+                (None, None) => Which::Default,
+            };
+            let ask = Ask {
+                role,
+                out,
+                established,
+                icmp_type,
+                json,
+                protocol,
+                src,
+                dst,
+            };
+            // 0 pass, 1 drop: scripts test a verdict with the exit status; errors are 2.
+            match explain(which, ask) {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
         Command::Replay {
             catalogue,
             role,
@@ -328,37 +369,107 @@ fn status(instance: &str, json: bool) -> anyhow::Result<()> {
 }
 
 /// `explain`: one flow's first frame through the reference classifier.
-fn explain(
-    catalogue: Option<PathBuf>,
-    role: &str,
+/// Which catalogue `explain` answers with.
+enum Which {
+    File(PathBuf),
+    Instance(String),
+    Default,
+}
+
+/// What `explain` is asked.
+struct Ask {
+    role: String,
     out: bool,
     established: bool,
-    transport: L4,
-    (src, dst): (std::net::SocketAddr, std::net::SocketAddr),
-) -> anyhow::Result<()> {
-    let cat = match &catalogue {
-        Some(p) => Catalogue::load(p)?,
-        None => Catalogue::default_catalogue(),
+    icmp_type: String,
+    json: bool,
+    protocol: Protocol,
+    src: String,
+    dst: String,
+}
+
+/// `explain`: prints the answer; `Ok(true)` when the frame passes.
+fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
+    use edge_classifier::explain::{Probe, Way};
+    use std::net::{IpAddr, SocketAddr};
+    let (cat, label) = match which {
+        Which::File(p) => {
+            let cat = Catalogue::load(&p)?;
+            let label = cat.source_name.clone();
+            (cat, label)
+        }
+        Which::Instance(name) => {
+            let state = Instance::new(&name)?.require_state()?;
+            let running = state
+                .active()
+                .context("the instance's active rule buffer is unknown")?;
+            let cat = running.catalogue()?;
+            let label = format!("{} (running in instance {name})", cat.source_name);
+            (cat, label)
+        }
+        Which::Default => {
+            let label = format!(
+                "{DEFAULT_NAME}: the seed matrix on documentation addresses (no --catalogue or --instance given)"
+            );
+            if !ask.json {
+                eprintln!(
+                    "explain: answering for the embedded default catalogue; pass --catalogue FILE or --instance NAME for yours"
+                );
+            }
+            (Catalogue::default_catalogue(), label)
+        }
     };
     let compiled = compile(&cat)?;
+    let sock = |s: &str| -> anyhow::Result<(IpAddr, u16)> {
+        let a: SocketAddr = s
+            .parse()
+            .with_context(|| format!("`{s}`: expected ADDR:PORT or [ADDR6]:PORT"))?;
+        Ok((a.ip(), a.port()))
+    };
+    let addr = |s: &str| -> anyhow::Result<IpAddr> {
+        s.parse()
+            .with_context(|| format!("`{s}`: expected an address (ICMP has no ports)"))
+    };
+    let probe = match ask.protocol {
+        Protocol::Tcp | Protocol::Udp => Probe::L4 {
+            transport: if matches!(ask.protocol, Protocol::Tcp) {
+                edge_classifier::catalogue::Transport::Tcp
+            } else {
+                edge_classifier::catalogue::Transport::Udp
+            },
+            src: sock(&ask.src)?,
+            dst: sock(&ask.dst)?,
+        },
+        Protocol::Icmp | Protocol::Icmpv6 => {
+            let v6 = matches!(ask.protocol, Protocol::Icmpv6);
+            let (src, dst) = (addr(&ask.src)?, addr(&ask.dst)?);
+            if src.is_ipv6() != v6 || dst.is_ipv6() != v6 {
+                bail!(
+                    "{} needs {} addresses",
+                    if v6 { "icmpv6" } else { "icmp" },
+                    if v6 { "IPv6" } else { "IPv4" }
+                );
+            }
+            let ty = edge_classifier::catalogue::icmp_type(v6, &ask.icmp_type)
+                .with_context(|| format!("unknown ICMP type `{}`", ask.icmp_type))?;
+            Probe::Icmp { ty, src, dst }
+        }
+    };
     let e = edge_classifier::explain::explain(
+        &cat,
         &compiled,
-        role,
-        if out {
-            edge_classifier::explain::Way::Out
-        } else {
-            edge_classifier::explain::Way::In
-        },
-        match transport {
-            L4::Tcp => edge_classifier::catalogue::Transport::Tcp,
-            L4::Udp => edge_classifier::catalogue::Transport::Udp,
-        },
-        src,
-        dst,
-        established,
+        &label,
+        &ask.role,
+        if ask.out { Way::Out } else { Way::In },
+        probe,
+        ask.established,
     )?;
-    println!("{e}");
-    Ok(())
+    if ask.json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        println!("{e}");
+    }
+    Ok(e.pass)
 }
 
 fn replay(

@@ -390,6 +390,17 @@ const ICMPV6_NAMES: &[(&str, u8)] = &[
 const DEFAULT_ICMP: &[u8] = &[0, 3, 8, 11, 12];
 const DEFAULT_ICMPV6: &[u8] = &[1, 2, 3, 4, 128, 129];
 
+/// An ICMP (`v6` false) or ICMPv6 type by the name the catalogue's `icmp`/`icmpv6` lists use,
+/// or by number.
+pub fn icmp_type(v6: bool, name: &str) -> Option<u8> {
+    let names = if v6 { ICMPV6_NAMES } else { ICMP_NAMES };
+    names
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .or_else(|| name.parse().ok())
+}
+
 /// The catalogue text with its line index, and the errors found in it so far: validation
 /// records every error and goes on, so that one `check` shows all of them.
 struct Located<'a> {

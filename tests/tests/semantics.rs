@@ -959,6 +959,36 @@ fn default_catalogue_tables_match_the_catalogue() {
     }
 }
 
+/// The shipped profiles (sfb-edge, sip-xmpp-edge; the seed is the default above): every
+/// inbound rule matches some frame (none is shadowed by an earlier one), and tables agree with
+/// the catalogue on every boundary frame.
+#[test]
+fn profile_tables_match_the_catalogue() {
+    for p in edge_classifier::catalogue::profiles::PROFILES {
+        let cat = Catalogue::parse(p.name, p.text).expect("profile parses");
+        let stats = check_catalogue(p.name, p.text, &cat);
+        eprintln!(
+            "profile {}: {} frames; {:?}; rules seen matching: {}",
+            p.name,
+            stats.frames,
+            stats.by_kind,
+            stats.rules_hit.len()
+        );
+        for r in cat
+            .rules
+            .iter()
+            .filter(|r| r.direction == Direction::Inbound)
+        {
+            assert!(
+                stats.rules_hit.contains(&r.id),
+                "profile {}: rule {} never matched",
+                p.name,
+                r.id
+            );
+        }
+    }
+}
+
 #[test]
 fn generated_catalogues_tables_match_the_catalogue() {
     let started = Instant::now();

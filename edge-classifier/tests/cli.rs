@@ -37,6 +37,11 @@ fn default_catalogue_prints_and_checks_clean() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("ok: 10 rules"), "{stdout}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "the default catalogue checks without warnings: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_file(path).ok();
 }
 

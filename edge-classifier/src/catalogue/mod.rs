@@ -243,6 +243,13 @@ struct RawRule {
     #[serde(default)]
     local_port: Option<Spanned<RawPort>>,
     interface: Spanned<String>,
+    /// `overlaps = ["earlier-rule-id", ...]`: the operator's word that this rule overlaps those
+    /// earlier rules on purpose (a narrower rule first counts its share, a broader one after it
+    /// the rest), so `check` stays quiet about those pairs. Each must name an earlier rule. A
+    /// pair that no longer overlaps is reported as a stale acknowledgement; a rule an earlier
+    /// one shadows is still reported, since no acknowledgement makes it match.
+    #[serde(default)]
+    overlaps: Vec<Spanned<String>>,
     #[serde(default)]
     note: String,
 }
@@ -270,6 +277,8 @@ pub struct Rule {
     pub port_side: PortSide,
     pub interface: String,
     pub note: String,
+    /// Earlier rules this one overlaps on purpose (`overlaps`): no warning for those pairs.
+    pub overlaps: Vec<String>,
     /// Where the rule starts in the source, for warnings.
     pub location: Location,
 }
@@ -793,7 +802,8 @@ fn known_set(sets: &Sets, name: &str, what: &str) -> Result<String, String> {
     }
 }
 
-/// `[[rule]]`s in file order: ids kebab-case and unique, the rest checked by [`parse_rule`].
+/// `[[rule]]`s in file order: ids kebab-case and unique, `overlaps` naming earlier rules, the
+/// rest checked by [`parse_rule`].
 fn parse_rules(
     src: &mut Located,
     raw: Vec<RawRule>,
@@ -801,7 +811,14 @@ fn parse_rules(
     interfaces: &BTreeMap<String, String>,
 ) -> Vec<Rule> {
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.len());
-    let mut seen_ids: std::collections::HashMap<String, Location> = Default::default();
+    // Where each id is first declared: `overlaps` may name only the earlier ones.
+    let declared: std::collections::HashMap<String, usize> = raw
+        .iter()
+        .rev()
+        .map(|r| (r.id.get_ref().clone(), r.id.span().start))
+        .collect();
+    // Ordered, so that the closest id suggested for a slip does not vary from run to run.
+    let mut seen_ids: BTreeMap<String, Location> = BTreeMap::new();
     for r in raw {
         let id = r.id.get_ref();
         if !is_kebab(id) {
@@ -818,16 +835,40 @@ fn parse_rules(
         } else {
             seen_ids.insert(id.clone(), src.location(r.id.span().start));
         }
-        rules.extend(parse_rule(src, r, sets, interfaces));
+        let mut overlaps = Vec::with_capacity(r.overlaps.len());
+        for other in &r.overlaps {
+            let name = other.get_ref();
+            let problem = if name == id {
+                format!(
+                    "rule `{id}` names itself in `overlaps`: name the earlier rules it overlaps"
+                )
+            } else if seen_ids.contains_key(name) {
+                overlaps.push(name.clone());
+                continue;
+            } else if let Some(&at) = declared.get(name) {
+                format!(
+                    "`overlaps` names rule `{name}`, which comes later ({}): acknowledge an overlap on the later rule of the two",
+                    src.location(at)
+                )
+            } else {
+                format!(
+                    "unknown rule `{name}` in `overlaps`: {}expected the id of an earlier rule",
+                    did_you_mean(name, seen_ids.keys().map(String::as_str))
+                )
+            };
+            src.error(other.span(), problem);
+        }
+        rules.extend(parse_rule(src, r, overlaps, sets, interfaces));
     }
     rules
 }
 
 /// One rule: seed row, protocol label, sets, interface role and ports; `None` when any of
-/// them is invalid (each error recorded).
+/// them is invalid (each error recorded). `overlaps` is checked already.
 fn parse_rule(
     src: &mut Located,
     r: RawRule,
+    overlaps: Vec<String>,
     sets: &Sets,
     interfaces: &BTreeMap<String, String>,
 ) -> Option<Rule> {
@@ -939,6 +980,7 @@ fn parse_rule(
         port_side,
         interface: iface.clone(),
         note: r.note,
+        overlaps,
         location: src.location(r.id.span().start),
     })
 }
@@ -1218,17 +1260,16 @@ impl Catalogue {
                 });
             }
             for earlier in &self.rules[..j] {
-                if earlier.transport != later.transport
-                    || earlier.direction != later.direction
-                    || earlier.port_side != later.port_side
-                    || earlier.interface != later.interface
-                    || !earlier.ports.overlaps(&later.ports)
-                    || !self.sets_overlap(&earlier.local, &later.local)
-                    || !self.sets_overlap(&earlier.remote, &later.remote)
-                {
-                    continue;
-                }
-                let shadowed = earlier.ports.covers(&later.ports)
+                let acknowledged = later.overlaps.contains(&earlier.id);
+                let overlap = earlier.transport == later.transport
+                    && earlier.direction == later.direction
+                    && earlier.port_side == later.port_side
+                    && earlier.interface == later.interface
+                    && earlier.ports.overlaps(&later.ports)
+                    && self.sets_overlap(&earlier.local, &later.local)
+                    && self.sets_overlap(&earlier.remote, &later.remote);
+                let shadowed = overlap
+                    && earlier.ports.covers(&later.ports)
                     && self.set_covers(&earlier.local, &later.local)
                     && self.set_covers(&earlier.remote, &later.remote);
                 let message = if shadowed {
@@ -1236,11 +1277,18 @@ impl Catalogue {
                         "rule `{}` is shadowed by `{}` ({}): it can never match, so its counters stay at zero",
                         later.id, earlier.id, earlier.location
                     )
-                } else {
+                } else if overlap && !acknowledged {
                     format!(
-                        "rule `{}` overlaps `{}` ({}): frames in the overlap count against `{}`",
-                        later.id, earlier.id, earlier.location, earlier.id
+                        "rule `{}` overlaps `{}` ({}): frames in the overlap count against `{}` (if intended, say so with `overlaps = [\"{}\"]`)",
+                        later.id, earlier.id, earlier.location, earlier.id, earlier.id
                     )
+                } else if !overlap && acknowledged {
+                    format!(
+                        "rule `{}` lists `{}` ({}) in `overlaps`, but they do not overlap: remove it from `overlaps`",
+                        later.id, earlier.id, earlier.location
+                    )
+                } else {
+                    continue;
                 };
                 out.push(Warning {
                     location: later.location.clone(),
@@ -1326,6 +1374,8 @@ edge = ["198.51.100.10/32"]
             }
         );
         assert_eq!(p4.direction, Direction::Outbound);
+        // `check` has nothing to say about it: S1's overlap with P2 is acknowledged.
+        assert_eq!(cat.warnings(), []);
     }
 
     #[test]
@@ -1683,6 +1733,82 @@ edge = ["198.51.100.10/32"]
         assert_eq!(edit_distance("sctp", "tcp"), 2);
         assert_eq!(closest("udpp", ["tcp", "udp"]), Some("udp"));
         assert_eq!(closest("dmz", ["external", "internal"]), None);
+    }
+
+    /// The warnings of `text`, as `check` prints them.
+    fn warnings(text: &str) -> Vec<String> {
+        let cat = Catalogue::parse("t.toml", text).unwrap();
+        cat.warnings().iter().map(|w| w.to_string()).collect()
+    }
+
+    /// `rule(body)` with its id `id`, without `BASE`: a second or third rule.
+    fn another(id: &str, body: &str) -> String {
+        rule(body)
+            .replace(BASE, "")
+            .replace("id = \"r1\"", &format!("id = \"{id}\""))
+    }
+
+    #[test]
+    fn overlaps_acknowledges_an_intended_overlap() {
+        // r2 (443-600) overlaps r1 (400-500); r3 (450) is shadowed by both.
+        let three = |r2: &str, r3: &str| {
+            format!(
+                "{}{}{}",
+                rule("port = \"400-500\""),
+                another("r2", &format!("port = \"443-600\"\n{r2}")),
+                another("r3", &format!("port = 450\n{r3}")),
+            )
+        };
+        let w = warnings(&three("", ""));
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert!(
+            w[0].ends_with(
+                "rule `r2` overlaps `r1` (t.toml:6:6): frames in the overlap count against `r1` (if intended, say so with `overlaps = [\"r1\"]`)"
+            ),
+            "{w:#?}"
+        );
+        // Acknowledged pairs are quiet; a shadowed rule is still reported, as it never matches.
+        let w = warnings(&three("overlaps = [\"r1\"]", "overlaps = [\"r1\", \"r2\"]"));
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(w[0].contains("`r3` is shadowed by `r1`"), "{w:#?}");
+        assert!(w[1].contains("`r3` is shadowed by `r2`"), "{w:#?}");
+        // Stale: on udp, r2 overlaps nothing.
+        let stale = format!(
+            "{}{}",
+            rule("port = 443"),
+            another("r2", "port = 443\noverlaps = [\"r1\"]").replace("\"tcp\"", "\"udp\"")
+        );
+        assert_eq!(
+            warnings(&stale),
+            [
+                "t.toml:15:6: warning: rule `r2` lists `r1` (t.toml:6:6) in `overlaps`, but they do not overlap: remove it from `overlaps`"
+            ]
+        );
+    }
+
+    #[test]
+    fn overlaps_names_earlier_rules() {
+        let three = |overlaps: &str| {
+            format!(
+                "{}{}{}",
+                rule("port = 443").replace("\"r1\"", "\"public-im-sip-out\""),
+                another("r2", &format!("port = 444\noverlaps = [{overlaps}]")),
+                another("r3", "port = 445"),
+            )
+        };
+        Catalogue::parse("t.toml", &three("\"public-im-sip-out\"")).unwrap();
+        assert_eq!(
+            error(&three("\"publc-im-sip-out\"")),
+            "23:13: unknown rule `publc-im-sip-out` in `overlaps`: did you mean `public-im-sip-out`? expected the id of an earlier rule"
+        );
+        assert_eq!(
+            error(&three("\"r3\"")),
+            "23:13: `overlaps` names rule `r3`, which comes later (t.toml:25:6): acknowledge an overlap on the later rule of the two"
+        );
+        assert_eq!(
+            error(&three("\"public-im-sip-out\", \"r2\"")),
+            "23:34: rule `r2` names itself in `overlaps`: name the earlier rules it overlaps"
+        );
     }
 
     #[test]

@@ -482,8 +482,8 @@ impl Catalogue {
         Self::parse(&name, &text)
     }
 
-    /// Every error of the file, or the catalogue. A TOML syntax or type error stops at that
-    /// one: serde cannot go on past it.
+    /// Every error of the file, or the catalogue. A TOML syntax or type error stops there
+    /// (serde cannot go on past it), so it comes alone, or with the other `[rule]` headers.
     pub fn parse(name: &str, text: &str) -> Result<Self, CatalogueError> {
         let mut src = Located::new(name, text);
         let raw: RawCatalogue = match toml::from_str(text) {
@@ -1193,7 +1193,10 @@ fn toml_error(src: &mut Located, e: &toml::de::Error) {
                 format!("invalid port {value}: expected a port (5061) or a range (\"50000-59999\")")
             }
             "RawDuration" => format!("invalid duration {value}: {DURATION_FORMS}"),
-            "RawIcmp" => format!("invalid ICMP type {value}: expected a number or a name"),
+            // Serde's span is the whole list here.
+            "RawIcmp" => format!(
+                "invalid ICMP types {value}: expected numbers or names such as \"echo-request\""
+            ),
             _ => message.to_string(),
         }
     } else {
@@ -1719,6 +1722,11 @@ edge = ["198.51.100.10/32"]
         assert!(
             e.starts_with("6:9: unknown ICMP type `echo-requst`: did you mean `echo-request`?"),
             "{e}"
+        );
+        let e = error(&format!("{BASE}[policy]\nicmp = [true]\n"));
+        assert_eq!(
+            e,
+            "6:8: invalid ICMP types [true]: expected numbers or names such as \"echo-request\""
         );
     }
 

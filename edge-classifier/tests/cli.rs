@@ -231,72 +231,46 @@ fn stats_without_a_running_classifier_says_what_to_check() {
     );
 }
 
+/// Every profile prints, checks clean and quiet through the binary; an unknown one is named.
 #[test]
-fn explain_names_the_rule_or_the_reason() {
-    let explain = |args: &[&str]| -> String {
-        let out = bin().arg("explain").args(args).output().expect("run");
+fn catalogue_profiles_print_and_check_clean() {
+    let dir = std::env::temp_dir().join(format!("ec-profiles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, rules) in [("seed", 10), ("sfb-edge", 29), ("sip-xmpp-edge", 21)] {
+        let out = bin()
+            .args(["catalogue", "--profile", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "catalogue --profile {name}");
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, &out.stdout).unwrap();
+        let check = bin().arg("check").arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&check.stdout);
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        assert!(check.status.success(), "check {name}: {stdout}{stderr}");
         assert!(
-            out.status.success(),
-            "explain {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            stdout.contains(&format!("ok: {rules} rules")),
+            "check {name}: {stdout}"
         );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let cases: &[(&[&str], &str)] = &[
-        (
-            &["tcp", "203.0.113.5:40000", "198.51.100.10:5061"],
-            "pass: rule public-im-sip-in, seed row P1 (inbound tcp 5061)",
-        ),
-        (
-            &["tcp", "198.51.100.1:40000", "198.51.100.10:5061"],
-            "drop: no_rule",
-        ),
-        (
-            &["udp", "[2001:db8:100::1]:40000", "[2001:db8:100::10]:3478"],
-            "pass: rule messenger-stun-in, seed row P6",
-        ),
-        (
-            &["tcp", "198.51.100.1:5269", "198.51.100.10:41000"],
-            "drop: not_established",
-        ),
-        (
-            &[
-                "--established",
-                "tcp",
-                "198.51.100.1:5269",
-                "198.51.100.10:41000",
-            ],
-            "pass: rule xmpp-federation-out, seed row X2",
-        ),
-        (
-            &["--out", "tcp", "198.51.100.10:50010", "198.51.100.1:7000"],
-            "pass: rule messenger-rtp-tcp-out, seed row P4",
-        ),
-        (
-            &[
-                "--iface",
-                "internal",
-                "tcp",
-                "192.0.2.20:40000",
-                "192.0.2.10:23456",
-            ],
-            "pass: rule xmpp-gateway-internal-in, seed row X3",
-        ),
-        (
-            &["tcp", "192.0.2.20:40000", "192.0.2.10:23456"],
-            "drop: no_rule",
-        ),
-    ];
-    for (args, want) in cases {
-        let got = explain(args);
-        assert!(got.contains(want), "explain {args:?}: {got}");
+        assert!(stderr.is_empty(), "check {name} must be quiet: {stderr}");
     }
-    let out = bin()
-        .args(["explain", "tcp", "203.0.113.5:1", "[2001:db8::1]:2"])
+    let seed = bin()
+        .args(["catalogue", "--profile", "seed"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("different address families"));
+    let default = bin().args(["catalogue", "--default"]).output().unwrap();
+    assert_eq!(seed.stdout, default.stdout, "--default is the seed profile");
+    let bad = bin()
+        .args(["catalogue", "--profile", "sfb"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("sfb-edge"),
+        "the known profiles are listed: {err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

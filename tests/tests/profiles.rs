@@ -158,6 +158,12 @@ fn every_profile_checks_clean_and_tracks_the_edges_own_flows() {
                 r.id
             );
         }
+        let warnings: Vec<String> = cat.warnings().iter().map(|w| w.to_string()).collect();
+        assert!(
+            warnings.is_empty(),
+            "profile {}: `check` must be quiet (acknowledge intended overlaps): {warnings:#?}",
+            profile.name
+        );
         edge_classifier::compile::compile(&cat)
             .unwrap_or_else(|e| panic!("profile {} compiles: {e}", profile.name));
     }

@@ -866,11 +866,27 @@ fn random_catalogue(rng: &mut Rng) -> String {
     for i in 0..n_rules {
         let transport = if rng.chance(2) { "tcp" } else { "udp" };
         let outbound = rng.chance(5);
-        let local = format!("s{}", rng.below(n_sets));
-        let remote = if rng.chance(3) {
-            "any".to_string()
-        } else {
-            format!("s{}", rng.below(n_sets))
+        let l = rng.below(n_sets);
+        let local = format!("s{l}");
+        // A remote set sharing no address family with the local one could never match, which
+        // the catalogue rejects: such a draw becomes `any`.
+        let shares = |r: usize| {
+            sets[l].iter().any(|a| {
+                sets[r]
+                    .iter()
+                    .any(|b| a.addr().is_ipv6() == b.addr().is_ipv6())
+            })
+        };
+        let remote = match rng.chance(3) {
+            true => "any".to_string(),
+            false => {
+                let r = rng.below(n_sets);
+                if shares(r) {
+                    format!("s{r}")
+                } else {
+                    "any".to_string()
+                }
+            }
         };
         let port_key = if outbound && rng.chance(2) {
             "local_port"

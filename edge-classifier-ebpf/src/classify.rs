@@ -199,9 +199,16 @@ pub(crate) fn try_egress(
         L3::Ip(ip) => ip,
         L3::Arp | L3::Other => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
     };
-    let local_bits = local_bits(active, &l3.src);
+    let mut local_bits = local_bits(active, &l3.src);
     if local_bits & SET_PROTECTED == 0 {
-        return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
+        // A bound NIC's own address no set names (a SLAAC address, a second IPv4 address) is
+        // the Edge's as much as on ingress: no rule's local set holds it, but what it opens is
+        // tracked like the rest of the Edge's own flows.
+        if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && iface_addr(&l3.src) {
+            local_bits = SET_PROTECTED | SET_ANY;
+        } else {
+            return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
+        }
     }
     if l3.fragment == Fragment::Later {
         return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED));

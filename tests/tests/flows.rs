@@ -845,3 +845,56 @@ fn a_reload_keeps_tracked_flows_only_while_the_policy_tracks() {
         .expect("purge");
     assert_eq!(removed, 2, "both tracked flows purged");
 }
+
+/// An address the Edge's NIC has but no set names (a SLAAC or temporary IPv6 address, a second
+/// IPv4 address) is protected on ingress under `protect_interface_addresses`; what the Edge
+/// sends from it is its own too, so egress tracking records it and the answer comes back.
+#[test]
+fn the_nics_own_unnamed_addresses_track_their_flows_too() {
+    let mut h = short_timeouts();
+    let slaac: IpAddr = "2001:db8:100::a:b:c:d".parse().unwrap();
+    let second: IpAddr = "198.51.100.99".parse().unwrap();
+    let addrs: std::collections::BTreeMap<IpAddr, u32> =
+        [(slaac, 1), (second, 1)].into_iter().collect();
+    h.classifier
+        .maps_mut()
+        .set_iface_addrs(&addrs)
+        .expect("NIC addresses");
+    for (edge, peer) in [(second, IpAddr::from(PEER4)), (slaac, IpAddr::from(PEER6))] {
+        let answer = udp(peer, 53, edge, 40053);
+        in_drop(
+            &mut h,
+            &format!("{edge}: DNS answer before any query"),
+            &answer,
+            "no_rule",
+        );
+        h.expect_dir(
+            Dir::Out,
+            &format!("{edge}: DNS query from the NIC's own address"),
+            &udp(edge, 40053, peer, 53),
+            TC_NEXT,
+            &pass_reason("egress_tracked"),
+        );
+        h.expect_dir(
+            Dir::In,
+            &format!("{edge}: DNS answer"),
+            &answer,
+            XDP_PASS,
+            &pass_reason("tracked_reply"),
+        );
+        in_drop(
+            &mut h,
+            &format!("{edge}: SSH to the NIC's own address"),
+            &tcp_segment(peer, 53, edge, 22, SYN),
+            "no_rule",
+        );
+    }
+    // An address neither named nor on a NIC is someone else's: not tracked.
+    h.expect_dir(
+        Dir::Out,
+        "from an address that is not the Edge's",
+        &udp(IpAddr::from(OTHER4), 40053, IpAddr::from(PEER4), 53),
+        TC_NEXT,
+        &pass_reason("egress_unprotected"),
+    );
+}

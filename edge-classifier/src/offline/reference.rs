@@ -692,9 +692,14 @@ impl<'a> Reference<'a> {
             L3::Ip(ip) => ip,
             _ => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
         };
-        let local_bits = self.sets.bits(&ip.src);
+        let mut local_bits = self.sets.bits(&ip.src);
         if local_bits & SET_PROTECTED == 0 {
-            return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
+            // A bound NIC's own address: the Edge's, though no rule's local set holds it.
+            if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && self.nic_addr(&ip.src) {
+                local_bits = SET_PROTECTED | SET_ANY;
+            } else {
+                return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
+            }
         }
         if ip.fragment == Fragment::Later {
             return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED));

@@ -103,18 +103,31 @@ enum Command {
         /// Destination, the same way.
         dst: String,
     },
-    /// Run every frame of a capture through the kernel program with a catalogue (a dry run):
-    /// per-rule and per-reason counts, and any frame where the kernel and the reference
+    /// Run every frame of a capture through the kernel programs with a catalogue (a dry run):
+    /// per-rule and per-reason counts each way, and any frame where the kernel and the reference
     /// classifier disagree.
+    ///
+    /// A frame from an address the catalogue protects (for ARP, the sender's address) is one the
+    /// Edge sent: it goes through the TC egress program, which records the flows the Edge opens.
+    /// Every other frame goes through XDP. In capture order, so the replies to the Edge's flows
+    /// pass as they did live. Flow idle timeouts are not replayed: the kernel ages flows by its
+    /// own clock, not the capture's.
     Replay {
+        /// Rule catalogue; the embedded default when omitted.
         #[arg(long, value_name = "FILE")]
         catalogue: Option<PathBuf>,
         /// Role of the NIC the capture was taken on.
         #[arg(long = "iface", value_name = "ROLE", default_value = "external")]
         role: String,
-        /// Write the frames the kernel dropped to this pcap.
+        /// Write the frames the kernel dropped to this pcap, with their capture times.
         #[arg(long, value_name = "PCAP")]
         write_dropped: Option<PathBuf>,
+        /// Write one tab-separated line per frame: its number (from 1, as Wireshark counts), its
+        /// capture time (seconds since the epoch, with microseconds), `in` or `out`, `pass` or
+        /// `drop`, and `rule:ID` or `reason:NAME`. A frame too short to run has `-`, `skipped`,
+        /// `too_short`.
+        #[arg(long, value_name = "FILE")]
+        verdicts: Option<PathBuf>,
         /// pcap or pcapng capture of Ethernet frames.
         capture: PathBuf,
     },
@@ -298,8 +311,9 @@ fn main() -> anyhow::Result<()> {
             catalogue,
             role,
             write_dropped,
+            verdicts,
             capture,
-        } => replay(catalogue, &role, write_dropped, &capture),
+        } => replay(catalogue, &role, write_dropped, verdicts, &capture),
         Command::Stop { instance } => {
             let names = lifecycle::stop(&Instance::new(&instance)?)?;
             println!(
@@ -476,6 +490,7 @@ fn replay(
     catalogue: Option<PathBuf>,
     role: &str,
     write_dropped: Option<PathBuf>,
+    verdicts: Option<PathBuf>,
     capture: &std::path::Path,
 ) -> anyhow::Result<()> {
     let cat = match &catalogue {
@@ -486,33 +501,52 @@ fn replay(
     let frames = edge_classifier::capture::read_frames(capture)?;
     let r = edge_classifier::replay::replay(compiled, role, &frames)?;
     println!(
-        "{}: {} frames through the kernel program with {} as a {role} NIC",
+        "{}: {} frames through the kernel programs with {} on a NIC of role {role}: {} arriving \
+         (XDP), {} sent by the Edge (TC egress: from a protected address)",
         capture.display(),
-        r.frames,
-        cat.source_name
+        frames.len(),
+        cat.source_name,
+        r.ingress.frames,
+        r.egress.frames,
     );
-    if r.too_short > 0 {
+    if r.too_short() > 0 {
         println!(
             "{} frames shorter than an Ethernet header skipped",
-            r.too_short
+            r.too_short()
         );
     }
-    println!("\n{:<34} {:>10}", "RULE", "FRAMES");
-    for (id, n) in &r.rules {
-        println!("{id:<34} {n:>10}");
+    println!("\n{:<34} {:>10} {:>10}", "RULE", "IN", "OUT");
+    for ((id, i), (_, o)) in r.ingress.rules.iter().zip(&r.egress.rules) {
+        println!("{id:<34} {i:>10} {o:>10}");
     }
-    println!("\n{:<8} {:<25} {:>10}", "VERDICT", "REASON", "FRAMES");
-    for (v, name, n) in &r.reasons {
-        println!("{v:<8} {name:<25} {n:>10}");
+    println!(
+        "\n{:<4} {:<8} {:<25} {:>10}",
+        "WAY", "VERDICT", "REASON", "FRAMES"
+    );
+    for (way, counts) in [("in", &r.ingress), ("out", &r.egress)] {
+        for (v, name, n) in &counts.reasons {
+            println!("{way:<4} {v:<8} {name:<25} {n:>10}");
+        }
     }
     if let Some(path) = write_dropped {
-        edge_classifier::capture::write_pcap(
-            &path,
-            r.dropped.iter().map(|&i| frames[i].as_slice()),
-        )?;
+        let dropped: Vec<_> = r.dropped().map(|i| &frames[i]).collect();
+        edge_classifier::capture::write_frames(&path, dropped.iter().copied())?;
         println!(
-            "\n{} dropped frames written to {}",
-            r.dropped.len(),
+            "\n{} dropped frames written to {} with their capture times",
+            dropped.len(),
+            path.display()
+        );
+    }
+    if let Some(path) = verdicts {
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        edge_classifier::replay::write_verdicts(&mut out, &frames, &r)
+            .and_then(|()| std::io::Write::flush(&mut out))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!(
+            "verdicts of {} frames written to {}",
+            frames.len(),
             path.display()
         );
     }
@@ -520,8 +554,14 @@ fn replay(
         println!("\nkernel and reference classifier agree on every frame");
         Ok(())
     } else {
-        for (i, kernel, reference) in r.disagreements.iter().take(20) {
-            println!("frame {}: kernel {kernel}, reference {reference}", i + 1);
+        for d in r.disagreements.iter().take(20) {
+            println!(
+                "frame {} ({}): kernel {}, reference {}",
+                d.frame + 1,
+                edge_classifier::replay::way_name(d.way),
+                d.kernel,
+                d.reference
+            );
         }
         bail!(
             "kernel and reference classifier disagree on {} frames",

@@ -274,32 +274,42 @@ fn catalogue_profiles_print_and_check_clean() {
 }
 
 #[test]
-fn replay_counts_a_capture_and_writes_the_dropped_frames() {
+fn replay_counts_each_way_and_writes_the_dropped_frames_and_the_verdicts() {
     use etherparse::PacketBuilder;
     let dir = std::env::temp_dir().join(format!("ec-replay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let syn = |src: [u8; 4], dport: u16| {
+    const EDGE: [u8; 4] = [198, 51, 100, 10];
+    const CLIENT: [u8; 4] = [198, 51, 100, 1];
+    let tcp = |src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, ack: bool| {
         let mut f = Vec::new();
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-            .ipv4(src, [198, 51, 100, 10], 64)
-            .tcp(40000, dport, 1, 64240)
-            .syn()
-            .write(&mut f, &[])
-            .unwrap();
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(src, dst, 64)
+            .tcp(sport, dport, 1, 64240)
+            .syn();
+        if ack { b.ack(1) } else { b }.write(&mut f, &[]).unwrap();
         f
     };
-    // 3 × P1, 2 × P3, 4 × denied, 1 runt.
-    let mut frames = vec![syn([203, 0, 113, 5], 5061); 3];
-    frames.extend(vec![syn([198, 51, 100, 1], 443); 2]);
-    frames.extend(vec![syn([198, 51, 100, 1], 22); 4]);
+    // 3 × P1, 2 × P3; the Edge's S1 SYN (from its protected address: TC egress) and the
+    // answer, which passes because the SYN went out first; an "answer" to a flow the Edge never
+    // opened, 4 × denied, 1 runt.
+    let mut frames = vec![tcp([203, 0, 113, 5], 40000, EDGE, 5061, false); 3];
+    frames.extend(vec![tcp(CLIENT, 40000, EDGE, 443, false); 2]);
+    frames.push(tcp(EDGE, 41061, CLIENT, 5061, false));
+    frames.push(tcp(CLIENT, 5061, EDGE, 41061, true));
+    frames.push(tcp(CLIENT, 5061, EDGE, 41062, true));
+    frames.extend(vec![tcp(CLIENT, 40000, EDGE, 22, false); 4]);
     frames.push(vec![0u8; 10]);
     let capture = dir.join("in.pcap");
+    // A millisecond apart from the epoch: frame N at N-1 ms.
     edge_classifier::capture::write_pcap(&capture, frames.iter().map(Vec::as_slice)).unwrap();
     let dropped = dir.join("dropped.pcap");
+    let verdicts = dir.join("verdicts.tsv");
     let out = bin()
         .arg("replay")
         .arg("--write-dropped")
         .arg(&dropped)
+        .arg("--verdicts")
+        .arg(&verdicts)
         .arg(&capture)
         .output()
         .expect("run");
@@ -309,25 +319,69 @@ fn replay_counts_a_capture_and_writes_the_dropped_frames() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let count = |label: &str| -> u64 {
+    // RULE IN OUT, and WAY VERDICT REASON FRAMES.
+    let row = |first: &str, second: Option<&str>| -> Vec<String> {
         stdout
             .lines()
-            .find(|l| {
-                l.split_whitespace().next() == Some(label) || l.contains(&format!(" {label} "))
-            })
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {label} line in\n{stdout}"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|w| w.first() == Some(&first) && second.is_none_or(|s| w.get(2) == Some(&s)))
+            .unwrap_or_else(|| panic!("no {first} {second:?} line in\n{stdout}"))
+            .iter()
+            .map(|w| w.to_string())
+            .collect()
     };
-    assert_eq!(count("public-im-sip-in"), 3, "{stdout}");
-    assert_eq!(count("client-sip-tls-in"), 2, "{stdout}");
-    assert_eq!(count("no_rule"), 4, "{stdout}");
+    assert_eq!(row("public-im-sip-in", None)[1..], ["3", "0"], "{stdout}");
+    assert_eq!(row("client-sip-tls-in", None)[1..], ["2", "0"], "{stdout}");
+    assert_eq!(row("sip-federation-out", None)[1..], ["1", "1"], "{stdout}");
+    assert_eq!(row("in", Some("no_rule"))[3], "4", "{stdout}");
+    assert_eq!(row("in", Some("not_established"))[3], "1", "{stdout}");
+    assert!(
+        stdout.contains("13 frames through the kernel programs")
+            && stdout.contains("11 arriving (XDP), 1 sent by the Edge"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("1 frames shorter than an Ethernet header skipped"),
         "{stdout}"
     );
     assert!(stdout.contains("agree on every frame"), "{stdout}");
+    // The dropped frames keep their times: frames 8 to 12, at 7 to 11 ms.
     let written = edge_classifier::capture::read_frames(&dropped).unwrap();
-    assert_eq!(written, vec![syn([198, 51, 100, 1], 22); 4]);
+    assert_eq!(
+        written
+            .iter()
+            .map(|f| (f.time, f.data.clone()))
+            .collect::<Vec<_>>(),
+        (7..12)
+            .map(|i| (
+                std::time::Duration::from_millis(i),
+                frames[i as usize].clone()
+            ))
+            .collect::<Vec<_>>()
+    );
+    let rule = |id: &str| format!("rule:{id}");
+    let want: Vec<String> = [
+        ("in", "pass", rule("public-im-sip-in")),
+        ("in", "pass", rule("public-im-sip-in")),
+        ("in", "pass", rule("public-im-sip-in")),
+        ("in", "pass", rule("client-sip-tls-in")),
+        ("in", "pass", rule("client-sip-tls-in")),
+        ("out", "pass", rule("sip-federation-out")),
+        ("in", "pass", rule("sip-federation-out")),
+        ("in", "drop", "reason:not_established".to_string()),
+        ("in", "drop", "reason:no_rule".to_string()),
+        ("in", "drop", "reason:no_rule".to_string()),
+        ("in", "drop", "reason:no_rule".to_string()),
+        ("in", "drop", "reason:no_rule".to_string()),
+        ("-", "skipped", "too_short".to_string()),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (way, verdict, counter))| {
+        format!("{}\t0.{:06}\t{way}\t{verdict}\t{counter}", i + 1, i * 1000)
+    })
+    .collect();
+    let got = std::fs::read_to_string(&verdicts).unwrap();
+    assert_eq!(got.lines().collect::<Vec<_>>(), want);
     std::fs::remove_dir_all(&dir).ok();
 }

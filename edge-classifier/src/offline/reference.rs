@@ -482,6 +482,16 @@ impl<'a> Reference<'a> {
         self
     }
 
+    /// Whether a set of the catalogue makes `addr` protected (an address of the Edge's). The
+    /// bound NICs' own addresses are not asked: only the catalogue is.
+    pub fn protects(&self, addr: std::net::IpAddr) -> bool {
+        let addr = match addr {
+            std::net::IpAddr::V4(a) => Addr::V4(a.octets()),
+            std::net::IpAddr::V6(a) => Addr::V6(a.octets()),
+        };
+        self.sets.bits(&addr) & SET_PROTECTED != 0
+    }
+
     fn nic_addr(&self, addr: &Addr) -> bool {
         let ip = match addr {
             Addr::V4(a) => std::net::IpAddr::from(*a),

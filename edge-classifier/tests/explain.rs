@@ -218,14 +218,6 @@ fn explain_json_carries_the_verdict_and_the_near_miss() {
     assert!(v["catalogue"].as_str().unwrap().ends_with("sfb-edge.toml"));
 }
 
-struct Stop(String);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = cli(&["stop", "--instance", &self.0]);
-    }
-}
-
 /// `--instance` answers with the catalogue the instance runs, not the default: here one that
 /// moved P3 from 443 to 8443.
 #[test]

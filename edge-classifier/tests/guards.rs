@@ -17,14 +17,6 @@ use common::*;
 use edge_classifier::catalogue::DEFAULT_CATALOGUE;
 use edge_classifier_lab::*;
 
-struct Stop(String);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = cli(&["stop", "--instance", &self.0]);
-    }
-}
-
 /// `run ARGS` in `ns`, once ready: the process and its stderr lines so far and to come.
 fn run(ns: &str, args: &[&str]) -> (Process, Arc<Mutex<Vec<String>>>) {
     let mut child = in_ns(ns, BIN)

@@ -67,15 +67,6 @@ impl Drop for Files {
     }
 }
 
-/// Stops the instance when the test ends, however it ends.
-struct Stop(String);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = cli(&["stop", "--instance", &self.0]);
-    }
-}
-
 const EXT: &str = "ext0=external";
 const INT: &str = "int0=internal";
 

@@ -51,14 +51,6 @@ fn nic<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no interface {name} in {status:#}"))
 }
 
-struct Stop(String);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = cli(&["stop", "--instance", &self.0]);
-    }
-}
-
 #[test]
 fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_anywhere() {
     let lab = Lab::create("st").expect("lab");

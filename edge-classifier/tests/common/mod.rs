@@ -40,6 +40,15 @@ impl Drop for Process {
     }
 }
 
+/// Stops instance `.0` when the test ends, also on panic: no pins or attachment outlive a test.
+pub struct Stop(pub String);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = cli(&["stop", "--instance", &self.0]);
+    }
+}
+
 /// `program` inside namespace `ns`. nsenter, not `ip netns exec`: the latter remounts /sys
 /// and would hide the host's /sys/fs/bpf, where the daemon pins.
 pub fn in_ns(ns: &str, program: &str) -> Command {

@@ -16,54 +16,12 @@ use edge_classifier::{
 use edge_classifier_common::reason;
 use edge_classifier_lab::*;
 use edge_classifier_tests::edited_default_catalogue;
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
 const ALLOWED: Duration = Duration::from_secs(3);
 const DENIED: Duration = Duration::from_millis(300);
 const QUIET: Duration = Duration::from_millis(300);
 /// The catalogue's UDP idle time in this test.
 const UDP_IDLE: Duration = Duration::from_secs(2);
-
-/// The 5-tuple of a TCP/UDP frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Tuple {
-    udp: bool,
-    src: SocketAddr,
-    dst: SocketAddr,
-}
-
-fn tuple(frame: &[u8]) -> Option<Tuple> {
-    let p = SlicedPacket::from_ethernet(frame).ok()?;
-    let (src, dst): (IpAddr, IpAddr) = match p.net? {
-        NetSlice::Ipv4(v4) => (
-            v4.header().source_addr().into(),
-            v4.header().destination_addr().into(),
-        ),
-        NetSlice::Ipv6(v6) => (
-            v6.header().source_addr().into(),
-            v6.header().destination_addr().into(),
-        ),
-        _ => return None,
-    };
-    let (udp, sport, dport) = match p.transport? {
-        TransportSlice::Tcp(t) => (false, t.source_port(), t.destination_port()),
-        TransportSlice::Udp(u) => (true, u.source_port(), u.destination_port()),
-        _ => return None,
-    };
-    Some(Tuple {
-        udp,
-        src: SocketAddr::new(src, sport),
-        dst: SocketAddr::new(dst, dport),
-    })
-}
-
-fn count(frames: &[Vec<u8>], pred: impl Fn(&Tuple) -> bool) -> u64 {
-    frames
-        .iter()
-        .filter_map(|f| tuple(f))
-        .filter(|t| pred(t))
-        .count() as u64
-}
 
 struct Counters<'a> {
     c: &'a Classifier,

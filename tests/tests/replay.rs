@@ -9,7 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
     time::{Duration, Instant},
@@ -26,7 +26,6 @@ use edge_classifier::{
 };
 use edge_classifier_common::reason;
 use edge_classifier_lab::*;
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use pcap_file::{
     DataLink, TsResolution,
     pcap::PcapReader,
@@ -191,32 +190,6 @@ fn write_pcapng(path: &Path, frames: &[Captured]) {
         })
         .expect("packet block");
     }
-}
-
-/// The 5-tuple of a TCP/UDP frame: (udp, source, destination).
-fn tuple(frame: &[u8]) -> Option<(bool, SocketAddr, SocketAddr)> {
-    let p = SlicedPacket::from_ethernet(frame).ok()?;
-    let (src, dst): (IpAddr, IpAddr) = match p.net? {
-        NetSlice::Ipv4(v4) => (
-            v4.header().source_addr().into(),
-            v4.header().destination_addr().into(),
-        ),
-        NetSlice::Ipv6(v6) => (
-            v6.header().source_addr().into(),
-            v6.header().destination_addr().into(),
-        ),
-        _ => return None,
-    };
-    let (udp, sport, dport) = match p.transport? {
-        TransportSlice::Tcp(t) => (false, t.source_port(), t.destination_port()),
-        TransportSlice::Udp(u) => (true, u.source_port(), u.destination_port()),
-        _ => return None,
-    };
-    Some((
-        udp,
-        SocketAddr::new(src, sport),
-        SocketAddr::new(dst, dport),
-    ))
 }
 
 /// Counters that moved between two readings, labelled `rule ID` or `pass|drop REASON`.
@@ -397,7 +370,7 @@ fn a_two_way_capture_replays_as_it_ran_live() {
             "frame {}: the way it went through ext0",
             i + 1
         );
-        let Some((_, src, dst)) = tuple(&c.data) else {
+        let Some(Tuple { src, dst, .. }) = tuple(&c.data) else {
             continue;
         };
         let want = match (src.port(), dst.port()) {
@@ -416,8 +389,8 @@ fn a_two_way_capture_replays_as_it_ran_live() {
     assert!(replies >= 12, "replies captured: {replies}");
     let claimed: u64 = captured
         .iter()
-        .filter(|c| tuple(&c.data).is_some_and(|(_, s, _)| [5061, 5269].contains(&s.port())))
-        .filter(|c| tuple(&c.data).is_some_and(|(_, _, d)| d.port() == 40000))
+        .filter(|c| tuple(&c.data).is_some_and(|t| [5061, 5269].contains(&t.src.port())))
+        .filter(|c| tuple(&c.data).is_some_and(|t| t.dst.port() == 40000))
         .count() as u64;
     assert!(
         claimed >= 4,
@@ -478,7 +451,7 @@ fn a_two_way_capture_replays_as_it_ran_live() {
         .enumerate()
         .filter(|(_, c)| {
             !c.from_edge
-                && tuple(&c.data).is_some_and(|(_, _, d)| [40000, 22, 40001].contains(&d.port()))
+                && tuple(&c.data).is_some_and(|t| [40000, 22, 40001].contains(&t.dst.port()))
         })
         .map(|(i, _)| i)
         .collect();

@@ -573,3 +573,47 @@ pub const fn v6_of(a: IpAddr) -> Ipv6Addr {
         IpAddr::V4(_) => panic!("an IPv6 constant"),
     }
 }
+
+/// The 5-tuple of a TCP/UDP frame as a tap sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuple {
+    pub udp: bool,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+/// The 5-tuple of an Ethernet frame carrying TCP or UDP over IPv4/IPv6.
+pub fn tuple(frame: &[u8]) -> Option<Tuple> {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let p = SlicedPacket::from_ethernet(frame).ok()?;
+    let (src, dst): (IpAddr, IpAddr) = match p.net? {
+        NetSlice::Ipv4(v4) => (
+            v4.header().source_addr().into(),
+            v4.header().destination_addr().into(),
+        ),
+        NetSlice::Ipv6(v6) => (
+            v6.header().source_addr().into(),
+            v6.header().destination_addr().into(),
+        ),
+        _ => return None,
+    };
+    let (udp, sport, dport) = match p.transport? {
+        TransportSlice::Tcp(t) => (false, t.source_port(), t.destination_port()),
+        TransportSlice::Udp(u) => (true, u.source_port(), u.destination_port()),
+        _ => return None,
+    };
+    Some(Tuple {
+        udp,
+        src: SocketAddr::new(src, sport),
+        dst: SocketAddr::new(dst, dport),
+    })
+}
+
+/// How many of `frames` are TCP/UDP frames whose 5-tuple satisfies `pred`.
+pub fn count(frames: &[Vec<u8>], pred: impl Fn(&Tuple) -> bool) -> u64 {
+    frames
+        .iter()
+        .filter_map(|f| tuple(f))
+        .filter(|t| pred(t))
+        .count() as u64
+}

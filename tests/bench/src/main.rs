@@ -322,6 +322,21 @@ fn other_replies() -> Vec<MixFrame> {
             "external",
             true,
         ),
+        // egress = "track": the answer to the Edge's own DNS query, and a denied datagram from
+        // a port the Edge has sent tracked traffic to (UDP 53), which costs a flow lookup (a
+        // miss) where a frame from any other port (TCP 22 above) costs none.
+        frame(
+            "DNS answer (tracked reply, UDP from 53)",
+            udp(client, 53, edge, 41006),
+            "external",
+            true,
+        ),
+        frame(
+            "UDP from 53 to a closed port (denied after a flow lookup)",
+            udp(client, 53, edge, 9999),
+            "external",
+            false,
+        ),
     ]
 }
 
@@ -358,6 +373,7 @@ fn open_flows(h: &mut Harness) {
             SYN,
         ),
         tcp_segment(edge, 41005, client, 5061, SYN),
+        udp(edge, 41006, client, 53),
     ] {
         assert_eq!(h.run_dir(Dir::Out, &request), TC_NEXT, "egress request");
     }
@@ -972,7 +988,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "The mix has an allowed frame of each inbound seed row and one reply of an outbound flow. TestRun repeats one frame, so a reply hits the per-CPU reply cache after the first repetition of each tick. The replies of the other outbound rows, an IPv6 reply and a FIN reply (which always goes to the flow table, as a flow's first reply of a tick does) are timed here, outside the mix:\n"
+        "The mix has an allowed frame of each inbound seed row and one reply of an outbound flow. TestRun repeats one frame, so a reply hits the per-CPU reply cache after the first repetition of each tick. The replies of the other outbound rows, an IPv6 reply, a FIN reply (which always goes to the flow table, as a flow's first reply of a tick does), the answer to the Edge's own DNS query (`egress = \"track\"`) and a denied datagram from a port the Edge sent tracked traffic to (a flow lookup that misses) are timed here, outside the mix:\n"
     )?;
     per_frame_table(&mut md, &pf.replies)?;
     writeln!(md)?;

@@ -86,10 +86,15 @@ pub fn warnings(
     let missing: Vec<&String> = sets.iter().filter(|s| !on_nics(s)).collect();
     if !sets.is_empty() && missing.len() == sets.len() {
         out.push(format!(
-            "{}: no address of the protected sets ({}) is configured on the bound NICs {}: no rule of this catalogue can match here, so every service the Edge offers is unreachable (and, with protect_interface_addresses = false, nothing is protected); edit the sets to the Edge's own addresses",
+            "{}: no address of the protected sets ({}) is configured on the bound NICs {}: no rule of this catalogue can match here, so every service the Edge offers is unreachable{}; edit the sets to the Edge's own addresses",
             cat.source_name,
             sets.join(", "),
-            nic_list()
+            nic_list(),
+            if cat.policy.protect_interface_addresses {
+                " (the NICs' own addresses stay closed: protect_interface_addresses)"
+            } else {
+                " and, with protect_interface_addresses = false, nothing on these NICs is protected"
+            }
         ));
     } else {
         for s in missing {

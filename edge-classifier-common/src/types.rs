@@ -39,7 +39,57 @@ pub struct IfaceInfo {
     pub role_mask: u32,
     /// Counter block index (1..MAX_IFACES).
     pub block: u32,
-    pub _pad: u32,
+    /// `IFACE_MODE_*`: the XDP mode it was attached in, so an instance rebuilt from its pins
+    /// adopts it in the same mode. The programs do not read it.
+    pub mode: u32,
+}
+
+pub const IFACE_MODE_UNKNOWN: u32 = 0;
+pub const IFACE_MODE_NATIVE: u32 = 1;
+pub const IFACE_MODE_GENERIC: u32 = 2;
+
+/// What one rule buffer holds, recorded in the kernel beside the buffer itself (`RECORD`), so
+/// that the pins alone say which catalogue runs. Written before the flip that activates the
+/// buffer; the programs never read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferRecord {
+    /// `RECORD_*`.
+    pub state: u32,
+    /// Chunks of `RECORD_TEXT` the description takes.
+    pub chunks: u32,
+    /// Bytes of the description (JSON: catalogue source, text, slot assignments).
+    pub len: u64,
+    /// SHA-256 of the description: a torn or stale chunk is detected, never trusted.
+    pub digest: [u8; 32],
+    /// The instance's successful reloads once this buffer is active (this one included): a
+    /// reload killed after its flip is counted by the flip itself.
+    pub reloads: u64,
+    /// When the buffer was written, Unix milliseconds.
+    pub loaded_at_ms: u64,
+}
+
+/// The buffer's rule tables are being written (or were, when a writer died): not to be
+/// trusted, never to be flipped to.
+pub const RECORD_WRITING: u32 = 1;
+/// Rule tables and description complete: may be (or is) active.
+pub const RECORD_COMPLETE: u32 = 2;
+/// Complete, active, and the flows of rules it dropped are purged.
+pub const RECORD_SETTLED: u32 = 3;
+
+/// Bytes of one `RECORD_TEXT` chunk, and chunks per buffer at most (64 MiB of description).
+pub const RECORD_CHUNK: usize = 16384;
+pub const RECORD_CHUNKS: u32 = 4096;
+
+/// Counters of the instance that outlive any process and any state file (`INSTANCE_RECORD`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstanceRecord {
+    /// Successful reloads counted when they were reported (see `BufferRecord::reloads`).
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+    /// Bumped by every change of the instance, so a daemon notices another process's.
+    pub generation: u64,
 }
 
 /// Port classes of one (buffer, transport, port), looked up by a frame's destination port
@@ -304,6 +354,8 @@ mod pod {
     unsafe impl aya::Pod for Small6 {}
     unsafe impl aya::Pod for StrideBlock {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for BufferRecord {}
+    unsafe impl aya::Pod for InstanceRecord {}
 }
 
 // Padding would leak uninitialised bytes into map values and break byte-wise comparisons.
@@ -321,6 +373,8 @@ const _: () = {
     );
     assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<IfaceInfo>() == 16);
+    assert!(core::mem::size_of::<BufferRecord>() == 8 + 8 + 32 + 8 + 8);
+    assert!(core::mem::size_of::<InstanceRecord>() == 24);
     assert!(core::mem::size_of::<PortEntry>() == 16);
     assert!(core::mem::size_of::<RuleMatch>() == 32);
     assert!(core::mem::size_of::<RuleClass>() == 8 + 32 * MAX_CANDIDATES);

@@ -3,14 +3,16 @@
 //! `edge_classifier_common::layout`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState, IFACE_ADDRS_MAX,
-    IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, PORT_ENTRIES,
-    PORT_SPACE, PolicyEntry, PortEntry, RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES,
-    STRIDE_TOP, Small4, Small6, StrideBlock, TRANSPORTS, flow_stat,
+    BUFFERS, BufferRecord, Counter, DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState,
+    IFACE_ADDRS_MAX, IFACE_SLOTS, IfaceInfo, InstanceRecord, Locals, Lpm4, Lpm6, MAX_CLASSES,
+    MAX_PREFIXES, PORT_ENTRIES, PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS,
+    RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
+    StrideBlock, TRANSPORTS, flow_stat,
 };
 
 use crate::flow::{CachedReply, REPLY_CACHE_SLOTS};
@@ -79,6 +81,17 @@ pub(crate) static FLOWS_V6: LruHashMap<FlowKey, FlowState> =
 /// they come from a port the Edge talks to. Never cleared: a stale entry costs only a lookup.
 #[map]
 pub(crate) static TRACKED_PORTS: Array<u8> = Array::with_max_entries(TRANSPORTS * PORT_SPACE, 0);
+/// Per buffer, what it holds (`BufferRecord`), and the description's chunks: the catalogue the
+/// kernel runs, recorded with it. Userspace alone reads and writes these; they are here so that
+/// they are created and pinned with the rest.
+#[map]
+pub(crate) static RECORD: Array<BufferRecord> = Array::with_max_entries(BUFFERS, 0);
+#[map]
+pub(crate) static RECORD_TEXT: HashMap<u32, [u8; RECORD_CHUNK]> =
+    HashMap::with_max_entries(BUFFERS * RECORD_CHUNKS, BPF_F_NO_PREALLOC);
+/// The instance's reload counters and change generation (`InstanceRecord`).
+#[map]
+pub(crate) static INSTANCE_RECORD: Array<InstanceRecord> = Array::with_max_entries(1, 0);
 /// Per CPU: flows created, expired, not recorded (`flow_stat`).
 #[map]
 pub(crate) static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(flow_stat::COUNT, 0);

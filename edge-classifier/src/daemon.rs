@@ -32,6 +32,9 @@ struct Daemon {
     evicted_floor: u64,
     /// Reloads (by number) already logged: those before this daemon started count as logged.
     reloads_logged: u64,
+    /// What the kernel's record said at the last refresh (generation, failures, active buffer,
+    /// its reload count and load time).
+    stamp: Option<(u64, u64, u32, u64, u64)>,
 }
 
 fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
@@ -54,17 +57,34 @@ fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
 impl Daemon {
     /// Catches up with reloads other processes made (`edge-classifier reload`), and logs each
     /// one it sees: who reloaded, and the catalogue now in force or why the reload failed.
+    /// The kernel's record says whether anything changed (a few map reads); only then is the
+    /// state read, from the file or, when that is stale or gone, rebuilt from the pins.
     fn refresh(&mut self) -> anyhow::Result<()> {
+        let maps = self.classifier.maps();
+        let inst = maps.instance_record()?;
+        let active = maps.active()?;
+        let record = maps.record(active)?;
+        let stamp = (
+            inst.generation,
+            inst.reloads_failed,
+            active,
+            record.reloads,
+            record.loaded_at_ms,
+        );
+        if self.stamp == Some(stamp) {
+            return Ok(());
+        }
         let Some(state) = self.instance.read_state()? else {
             return Ok(());
         };
+        self.stamp = Some(stamp);
         self.reloads = state.reloads;
-        if state.generation != self.generation {
-            let (info, compiled) = catalogue_info(&state)?;
-            self.classifier.set_compiled(compiled);
-            self.catalogue = info;
-            self.generation = state.generation;
-        }
+        // The record changed: the running catalogue may have (a reload another process made,
+        // or completed after it was killed past its flip).
+        let (info, compiled) = catalogue_info(&state)?;
+        self.classifier.set_compiled(compiled);
+        self.catalogue = info;
+        self.generation = state.generation;
         for attempt in state
             .reload_log
             .iter()
@@ -230,6 +250,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         generation: started.state.generation,
         evicted_floor: 0,
         reloads_logged: started.state.reloads.succeeded + started.state.reloads.failed,
+        stamp: None,
     }));
     for (nic, _) in &specs {
         for w in edge_classifier::nic_addrs::routing_warnings(nic) {

@@ -341,7 +341,8 @@ impl Classifier {
             ifindex,
             role_mask,
             block,
-            _pad: 0,
+            // Recorded once attached (`Maps::set_iface_mode`).
+            mode: 0,
         })?;
         self.bindings.push(Binding {
             name: name.to_string(),

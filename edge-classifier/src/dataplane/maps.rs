@@ -11,9 +11,10 @@ use aya::{
     },
 };
 use edge_classifier_common::{
-    BUFFERS, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo, Locals, Lpm4, Lpm6,
-    MAX_IFACES, PORT_SPACE, PolicyEntry, PortEntry, RuleClass, Small4, Small6, StrideBlock,
-    TRACKED_SLOT, TRANSPORTS, flow_stat, layout, reason,
+    BUFFERS, BufferRecord, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo,
+    InstanceRecord, Locals, Lpm4, Lpm6, MAX_IFACES, PORT_SPACE, PolicyEntry, PortEntry,
+    RECORD_CHUNK, RECORD_CHUNKS, RECORD_COMPLETE, RECORD_SETTLED, RECORD_WRITING, RuleClass,
+    Small4, Small6, StrideBlock, TRACKED_SLOT, TRANSPORTS, flow_stat, layout, reason,
 };
 use ipnet::IpNet;
 
@@ -85,6 +86,9 @@ maps! {
     "IFACE_ADDRS_V4" => iface_addrs_v4: HashMap<MapData, u32, u32>, HashMap;
     "IFACE_ADDRS_V6" => iface_addrs_v6: HashMap<MapData, [u32; 4], u32>, HashMap;
     "TRACKED_PORTS" => tracked_ports: Array<MapData, u8>, Array;
+    "RECORD" => record: Array<MapData, BufferRecord>, Array;
+    "RECORD_TEXT" => record_text: HashMap<MapData, u32, [u8; RECORD_CHUNK]>, HashMap;
+    "INSTANCE_RECORD" => instance_record: Array<MapData, InstanceRecord>, Array;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +213,135 @@ impl Maps {
             .info()
             .map_err(err("FLOWS_V4"))?
             .max_entries())
+    }
+
+    /// What `buffer` is recorded to hold.
+    pub fn record(&self, buffer: u32) -> Result<BufferRecord, MapsError> {
+        self.record.get(&(buffer & 1), 0).map_err(err("RECORD"))
+    }
+
+    /// Marks `buffer` as being written: from now until [`Maps::write_description`] it holds
+    /// nothing anyone may trust or flip to.
+    pub fn begin_buffer(&mut self, buffer: u32) -> Result<(), MapsError> {
+        let mut r = self.record(buffer)?;
+        r.state = RECORD_WRITING;
+        self.record.set(buffer & 1, r, 0).map_err(err("RECORD"))
+    }
+
+    /// Records what `buffer` now holds: `description` (its chunks first, then the record that
+    /// vouches for them with their digest), and the reload count once it is active.
+    pub fn write_description(
+        &mut self,
+        buffer: u32,
+        description: &[u8],
+        reloads: u64,
+    ) -> Result<(), MapsError> {
+        use sha2::Digest as _;
+        let buffer = buffer & 1;
+        let before = self.record(buffer)?;
+        let chunks = description.len().div_ceil(RECORD_CHUNK) as u32;
+        if chunks > RECORD_CHUNKS {
+            return Err(err("RECORD_TEXT")(MapError::OutOfBounds {
+                index: chunks,
+                max_entries: RECORD_CHUNKS,
+            }));
+        }
+        for (i, part) in description.chunks(RECORD_CHUNK).enumerate() {
+            let mut chunk = [0u8; RECORD_CHUNK];
+            chunk[..part.len()].copy_from_slice(part);
+            self.record_text
+                .insert(chunk_key(buffer, i as u32), chunk, 0)
+                .map_err(err("RECORD_TEXT"))?;
+        }
+        for stale in chunks..before.chunks {
+            let _ = self.record_text.remove(&chunk_key(buffer, stale));
+        }
+        let record = BufferRecord {
+            state: RECORD_COMPLETE,
+            chunks,
+            len: description.len() as u64,
+            digest: sha2::Sha256::digest(description).into(),
+            reloads,
+            loaded_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        self.record.set(buffer, record, 0).map_err(err("RECORD"))
+    }
+
+    /// The description `buffer` holds, if it is complete and its chunks match their digest.
+    pub fn read_description(&self, buffer: u32) -> Result<Option<Vec<u8>>, MapsError> {
+        use sha2::Digest as _;
+        let buffer = buffer & 1;
+        let r = self.record(buffer)?;
+        if r.state < RECORD_COMPLETE || r.chunks > RECORD_CHUNKS {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(r.len as usize);
+        for i in 0..r.chunks {
+            match self.record_text.get(&chunk_key(buffer, i), 0) {
+                Ok(chunk) => out.extend_from_slice(&chunk),
+                Err(MapError::KeyNotFound) => return Ok(None),
+                Err(e) => return Err(err("RECORD_TEXT")(e)),
+            }
+        }
+        out.truncate(r.len as usize);
+        let digest: [u8; 32] = sha2::Sha256::digest(&out).into();
+        Ok((digest == r.digest).then_some(out))
+    }
+
+    /// `buffer` is active and the flows of the rules it dropped are gone.
+    pub fn settle(&mut self, buffer: u32) -> Result<(), MapsError> {
+        let mut r = self.record(buffer)?;
+        if r.state == RECORD_COMPLETE {
+            r.state = RECORD_SETTLED;
+            self.record.set(buffer & 1, r, 0).map_err(err("RECORD"))?;
+        }
+        Ok(())
+    }
+
+    pub fn instance_record(&self) -> Result<InstanceRecord, MapsError> {
+        self.instance_record
+            .get(&0, 0)
+            .map_err(err("INSTANCE_RECORD"))
+    }
+
+    pub fn set_instance_record(&mut self, r: InstanceRecord) -> Result<(), MapsError> {
+        self.instance_record
+            .set(0, r, 0)
+            .map_err(err("INSTANCE_RECORD"))
+    }
+
+    /// Every bound interface the program knows (ifindex, role bit, counter block, mode).
+    pub fn ifaces(&self) -> Result<Vec<IfaceInfo>, MapsError> {
+        let mut out = Vec::new();
+        for i in 0..IFACE_SLOTS {
+            let info = self.ifaces.get(&i, 0).map_err(err("IFACES"))?;
+            if info.ifindex != 0 {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a binding: the program treats `ifindex` as unbound again.
+    pub fn clear_iface(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        if self.iface(ifindex)?.ifindex == ifindex {
+            let a = &mut self.ifaces;
+            a.set(ifindex % IFACE_SLOTS, IfaceInfo::default(), 0)
+                .map_err(err("IFACES"))?;
+        }
+        Ok(())
+    }
+
+    /// Records the XDP mode `ifindex` was attached in.
+    pub fn set_iface_mode(&mut self, ifindex: u32, mode: u32) -> Result<(), MapsError> {
+        let mut info = self.iface(ifindex)?;
+        if info.ifindex == ifindex {
+            info.mode = mode;
+            self.set_iface(info)?;
+        }
+        Ok(())
     }
 
     pub fn set_iface(&mut self, info: IfaceInfo) -> Result<(), MapsError> {
@@ -627,17 +760,17 @@ impl Maps {
         Ok(())
     }
 
-    /// The reload: `new` goes into the inactive buffer (which holds `inactive_old`), new slots
-    /// are zeroed, then one word flips the program to it. Flows of rules that are gone are
-    /// purged. Returns the buffer now active.
-    pub fn swap_in(
+    /// The first half of a reload: `new` goes into `target` (the inactive buffer, which holds
+    /// `inactive_old`) and the slots new to it are zeroed. The buffer is recorded as being
+    /// written until the caller records what it holds ([`Maps::write_description`]).
+    pub fn prepare(
         &mut self,
+        target: u32,
         new: &Compiled,
         inactive_old: Holds,
         active_old: Option<&Compiled>,
-    ) -> Result<u32, MapsError> {
-        let active = self.active()?;
-        let target = 1 - active;
+    ) -> Result<(), MapsError> {
+        self.begin_buffer(target)?;
         self.write_buffer(target, new, inactive_old)?;
         let before: HashSet<u32> = active_old
             .map(|o| o.rules.iter().map(|r| r.slot).collect())
@@ -648,11 +781,46 @@ impl Maps {
             .map(|r| r.slot)
             .filter(|s| !before.contains(s))
             .collect();
-        self.zero_slots(&fresh)?;
-        self.set_active(target)?;
+        self.zero_slots(&fresh)
+    }
+
+    /// The second half: one word flips the program to `target`, then the flows of rules that
+    /// are gone are purged and the buffer is recorded as settled. Every step may be repeated:
+    /// a reload killed after the flip is completed by running this again.
+    pub fn activate(&mut self, target: u32, new: &Compiled) -> Result<(), MapsError> {
+        if self.active()? != target {
+            self.set_active(target)?;
+        }
+        // The buffer flipped away from is no longer the settled one.
+        let mut other = self.record(1 - target)?;
+        if other.state == RECORD_SETTLED {
+            other.state = RECORD_COMPLETE;
+            self.record
+                .set(1 - target, other, 0)
+                .map_err(err("RECORD"))?;
+        }
         self.purge_flows(&new.flow_slots())?;
+        self.settle(target)
+    }
+
+    /// The whole reload, for callers that keep no description (tests, dry runs). Returns the
+    /// buffer now active.
+    pub fn swap_in(
+        &mut self,
+        new: &Compiled,
+        inactive_old: Holds,
+        active_old: Option<&Compiled>,
+    ) -> Result<u32, MapsError> {
+        let target = 1 - self.active()?;
+        self.prepare(target, new, inactive_old, active_old)?;
+        self.activate(target, new)?;
         Ok(target)
     }
+}
+
+/// `RECORD_TEXT` key of chunk `i` of `buffer`'s description.
+fn chunk_key(buffer: u32, i: u32) -> u32 {
+    (buffer << 16) | i
 }
 
 fn sync_trie<K: aya::Pod>(

@@ -145,19 +145,31 @@ pub fn start(
     instance.prepare()?;
     let claim = instance.claim()?;
     let _lock = instance.lock()?;
-    let mut prior = instance.read_state()?;
+    // The pins are the truth (`read_state` rebuilds from them when the file is missing or
+    // wrong). Pins are never removed here: what an earlier run left stays as it is until this
+    // start has replaced it, and a start that fails leaves it untouched.
     let pins_present = crate::maps::pinned_in(&instance.maps_dir());
-    if prior.is_some() && !pins_present {
+    let mut prior = if pins_present {
+        instance.read_state()?
+    } else {
+        None
+    };
+    if prior.is_none() && instance.read_state_file().ok().flatten().is_some() {
         log::warn!(
-            "instance {}: state without pinned maps (bpffs remounted?); starting afresh",
+            "instance {}: a state file but no pinned maps (bpffs remounted?); starting afresh",
+            instance.name
+        );
+    }
+    if let Some(st) = &prior
+        && st.active().is_none()
+    {
+        // The pins hold no complete, active catalogue (maps of a start that died before its
+        // first buffer was recorded): nothing of them is worth adopting but their counters.
+        log::warn!(
+            "instance {}: its pinned maps record no complete catalogue; writing one afresh",
             instance.name
         );
         prior = None;
-    }
-    if prior.is_none() && pins_present {
-        // Pins no state describes cannot be trusted: start from empty maps.
-        std::fs::remove_dir_all(instance.pin_dir()).ok();
-        instance.prepare()?;
     }
     let source = match (catalogue, prior.as_ref().and_then(State::active)) {
         (Some(path), _) => Source::read(path)?,
@@ -175,7 +187,7 @@ pub fn start(
             error,
         })?;
     roles_declared(ifaces, compiled.roles.iter())?;
-    let fresh = prior.is_none();
+    let fresh = !pins_present;
     let result = bring_up(
         instance,
         prior,
@@ -186,7 +198,7 @@ pub fn start(
         detach_missing,
     );
     if result.is_err() && fresh {
-        // Nothing of a failed fresh start may stay pinned or attached.
+        // Nothing of a failed fresh start may stay pinned or attached: all its pins are its own.
         let _ = instance.remove();
     }
     let (classifier, state) = result?;
@@ -233,8 +245,12 @@ fn bring_up(
         );
     }
     let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
+    if prior.is_some() {
+        recover_active(classifier.maps_mut())?;
+    }
     let mut state = match prior {
         Some(mut st) => {
+            settle_interrupted(classifier.maps_mut(), &st)?;
             let running = st.active().cloned();
             if running.as_ref() != Some(&loaded) {
                 let active_old = running.as_ref().and_then(|l| l.compile().ok()).map(|x| x.1);
@@ -251,16 +267,28 @@ fn bring_up(
             st
         }
         None => {
-            classifier
-                .maps_mut()
-                .write_buffer(0, &compiled, Holds::Empty)?;
-            classifier.maps_mut().set_active(0)?;
+            let maps = classifier.maps_mut();
+            let target = maps.active()?;
+            // Maps this start created hold nothing; others (a start that died early) are
+            // cleared first.
+            let holds = if maps.record(target)?.state == 0 {
+                Holds::Empty
+            } else {
+                Holds::Unknown
+            };
+            maps.prepare(target, &compiled, holds, None)?;
+            maps.write_description(target, &description(&loaded), 0)?;
+            maps.activate(target, &compiled)?;
             State {
                 layout: LAYOUT,
-                generation: 0,
-                active: 0,
-                buffers: [Some(loaded), None],
-                empty: [false, true],
+                generation: classifier.maps().instance_record()?.generation,
+                active: target,
+                buffers: if target == 0 {
+                    [Some(loaded), None]
+                } else {
+                    [None, Some(loaded)]
+                },
+                empty: [target != 0, target != 1],
                 bindings: Vec::new(),
                 reloads: Reloads {
                     last: unix_now(),
@@ -289,6 +317,7 @@ fn bring_up(
                 gone.role
             );
             classifier.forget_pinned(&gone.name);
+            classifier.maps_mut().clear_iface(gone.ifindex)?;
         } else if crate::loader::ifindex(&gone.name).is_err() {
             log::warn!(
                 "{}: protected by this instance as `{}`, not named by --iface, and no longer present; forgetting it",
@@ -296,6 +325,7 @@ fn bring_up(
                 gone.role
             );
             classifier.forget_pinned(&gone.name);
+            classifier.maps_mut().clear_iface(gone.ifindex)?;
         } else if compiled.role_mask(&gone.role).is_none() {
             return Err(LifecycleError::RoleGone {
                 catalogue: source.catalogue.source_name.clone(),
@@ -357,6 +387,16 @@ fn bring_up(
         .collect();
     crate::instance::guards::log_warnings(&source.catalogue, &nics);
     state.bindings = bound(&classifier);
+    // The mode each NIC runs in goes into the kernel's binding too: a start that has only the
+    // pins to go by adopts each NIC in the mode it had.
+    for b in &state.bindings {
+        let mode = match b.mode.as_deref() {
+            Some("native") => edge_classifier_common::IFACE_MODE_NATIVE,
+            Some("generic") => edge_classifier_common::IFACE_MODE_GENERIC,
+            _ => edge_classifier_common::IFACE_MODE_UNKNOWN,
+        };
+        classifier.maps_mut().set_iface_mode(b.ifindex, mode)?;
+    }
     state.generation += 1;
     instance.write_state(&state)?;
     Ok((classifier, state))
@@ -430,7 +470,15 @@ pub fn reload(instance: &Instance, catalogue: Option<&Path>) -> Result<Reloaded>
     let excess = state.reload_log.len().saturating_sub(RELOAD_LOG);
     state.reload_log.drain(..excess);
     state.generation += 1;
-    instance.write_state(&state)?;
+    match (instance.write_state(&state), &result) {
+        (Ok(()), _) => {}
+        // The new rules are in force and recorded in the pinned maps: a state file that cannot
+        // be written (a full /run) is rebuilt from them by the next reader.
+        (Err(e), Ok(_)) => log::warn!(
+            "the new catalogue is in force, but recording it outside the kernel failed ({e}); the state is rebuilt from the pinned maps"
+        ),
+        (Err(e), Err(_)) => log::warn!("recording the failed reload: {e}"),
+    }
     let swapped = result?;
     Ok(Reloaded {
         source: swapped.source,
@@ -484,6 +532,7 @@ fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Res
         );
     }
     let mut maps = Maps::open_pinned(&instance.maps_dir())?;
+    settle_interrupted(&mut maps, state)?;
     let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
     let now = swap_recorded(
         instance,
@@ -507,30 +556,114 @@ fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Res
     })
 }
 
-/// Swaps `new` into the inactive buffer and flips to it, keeping the state file true at every
-/// step: the target buffer is marked unknown before it is touched, and recorded once active.
+/// What a buffer's record says it holds: the `Loaded` as JSON.
+fn description(loaded: &Loaded) -> Vec<u8> {
+    serde_json::to_vec(loaded).expect("a Loaded serialises")
+}
+
+/// Swaps `new` into the inactive buffer and flips to it, the kernel's record true at every
+/// step: the target buffer is recorded as being written before it is touched, what it holds is
+/// recorded (with the reload count it brings) before the flip, and settled once the flows of
+/// the rules it drops are purged. A writer killed at any instant leaves either the old buffer
+/// active and the new one unrecorded, or the new one active and recorded; the next `reload`
+/// or `run` settles it (`settle_interrupted`).
 fn swap_recorded(
-    instance: &Instance,
+    _instance: &Instance,
     state: &mut State,
     maps: &mut Maps,
     new: &Compiled,
     loaded: Loaded,
     active_old: Option<&Compiled>,
 ) -> Result<u32> {
+    use edge_classifier_common::RECORD_COMPLETE;
     let target = 1 - maps.active()?;
-    let inactive_old = state.holds(target);
-    let holds = if state.empty[target as usize] {
-        Holds::Empty
+    let record = maps.record(target)?;
+    // What the buffer holds is known only when its record vouches for it.
+    let known = if record.state >= RECORD_COMPLETE {
+        state.holds(target)
     } else {
-        Holds::from(inactive_old.as_ref())
+        None
     };
+    let holds = match (&known, record.state) {
+        (Some(c), _) => Holds::Compiled(c),
+        (None, 0) => Holds::Empty,
+        (None, _) => Holds::Unknown,
+    };
+    maps.prepare(target, new, holds, active_old)?;
+    finish_swap(state, maps, target, new, loaded)
+}
+
+fn finish_swap(
+    state: &mut State,
+    maps: &mut Maps,
+    target: u32,
+    new: &Compiled,
+    loaded: Loaded,
+) -> Result<u32> {
     state.buffers[target as usize] = None;
     state.empty[target as usize] = false;
-    instance.write_state(state)?;
-    let now = maps.swap_in(new, holds, active_old)?;
-    state.active = now;
-    state.buffers[now as usize] = Some(loaded);
-    Ok(now)
+    maps.write_description(target, &description(&loaded), state.reloads.succeeded + 1)?;
+    // Up to here nothing the program reads has changed. The flip is one map write; after it
+    // the reload has happened, whatever fails next.
+    maps.set_active(target)?;
+    if let Err(e) = maps.activate(target, new) {
+        log::warn!(
+            "the new catalogue is in force; purging the flows of removed rules failed ({e}): the next reload or run completes it"
+        );
+    }
+    state.active = target;
+    state.buffers[target as usize] = Some(loaded);
+    Ok(target)
+}
+
+/// Completes a reload that was killed after its flip: the active buffer is recorded complete
+/// but its purge never finished. Purging is idempotent, so it is simply done again.
+fn settle_interrupted(maps: &mut Maps, state: &State) -> Result<()> {
+    use edge_classifier_common::RECORD_COMPLETE;
+    let active = maps.active()?;
+    if maps.record(active)?.state == RECORD_COMPLETE {
+        let (_, compiled) = state
+            .active()
+            .ok_or(LifecycleError::UnknownActive)?
+            .compile()
+            .map_err(LifecycleError::RunningBroken)?;
+        log::warn!(
+            "completing an interrupted reload: buffer {active} is active; purging the flows of the rules it dropped"
+        );
+        maps.activate(active, &compiled)?;
+    }
+    let other = maps.record(1 - active)?;
+    if other.state >= RECORD_COMPLETE && other.reloads > maps.record(active)?.reloads {
+        log::warn!(
+            "a reload interrupted before its flip never took effect: buffer {} holds it, unused",
+            1 - active
+        );
+    }
+    Ok(())
+}
+
+/// When `ACTIVE` lost its pin and was created afresh (it then says buffer 0), points it back at
+/// the buffer the records say was active: the settled one, else the newest complete one.
+fn recover_active(maps: &mut Maps) -> Result<()> {
+    use edge_classifier_common::{RECORD_COMPLETE, RECORD_SETTLED};
+    let records = [maps.record(0)?, maps.record(1)?];
+    let active = maps.active()?;
+    if records[active as usize].state >= RECORD_COMPLETE {
+        return Ok(());
+    }
+    let best = (0..2u32)
+        .filter(|&b| records[b as usize].state >= RECORD_COMPLETE)
+        .max_by_key(|&b| {
+            let r = &records[b as usize];
+            (r.state == RECORD_SETTLED, r.reloads)
+        });
+    if let Some(b) = best {
+        log::warn!(
+            "the active-buffer word names buffer {active}, which holds no complete catalogue (its pin was lost?); buffer {b} was the active one"
+        );
+        maps.set_active(b)?;
+    }
+    Ok(())
 }
 
 /// Stops instance `instance`: asks its daemon (if any) to exit, removes the link pins (which

@@ -26,7 +26,7 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/edge-classifier";
 pub const STATE_ROOT: &str = "/run/edge-classifier";
 pub const DEFAULT_INSTANCE: &str = "default";
 /// Bumped whenever map layouts change: pins of another layout are not adopted.
-pub const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -58,6 +58,12 @@ pub enum InstanceError {
     },
     #[error("mounting bpffs on {BPFFS}: {0}")]
     Mount(io::Error),
+    #[error("instance {name}: reading its pinned maps: {source}")]
+    Pins {
+        name: String,
+        #[source]
+        source: crate::maps::MapsError,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstanceError + '_ {
@@ -167,6 +173,28 @@ pub struct ReloadAttempt {
 }
 
 impl State {
+    /// Whether this state (the file) says what `kernel` (rebuilt from the pins) says: same
+    /// generation, active buffer, buffer contents, bindings and counts.
+    fn agrees_with(&self, kernel: &State) -> bool {
+        self.generation == kernel.generation
+            && self.active == kernel.active
+            && self.buffers == kernel.buffers
+            && self.reloads.succeeded == kernel.reloads.succeeded
+            && self.reloads.failed == kernel.reloads.failed
+            && {
+                let key = |s: &State| {
+                    let mut v: Vec<(u32, String, u32)> = s
+                        .bindings
+                        .iter()
+                        .map(|b| (b.ifindex, b.role.clone(), b.block))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                key(self) == key(kernel)
+            }
+    }
+
     pub fn active(&self) -> Option<&Loaded> {
         self.buffers[self.active as usize & 1].as_ref()
     }
@@ -238,7 +266,47 @@ impl Instance {
         Ok(())
     }
 
+    /// The instance's state. The kernel is the source of truth: what each rule buffer holds,
+    /// which one is active, the bound NICs and the reload counts are recorded in the pinned
+    /// maps themselves. The state file is a cache of them: used when it agrees with the pins,
+    /// rebuilt from them when it is missing, truncated, garbage or stale (a writer killed
+    /// between the kernel and the file). `Ok(None)`: no such instance.
     pub fn read_state(&self) -> Result<Option<State>, InstanceError> {
+        let file = self.read_state_file();
+        if !crate::maps::pinned_in(&self.maps_dir()) {
+            // No pins (bpffs remounted, or never started): the file alone, if it reads.
+            return file;
+        }
+        let cached = match &file {
+            Ok(f) => f.as_ref(),
+            Err(InstanceError::Layout { .. }) => return file,
+            Err(e) => {
+                log::warn!("{e}; rebuilding the state from the pinned maps");
+                None
+            }
+        };
+        let maps = crate::maps::Maps::open_pinned(&self.maps_dir()).map_err(|source| {
+            InstanceError::Pins {
+                name: self.name.clone(),
+                source,
+            }
+        })?;
+        let kernel = self.state_from_pins(&maps, cached)?;
+        match cached {
+            Some(f) if f.agrees_with(&kernel) => Ok(Some(f.clone())),
+            Some(_) => {
+                log::warn!(
+                    "{}: the state file disagrees with the pinned maps (a writer stopped between them); using the maps",
+                    self.state_file().display()
+                );
+                Ok(Some(kernel))
+            }
+            None => Ok(Some(kernel)),
+        }
+    }
+
+    /// The state file as written, without looking at the pins.
+    pub fn read_state_file(&self) -> Result<Option<State>, InstanceError> {
         let path = self.state_file();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -258,13 +326,106 @@ impl Instance {
         Ok(Some(state))
     }
 
+    /// The state as the pinned maps record it. `cached` (the file, when it reads) only lends
+    /// what the kernel does not keep: the reload log, and the names of NICs that are gone.
+    pub fn state_from_pins(
+        &self,
+        maps: &crate::maps::Maps,
+        cached: Option<&State>,
+    ) -> Result<State, InstanceError> {
+        use edge_classifier_common::{IFACE_MODE_GENERIC, IFACE_MODE_NATIVE};
+        let pins = |source| InstanceError::Pins {
+            name: self.name.clone(),
+            source,
+        };
+        let active = maps.active().map_err(pins)?;
+        let mut buffers: [Option<Loaded>; 2] = [None, None];
+        let mut empty = [false; 2];
+        for b in 0..2u32 {
+            let record = maps.record(b).map_err(pins)?;
+            empty[b as usize] = record.state == 0;
+            buffers[b as usize] = maps
+                .read_description(b)
+                .map_err(pins)?
+                .and_then(|d| serde_json::from_slice::<Loaded>(&d).ok());
+        }
+        let inst = maps.instance_record().map_err(pins)?;
+        let record = maps.record(active).map_err(pins)?;
+        let roles: Vec<(String, u32)> = buffers[active as usize]
+            .as_ref()
+            .map(|l| {
+                l.assignments
+                    .roles
+                    .iter()
+                    .map(|(name, bit)| (name.clone(), 1u32 << bit))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut bindings = Vec::new();
+        for info in maps.ifaces().map_err(pins)? {
+            let name = ifname(info.ifindex)
+                .or_else(|| {
+                    cached?
+                        .bindings
+                        .iter()
+                        .find(|b| b.ifindex == info.ifindex)
+                        .map(|b| b.name.clone())
+                })
+                .unwrap_or_else(|| format!("ifindex{}", info.ifindex));
+            let Some((role, _)) = roles.iter().find(|(_, m)| *m == info.role_mask) else {
+                continue;
+            };
+            bindings.push(BoundIface {
+                name,
+                ifindex: info.ifindex,
+                role: role.clone(),
+                block: info.block,
+                mode: match info.mode {
+                    IFACE_MODE_NATIVE => Some("native".to_string()),
+                    IFACE_MODE_GENERIC => Some("generic".to_string()),
+                    _ => None,
+                },
+            });
+        }
+        bindings.sort_by_key(|b| b.block);
+        Ok(State {
+            layout: LAYOUT,
+            generation: inst.generation,
+            active,
+            buffers,
+            empty,
+            bindings,
+            reloads: Reloads {
+                succeeded: inst.reloads_succeeded.max(record.reloads),
+                failed: inst.reloads_failed,
+                last: record.loaded_at_ms as f64 / 1000.0,
+            },
+            flow_capacity: maps.flow_capacity().map_err(pins)?,
+            reload_log: cached.map(|c| c.reload_log.clone()).unwrap_or_default(),
+        })
+    }
+
     pub fn require_state(&self) -> Result<State, InstanceError> {
         self.read_state()?
             .ok_or_else(|| InstanceError::NotRunning(self.name.clone()))
     }
 
-    /// Replaces the state file atomically (write, fsync, rename).
+    /// Records `state`: the counters the kernel keeps first (the pinned maps hold everything
+    /// else already), then the file, replaced atomically (write, fsync, rename).
     pub fn write_state(&self, state: &State) -> Result<(), InstanceError> {
+        if crate::maps::pinned_in(&self.maps_dir()) {
+            let pins = |source| InstanceError::Pins {
+                name: self.name.clone(),
+                source,
+            };
+            let mut maps = crate::maps::Maps::open_pinned(&self.maps_dir()).map_err(pins)?;
+            maps.set_instance_record(edge_classifier_common::InstanceRecord {
+                reloads_succeeded: state.reloads.succeeded,
+                reloads_failed: state.reloads.failed,
+                generation: state.generation,
+            })
+            .map_err(pins)?;
+        }
         let path = self.state_file();
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(state).expect("state serialises");
@@ -336,6 +497,19 @@ impl Instance {
         }
         Ok(())
     }
+}
+
+/// The name of the interface with index `ifindex`, if there is one.
+fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_str()
+        .ok()
+        .map(str::to_string)
 }
 
 /// An flock held until dropped.

@@ -19,13 +19,19 @@ pub const PORT_ENTRIES: u32 = BUFFERS * TRANSPORTS * PORT_SPACE;
 
 /// Rules that may cover the same (transport, direction, port); more is a catalogue error.
 pub const MAX_CANDIDATES: usize = 8;
-/// Rule slots (counter identities) the program knows.
+/// Rule slots (counter identities) the program knows, shared by both buffers.
 pub const MAX_RULES: u32 = 16384;
+/// Rules one catalogue may have. A reload keeps the running rules' slots until the flip (they
+/// count until then) and gives the new catalogue's new ids other slots, so the running and the
+/// new catalogue must fit in `MAX_RULES` together, whatever ids either has.
+pub const MAX_RULES_PER_CATALOGUE: u32 = MAX_RULES / BUFFERS;
 /// Distinct port classes per buffer; class 0 means "no rule" and is never stored.
 pub const MAX_CLASSES: u32 = 2 * MAX_RULES + 2;
 /// Entries of each LPM trie (one per address family), shared by both buffers.
 pub const MAX_PREFIXES: u32 = 1 << 21;
-/// Prefixes one catalogue may have per address family: both buffers must fit during a reload.
+/// Prefixes one catalogue may have per address family: the trie holds the running buffer's
+/// and the new one's, and a reload removes the stale entries of the buffer it writes before it
+/// inserts, so both buffers full at once fit (`tests/tests/limits.rs`).
 pub const MAX_PREFIXES_PER_BUFFER: u32 = MAX_PREFIXES / BUFFERS;
 
 /// Interfaces are looked up by `ifindex % IFACE_SLOTS` and verified against the stored ifindex.

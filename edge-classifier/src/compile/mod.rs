@@ -9,10 +9,10 @@ use std::{
 
 use edge_classifier_common::{
     FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES,
-    POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP,
-    POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PORT_SPACE,
-    PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED, TRACKED_SLOT,
-    TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
+    MAX_RULES_PER_CATALOGUE, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
+    POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS,
+    PORT_SPACE, PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED,
+    TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
 };
 use ipnet::IpNet;
 
@@ -35,9 +35,13 @@ pub enum CompileError {
         ids: String,
     },
     #[error(
-        "{0} rules: the data plane holds at most {MAX_RULES}; merge rules that differ only in port into ranges"
+        "{0} rules: a catalogue may have at most {MAX_RULES_PER_CATALOGUE} (a reload needs counter slots for the running rules and the new ones); merge rules that differ only in port into ranges"
     )]
     TooManyRules(usize),
+    #[error(
+        "{new} new rule ids beside the {running} rules running: the data plane has {MAX_RULES} counter slots for both; reload to a catalogue of at most {MAX_RULES_PER_CATALOGUE} rules first"
+    )]
+    NoFreeSlots { running: usize, new: usize },
     #[error(
         "{count} IPv{family} prefixes (with the built-in default route): the data plane holds at most {max} per family; merge adjacent prefixes into shorter ones"
     )]
@@ -230,7 +234,7 @@ pub fn compile(cat: &Catalogue) -> Result<Compiled, CompileError> {
 
 /// Compiles keeping `prev`'s slots and role bits for the ids and roles `cat` still has.
 pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, CompileError> {
-    if cat.rules.len() > MAX_RULES as usize {
+    if cat.rules.len() > MAX_RULES_PER_CATALOGUE as usize {
         return Err(CompileError::TooManyRules(cat.rules.len()));
     }
     let roles: Vec<String> = cat.interfaces.keys().cloned().collect();
@@ -240,7 +244,16 @@ pub fn compile_with(cat: &Catalogue, prev: &Assignments) -> Result<Compiled, Com
             cat.rules.iter().map(|r| r.id.as_str()),
             MAX_RULES,
         )
-        .ok_or(CompileError::TooManyRules(cat.rules.len()))?,
+        // Only a running catalogue over today's limit (loaded by an older version) can leave
+        // too few slots.
+        .ok_or_else(|| CompileError::NoFreeSlots {
+            running: prev.slots.len(),
+            new: cat
+                .rules
+                .iter()
+                .filter(|r| !prev.slots.contains_key(&r.id))
+                .count(),
+        })?,
         roles: Assignments::assign(&prev.roles, roles.iter().map(String::as_str), 32)
             .ok_or(CompileError::TooManyRoles)?,
     };
@@ -716,19 +729,42 @@ mod tests {
             e.starts_with("1048577 IPv4 prefixes (with the built-in default route): the data plane holds at most 1048576 per family"),
             "{e}"
         );
-        let mut cat = Catalogue::default_catalogue();
-        let template = cat.rules[0].clone();
-        cat.rules = (0..=MAX_RULES)
-            .map(|i| {
-                let mut r = template.clone();
-                r.id = format!("r{i}");
-                r
-            })
-            .collect();
-        let e = compile(&cat).unwrap_err().to_string();
+        let rules = |tag: &str, n: u32| {
+            let mut cat = Catalogue::default_catalogue();
+            let template = cat.rules[0].clone();
+            cat.rules = (0..n)
+                .map(|i| {
+                    let mut r = template.clone();
+                    r.id = format!("{tag}{i}");
+                    let port = 10000 + i as u16;
+                    r.ports = crate::catalogue::PortRange { lo: port, hi: port };
+                    r
+                })
+                .collect();
+            cat
+        };
+        let e = compile(&rules("r", MAX_RULES_PER_CATALOGUE + 1))
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.starts_with("16385 rules: the data plane holds at most 16384"),
+            e.starts_with("8193 rules: a catalogue may have at most 8192"),
             "{e}"
+        );
+        // At the limit, a catalogue whose every id is new fits beside the running one.
+        let running = compile(&rules("a", MAX_RULES_PER_CATALOGUE)).unwrap();
+        let next = compile_with(&rules("b", MAX_RULES_PER_CATALOGUE), &running.assignments)
+            .expect("a whole new catalogue at the limit fits");
+        let slots = |c: &Compiled| c.rules.iter().map(|r| r.slot).collect::<BTreeSet<_>>();
+        assert!(slots(&running).is_disjoint(&slots(&next)));
+        // A running catalogue over the limit (loaded by an older version) leaves too few.
+        let over = Assignments {
+            slots: (0..MAX_RULES).map(|s| (format!("old{s}"), s)).collect(),
+            roles: running.assignments.roles.clone(),
+        };
+        let e = compile_with(&rules("c", 1), &over).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "1 new rule ids beside the 16384 rules running: the data plane has 16384 counter slots for both; reload to a catalogue of at most 8192 rules first"
         );
     }
 

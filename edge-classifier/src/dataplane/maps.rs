@@ -823,6 +823,12 @@ fn chunk_key(buffer: u32, i: u32) -> u32 {
     (buffer << 16) | i
 }
 
+/// Takes an inactive buffer's entries in `trie` from `old` to `new`. What goes or changes is
+/// removed first, then what comes or changed is inserted: the trie is shared by both buffers
+/// and sized for two full ones, so it never holds more than the running buffer's entries and
+/// the new ones (inserting first took it to three buffers' worth, and ENOSPC, with both full).
+/// A changed entry is removed and inserted rather than replaced, since a full trie refuses
+/// even a replacement on kernels before 6.14. Nothing looks the buffer up meanwhile.
 fn sync_trie<K: aya::Pod>(
     trie: &mut LpmTrie<MapData, K, u64>,
     new: &[(IpNet, u64)],
@@ -830,20 +836,20 @@ fn sync_trie<K: aya::Pod>(
     key: impl Fn(&IpNet) -> Key<K>,
     name: &'static str,
 ) -> Result<(), MapsError> {
+    let want: StdHashMap<&IpNet, u64> = new.iter().map(|(n, b)| (n, *b)).collect();
     let old: StdHashMap<&IpNet, u64> = old
         .unwrap_or_default()
         .iter()
         .map(|(n, b)| (n, *b))
         .collect();
+    for (net, bits) in &old {
+        if want.get(net) != Some(bits) {
+            trie.remove(&key(net)).map_err(err(name))?;
+        }
+    }
     for (net, bits) in new {
         if old.get(net) != Some(bits) {
             trie.insert(&key(net), bits, 0).map_err(err(name))?;
-        }
-    }
-    let keep: HashSet<&IpNet> = new.iter().map(|(n, _)| n).collect();
-    for net in old.keys() {
-        if !keep.contains(net) {
-            trie.remove(&key(net)).map_err(err(name))?;
         }
     }
     Ok(())

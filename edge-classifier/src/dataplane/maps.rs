@@ -59,10 +59,18 @@ macro_rules! maps {
 /// The flow tables: the loader sizes them from the catalogue's `[flows] capacity` before load.
 pub const FLOW_TABLES: [&str; 2] = ["FLOWS_V4", "FLOWS_V6"];
 
-/// Whether `dir` holds an instance's pinned maps (`ACTIVE`, the first of the list, is pinned
-/// with every instance).
+/// Whether `dir` holds an instance's pinned maps, all or some of them.
 pub fn pinned_in(dir: &std::path::Path) -> bool {
-    dir.join(MAP_NAMES[0]).exists()
+    MAP_NAMES.iter().any(|n| dir.join(n).exists())
+}
+
+/// The maps of the object that have no pin in `dir`.
+pub fn missing_pins(dir: &std::path::Path) -> Vec<&'static str> {
+    MAP_NAMES
+        .iter()
+        .copied()
+        .filter(|n| !dir.join(n).exists())
+        .collect()
 }
 
 maps! {

@@ -133,6 +133,10 @@ pub fn start(
     for (name, _) in ifaces {
         crate::loader::ifindex(name)?;
     }
+    if crate::maps::pinned_in(&instance.maps_dir()) {
+        let _lock = instance.lock()?;
+        repair_pins(instance)?;
+    }
     let declared = match (
         catalogue,
         instance.read_state()?.as_ref().and_then(State::active),
@@ -210,6 +214,52 @@ pub fn start(
     })
 }
 
+/// Pins an earlier run left, some of them lost (removed by hand, a clean-up gone wrong): the
+/// missing maps are created and pinned afresh (loading the object does that; nothing is
+/// attached), without touching the others. A lost `ACTIVE` word is pointed back at the buffer
+/// the records say was active; a lost rule table empties what the records vouch for, so both
+/// buffers are marked untrusted and rewritten by this start before anything reads them.
+fn repair_pins(instance: &Instance) -> Result<()> {
+    let missing = crate::maps::missing_pins(&instance.maps_dir());
+    if missing.is_empty() {
+        return Ok(());
+    }
+    log::warn!(
+        "instance {}: pins of {} are missing; creating them afresh (the other pins are kept)",
+        instance.name,
+        missing.join(", ")
+    );
+    // Any catalogue will do to load the object: nothing is written or attached.
+    let catalogue = Catalogue::default_catalogue();
+    let compiled =
+        compile_with(&catalogue, &Default::default()).map_err(|error| LifecycleError::Compile {
+            name: catalogue.source_name.clone(),
+            error,
+        })?;
+    drop(Classifier::load_pinned(compiled, instance)?);
+    let mut maps = Maps::open_pinned(&instance.maps_dir())?;
+    // Tables whose loss leaves nothing untrue behind: counters and flows start again, the
+    // NICs' addresses are re-read by the daemon, the reply caches are per program anyway.
+    const HARMLESS: &[&str] = &[
+        "ACTIVE",
+        "STATS",
+        "FLOWS_V4",
+        "FLOWS_V6",
+        "FLOW_STATS",
+        "TRACKED_PORTS",
+        "IFACE_ADDRS_V4",
+        "IFACE_ADDRS_V6",
+        "INSTANCE_RECORD",
+    ];
+    if missing.iter().any(|m| !HARMLESS.contains(m)) {
+        maps.begin_buffer(0)?;
+        maps.begin_buffer(1)?;
+    } else {
+        recover_active(&mut maps, missing.contains(&"ACTIVE"))?;
+    }
+    Ok(())
+}
+
 /// Every NIC's role is one the catalogue declares under `[interfaces]`.
 fn roles_declared<'a>(
     ifaces: &[(String, String)],
@@ -246,7 +296,7 @@ fn bring_up(
     }
     let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
     if prior.is_some() {
-        recover_active(classifier.maps_mut())?;
+        recover_active(classifier.maps_mut(), false)?;
     }
     let mut state = match prior {
         Some(mut st) => {
@@ -642,13 +692,14 @@ fn settle_interrupted(maps: &mut Maps, state: &State) -> Result<()> {
     Ok(())
 }
 
-/// When `ACTIVE` lost its pin and was created afresh (it then says buffer 0), points it back at
-/// the buffer the records say was active: the settled one, else the newest complete one.
-fn recover_active(maps: &mut Maps) -> Result<()> {
+/// Points `ACTIVE` at the buffer the records say was active (the settled one, else the newest
+/// complete one) when it names one that holds no complete catalogue, or always when `lost`: an
+/// `ACTIVE` created afresh after its pin was lost says buffer 0, whatever ran.
+fn recover_active(maps: &mut Maps, lost: bool) -> Result<()> {
     use edge_classifier_common::{RECORD_COMPLETE, RECORD_SETTLED};
     let records = [maps.record(0)?, maps.record(1)?];
     let active = maps.active()?;
-    if records[active as usize].state >= RECORD_COMPLETE {
+    if !lost && records[active as usize].state >= RECORD_COMPLETE {
         return Ok(());
     }
     let best = (0..2u32)
@@ -657,10 +708,14 @@ fn recover_active(maps: &mut Maps) -> Result<()> {
             let r = &records[b as usize];
             (r.state == RECORD_SETTLED, r.reloads)
         });
-    if let Some(b) = best {
-        log::warn!(
-            "the active-buffer word names buffer {active}, which holds no complete catalogue (its pin was lost?); buffer {b} was the active one"
-        );
+    if let Some(b) = best.filter(|&b| b != active || !lost) {
+        if lost {
+            log::warn!("the active-buffer word was created afresh; buffer {b} was the active one");
+        } else {
+            log::warn!(
+                "the active-buffer word names buffer {active}, which holds no complete catalogue; buffer {b} was the active one"
+            );
+        }
         maps.set_active(b)?;
     }
     Ok(())

@@ -198,6 +198,24 @@ fn a_lost_or_broken_state_file_changes_nothing() {
     let (ok, _, err) = cli(&["reload", "--instance", &instance, "--catalogue", &b]);
     assert!(ok, "reload: {err}");
     let b_hash = sha256(&std::fs::read_to_string(&b).unwrap());
+    // A flow the Edge opened (S1): it must outlive every restart below. Nobody listens on
+    // the remote side; the SYN going out is what records the flow.
+    let _ = tcp_exchange(
+        &lab.edge,
+        SocketAddr::new(EDGE_EXT_V4, 0),
+        SocketAddr::new(CLIENT_V4, 5061),
+        Duration::from_millis(300),
+    );
+    let flows = || {
+        Maps::open_pinned(&Instance::new(&instance).unwrap().maps_dir())
+            .unwrap()
+            .flows()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.remote().port() == 5061)
+            .count()
+    };
+    assert!(flows() >= 1, "the S1 flow is recorded");
     drop(daemon);
     let state_file = Instance::new(&instance).unwrap().state_file();
     let mut counted = 0.0;
@@ -222,6 +240,7 @@ fn a_lost_or_broken_state_file_changes_nothing() {
         assert_eq!(sha256(&kernel_catalogue(&instance).text), b_hash, "{fault}");
         let p6 = p6_packets(&lab.edge);
         assert!(p6 >= counted, "{fault}: counters kept ({p6} < {counted})");
+        assert!(flows() >= 1, "{fault}: flows kept");
         counted = p6;
         drop(daemon);
     }

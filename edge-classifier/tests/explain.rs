@@ -233,19 +233,7 @@ fn explain_instance_answers_with_the_running_catalogue() {
         edge_classifier::catalogue::DEFAULT_CATALOGUE.replacen("port = 443\n", "port = 8443\n", 1),
     )
     .unwrap();
-    let daemon = start_daemon(
-        &lab.edge,
-        &[
-            "--instance",
-            &instance,
-            "--metrics",
-            METRICS,
-            "--iface",
-            "ext0=external",
-            "--catalogue",
-            path.to_str().unwrap(),
-        ],
-    );
+    let daemon = start_on_ext0(&lab.edge, &instance, path.to_str());
     let probe = ["tcp", "198.51.100.1:40000", "198.51.100.10:8443"];
     let (code, out, err) = explain(&[&["--instance", instance.as_str()][..], &probe[..]].concat());
     assert_eq!(code, 0, "{out}{err}");

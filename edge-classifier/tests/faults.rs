@@ -173,25 +173,7 @@ fn a_lost_or_broken_state_file_changes_nothing() {
     let dir = workdir("sf");
     let [a, b] = catalogues(&dir);
     let listeners = Listeners::start(&lab.edge, &[], &[ALLOWED, FORBIDDEN]).expect("listeners");
-    let args = |cat: Option<&str>| {
-        let mut v = vec![
-            "--instance".to_string(),
-            instance.clone(),
-            "--metrics".into(),
-            METRICS.into(),
-            "--iface".into(),
-            "ext0=external".into(),
-        ];
-        if let Some(c) = cat {
-            v.extend(["--catalogue".into(), c.to_string()]);
-        }
-        v
-    };
-    let run = |cat: Option<&str>| {
-        let a = args(cat);
-        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        start_daemon(&lab.edge, &refs)
-    };
+    let run = |cat: Option<&str>| start_on_ext0(&lab.edge, &instance, cat);
     let daemon = run(Some(&a));
     let stream = Stream::start(&lab);
     // Buffer 1 active, so that a state rebuilt wrongly (or a fresh ACTIVE word) would show.
@@ -268,22 +250,14 @@ fn a_lost_active_pin_is_pointed_back_at_the_running_buffer() {
     let dir = workdir("ap");
     let [a, b] = catalogues(&dir);
     let listeners = Listeners::start(&lab.edge, &[], &[ALLOWED, FORBIDDEN]).expect("listeners");
-    let base = [
-        "--instance",
-        instance.as_str(),
-        "--metrics",
-        METRICS,
-        "--iface",
-        "ext0=external",
-    ];
-    let daemon = start_daemon(&lab.edge, &[&base[..], &["--catalogue", &a]].concat());
+    let daemon = start_on_ext0(&lab.edge, &instance, Some(&a));
     let stream = Stream::start(&lab);
     let (ok, _, err) = cli(&["reload", "--instance", &instance, "--catalogue", &b]);
     assert!(ok, "reload: {err}");
     drop(daemon);
     let i = Instance::new(&instance).unwrap();
     std::fs::remove_file(i.map_pin("ACTIVE")).unwrap();
-    let daemon = start_daemon(&lab.edge, &base);
+    let daemon = start_on_ext0(&lab.edge, &instance, None);
     let b_hash = sha256(&std::fs::read_to_string(&b).unwrap());
     assert_eq!(
         metrics_hash(&lab.edge),
@@ -322,19 +296,7 @@ fn reloads_killed_at_random_instants_leave_state_and_kernel_agreeing() {
     let dir = workdir("rk");
     let cats = catalogues(&dir);
     let listeners = Listeners::start(&lab.edge, &[], &[ALLOWED, FORBIDDEN]).expect("listeners");
-    let daemon = start_daemon(
-        &lab.edge,
-        &[
-            "--instance",
-            &instance,
-            "--metrics",
-            METRICS,
-            "--iface",
-            "ext0=external",
-            "--catalogue",
-            &cats[0],
-        ],
-    );
+    let daemon = start_on_ext0(&lab.edge, &instance, Some(&cats[0]));
     // A full flow table: flows of S1, which both catalogues keep, so they survive every purge
     // and every purge walks them all.
     let i = Instance::new(&instance).unwrap();

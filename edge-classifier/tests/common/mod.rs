@@ -80,6 +80,23 @@ pub fn start_daemon(ns: &str, args: &[&str]) -> Process {
     proc
 }
 
+/// `run` for `instance` on the lab's external NIC (`ext0=external`), metrics on `METRICS`,
+/// with `catalogue` (or, without, the one the instance runs), once ready.
+pub fn start_on_ext0(ns: &str, instance: &str, catalogue: Option<&str>) -> Process {
+    let mut args = vec![
+        "--instance",
+        instance,
+        "--metrics",
+        METRICS,
+        "--iface",
+        "ext0=external",
+    ];
+    if let Some(c) = catalogue {
+        args.extend(["--catalogue", c]);
+    }
+    start_daemon(ns, &args)
+}
+
 /// The binary with `args`, in the host namespace; (success, stdout, stderr).
 pub fn cli(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN)

@@ -413,15 +413,83 @@ pub fn udp_send(
 }
 
 /// An AF_PACKET socket on an interface: sees every frame the interface received and XDP passed.
+/// Its receive buffer is [`TAP_RCVBUF`], so that frames can wait while a test is busy; what
+/// the kernel still had to drop is counted ([`Tap::statistics`]), and [`Tap::record`] reads on a
+/// thread of its own while traffic runs.
 pub struct Tap {
     sock: std::os::fd::OwnedFd,
+}
+
+/// A tap's receive buffer: 64 MiB (set with `SO_RCVBUFFORCE`, which root may set beyond
+/// `net.core.rmem_max`). A queued frame costs its skb's truesize, about 1 KiB for a short one, so
+/// tens of thousands of frames fit; a default buffer kept 256 of 5,000 frames on a veth.
+pub const TAP_RCVBUF: usize = 64 << 20;
+
+/// (received, sent) frames of a tap.
+type Frames = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+/// `PACKET_STATISTICS` (linux/if_packet.h), which the libc crate does not name.
+const PACKET_STATISTICS: libc::c_int = 6;
+
+/// The kernel's counts for a tap, from `PACKET_STATISTICS`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TapStats {
+    /// Frames the socket was given (received and sent, dropped ones included).
+    pub packets: u64,
+    /// Frames the kernel dropped because the receive buffer was full.
+    pub drops: u64,
+}
+
+impl std::ops::AddAssign for TapStats {
+    fn add_assign(&mut self, o: TapStats) {
+        self.packets += o.packets;
+        self.drops += o.drops;
+    }
 }
 
 impl Tap {
     pub fn open(ns: &str, iface: &str) -> anyhow::Result<Tap> {
         let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-        Ok(Tap {
-            sock: af_packet(ns, iface, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto)?,
+        let sock = af_packet(ns, iface, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto)?;
+        let fd = sock.as_raw_fd();
+        let size = TAP_RCVBUF as libc::c_int;
+        let set = |opt| unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
+            bail!("tap receive buffer: {}", std::io::Error::last_os_error());
+        }
+        let tap = Tap { sock };
+        // Counts start now.
+        tap.statistics()?;
+        Ok(tap)
+    }
+
+    /// The kernel's counts since the last call (reading them resets them) or since `open`.
+    pub fn statistics(&self) -> anyhow::Result<TapStats> {
+        let mut st: libc::tpacket_stats = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tpacket_stats>() as u32;
+        let rc = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_STATISTICS,
+                &mut st as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            bail!("PACKET_STATISTICS: {}", std::io::Error::last_os_error());
+        }
+        Ok(TapStats {
+            packets: u64::from(st.tp_packets),
+            drops: u64::from(st.tp_drops),
         })
     }
 
@@ -432,17 +500,27 @@ impl Tap {
 
     /// (received, sent) frames waiting in the socket. Sent frames are seen after TC egress, so
     /// a frame TC dropped is not among them.
-    pub fn drain_split(&self, quiet: Duration) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
-        let mut out = Vec::new();
-        let mut sent = Vec::new();
+    pub fn drain_split(&self, quiet: Duration) -> Frames {
+        let mut out = (Vec::new(), Vec::new());
         let mut last = Instant::now();
         let mut buf = vec![0u8; 65536];
         while last.elapsed() < quiet {
+            if self.read_one(&mut buf, &mut out, Duration::from_millis(2)) {
+                last = Instant::now();
+            }
+        }
+        out
+    }
+
+    /// Reads one frame into (received, sent), waiting up to `wait` for it; false when none came.
+    fn read_one(&self, buf: &mut [u8], (received, sent): &mut Frames, wait: Duration) -> bool {
+        let fd = self.sock.as_raw_fd();
+        for attempt in 0..2 {
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
             let n = unsafe {
                 libc::recvfrom(
-                    self.sock.as_raw_fd(),
+                    fd,
                     buf.as_mut_ptr() as *mut libc::c_void,
                     buf.len(),
                     0,
@@ -450,18 +528,77 @@ impl Tap {
                     &mut len,
                 )
             };
-            if n < 0 {
-                std::thread::sleep(Duration::from_millis(2));
-                continue;
+            if n >= 0 {
+                let frame = buf[..n as usize].to_vec();
+                if sll.sll_pkttype != libc::PACKET_OUTGOING {
+                    received.push(frame);
+                } else {
+                    sent.push(frame);
+                }
+                return true;
             }
-            if sll.sll_pkttype != libc::PACKET_OUTGOING {
-                out.push(buf[..n as usize].to_vec());
-            } else {
-                sent.push(buf[..n as usize].to_vec());
+            if attempt == 0 {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as i32) };
             }
-            last = Instant::now();
         }
-        (out, sent)
+        false
+    }
+
+    /// Reads on a thread of its own from now on, so that no frame waits in the buffer while
+    /// traffic runs; [`Recording::finish`] returns what it saw.
+    pub fn record(self) -> Recording {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut out = (Vec::new(), Vec::new());
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    self.read_one(&mut buf, &mut out, Duration::from_millis(10));
+                }
+                (self, out)
+            })
+        };
+        Recording { stop, thread }
+    }
+}
+
+/// A tap read on a thread of its own ([`Tap::record`]).
+pub struct Recording {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<(Tap, Frames)>,
+}
+
+/// Everything a recording tap saw, and the kernel's counts for it over the whole recording.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    pub received: Vec<Vec<u8>>,
+    pub sent: Vec<Vec<u8>>,
+    pub stats: TapStats,
+}
+
+impl Recording {
+    /// Stops the thread, drains what is left until `quiet` passes with no frame, and returns
+    /// every frame with the kernel's counts since the tap was opened (or last asked).
+    pub fn finish(self, quiet: Duration) -> anyhow::Result<Recorded> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (tap, (mut received, mut sent)) = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("tap thread panicked"))?;
+        let (r, s) = tap.drain_split(quiet);
+        received.extend(r);
+        sent.extend(s);
+        Ok(Recorded {
+            received,
+            sent,
+            stats: tap.statistics()?,
+        })
     }
 }
 

@@ -350,7 +350,7 @@ impl Default for Flows {
 
 /// The flow tables' default size: the one the eBPF object declares (the loader resizes them).
 pub use edge_classifier_common::DEFAULT_FLOW_CAPACITY;
-/// Bounds of `[flows]` values: capacity is kernel memory (about 105 bytes per IPv4 flow and 129
+/// Bounds of `[flows]` values: capacity is kernel memory (about 104 bytes per IPv4 flow and 128
 /// per IPv6 flow, for each family's table), idle time beyond ten days keeps dead flows.
 pub const MAX_FLOW_CAPACITY: u32 = 16 * 1024 * 1024;
 pub const MAX_FLOW_TIMEOUT: u32 = 10 * 24 * 3600;

@@ -295,10 +295,14 @@ impl Instance {
         match cached {
             Some(f) if f.agrees_with(&kernel) => Ok(Some(f.clone())),
             Some(_) => {
-                log::warn!(
-                    "{}: the state file disagrees with the pinned maps (a writer stopped between them); using the maps",
-                    self.state_file().display()
-                );
+                // A writer at work (it holds the lock) updates the kernel first and the file
+                // last: that is expected. One that died between them is worth a warning.
+                if !self.writer_active() {
+                    log::warn!(
+                        "{}: the state file disagrees with the pinned maps (a writer stopped between them); using the maps",
+                        self.state_file().display()
+                    );
+                }
                 Ok(Some(kernel))
             }
             None => Ok(Some(kernel)),
@@ -447,6 +451,15 @@ impl Instance {
             return Err(io_err(&path)(io::Error::last_os_error()));
         }
         Ok(Lock(f))
+    }
+
+    /// Whether a writer (run start-up, reload, stop) holds the lock right now.
+    fn writer_active(&self) -> bool {
+        let Ok(f) = File::open(self.lock_file()) else {
+            return false;
+        };
+        let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+        !free
     }
 
     /// Held by the process that serves the instance for as long as it runs.

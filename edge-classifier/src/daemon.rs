@@ -1,20 +1,23 @@
 //! The `run` daemon: attach (or adopt) the pinned instance, tell systemd it is ready, serve
-//! `/metrics`, follow reloads other processes make and the NICs' addresses, answer signals.
-//! The CLI in `main.rs` only parses arguments and calls [`run`].
+//! `/metrics`, follow reloads other processes make, the NICs' addresses and the NICs themselves
+//! (one that goes away is reported, one that comes back under a bound name is attached again),
+//! answer signals. The CLI in `main.rs` only parses arguments and calls [`run`].
 
 use std::{
+    collections::BTreeMap,
+    io::Write as _,
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use edge_classifier::{
     catalogue::Catalogue,
     compile::{Compiled, compile},
-    instance::{Instance, Reloads, State},
+    instance::{BoundIface, Instance, Reloads, State},
     lifecycle,
-    loader::{AttachMode, Classifier},
+    loader::{self, AttachMode, Classifier},
     metrics, report,
     snapshot::{CatalogueInfo, Snapshot},
 };
@@ -35,6 +38,11 @@ struct Daemon {
     /// What the kernel's record said at the last refresh (generation, failures, active buffer,
     /// its reload count and load time).
     stamp: Option<(u64, u64, u32, u64, u64)>,
+    /// How NICs that come back are attached (`run --mode`).
+    mode: AttachMode,
+    /// Bound NICs not protected now, and what was last logged about each (so a state is
+    /// logged once, not every second).
+    unprotected: BTreeMap<String, String>,
 }
 
 fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
@@ -141,6 +149,102 @@ impl Daemon {
         Ok(())
     }
 
+    /// Follows the bound NICs, on every link notification and every second. A NIC that went
+    /// away is logged (WARN) and shows as not attached (`edge_classifier_interface_attached`
+    /// 0); a NIC that appears under a bound name (a new ifindex), or whose XDP link stopped
+    /// protecting it, is attached again at once: XDP and TC egress, the same role and counters,
+    /// fresh links whose pins replace the stale ones. `since`: when the kernel's notification
+    /// came. Returns the bindings to record when one was attached again.
+    fn sync_links(&mut self, since: Instant) -> Option<Vec<BoundIface>> {
+        let bound: Vec<(String, u32)> = self
+            .classifier
+            .bindings()
+            .iter()
+            .map(|b| (b.name.clone(), b.ifindex))
+            .collect();
+        let mut attached = false;
+        for (name, was) in bound {
+            let why = match loader::ifindex(&name).ok() {
+                None => {
+                    self.classifier.mark_detached(&name);
+                    let note = match loader::ifname(was) {
+                        Some(now) => format!(
+                            "{name} (ifindex {was}) was renamed to {now}: no NIC named {name} is protected now (the program stays on {now} until a NIC named {name} appears, which is then attached)"
+                        ),
+                        None => format!(
+                            "{name} (ifindex {was}) went away: it is not protected; a NIC named {name} that appears is attached again"
+                        ),
+                    };
+                    self.note(&name, note);
+                    continue;
+                }
+                Some(now) if now != was => format!(
+                    "a NIC named {name} appeared (ifindex {now}; the one protected had ifindex {was})"
+                ),
+                Some(_) => match self.classifier.xdp_live(&name) {
+                    Ok(()) => {
+                        if self.unprotected.remove(&name).is_some() {
+                            log::info!("{name}: protected again");
+                        }
+                        continue;
+                    }
+                    Err(why) => format!("{name} is not protected: {why}"),
+                },
+            };
+            match self.classifier.reattach(&name, self.mode) {
+                Ok(m) => {
+                    log::info!(
+                        "{why}: attached again (XDP in {m} mode, TC egress) {:.1} ms after the kernel announced it",
+                        since.elapsed().as_secs_f64() * 1000.0
+                    );
+                    self.unprotected.remove(&name);
+                    attached = true;
+                }
+                Err(e) => self.note(
+                    &name,
+                    format!(
+                        "{why}; attaching it again failed, it is NOT protected (tried again at every link change and every second): {e}"
+                    ),
+                ),
+            }
+        }
+        if !attached {
+            return None;
+        }
+        // The mode each NIC runs in goes into the kernel's binding too, as `run` records it.
+        let bound: Vec<BoundIface> = self
+            .classifier
+            .bindings()
+            .iter()
+            .map(|b| BoundIface {
+                name: b.name.clone(),
+                ifindex: b.ifindex,
+                role: b.role.clone(),
+                block: b.block,
+                mode: b.mode.map(|m| m.to_string()),
+            })
+            .collect();
+        for b in &bound {
+            let mode = match b.mode.as_deref() {
+                Some("native") => edge_classifier_common::IFACE_MODE_NATIVE,
+                Some("generic") => edge_classifier_common::IFACE_MODE_GENERIC,
+                _ => edge_classifier_common::IFACE_MODE_UNKNOWN,
+            };
+            if let Err(e) = self.classifier.maps_mut().set_iface_mode(b.ifindex, mode) {
+                log::warn!("{}: recording its XDP mode: {e}", b.name);
+            }
+        }
+        Some(bound)
+    }
+
+    /// Logs (WARN) what is wrong with NIC `name`, once until it changes.
+    fn note(&mut self, name: &str, what: String) {
+        if self.unprotected.get(name) != Some(&what) {
+            log::warn!("{what}");
+            self.unprotected.insert(name.to_string(), what);
+        }
+    }
+
     fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         self.refresh()?;
         let mut s = Snapshot::read(&self.classifier, self.catalogue.clone(), self.reloads)?;
@@ -148,6 +252,21 @@ impl Daemon {
         self.evicted_floor = s.flows.evicted;
         Ok(s)
     }
+}
+
+/// Records the bindings after a NIC was attached again, as every writer of the state does: under
+/// the instance lock, the state as the pinned maps hold it (the kernel's binding table already
+/// has the new NIC) with the bindings under their bound names, written by the instance's own
+/// `write_state`.
+fn record_bindings(instance: &Instance, bound: Vec<BoundIface>) -> anyhow::Result<()> {
+    let _lock = instance.lock()?;
+    let maps = edge_classifier::maps::Maps::open_pinned(&instance.maps_dir())?;
+    let cached = instance.read_state_file().ok().flatten();
+    let mut state = instance.state_from_pins(&maps, cached.as_ref())?;
+    state.bindings = bound;
+    state.generation += 1;
+    instance.write_state(&state)?;
+    Ok(())
 }
 
 /// One log line per reload the daemon sees, made by any process.
@@ -217,6 +336,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--metrics {}: cannot listen there", args.metrics_addr))?;
     let mode = args.mode;
+    // Subscribed before attaching: a NIC that goes or comes from here on is seen.
+    let nic_changes = edge_classifier::nic_addrs::Changes::subscribe()
+        .map_err(|e| {
+            log::warn!("following NIC and address changes (re-read every second instead): {e}")
+        })
+        .ok();
     let started = lifecycle::start(
         &args.instance,
         args.catalogue.as_deref(),
@@ -251,6 +376,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         evicted_floor: 0,
         reloads_logged: started.state.reloads.succeeded + started.state.reloads.failed,
         stamp: None,
+        mode,
+        unprotected: BTreeMap::new(),
     }));
     for (nic, _) in &specs {
         for w in edge_classifier::nic_addrs::routing_warnings(nic) {
@@ -264,9 +391,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .expect("lock")
         .sync_nic_addrs()
         .context("protecting the NICs' own addresses")?;
-    let nic_changes = edge_classifier::nic_addrs::Changes::subscribe()
-        .map_err(|e| log::warn!("following address changes (re-read every second instead): {e}"))
-        .ok();
     let for_exporter = daemon.clone();
     let snapshot: metrics::SnapshotFn = Arc::new(move || {
         for_exporter
@@ -280,16 +404,76 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     let server = tokio::spawn(metrics::serve(listener, snapshot));
-    notify_ready(&specs, &daemon.lock().expect("lock").catalogue);
-    follow(&daemon, &mut signals, &args.instance, nic_changes).await;
+    let output = Output::start();
+    notify_ready(&specs, &daemon.lock().expect("lock").catalogue, &output);
+    follow(&daemon, &mut signals, &args.instance, nic_changes, &output).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.abort();
-    shut_down(&args, &mut daemon.lock().expect("lock"))
+    shut_down(&args, &mut daemon.lock().expect("lock"), &output)
+}
+
+/// The daemon's stdout (the `ready` line, the counter tables): written by a thread of its own,
+/// so a reader that stops reading (a full pipe) blocks that thread and never the daemon:
+/// `/metrics`, signals and NIC changes go on. Text that comes while an earlier one is still
+/// pending is dropped, with a log line. A closed stdout (`run | true`: EPIPE, SIGPIPE being
+/// ignored) is logged once; the daemon goes on.
+struct Output {
+    tx: mpsc::SyncSender<(String, Option<mpsc::Sender<()>>)>,
+}
+
+impl Output {
+    fn start() -> Output {
+        let (tx, rx) = mpsc::sync_channel::<(String, Option<mpsc::Sender<()>>)>(1);
+        let spawned = std::thread::Builder::new()
+            .name("stdout".to_string())
+            .spawn(move || {
+                let mut closed = false;
+                for (text, done) in rx {
+                    if !closed {
+                        let mut out = std::io::stdout().lock();
+                        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                                closed = true;
+                                log::warn!(
+                                    "stdout is closed (nobody reads it: {e}): the counter tables are not printed; the NICs stay protected and `edge-classifier stats` shows the counters"
+                                );
+                            }
+                            Err(e) => log::warn!("writing to stdout: {e}"),
+                        }
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("no thread for stdout ({e}): nothing is printed there");
+        }
+        Output { tx }
+    }
+
+    /// Queues `text` (`what`, for the log) for stdout; `Some` is told when it was written (or
+    /// failed to be).
+    fn write(&self, what: &str, text: String) -> Option<mpsc::Receiver<()>> {
+        let (done, written) = mpsc::channel();
+        let len = text.len();
+        match self.tx.try_send((text, Some(done))) {
+            Ok(()) => Some(written),
+            Err(mpsc::TrySendError::Full(_)) => {
+                log::warn!(
+                    "stdout is not being read (a full pipe?): {what} not printed ({len} bytes dropped); `edge-classifier stats` shows the counters"
+                );
+                None
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => None,
+        }
+    }
 }
 
 /// Tells a supervisor that every NIC is protected: systemd (Type=notify) through sd_notify,
 /// the lab and scripts through the `ready` line.
-fn notify_ready(specs: &[(String, String)], running: &CatalogueInfo) {
+fn notify_ready(specs: &[(String, String)], running: &CatalogueInfo, output: &Output) {
     let status = format!(
         "protecting {} with {} rules from {}",
         specs
@@ -307,21 +491,24 @@ fn notify_ready(specs: &[(String, String)], running: &CatalogueInfo) {
         log::warn!("telling systemd the service is ready: {e}");
     }
     if !edge_classifier::logging::to_journal() {
-        println!("ready");
+        output.write("the `ready` line", "ready\n".to_string());
     }
 }
 
 /// Until SIGINT or SIGTERM: logs the reloads other processes make (within a second), keeps the
-/// NICs' addresses in the kernel, reloads on SIGHUP and prints the counters on SIGUSR1.
+/// NICs' addresses in the kernel, follows the NICs (gone, back), reloads on SIGHUP and prints
+/// the counters on SIGUSR1. Nothing here waits on stdout.
 async fn follow(
     daemon: &Mutex<Daemon>,
     signals: &mut Signals,
     instance: &Instance,
     mut nic_changes: Option<edge_classifier::nic_addrs::Changes>,
+    output: &Output,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let mut reattached = None;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = signals.term.recv() => break,
@@ -330,6 +517,7 @@ async fn follow(
                 if let Err(e) = d.refresh() {
                     log::warn!("reading the instance state: {e:#}");
                 }
+                reattached = d.sync_links(Instant::now());
                 if let Err(e) = d.sync_nic_addrs() {
                     log::warn!("{e:#}");
                 }
@@ -340,11 +528,15 @@ async fn follow(
                     None => std::future::pending().await,
                 }
             } => {
+                let since = Instant::now();
                 if let Err(e) = changed {
-                    log::warn!("address notifications: {e}; re-reading every second instead");
+                    log::warn!("NIC and address notifications: {e}; re-reading every second instead");
                     nic_changes = None;
                 }
-                if let Err(e) = daemon.lock().expect("lock").sync_nic_addrs() {
+                let mut d = daemon.lock().expect("lock");
+                // NICs first: a NIC that came back is protected before its addresses are.
+                reattached = d.sync_links(since);
+                if let Err(e) = d.sync_nic_addrs() {
                     log::warn!("{e:#}");
                 }
             }
@@ -364,21 +556,39 @@ async fn follow(
                 }
             }
             _ = signals.usr1.recv() => {
-                let mut d = daemon.lock().expect("lock");
-                if let Err(e) = d.refresh() {
-                    log::warn!("reading the instance state: {e:#}");
+                let text = {
+                    let mut d = daemon.lock().expect("lock");
+                    if let Err(e) = d.refresh() {
+                        log::warn!("reading the instance state: {e:#}");
+                    }
+                    table(&mut d)
+                };
+                if let Some(t) = text {
+                    output.write("the counter table", t);
                 }
-                print_table(&mut d);
+            }
+        }
+        if let Some(bound) = reattached {
+            // Off the daemon's lock (the instance lock may wait for a reload in progress).
+            let instance = instance.clone();
+            match tokio::task::spawn_blocking(move || record_bindings(&instance, bound)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::warn!("recording the NICs attached again: {e:#}"),
+                Err(e) => log::warn!("recording the NICs attached again: {e}"),
             }
         }
     }
 }
 
-/// What `run` leaves behind: the counters printed once more, and the NICs protected (or, with
-/// --detach-on-exit, detached and the pins removed).
-fn shut_down(args: &RunArgs, d: &mut Daemon) -> anyhow::Result<()> {
+/// What `run` leaves behind: the counters printed once more (if stdout takes them within two
+/// seconds), and the NICs protected (or, with --detach-on-exit, detached and the pins removed).
+fn shut_down(args: &RunArgs, d: &mut Daemon, output: &Output) -> anyhow::Result<()> {
     let _ = d.refresh();
-    print_table(d);
+    if let Some(written) = table(d).and_then(|t| output.write("the final counter table", t))
+        && written.recv_timeout(Duration::from_secs(2)).is_err()
+    {
+        log::warn!("stdout is not being read: the final counter table was not printed");
+    }
     if args.detach_on_exit {
         let _lock = args.instance.lock()?;
         d.classifier.detach_all();
@@ -397,24 +607,16 @@ fn shut_down(args: &RunArgs, d: &mut Daemon) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the counter tables from one snapshot, the read `/metrics`, `stats` and `status` use.
-/// Best effort: a reader that went away (closed pipe) must not stop the classifier from
-/// detaching cleanly.
-fn print_table(daemon: &mut Daemon) {
-    let text = daemon.snapshot().map(|s| report::snapshot_table(&s, None));
-    use std::io::Write as _;
-    let written = match text {
-        Ok(t) => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(edge_classifier::logging::stdout_text(&t).as_bytes())
-                .and_then(|()| out.flush())
-        }
+/// The counter tables from one snapshot, the read `/metrics`, `stats` and `status` use, as
+/// stdout takes them.
+fn table(daemon: &mut Daemon) -> Option<String> {
+    match daemon.snapshot() {
+        Ok(s) => Some(edge_classifier::logging::stdout_text(
+            &report::snapshot_table(&s, None),
+        )),
         Err(e) => {
             log::warn!("reading counters: {e:#}");
-            Ok(())
+            None
         }
-    };
-    if let Err(e) = written {
-        log::warn!("printing counters: {e}");
     }
 }

@@ -1,7 +1,12 @@
 //! Loads the embedded eBPF object (XDP ingress classifier and TC egress flow recorder), fills its
 //! maps from a compiled catalogue, binds NICs to roles and attaches.
 
-use std::{ffi::CString, fmt, io};
+use std::{
+    ffi::CString,
+    fmt, io,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
 
 pub use aya::programs::XdpMode;
 use aya::{
@@ -60,19 +65,21 @@ pub enum LoadError {
         ifindex: u32,
         other: String,
     },
-    #[error("attaching the TC egress flow recorder to `{iface}` failed: {source}")]
+    #[error("attaching the TC egress flow recorder to `{iface}` failed: {detail}")]
     AttachEgress {
         iface: String,
-        #[source]
-        source: ProgramError,
+        /// The error with its causes (the errno last).
+        detail: String,
     },
-    #[error("attaching XDP to `{iface}` in {mode} mode failed: {source}")]
+    #[error("attaching XDP to `{iface}` in {mode} mode failed: {detail}")]
     Attach {
         iface: String,
         mode: ModeName,
-        #[source]
-        source: ProgramError,
+        /// The error with its causes (the errno last).
+        detail: String,
     },
+    #[error("{0}")]
+    XdpTaken(Box<XdpTaken>),
     #[error("loading the eBPF object failed: {0}")]
     Ebpf(#[from] EbpfError),
     #[error("eBPF program: {0}")]
@@ -85,6 +92,73 @@ pub enum LoadError {
         path: String,
         message: String,
     },
+}
+
+/// Another XDP program holds the NIC: which, and how an operator removes it.
+#[derive(Debug)]
+pub struct XdpTaken {
+    pub iface: String,
+    pub program: u32,
+    /// The program's name as the kernel keeps it (at most 15 characters).
+    pub name: String,
+    pub mode: &'static str,
+    /// The BPF link holding it, if it was attached through one (rather than rtnetlink).
+    pub link: Option<u32>,
+    /// What the kernel said to our attach.
+    pub errno: String,
+    /// The pin of that link, when it is an edge-classifier instance's.
+    pub pin: Option<PathBuf>,
+}
+
+impl fmt::Display for XdpTaken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` already runs another XDP program: id {} `{}` ({} mode{}), so the classifier cannot attach ({}). {}",
+            self.iface,
+            self.program,
+            self.name,
+            self.mode,
+            self.link
+                .map_or(String::new(), |l| format!(", held by BPF link {l}")),
+            self.errno,
+            remedy(&self.iface, self.link, self.pin.as_deref())
+        )
+    }
+}
+
+/// How an operator removes the XDP program that holds `iface`.
+fn remedy(iface: &str, link: Option<u32>, pin: Option<&Path>) -> String {
+    // An instance's pin: /sys/fs/bpf/edge-classifier/INSTANCE/links/NIC-xdp.
+    let instance = pin
+        .and_then(|p| p.parent()?.parent()?.file_name())
+        .map(|i| i.to_string_lossy().into_owned());
+    match (link, instance) {
+        (Some(_), Some(i)) => format!(
+            "It is edge-classifier instance `{i}`'s ({}): `edge-classifier stop --instance {i}` detaches it, then start again; or run that instance instead.",
+            pin.expect("an instance has a pin").display()
+        ),
+        (None, _) => format!(
+            "Remove it with `ip link set dev {iface} xdp off` (or `bpftool net detach xdp dev {iface}`), then start again."
+        ),
+        (Some(l), None) => format!(
+            "A BPF link holds it (pinned on a bpffs, or kept open by a running process): `bpftool link show id {l}` names it; remove its pin or stop its owner (`bpftool link detach id {l}` detaches it), then start again."
+        ),
+    }
+}
+
+/// An error and its causes on one line: aya keeps the errno in the source of its errors.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(&format!(": {text}"));
+        }
+        source = s.source();
+    }
+    message
 }
 
 /// Display name of an XDP mode as operators say it.
@@ -126,11 +200,13 @@ pub struct Classifier {
     maps: Maps,
     compiled: Compiled,
     bindings: Vec<Binding>,
-    links: Vec<XdpLinkId>,
-    egress_links: Vec<SchedClassifierLinkId>,
+    /// Links the programs own, by NIC name.
+    links: Vec<(String, XdpLinkId)>,
+    egress_links: Vec<(String, SchedClassifierLinkId)>,
     /// Set when maps and links are pinned: they then outlive this process.
     instance: Option<Instance>,
-    pinned_links: Vec<PinnedLink>,
+    /// By pin path.
+    pinned_links: Vec<(PathBuf, PinnedLink)>,
 }
 
 /// How the program reached an interface.
@@ -185,6 +261,19 @@ pub fn ifindex(name: &str) -> Result<u32, LoadError> {
         0 => Err(LoadError::UnknownInterface(name.to_string())),
         i => Ok(i),
     }
+}
+
+/// The name of NIC `ifindex` in this network namespace, if there is one.
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_str()
+        .ok()
+        .map(str::to_string)
 }
 
 fn is_eperm(e: &io::Error) -> bool {
@@ -376,8 +465,13 @@ impl Classifier {
         self.bindings.iter().find(|b| b.name == name)
     }
 
-    /// `attach` for a pinned instance, adopting `before` (this interface as the pinned state
-    /// knows it) when its links are still there.
+    /// `attach` for a pinned instance, adopting the links an earlier run pinned when they are
+    /// live on this NIC: under its name, or under a name the NIC had before (a renamed NIC; the
+    /// pins move to the new name). `before` is this interface as the pinned state knows it.
+    ///
+    /// A pin that protects nothing here (its NIC went away and the name or ifindex is now
+    /// another NIC's, or it is attached in another network namespace) is replaced by a fresh
+    /// attachment. On failure, the pins this call created are removed again.
     pub fn attach_keeping(
         &mut self,
         name: &str,
@@ -385,16 +479,229 @@ impl Classifier {
         mode: AttachMode,
         before: Option<&BoundIface>,
     ) -> Result<Attached, LoadError> {
+        self.attach_links(name, role, mode, before, false)
+    }
+
+    /// `attach_keeping`; `xdp_first` attaches XDP before TC egress, for a NIC that just
+    /// appeared: it has no flows yet, and the kernel takes milliseconds over each attachment.
+    fn attach_links(
+        &mut self,
+        name: &str,
+        role: &str,
+        mode: AttachMode,
+        before: Option<&BoundIface>,
+        xdp_first: bool,
+    ) -> Result<Attached, LoadError> {
         let ifindex = ifindex(name)?;
         let before = before.filter(|b| b.ifindex == ifindex);
-        self.bind_block(name, role, before.map(|b| b.block))?;
-        if let (Some(instance), Some(before)) = (self.instance.clone(), before) {
-            if self.adopt_links(&instance, name, before)? {
-                return Ok(Attached::Replaced);
+        // What the kernel's binding table records for this NIC: a NIC renamed since keeps its
+        // counter block and mode.
+        let recorded = self
+            .maps
+            .iface(ifindex)
+            .ok()
+            .filter(|i| i.ifindex == ifindex);
+        self.bind_block(
+            name,
+            role,
+            before.map(|b| b.block).or(recorded.map(|r| r.block)),
+        )?;
+        let Some(instance) = self.instance.clone() else {
+            if !xdp_first {
+                self.attach_egress(name)?;
             }
-            log::warn!("{name}: pinned links are gone; attaching afresh");
+            let m = self.attach_xdp(name, mode)?;
+            if xdp_first {
+                self.attach_egress(name)?;
+            }
+            if let Some(b) = self.bindings.iter_mut().find(|b| b.name == name) {
+                b.mode = Some(m);
+            }
+            return Ok(Attached::Fresh(m));
+        };
+        let kept_mode = before.and_then(|b| b.mode.clone()).or_else(|| {
+            recorded.and_then(|r| match r.mode {
+                edge_classifier_common::IFACE_MODE_NATIVE => Some("native".to_string()),
+                edge_classifier_common::IFACE_MODE_GENERIC => Some("generic".to_string()),
+                _ => None,
+            })
+        });
+        let pinned = ["tc", "xdp"]
+            .iter()
+            .any(|k| std::fs::symlink_metadata(instance.link_pin(name, k)).is_ok());
+        let tc_live = claim_pin(&instance, name, "tc", ifindex);
+        let xdp_live = claim_pin(&instance, name, "xdp", ifindex);
+        if before.is_some() && !pinned && !tc_live && !xdp_live {
+            log::warn!("{name}: no live pinned link of this instance on it; attaching afresh");
+        } else if tc_live != xdp_live {
+            log::warn!(
+                "{name}: its pinned {} link is live but the {} one is not: attaching that one afresh",
+                if tc_live { "TC egress" } else { "XDP" },
+                if tc_live { "XDP" } else { "TC egress" },
+            );
         }
-        self.attach_egress(name)?;
+        // Egress first, as on a fresh attach: flows are recorded before XDP judges replies.
+        let tc_pin = instance.link_pin(name, "tc");
+        let egress = |c: &mut Self| {
+            if tc_live {
+                c.adopt(&instance, name, "tc")
+            } else {
+                c.attach_egress(name)
+            }
+        };
+        if !xdp_first {
+            egress(self)?;
+        }
+        let mut attached = if xdp_live {
+            self.adopt(&instance, name, "xdp")
+                .map(|()| Attached::Replaced)
+        } else {
+            self.attach_xdp(name, mode).map(Attached::Fresh)
+        };
+        // Whether this call pinned a fresh egress link (to be removed again on failure).
+        let mut fresh_tc = !xdp_first && !tc_live;
+        let mut xdp_mode = None;
+        if xdp_first && let Ok(a) = &attached {
+            // XDP protects the NIC already: a failed egress attach is reported, the XDP link
+            // stays and the NIC counts as attached.
+            xdp_mode = Some(*a);
+            match egress(self) {
+                Ok(()) => {}
+                Err(e) => attached = Err(e),
+            }
+            fresh_tc = false;
+        }
+        let b = self
+            .bindings
+            .iter_mut()
+            .find(|b| b.name == name)
+            .expect("bound above");
+        match attached.as_ref().ok().or(xdp_mode.as_ref()) {
+            Some(Attached::Fresh(m)) => b.mode = Some(*m),
+            Some(Attached::Replaced) => {
+                b.mode = Some(ModeName(match kept_mode.as_deref() {
+                    Some("generic") => XdpMode::Skb,
+                    Some("offload") => XdpMode::Hardware,
+                    _ => XdpMode::Driver,
+                }))
+            }
+            None if fresh_tc => {
+                // The egress link this call pinned goes again: no pin outlives a failed attach.
+                self.unpin(&tc_pin);
+                self.drop_links(name);
+            }
+            None => {}
+        }
+        attached
+    }
+
+    /// Attaches NIC `name` again after it was bound with another ifindex (it went away and a
+    /// NIC of that name appeared) or its XDP link stopped protecting it: the same role and
+    /// counter block, fresh links whose pins replace the stale ones. The binding stays (without
+    /// a mode) when this fails, so it can be tried again.
+    pub fn reattach(&mut self, name: &str, mode: AttachMode) -> Result<ModeName, LoadError> {
+        let at = self
+            .bindings
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or_else(|| LoadError::UnknownInterface(name.to_string()))?;
+        let old = self.bindings.remove(at);
+        self.drop_links(name);
+        let now = ifindex(name);
+        if now.as_ref().ok() != Some(&old.ifindex)
+            && !self.bindings.iter().any(|b| b.ifindex == old.ifindex)
+        {
+            // The programs must not treat whatever gets the old ifindex as this NIC.
+            self.maps.clear_iface(old.ifindex)?;
+        }
+        let before = now.as_ref().ok().map(|&ifindex| BoundIface {
+            name: name.to_string(),
+            ifindex,
+            role: old.role.clone(),
+            block: old.block,
+            mode: None,
+        });
+        let result = match now {
+            Ok(_) => self.attach_links(name, &old.role, mode, before.as_ref(), true),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Attached::Fresh(m)) => Ok(m),
+            Ok(Attached::Replaced) => Ok(self
+                .binding(name)
+                .and_then(|b| b.mode)
+                .unwrap_or(ModeName(XdpMode::Default))),
+            Err(e) => {
+                if self.binding(name).is_none() {
+                    self.bindings.push(Binding { mode: None, ..old });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Records that NIC `name` is not protected any more (it went away): it stays bound, with
+    /// its counters, and shows as not attached. `true` when it was attached until now.
+    pub fn mark_detached(&mut self, name: &str) -> bool {
+        match self.bindings.iter_mut().find(|b| b.name == name) {
+            Some(b) => b.mode.take().is_some(),
+            None => false,
+        }
+    }
+
+    /// Whether the instance's XDP link of bound NIC `name` is live on it in this network
+    /// namespace: `Err` says why not. Without pins (an unpinned classifier) it is taken to be.
+    pub fn xdp_live(&self, name: &str) -> Result<(), String> {
+        let Some(instance) = &self.instance else {
+            return Ok(());
+        };
+        let b = self
+            .binding(name)
+            .ok_or_else(|| format!("{name} is not bound"))?;
+        match pin_state(&instance.link_pin(name, "xdp"), "xdp", b.ifindex) {
+            PinState::Live => Ok(()),
+            PinState::Missing => Err("its XDP link pin is missing".to_string()),
+            PinState::Stale(why) => Err(why),
+        }
+    }
+
+    /// Puts this process's program into the `kind` link pinned for NIC `name`
+    /// (`BPF_LINK_UPDATE`: the old program is replaced in place, no gap).
+    fn adopt(&mut self, instance: &Instance, name: &str, kind: &str) -> Result<(), LoadError> {
+        let pin = instance.link_pin(name, kind);
+        let link = PinnedLink::from_pin(&pin).map_err(|e| pin_err(name, &pin, e))?;
+        if kind == "tc" {
+            let tc: SchedClassifierLink = FdLink::from(link)
+                .try_into()
+                .map_err(|e| pin_err(name, &pin, e))?;
+            let id =
+                self.egress_program()
+                    .attach_to_link(tc)
+                    .map_err(|e| LoadError::AttachEgress {
+                        iface: name.to_string(),
+                        detail: chain(&e),
+                    })?;
+            self.egress_links.push((name.to_string(), id));
+        } else {
+            let xdp: XdpLink = FdLink::from(link)
+                .try_into()
+                .map_err(|e| pin_err(name, &pin, e))?;
+            let id = self
+                .program()
+                .attach_to_link(xdp)
+                .map_err(|e| LoadError::Attach {
+                    iface: name.to_string(),
+                    mode: ModeName(XdpMode::Default),
+                    detail: chain(&e),
+                })?;
+            self.links.push((name.to_string(), id));
+        }
+        Ok(())
+    }
+
+    /// A fresh XDP attachment to `name`: native first under `Auto`, generic after a warning.
+    /// Another program on the NIC is named, with how to remove it.
+    fn attach_xdp(&mut self, name: &str, mode: AttachMode) -> Result<ModeName, LoadError> {
         let tries: &[XdpMode] = match mode {
             AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
             AttachMode::Native => &[XdpMode::Driver],
@@ -405,89 +712,34 @@ impl Classifier {
             match self.program().attach(name, m) {
                 Ok(link) => {
                     self.keep_xdp_link(name, link)?;
-                    let b = self
-                        .bindings
-                        .iter_mut()
-                        .find(|b| b.name == name)
-                        .expect("bound above");
-                    b.mode = Some(ModeName(m));
-                    return Ok(Attached::Fresh(ModeName(m)));
+                    return Ok(ModeName(m));
                 }
                 Err(e) => {
+                    let detail = chain(&e);
+                    if let Some(taken) = xdp_taken(name, &detail) {
+                        // No mode attaches beside another program: say whose it is.
+                        return Err(taken);
+                    }
                     if m == XdpMode::Driver && mode == AttachMode::Auto {
                         log::warn!(
-                            "{name}: native XDP attach failed ({e}); falling back to generic (skb) mode, which runs after the kernel allocated the skb"
+                            "{name}: native XDP attach failed ({detail}); falling back to generic (skb) mode, which runs after the kernel allocated the skb"
                         );
                     }
-                    last = Some((m, e));
+                    last = Some((m, detail));
                 }
             }
         }
-        let (m, source) = last.expect("at least one mode tried");
+        let (m, detail) = last.expect("at least one mode tried");
         Err(LoadError::Attach {
             iface: name.to_string(),
             mode: ModeName(m),
-            source,
+            detail,
         })
-    }
-
-    /// Puts this process's programs into the links an earlier run pinned for NIC `name`
-    /// (`BPF_LINK_UPDATE`: the old program is replaced in place, no gap). `false` when the
-    /// pins are gone.
-    fn adopt_links(
-        &mut self,
-        instance: &Instance,
-        name: &str,
-        before: &BoundIface,
-    ) -> Result<bool, LoadError> {
-        let xdp_pin = instance.link_pin(name, "xdp");
-        let tc_pin = instance.link_pin(name, "tc");
-        if let (Ok(xdp), Ok(tc)) = (
-            PinnedLink::from_pin(&xdp_pin),
-            PinnedLink::from_pin(&tc_pin),
-        ) {
-            // Egress first, as on a fresh attach.
-            let tc: SchedClassifierLink = FdLink::from(tc)
-                .try_into()
-                .map_err(|e| pin_err(name, &tc_pin, e))?;
-            let id = self.egress_program().attach_to_link(tc).map_err(|source| {
-                LoadError::AttachEgress {
-                    iface: name.to_string(),
-                    source,
-                }
-            })?;
-            self.egress_links.push(id);
-            let xdp: XdpLink = FdLink::from(xdp)
-                .try_into()
-                .map_err(|e| pin_err(name, &xdp_pin, e))?;
-            let mode_name = before.mode.clone().unwrap_or_default();
-            let id = self
-                .program()
-                .attach_to_link(xdp)
-                .map_err(|source| LoadError::Attach {
-                    iface: name.to_string(),
-                    mode: ModeName(XdpMode::Default),
-                    source,
-                })?;
-            self.links.push(id);
-            let b = self
-                .bindings
-                .iter_mut()
-                .find(|b| b.name == name)
-                .expect("bound");
-            b.mode = Some(ModeName(match mode_name.as_str() {
-                "generic" => XdpMode::Skb,
-                "offload" => XdpMode::Hardware,
-                _ => XdpMode::Driver,
-            }));
-            return Ok(true);
-        }
-        Ok(false)
     }
 
     fn keep_xdp_link(&mut self, name: &str, id: XdpLinkId) -> Result<(), LoadError> {
         if self.instance.is_none() {
-            self.links.push(id);
+            self.links.push((name.to_string(), id));
             return Ok(());
         }
         let link = self.program().take_link(id).map_err(LoadError::Program)?;
@@ -496,7 +748,7 @@ impl Classifier {
 
     fn keep_tc_link(&mut self, name: &str, id: SchedClassifierLinkId) -> Result<(), LoadError> {
         if self.instance.is_none() {
-            self.egress_links.push(id);
+            self.egress_links.push((name.to_string(), id));
             return Ok(());
         }
         let link = self
@@ -519,9 +771,35 @@ impl Classifier {
         let path = instance.link_pin(name, kind);
         let fd: FdLink = link.try_into().map_err(|e| pin_err(name, &path, e))?;
         let _ = std::fs::remove_file(&path);
+        self.pinned_links.retain(|(p, _)| p != &path);
         let pinned = fd.pin(&path).map_err(|e| pin_err(name, &path, e))?;
-        self.pinned_links.push(pinned);
+        self.pinned_links.push((path, pinned));
         Ok(())
+    }
+
+    /// Removes a pin this process made (the link detaches once nothing holds it).
+    fn unpin(&mut self, path: &Path) {
+        let _ = std::fs::remove_file(path);
+        self.pinned_links.retain(|(p, _)| p != path);
+    }
+
+    /// Lets go of the link handles of NIC `name` that the programs own (a pinned link stays
+    /// attached while its pin does).
+    fn drop_links(&mut self, name: &str) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(n, _)| n == name);
+        self.links = kept;
+        for (_, id) in gone {
+            let _ = self.program().detach(id);
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.egress_links)
+            .into_iter()
+            .partition(|(n, _)| n == name);
+        self.egress_links = kept;
+        for (_, id) in gone {
+            let _ = self.egress_program().detach(id);
+        }
     }
 
     fn attach_egress(&mut self, name: &str) -> Result<(), LoadError> {
@@ -533,9 +811,9 @@ impl Classifier {
                 let _ = aya::programs::tc::qdisc_add_clsact(name);
                 self.egress_program()
                     .attach(name, TcAttachType::Egress)
-                    .map_err(|source| LoadError::AttachEgress {
+                    .map_err(|e| LoadError::AttachEgress {
                         iface: name.to_string(),
-                        source,
+                        detail: chain(&e),
                     })?
             }
         };
@@ -551,12 +829,12 @@ impl Classifier {
         }
         self.pinned_links.clear();
         // XDP first, so no reply is judged against a flow table that stopped being filled.
-        for link in std::mem::take(&mut self.links) {
+        for (_, link) in std::mem::take(&mut self.links) {
             if let Err(e) = self.program().detach(link) {
                 log::warn!("detach XDP: {e}");
             }
         }
-        for link in std::mem::take(&mut self.egress_links) {
+        for (_, link) in std::mem::take(&mut self.egress_links) {
             if let Err(e) = self.egress_program().detach(link) {
                 log::warn!("detach TC egress: {e}");
             }
@@ -588,18 +866,242 @@ impl Classifier {
 }
 
 fn pin_err(iface: &str, path: &std::path::Path, e: impl std::error::Error) -> LoadError {
-    // aya's pin errors keep the errno in their source.
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
     LoadError::Pin {
         what: format!("the link of {iface}"),
         path: path.display().to_string(),
-        message,
+        message: chain(&e),
     }
+}
+
+/// A BPF link as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelLink {
+    pub id: u32,
+    pub program_id: u32,
+    /// The interface it is attached to (XDP, tcx); 0 once that NIC went away (a defunct link).
+    pub ifindex: u32,
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
+}
+
+/// `BPF_OBJ_GET` then `BPF_OBJ_GET_INFO_BY_FD` on a pinned link: its id, program id and the
+/// ifindex of its XDP or tcx attachment (aya 0.14's `LinkInfo` gives no ifindex).
+pub fn pinned_link(pin: &Path) -> Option<KernelLink> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let path = CString::new(pin.as_os_str().as_bytes()).ok()?;
+    // union bpf_attr, BPF_OBJ_GET: { u64 pathname; u32 bpf_fd; u32 file_flags; s32 path_fd }.
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr);
+    if fd < 0 {
+        return None;
+    }
+    let fd = fd as i32;
+    // struct bpf_link_info: { u32 type; u32 id; u32 prog_id; union (8-aligned, at 16) }; the
+    // xdp and tcx members both start with u32 ifindex.
+    let mut info = [0u32; 32];
+    let mut attr = [0u64; 16];
+    attr[0] = (fd as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    let rc = bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
+    unsafe { libc::close(fd) };
+    (rc == 0).then_some(KernelLink {
+        id: info[1],
+        program_id: info[2],
+        ifindex: info[4],
+    })
+}
+
+/// The ids of the links on NIC `ifindex`'s tcx egress hook, in this network namespace
+/// (`BPF_PROG_QUERY`).
+fn tcx_egress_links(ifindex: u32) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_EGRESS: u64 = 47;
+    const MAX: usize = 64;
+    let mut prog_ids = [0u32; MAX];
+    let mut link_ids = [0u32; MAX];
+    // The query member of union bpf_attr: { u32 target_ifindex; u32 attach_type; u32
+    // query_flags; u32 attach_flags; u64 prog_ids; u32 count; u32 pad; u64 prog_attach_flags;
+    // u64 link_ids; ... }.
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(ifindex) | (BPF_TCX_EGRESS << 32);
+    attr[2] = prog_ids.as_mut_ptr() as u64;
+    attr[3] = MAX as u64;
+    attr[5] = link_ids.as_mut_ptr() as u64;
+    if bpf(BPF_PROG_QUERY, &mut attr) < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let count = (attr[3] as u32 as usize).min(MAX);
+    Ok(link_ids[..count].to_vec())
+}
+
+/// What the kernel says of one of an instance's link pins, for NIC `ifindex` here.
+enum PinState {
+    Missing,
+    /// Attached to that NIC, in this network namespace.
+    Live,
+    /// Pinned, but protecting nothing here: why, in words.
+    Stale(String),
+}
+
+fn pin_state(pin: &Path, kind: &str, ifindex: u32) -> PinState {
+    if std::fs::symlink_metadata(pin).is_err() {
+        return PinState::Missing;
+    }
+    let Some(link) = pinned_link(pin) else {
+        return PinState::Stale("the kernel does not answer for its pin".to_string());
+    };
+    if link.ifindex == 0 {
+        return PinState::Stale(format!(
+            "link {} is defunct: the NIC it was attached to went away (its namespace or the NIC was deleted)",
+            link.id
+        ));
+    }
+    if link.ifindex != ifindex {
+        return PinState::Stale(format!(
+            "link {} is attached to ifindex {}, not to this NIC (ifindex {ifindex})",
+            link.id, link.ifindex
+        ));
+    }
+    let here = if kind == "xdp" {
+        crate::nic_addrs::xdp_program(ifindex).map(|p| p.is_some_and(|p| p.id == link.program_id))
+    } else {
+        tcx_egress_links(ifindex).map(|l| l.contains(&link.id))
+    };
+    match here {
+        Ok(false) => PinState::Stale(format!(
+            "link {} is attached to ifindex {ifindex} of another network namespace",
+            link.id
+        )),
+        // A kernel that cannot be asked (tc before tcx): the ifindex is all there is to go by.
+        Ok(true) | Err(_) => PinState::Live,
+    }
+}
+
+fn kind_name(kind: &str) -> &'static str {
+    if kind == "xdp" { "XDP" } else { "TC egress" }
+}
+
+/// Makes `instance`'s `kind` pin of NIC `name` that of a link live on it (`ifindex`), when
+/// there is one: its own pin, or the pin of a name the NIC had before it was renamed, which
+/// moves to the new name. `false`: none is, and a fresh attachment is needed (a stale pin under
+/// `name` is left for it to replace).
+fn claim_pin(instance: &Instance, name: &str, kind: &str, ifindex: u32) -> bool {
+    let own = instance.link_pin(name, kind);
+    match pin_state(&own, kind, ifindex) {
+        PinState::Live => return true,
+        PinState::Stale(why) => log::warn!(
+            "{name}: the pinned {} link protects nothing here ({why}); attaching afresh and replacing the pin",
+            kind_name(kind)
+        ),
+        PinState::Missing => {}
+    }
+    let suffix = format!("-{kind}");
+    let Ok(dir) = std::fs::read_dir(instance.links_dir()) else {
+        return false;
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let Some(old) = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.strip_suffix(&suffix))
+            .map(|o| o.replace(':', "."))
+        else {
+            continue;
+        };
+        if path == own || !matches!(pin_state(&path, kind, ifindex), PinState::Live) {
+            continue;
+        }
+        match std::fs::rename(&path, &own) {
+            Ok(()) => {
+                log::info!(
+                    "{name}: the {} link pinned for `{old}` is on this NIC (ifindex {ifindex}: it was renamed); adopted under its new name",
+                    kind_name(kind)
+                );
+                return true;
+            }
+            Err(e) => log::warn!(
+                "{name}: moving the pin of its {} link from `{old}`: {e}",
+                kind_name(kind)
+            ),
+        }
+    }
+    false
+}
+
+/// When an XDP attach to `iface` failed because another program holds the NIC: that program,
+/// its link and how to remove it. `errno` is what the attach got.
+fn xdp_taken(iface: &str, errno: &str) -> Option<LoadError> {
+    let ifindex = ifindex(iface).ok()?;
+    let held = crate::nic_addrs::xdp_program(ifindex).ok()??;
+    let name = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == held.id)
+        .and_then(|p| p.name_as_str().map(str::to_string))
+        .unwrap_or_default();
+    let link = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .find(|l| {
+            l.program_id() == held.id
+                && matches!(l.link_type(), Ok(aya::programs::links::LinkType::Xdp))
+        })
+        .map(|l| l.id());
+    // One of an instance's pins, if the link is an edge-classifier instance's.
+    let pin = link.and_then(|id| {
+        std::fs::read_dir(crate::instance::PIN_ROOT)
+            .ok()?
+            .flatten()
+            .filter_map(|i| std::fs::read_dir(i.path().join("links")).ok())
+            .flat_map(|d| d.flatten().map(|e| e.path()))
+            .find(|p| pinned_link(p).is_some_and(|l| l.id == id))
+    });
+    Some(LoadError::XdpTaken(Box::new(XdpTaken {
+        iface: iface.to_string(),
+        program: held.id,
+        name,
+        mode: held.mode,
+        link,
+        errno: errno.to_string(),
+        pin,
+    })))
+}
+
+/// Why bound NICs are not protected, as far as the pins tell wherever this runs: a pinned XDP
+/// link that is gone, unreadable or defunct (its NIC went away). One line per NIC, naming it.
+pub fn unprotected(instance: &Instance, bindings: &[BoundIface]) -> Vec<String> {
+    bindings
+        .iter()
+        .filter_map(|b| {
+            let pin = instance.link_pin(&b.name, "xdp");
+            let why = if std::fs::symlink_metadata(&pin).is_err() {
+                "its XDP link is not pinned".to_string()
+            } else {
+                match pinned_link(&pin) {
+                    None => "the kernel does not answer for its pinned XDP link".to_string(),
+                    Some(l) if l.ifindex == 0 => format!(
+                        "its XDP link {} is defunct: the NIC went away (deleted, or its namespace was)",
+                        l.id
+                    ),
+                    Some(_) => return None,
+                }
+            };
+            Some(format!(
+                "{}: NOT PROTECTED: {why}; `edge-classifier run` attaches it again (a running daemon does so when the NIC appears)",
+                b.name
+            ))
+        })
+        .collect()
 }
 
 impl Drop for Classifier {

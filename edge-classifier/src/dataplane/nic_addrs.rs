@@ -4,7 +4,9 @@
 //!
 //! The daemon writes them into `IFACE_ADDRS_V4/V6` before it reports ready and again whenever the
 //! kernel announces an address or link change (an rtnetlink socket subscribed to those groups),
-//! with a once-a-second re-read as a safety net for a lost notification.
+//! with a once-a-second re-read as a safety net for a lost notification. The same notifications
+//! tell the daemon that a bound NIC went away or came back ([`Changes`]), and [`xdp_program`]
+//! asks rtnetlink which XDP program a NIC runs.
 
 use std::{
     collections::BTreeMap,
@@ -45,7 +47,10 @@ pub fn configured(nics: &[&str]) -> io::Result<BTreeMap<IpAddr, u32>> {
 }
 
 /// A socket that becomes readable when an address or a link changes (rtnetlink multicast
-/// groups); what changed is read again with [`configured`], so the messages are only drained.
+/// groups); what changed is read again (the addresses with [`configured`], the NICs by name), so
+/// the messages are only drained. A link appears, goes or is renamed as `RTM_NEWLINK` /
+/// `RTM_DELLINK` on this socket, sent by the kernel as it happens (a NIC is announced before it
+/// is up).
 pub struct Changes {
     fd: tokio::io::unix::AsyncFd<OwnedFd>,
 }
@@ -124,6 +129,119 @@ impl Changes {
             }
         }
     }
+}
+
+/// The XDP program a NIC runs, as rtnetlink reports it (what `ip -d link` shows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdpProgram {
+    pub id: u32,
+    /// `native`, `generic`, `offload` or `multi`.
+    pub mode: &'static str,
+}
+
+/// Which XDP program NIC `ifindex` (of this network namespace) runs, if any: `RTM_GETLINK` and
+/// its `IFLA_XDP` attributes.
+pub fn xdp_program(ifindex: u32) -> io::Result<Option<XdpProgram>> {
+    const RTM_GETLINK: u16 = 18;
+    const IFLA_XDP: u16 = 43;
+    const IFLA_XDP_ATTACHED: u16 = 2;
+    const IFLA_XDP_PROG_ID: u16 = 4;
+    const NLA_TYPE_MASK: u16 = 0x3fff;
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A receive timeout: the kernel answers at once, but a daemon must never hang on it.
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    // struct nlmsghdr (16 bytes) + struct ifinfomsg (16 bytes).
+    let mut req = [0u8; 32];
+    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
+    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[16] = libc::AF_UNSPEC as u8;
+    req[20..24].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 65536];
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let msg = &buf[..n as usize];
+    let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().expect("4"));
+    if msg.len() < 16 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short netlink answer",
+        ));
+    }
+    if u16_at(msg, 4) == libc::NLMSG_ERROR as u16 {
+        let errno = if msg.len() >= 20 {
+            -(u32_at(msg, 16) as i32)
+        } else {
+            libc::EIO
+        };
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    let len = (u32_at(msg, 0) as usize).min(msg.len());
+    // Attributes after the header and the ifinfomsg, each 4-byte aligned.
+    let attrs = |b: &[u8]| -> Vec<(u16, std::ops::Range<usize>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 4 <= b.len() {
+            let l = u16_at(b, at) as usize;
+            if l < 4 || at + l > b.len() {
+                break;
+            }
+            out.push((u16_at(b, at + 2) & NLA_TYPE_MASK, at + 4..at + l));
+            at += (l + 3) & !3;
+        }
+        out
+    };
+    let body = &msg[32.min(len)..len];
+    let Some((_, xdp)) = attrs(body).into_iter().find(|(t, _)| *t == IFLA_XDP) else {
+        return Ok(None);
+    };
+    let xdp = &body[xdp];
+    let mut attached = 0u8;
+    let mut id = 0u32;
+    for (t, r) in attrs(xdp) {
+        match t {
+            IFLA_XDP_ATTACHED if !r.is_empty() => attached = xdp[r.start],
+            IFLA_XDP_PROG_ID if r.len() >= 4 => id = u32_at(xdp, r.start),
+            _ => {}
+        }
+    }
+    let mode = match attached {
+        0 => return Ok(None),
+        1 => "native",
+        2 => "generic",
+        3 => "offload",
+        _ => "multi",
+    };
+    Ok(Some(XdpProgram { id, mode }))
 }
 
 /// Kernel settings under which a frame's IP destination is not where it is delivered: the data

@@ -360,7 +360,14 @@ fn bring_up(
         .iter()
         .filter(|b| !ifaces.iter().any(|(n, _)| n == &b.name))
     {
-        if detach_missing {
+        if let Some((new, _)) = ifaces
+            .iter()
+            .find(|(n, _)| crate::loader::ifindex(n).ok() == Some(gone.ifindex))
+            && crate::loader::ifindex(&gone.name).is_err()
+        {
+            // Renamed: its links are adopted under the new name (the loader moves the pins).
+            log::info!("{}: now named {new} (ifindex {})", gone.name, gone.ifindex);
+        } else if detach_missing {
             log::warn!(
                 "{}: protected by this instance as `{}` but not named by --iface; detaching it (--detach-missing)",
                 gone.name,
@@ -530,6 +537,9 @@ pub fn reload(instance: &Instance, catalogue: Option<&Path>) -> Result<Reloaded>
         (Err(e), Err(_)) => log::warn!("recording the failed reload: {e}"),
     }
     let swapped = result?;
+    for w in crate::loader::unprotected(instance, &state.bindings) {
+        log::warn!("{w}");
+    }
     Ok(Reloaded {
         source: swapped.source,
         digest: swapped.digest,

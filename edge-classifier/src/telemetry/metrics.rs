@@ -120,7 +120,7 @@ fn interface_families(s: &Snapshot) -> Vec<Family> {
     );
     let mut attached = Family::gauge(
         "edge_classifier_interface_attached",
-        "1 when the classifier is attached to the interface (XDP ingress and TC egress), else 0.",
+        "1 when the classifier is attached to the interface (XDP ingress and TC egress), else 0: also when a bound NIC went away (xdp_mode=\"none\"), until a NIC of that name appears and is attached again.",
     );
     let mut protected = Family::gauge(
         "edge_classifier_protected_addresses_configured",

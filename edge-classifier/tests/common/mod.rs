@@ -141,3 +141,161 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// `run ARGS` in `ns` with stdout going to `stdout`, waiting for nothing: the process and its
+/// stderr lines, so far and to come.
+pub fn spawn_logged(
+    ns: &str,
+    args: &[&str],
+    stdout: Stdio,
+) -> (Process, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut child = in_ns(ns, BIN)
+        .arg("run")
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start edge-classifier");
+    let stderr = child.stderr.take().expect("stderr");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // A test that panicked while reading the lines poisoned them: keep collecting.
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+        }
+    });
+    (Process(child, "edge-classifier"), lines)
+}
+
+/// The first of `lines` that satisfies `pred`, waiting up to `timeout` for it; panics naming
+/// `what` and showing the lines.
+pub fn wait_line(
+    lines: &std::sync::Mutex<Vec<String>>,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(l) = lines.lock().unwrap().iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        if Instant::now() > deadline {
+            let seen = lines.lock().unwrap().clone();
+            panic!("no log line {what} in {seen:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// UDP the default catalogue allows to the Edge's external address from anyone (P6, STUN 3478),
+/// and a port no rule opens.
+pub const ALLOWED_UDP: u16 = 3478;
+pub const FORBIDDEN_UDP: u16 = 9999;
+
+/// Datagrams from the lab's remote host (`CLIENT_V4`) to the Edge's external address,
+/// alternating allowed and forbidden, every 500 µs until finished; counts those the remote's
+/// stack took (a send while the NIC is gone fails and is not counted). Listen for them with
+/// `Listeners` on `ALLOWED_UDP` and `FORBIDDEN_UDP`: what they receive passed XDP.
+pub struct Datagrams {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Datagrams {
+    pub fn start(lab: &Lab) -> Datagrams {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let sent = std::sync::Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let (ns, s2, c2) = (lab.remote.clone(), stop.clone(), sent.clone());
+        let thread = std::thread::spawn(move || {
+            edge_classifier_lab::enter_netns(&ns).expect("remote namespace");
+            let to = |port| std::net::SocketAddr::new(edge_classifier_lab::EDGE_EXT_V4, port);
+            let mut sock = None;
+            while !s2.load(Ordering::Relaxed) {
+                // The socket is bound to the remote's address, which goes with its NIC: bound
+                // again when it is back.
+                if sock.is_none() {
+                    sock = std::net::UdpSocket::bind(std::net::SocketAddr::new(
+                        edge_classifier_lab::CLIENT_V4,
+                        0,
+                    ))
+                    .ok();
+                }
+                if let Some(s) = &sock {
+                    for (i, port) in [ALLOWED_UDP, FORBIDDEN_UDP].into_iter().enumerate() {
+                        if s.send_to(b"probe", to(port)).is_ok() {
+                            c2[i].fetch_add(1, Ordering::Relaxed);
+                        } else if i == 0 {
+                            sock = None;
+                            break;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        Datagrams {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sending; (allowed, forbidden) datagrams sent.
+    pub fn finish(mut self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        (
+            self.sent[0].load(Ordering::Relaxed),
+            self.sent[1].load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Datagrams {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Waits until `listeners` stop receiving, then checks what a `Datagrams` stream that sent
+/// `sent` delivered: no forbidden datagram, and every allowed one (unless `lossy`: across a
+/// NIC's re-creation the remote's neighbour cache may drop a few; then at least one).
+pub fn assert_datagrams(
+    listeners: &edge_classifier_lab::Listeners,
+    sent: (u64, u64),
+    what: &str,
+    lossy: bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while listeners.udp(ALLOWED_UDP).datagrams.len() < sent.0 as usize && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let got = listeners.udp(ALLOWED_UDP).datagrams.len() as u64;
+    let leaked = listeners.udp(FORBIDDEN_UDP).datagrams.len();
+    assert_eq!(
+        leaked, 0,
+        "{what}: forbidden datagrams delivered ({} sent)",
+        sent.1
+    );
+    if lossy {
+        assert!(
+            got > 0,
+            "{what}: no allowed datagram delivered of {}",
+            sent.0
+        );
+    } else {
+        assert_eq!(
+            got, sent.0,
+            "{what}: allowed datagrams delivered vs sent (none may be lost)"
+        );
+    }
+    assert!(sent.1 > 100, "{what}: only {} forbidden sent", sent.1);
+}

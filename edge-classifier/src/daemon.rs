@@ -154,7 +154,7 @@ impl Daemon {
     /// 0); a NIC that appears under a bound name (a new ifindex), or whose XDP link stopped
     /// protecting it, is attached again at once: XDP and TC egress, the same role and counters,
     /// fresh links whose pins replace the stale ones. `since`: when the kernel's notification
-    /// came. Returns the bindings to record when one was attached again.
+    /// came (or the re-check began). Returns the bindings to record when one was attached again.
     fn sync_links(&mut self, since: Instant) -> Option<Vec<BoundIface>> {
         let bound: Vec<(String, u32)> = self
             .classifier
@@ -183,8 +183,10 @@ impl Daemon {
                 ),
                 Some(_) => match self.classifier.xdp_live(&name) {
                     Ok(()) => {
+                        // Renamed away and back: its link never left it.
+                        self.classifier.mark_attached(&name);
                         if self.unprotected.remove(&name).is_some() {
-                            log::info!("{name}: protected again");
+                            log::info!("{name}: protected again (its XDP link is live on it)");
                         }
                         continue;
                     }
@@ -194,7 +196,7 @@ impl Daemon {
             match self.classifier.reattach(&name, self.mode) {
                 Ok(m) => {
                     log::info!(
-                        "{why}: attached again (XDP in {m} mode, TC egress) {:.1} ms after the kernel announced it",
+                        "{why}: attached again (XDP in {m} mode, TC egress) {:.1} ms after it was noticed",
                         since.elapsed().as_secs_f64() * 1000.0
                     );
                     self.unprotected.remove(&name);

@@ -207,6 +207,9 @@ pub struct Classifier {
     instance: Option<Instance>,
     /// By pin path.
     pinned_links: Vec<(PathBuf, PinnedLink)>,
+    /// The XDP mode of bound NICs marked detached while their name is gone (a NIC renamed
+    /// away and back keeps its attachment).
+    parked: Vec<(String, ModeName)>,
 }
 
 /// How the program reached an interface.
@@ -343,6 +346,7 @@ impl Classifier {
             egress_links: Vec::new(),
             instance: instance.cloned(),
             pinned_links: Vec::new(),
+            parked: Vec::new(),
         })
     }
 
@@ -600,6 +604,7 @@ impl Classifier {
     /// counter block, fresh links whose pins replace the stale ones. The binding stays (without
     /// a mode) when this fails, so it can be tried again.
     pub fn reattach(&mut self, name: &str, mode: AttachMode) -> Result<ModeName, LoadError> {
+        self.parked.retain(|(n, _)| n != name);
         let at = self
             .bindings
             .iter()
@@ -643,10 +648,32 @@ impl Classifier {
     /// Records that NIC `name` is not protected any more (it went away): it stays bound, with
     /// its counters, and shows as not attached. `true` when it was attached until now.
     pub fn mark_detached(&mut self, name: &str) -> bool {
-        match self.bindings.iter_mut().find(|b| b.name == name) {
-            Some(b) => b.mode.take().is_some(),
-            None => false,
+        let Some(mode) = self
+            .bindings
+            .iter_mut()
+            .find(|b| b.name == name)
+            .and_then(|b| b.mode.take())
+        else {
+            return false;
+        };
+        self.parked.retain(|(n, _)| n != name);
+        self.parked.push((name.to_string(), mode));
+        true
+    }
+
+    /// Undoes `mark_detached` for a NIC found protected again under its name (renamed away
+    /// and back: the same ifindex, its link live). `true` when it was marked detached.
+    pub fn mark_attached(&mut self, name: &str) -> bool {
+        let Some(at) = self.parked.iter().position(|(n, _)| n == name) else {
+            return false;
+        };
+        let (_, mode) = self.parked.remove(at);
+        if let Some(b) = self.bindings.iter_mut().find(|b| b.name == name)
+            && b.mode.is_none()
+        {
+            b.mode = Some(mode);
         }
+        true
     }
 
     /// Whether the instance's XDP link of bound NIC `name` is live on it in this network
@@ -963,7 +990,7 @@ fn pin_state(pin: &Path, kind: &str, ifindex: u32) -> PinState {
     };
     if link.ifindex == 0 {
         return PinState::Stale(format!(
-            "link {} is defunct: the NIC it was attached to went away (its namespace or the NIC was deleted)",
+            "link {} is defunct: attached to no NIC any more (its NIC or namespace was deleted, or the link was detached)",
             link.id
         ));
     }
@@ -1090,7 +1117,7 @@ pub fn unprotected(instance: &Instance, bindings: &[BoundIface]) -> Vec<String> 
                 match pinned_link(&pin) {
                     None => "the kernel does not answer for its pinned XDP link".to_string(),
                     Some(l) if l.ifindex == 0 => format!(
-                        "its XDP link {} is defunct: the NIC went away (deleted, or its namespace was)",
+                        "its XDP link {} is defunct: attached to no NIC (its NIC or namespace was deleted, or the link was detached)",
                         l.id
                     ),
                     Some(_) => return None,

@@ -99,8 +99,9 @@ pub enum LoadError {
 pub struct XdpTaken {
     pub iface: String,
     pub program: u32,
-    /// The program's name as the kernel keeps it (at most 15 characters).
-    pub name: String,
+    /// The program's name as the kernel keeps it (at most 15 characters); `None` when it
+    /// cannot be read (looking a program up by id needs CAP_SYS_ADMIN).
+    pub name: Option<String>,
     pub mode: &'static str,
     /// The BPF link holding it, if it was attached through one (rather than rtnetlink).
     pub link: Option<u32>,
@@ -108,27 +109,37 @@ pub struct XdpTaken {
     pub errno: String,
     /// The pin of that link, when it is an edge-classifier instance's.
     pub pin: Option<PathBuf>,
+    /// Whether the kernel's links could be listed (CAP_SYS_ADMIN): if so, `link: None` means
+    /// the program was attached through rtnetlink.
+    pub links_listed: bool,
 }
 
 impl fmt::Display for XdpTaken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "`{}` already runs another XDP program: id {} `{}` ({} mode{}), so the classifier cannot attach ({}). {}",
+            "`{}` already runs another XDP program: id {} {}({} mode{}), so the classifier cannot attach ({}). {}",
             self.iface,
             self.program,
-            self.name,
+            self.name
+                .as_ref()
+                .map_or(String::new(), |n| format!("`{n}` ")),
             self.mode,
             self.link
                 .map_or(String::new(), |l| format!(", held by BPF link {l}")),
             self.errno,
-            remedy(&self.iface, self.link, self.pin.as_deref())
+            remedy(
+                &self.iface,
+                self.link,
+                self.pin.as_deref(),
+                self.links_listed
+            )
         )
     }
 }
 
 /// How an operator removes the XDP program that holds `iface`.
-fn remedy(iface: &str, link: Option<u32>, pin: Option<&Path>) -> String {
+fn remedy(iface: &str, link: Option<u32>, pin: Option<&Path>, links_listed: bool) -> String {
     // An instance's pin: /sys/fs/bpf/edge-classifier/INSTANCE/links/NIC-xdp.
     let instance = pin
         .and_then(|p| p.parent()?.parent()?.file_name())
@@ -138,8 +149,11 @@ fn remedy(iface: &str, link: Option<u32>, pin: Option<&Path>) -> String {
             "It is edge-classifier instance `{i}`'s ({}): `edge-classifier stop --instance {i}` detaches it, then start again; or run that instance instead.",
             pin.expect("an instance has a pin").display()
         ),
-        (None, _) => format!(
+        (None, _) if links_listed => format!(
             "Remove it with `ip link set dev {iface} xdp off` (or `bpftool net detach xdp dev {iface}`), then start again."
+        ),
+        (None, _) => format!(
+            "Remove it with `ip link set dev {iface} xdp off` (or `bpftool net detach xdp dev {iface}`), then start again; if that says a BPF link holds it, `bpftool link show` names the link (`bpftool link detach id N` detaches it)."
         ),
         (Some(l), None) => format!(
             "A BPF link holds it (pinned on a bpffs, or kept open by a running process): `bpftool link show id {l}` names it; remove its pin or stop its owner (`bpftool link detach id {l}` detaches it), then start again."
@@ -1072,27 +1086,36 @@ fn claim_pin(instance: &Instance, name: &str, kind: &str, ifindex: u32) -> bool 
 fn xdp_taken(iface: &str, errno: &str) -> Option<LoadError> {
     let ifindex = ifindex(iface).ok()?;
     let held = crate::nic_addrs::xdp_program(ifindex).ok()??;
+    // Looking programs and links up by id needs CAP_SYS_ADMIN; without it (the unit's
+    // capabilities) the name is left out.
     let name = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == held.id)
-        .and_then(|p| p.name_as_str().map(str::to_string))
-        .unwrap_or_default();
-    let link = aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .find(|l| {
-            l.program_id() == held.id
-                && matches!(l.link_type(), Ok(aya::programs::links::LinkType::Xdp))
-        })
-        .map(|l| l.id());
-    // One of an instance's pins, if the link is an edge-classifier instance's.
-    let pin = link.and_then(|id| {
-        std::fs::read_dir(crate::instance::PIN_ROOT)
-            .ok()?
+        .and_then(|p| p.name_as_str().map(str::to_string));
+    // An edge-classifier instance's pin of a link running that program (CAP_BPF reads it).
+    let pinned = std::fs::read_dir(crate::instance::PIN_ROOT)
+        .into_iter()
+        .flat_map(|d| d.flatten())
+        .filter_map(|i| std::fs::read_dir(i.path().join("links")).ok())
+        .flat_map(|d| d.flatten().map(|e| e.path()))
+        .find_map(|p| {
+            pinned_link(&p)
+                .filter(|l| l.program_id == held.id && l.ifindex == ifindex)
+                .map(|l| (p, l.id))
+        });
+    let links: Vec<_> = aya::programs::loaded_links().collect();
+    let links_listed = links.iter().all(Result::is_ok);
+    let link = pinned.as_ref().map(|(_, id)| *id).or_else(|| {
+        links
+            .iter()
             .flatten()
-            .filter_map(|i| std::fs::read_dir(i.path().join("links")).ok())
-            .flat_map(|d| d.flatten().map(|e| e.path()))
-            .find(|p| pinned_link(p).is_some_and(|l| l.id == id))
+            .find(|l| {
+                l.program_id() == held.id
+                    && matches!(l.link_type(), Ok(aya::programs::links::LinkType::Xdp))
+            })
+            .map(|l| l.id())
     });
+    let pin = pinned.map(|(p, _)| p);
     Some(LoadError::XdpTaken(Box::new(XdpTaken {
         iface: iface.to_string(),
         program: held.id,
@@ -1101,6 +1124,7 @@ fn xdp_taken(iface: &str, errno: &str) -> Option<LoadError> {
         link,
         errno: errno.to_string(),
         pin,
+        links_listed,
     })))
 }
 

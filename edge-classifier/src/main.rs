@@ -214,6 +214,12 @@ enum Mode {
 fn main() -> anyhow::Result<()> {
     edge_classifier::logging::init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // The one-shot commands behave like any Unix tool in a pipeline: `reload | head` ends
+        // quietly when the reader goes. The daemon keeps Rust's SIGPIPE-ignored default and
+        // handles a closed stdout itself.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Catalogue {
             instance, profile, ..

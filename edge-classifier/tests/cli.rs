@@ -385,3 +385,29 @@ fn replay_counts_each_way_and_writes_the_dropped_frames_and_the_verdicts() {
     assert_eq!(got.lines().collect::<Vec<_>>(), want);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A one-shot command whose reader has gone ends the way Unix tools do (SIGPIPE), not with a
+/// panic message about a broken pipe.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::os::{fd::FromRawFd as _, unix::process::ExitStatusExt as _};
+    let mut fds = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // The reader is gone before the command writes a byte.
+    unsafe { libc::close(fds[0]) };
+    let write_end = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+    let out = bin()
+        .args(["catalogue", "--profile", "sfb-edge"])
+        .stdout(write_end)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "status {:?}, stderr: {stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

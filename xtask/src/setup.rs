@@ -28,6 +28,23 @@ const PACKAGES: &[&str] = &[
     "systemd-container",
 ];
 
+/// The real federation peers of the peer tests (`tests/tests/peers_*.rs`, issue 17): Prosody
+/// (with the SQLite driver its storage may use), Kamailio with its TLS module, sipp, coturn,
+/// dnsmasq as the partner's DNS server, slixmpp for the XMPP clients, openssl for the test CA,
+/// and dig. Installed with the daemons kept from starting on this host ([`ensure_daemons`]).
+const PEER_PACKAGES: &[&str] = &[
+    "prosody",
+    "lua-dbi-sqlite3",
+    "kamailio",
+    "kamailio-tls-modules",
+    "sip-tester",
+    "coturn",
+    "dnsmasq",
+    "python3-slixmpp",
+    "openssl",
+    "bind9-dnsutils",
+];
+
 /// What `cargo xtask bench` compares against and floods with: xdp-filter, trafgen, nftables,
 /// iptables, and bpftool (which runs xdp-filter's program under BPF_PROG_TEST_RUN).
 const BENCH_PACKAGES: &[&str] = &[
@@ -175,6 +192,47 @@ fn ensure_packages(packages: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `/usr/sbin/policy-rc.d`: exit 101 tells invoke-rc.d (and deb-systemd-invoke) that no
+/// service may be started, so that packages whose postinst would start a daemon (Prosody,
+/// Kamailio, coturn, dnsmasq) leave it stopped; the tests start their own copies inside
+/// namespaces.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// Installs the missing `packages` while a temporary `policy-rc.d` forbids starting services;
+/// a `policy-rc.d` that was there before is put back afterwards, also when apt fails.
+fn ensure_daemons(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<String> = packages
+        .iter()
+        .filter(|p| !dpkg_installed(p))
+        .map(|p| p.to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let policy = Path::new(POLICY_RC_D);
+    let saved = std::fs::read(policy).ok();
+    std::fs::write(
+        policy,
+        "#!/bin/sh\n# edge-classifier setup: start no service while installing\nexit 101\n",
+    )
+    .with_context(|| format!("writing {POLICY_RC_D}"))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    eprintln!(
+        "setup: installing {} with services kept stopped ({POLICY_RC_D} exits 101)",
+        missing.join(" ")
+    );
+    let result = ensure_packages(&missing);
+    let restored = match saved {
+        Some(old) => std::fs::write(policy, old),
+        None => std::fs::remove_file(policy),
+    };
+    result?;
+    restored.with_context(|| format!("restoring {POLICY_RC_D}"))
+}
+
 /// Installs the pinned nightly with its components (rust-src for `-Z build-std=core`, clippy
 /// and rustfmt) and returns its LLVM major.
 fn ensure_toolchain(pin: &Pinned) -> anyhow::Result<u32> {
@@ -264,6 +322,7 @@ pub fn setup() -> anyhow::Result<()> {
     packages.push(format!("llvm-{llvm}-dev"));
     packages.push(format!("libpolly-{llvm}-dev"));
     ensure_packages(&packages)?;
+    ensure_daemons(PEER_PACKAGES)?;
     ensure_bpf_linker(&channel, llvm)?;
 
     let fuzz = output(Command::new("cargo").args(["fuzz", "--version"]));

@@ -30,6 +30,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+pub mod peers;
 pub mod seed;
 pub use seed::{Peer, SEED_ROWS, SeedRow, seed};
 

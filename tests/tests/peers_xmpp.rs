@@ -4,15 +4,17 @@
 //! is `edge_classifier_lab::peers`.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
+use edge_classifier::{compile::compile, maps::Holds};
 use edge_classifier_common::reason;
 use edge_classifier_lab::{
-    Listeners,
-    peers::{self, Counters, EXT, PeerLab},
-    udp_send,
+    Listeners, Tap, count,
+    peers::{self, Counters, Daemon, EXT, PeerLab, wait_for},
+    tcp_connect, tcp_exchange, udp_send,
 };
 
 const DENIED: Duration = Duration::from_millis(500);
@@ -76,3 +78,437 @@ fn dns_srv_lookups_from_the_edge_pass_the_classifier_and_unsolicited_dns_does_no
         .expect("SRV lookup from the stranger");
     assert!(srv.contains("5061 sip.edge.example."), "{srv:?}");
 }
+
+/// A Prosody server for `domain` in `ns`: config, data, pid file, certificate and log in a
+/// directory of its own; c2s on 127.0.0.1:5222, s2s on `s2s_addr`:5269. s2s authenticates with
+/// certificates from the lab's CA (`s2s_secure_auth`), found through `_xmpp-server._tcp`.
+struct Prosody {
+    daemon: Daemon,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Prosody {
+    fn start(lab: &PeerLab, ns: &str, domain: &str, s2s_addr: Ipv4Addr) -> Prosody {
+        let dir = lab.subdir(&format!("prosody-{domain}")).expect("dir");
+        std::fs::create_dir_all(dir.join("data")).expect("data dir");
+        let cert = lab
+            .cert(domain, &[domain], &[IpAddr::V4(s2s_addr)])
+            .expect("certificate");
+        let log = dir.join("prosody.log");
+        let config = dir.join("prosody.cfg.lua");
+        let d = dir.display();
+        let text = format!(
+            r#"-- peer lab: Prosody for {domain} (issue 17)
+run_as_root = true
+pidfile = "{d}/prosody.pid"
+data_path = "{d}/data"
+log = {{ {{ levels = {{ min = "debug" }}, to = "file", filename = "{log}" }} }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "dialback"; "disco"; "ping"; "posix" }}
+modules_disabled = {{ "offline" }}
+authentication = "internal_plain"
+c2s_ports = {{ 5222 }}
+c2s_interfaces = {{ "127.0.0.1" }}
+s2s_ports = {{ 5269 }}
+s2s_interfaces = {{ "{s2s_addr}" }}
+c2s_require_encryption = true
+s2s_require_encryption = true
+s2s_secure_auth = true
+ssl = {{ cafile = "{ca}"; key = "{key}"; certificate = "{cert}" }}
+VirtualHost "{domain}"
+    ssl = {{ cafile = "{ca}"; key = "{key}"; certificate = "{cert}" }}
+"#,
+            log = log.display(),
+            ca = lab.ca.display(),
+            key = cert.key.display(),
+            cert = cert.cert.display(),
+        );
+        std::fs::write(&config, text).expect("prosody config");
+        let cfg = config.to_str().expect("utf-8").to_string();
+        for user in ["alice", "bob"] {
+            lab.run_ok(
+                ns,
+                Duration::from_secs(20),
+                "prosodyctl",
+                &["--config", &cfg, "register", user, domain, PASSWORD],
+            )
+            .expect("prosodyctl register");
+        }
+        let daemon = lab
+            .spawn(
+                ns,
+                &format!("prosody-{domain}"),
+                "prosody",
+                &["-F", "--config", &cfg],
+            )
+            .expect("start prosody");
+        let p = Prosody {
+            daemon,
+            config,
+            log,
+        };
+        p.wait_listening(lab, ns);
+        p
+    }
+
+    fn wait_listening(&self, lab: &PeerLab, ns: &str) {
+        let up = wait_for(Duration::from_secs(15), || {
+            let ss = lab
+                .run_ok(ns, Duration::from_secs(5), "ss", &["-Htln"])
+                .unwrap_or_default();
+            (ss.contains(":5269") && ss.contains("127.0.0.1:5222")).then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "prosody ({}) did not listen: {}\n{}",
+            self.config.display(),
+            self.daemon.printed(),
+            self.log_text()
+        );
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+const PASSWORD: &str = "peer-lab-secret";
+
+/// The XMPP client: slixmpp. `recv` stays connected and prints `GOT <from> <type> <body>` for
+/// every message; `send` sends one chat message and leaves.
+const CLIENT_PY: &str = r#"
+import asyncio, sys, pathlib, slixmpp
+mode, jid, password, ca, peer, body = sys.argv[1:7]
+
+class Client(slixmpp.ClientXMPP):
+    def __init__(self):
+        super().__init__(jid, password)
+        self.ca_certs = pathlib.Path(ca)
+        self.add_event_handler("session_start", self.start)
+        self.add_event_handler("message", self.message)
+        self.add_event_handler("failed_auth", lambda *_: (print("AUTH FAILED", flush=True), sys.exit(2)))
+
+    async def start(self, _):
+        self.send_presence()
+        await self.get_roster()
+        print("READY", flush=True)
+        if mode == "send":
+            self.send_message(mto=peer, mbody=body, mtype="chat")
+            print("SENT", flush=True)
+            await asyncio.sleep(1.5)
+            self.disconnect()
+
+    def message(self, msg):
+        print("GOT", msg["from"].bare, msg["type"], msg["body"], flush=True)
+
+c = Client()
+done = c.loop.create_future()
+c.add_event_handler("disconnected", lambda _: done.done() or done.set_result(None))
+c.connect(address=("127.0.0.1", 5222))
+if mode == "send":
+    # (process(timeout=) of slixmpp 1.8.3 fails on Python 3.11: it passes asyncio.wait a coroutine)
+    c.loop.run_until_complete(asyncio.wait_for(done, 30))
+else:
+    c.process(forever=True)
+"#;
+
+struct Xmpp<'a> {
+    lab: &'a PeerLab,
+    script: PathBuf,
+}
+
+impl Xmpp<'_> {
+    /// A client of `jid`'s server in `ns` that prints every message it gets; returned once online.
+    fn receiver(&self, ns: &str, jid: &str) -> Daemon {
+        let mut d = self
+            .lab
+            .spawn(
+                ns,
+                &format!("recv-{jid}"),
+                PYTHON,
+                &[
+                    self.script.to_str().expect("utf-8"),
+                    "recv",
+                    jid,
+                    PASSWORD,
+                    self.lab.ca.to_str().expect("utf-8"),
+                    "-",
+                    "-",
+                ],
+            )
+            .expect("start receiver");
+        let ready = wait_for(Duration::from_secs(20), || {
+            d.printed().contains("READY").then_some(())
+        });
+        assert!(
+            ready.is_some() && d.alive(),
+            "{jid} did not come online: {}",
+            d.printed()
+        );
+        d
+    }
+
+    /// `from` (a user of the server in `ns`) sends `body` to `to`.
+    fn send(&self, ns: &str, from: &str, to: &str, body: &str) {
+        let out = self
+            .lab
+            .run(
+                ns,
+                Duration::from_secs(40),
+                PYTHON,
+                &[
+                    self.script.to_str().expect("utf-8"),
+                    "send",
+                    from,
+                    PASSWORD,
+                    self.lab.ca.to_str().expect("utf-8"),
+                    to,
+                    body,
+                ],
+            )
+            .expect("run sender");
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            printed.contains("SENT"),
+            "{from} could not send: {printed}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The Debian Python, where python3-slixmpp is installed (not a pyenv on PATH).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Waits until `receiver` printed `body` from `from`.
+fn delivered(receiver: &Daemon, from: &str, body: &str, timeout: Duration) -> bool {
+    let want = format!("GOT {from} chat {body}");
+    wait_for(timeout, || receiver.printed().contains(&want).then_some(())).is_some()
+}
+
+/// The local port of the Edge's TCP connection to `remote`, from `ss`.
+fn edge_local_port(lab: &PeerLab, remote: SocketAddr) -> Option<u16> {
+    let ss = lab
+        .run_ok(
+            &lab.edge,
+            Duration::from_secs(5),
+            "ss",
+            &["-Htn", "state", "established"],
+        )
+        .ok()?;
+    ss.lines().find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        let (local, peer) = (cols.get(cols.len().checked_sub(2)?)?, cols.last()?);
+        (*peer == remote.to_string().as_str())
+            .then(|| local.rsplit(':').next()?.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn xmpp_federation_with_prosody_both_ways_through_srv() {
+    let lab = PeerLab::create("xmpp").expect("peer lab");
+    let mut classifier = lab
+        .attach()
+        .expect("classifier attached in the edge namespace");
+    let script = lab.dir.join("xmpp_client.py");
+    std::fs::write(&script, CLIENT_PY).expect("client script");
+    let xmpp = Xmpp { lab: &lab, script };
+
+    let tap = Tap::open(&lab.edge, EXT).expect("tap ext0").record();
+    let edge_prosody = Prosody::start(&lab, &lab.edge, "edge.example", peers::EDGE_EXT);
+    let partner_prosody = Prosody::start(&lab, &lab.partner, "partner.example", peers::PARTNER);
+    let bob_partner = xmpp.receiver(&lab.partner, "bob@partner.example");
+    let bob_edge = xmpp.receiver(&lab.edge, "bob@edge.example");
+
+    let (x1, x2) = {
+        let c = Counters(&classifier);
+        (
+            c.rule(EXT, "xmpp-federation-in"),
+            c.rule(EXT, "xmpp-federation-out"),
+        )
+    };
+
+    // X2: the Edge's Prosody finds partner.example through _xmpp-server._tcp and connects.
+    xmpp.send(
+        &lab.edge,
+        "alice@edge.example",
+        "bob@partner.example",
+        "edge-to-partner-1",
+    );
+    assert!(
+        delivered(
+            &bob_partner,
+            "alice@edge.example",
+            "edge-to-partner-1",
+            MESSAGE
+        ),
+        "edge -> partner not delivered\nreceiver: {}\nedge prosody log:\n{}\npartner prosody log:\n{}",
+        bob_partner.printed(),
+        edge_prosody.log_text(),
+        partner_prosody.log_text()
+    );
+    // X1: the partner's Prosody finds edge.example the same way and connects to the Edge.
+    xmpp.send(
+        &lab.partner,
+        "alice@partner.example",
+        "bob@edge.example",
+        "partner-to-edge-1",
+    );
+    assert!(
+        delivered(
+            &bob_edge,
+            "alice@partner.example",
+            "partner-to-edge-1",
+            MESSAGE
+        ),
+        "partner -> edge not delivered\nreceiver: {}\nedge prosody log:\n{}\npartner prosody log:\n{}",
+        bob_edge.printed(),
+        edge_prosody.log_text(),
+        partner_prosody.log_text()
+    );
+    let dns = lab.dns_log();
+    for name in [
+        "_xmpp-server._tcp.partner.example",
+        "_xmpp-server._tcp.edge.example",
+    ] {
+        assert!(dns.contains(name), "nobody asked for {name}:\n{dns}");
+    }
+    let recorded = tap.finish(Duration::from_millis(300)).expect("tap");
+    let (dx1, dx2) = {
+        let c = Counters(&classifier);
+        (
+            c.rule(EXT, "xmpp-federation-in") - x1,
+            c.rule(EXT, "xmpp-federation-out") - x2,
+        )
+    };
+    let partner_s2s = SocketAddr::new(IpAddr::V4(peers::PARTNER), 5269);
+    let edge_s2s = SocketAddr::new(IpAddr::V4(peers::EDGE_EXT), 5269);
+    // X2 is counted on both paths: the Edge's segments on TC egress, the replies on XDP.
+    let seen_x2 = count(&recorded.received, |t| !t.udp && t.src == partner_s2s)
+        + count(&recorded.sent, |t| !t.udp && t.dst == partner_s2s);
+    let seen_x1 = count(&recorded.received, |t| !t.udp && t.dst == edge_s2s);
+    eprintln!("X1 rule +{dx1} (tap {seen_x1}), X2 rule +{dx2} (tap {seen_x2})");
+    assert!(dx1 > 0 && dx2 > 0, "X1 +{dx1}, X2 +{dx2}");
+    assert_eq!(
+        dx2, seen_x2,
+        "X2 counted = the s2s segments to and from the partner's 5269 the tap saw on ext0"
+    );
+    assert_eq!(
+        dx1, seen_x1,
+        "X1 counted = the segments to the Edge's 5269 the tap saw arrive on ext0"
+    );
+
+    // The stranger reaches 5269 (X1 is for anyone) ...
+    assert!(
+        tcp_connect(
+            &lab.stranger,
+            IpAddr::V4(peers::STRANGER),
+            edge_s2s,
+            Duration::from_secs(3)
+        )
+        .expect("stranger connect"),
+        "the stranger could not reach the Edge's 5269"
+    );
+    // ... but a forged 'reply' from its port 5269 reaches no socket of the Edge: neither an
+    // open port nor the port of the Edge's live s2s connection to the partner.
+    let listeners = Listeners::start(&lab.edge, &[40269], &[]).expect("edge listener");
+    let c = Counters(&classifier);
+    let not_established = c.reason(EXT, reason::DROP_NOT_ESTABLISHED);
+    let forged = tcp_exchange(
+        &lab.stranger,
+        SocketAddr::new(IpAddr::V4(peers::STRANGER), 5269),
+        SocketAddr::new(IpAddr::V4(peers::EDGE_EXT), 40269),
+        DENIED,
+    )
+    .expect("forged segment");
+    assert!(!forged.connected && listeners.tcp(40269).connections.is_empty());
+    if let Some(port) = edge_local_port(&lab, partner_s2s) {
+        let forged = tcp_exchange(
+            &lab.stranger,
+            SocketAddr::new(IpAddr::V4(peers::STRANGER), 5269),
+            SocketAddr::new(IpAddr::V4(peers::EDGE_EXT), port),
+            DENIED,
+        )
+        .expect("forged segment");
+        assert!(!forged.connected, "forged segment to the s2s port {port}");
+    }
+    assert!(
+        c.reason(EXT, reason::DROP_NOT_ESTABLISHED) > not_established,
+        "forged segments counted as not_established"
+    );
+
+    // A reload (the same catalogue compiled again, swapped in): the next messages still pass.
+    let running = classifier.compiled().clone();
+    let next = compile(&PeerLab::catalogue()).expect("compile");
+    classifier
+        .maps_mut()
+        .swap_in(&next, Holds::Empty, Some(&running))
+        .expect("swap_in");
+    classifier.set_compiled(next);
+    xmpp.send(
+        &lab.edge,
+        "alice@edge.example",
+        "bob@partner.example",
+        "edge-to-partner-2",
+    );
+    xmpp.send(
+        &lab.partner,
+        "alice@partner.example",
+        "bob@edge.example",
+        "partner-to-edge-2",
+    );
+    assert!(delivered(
+        &bob_partner,
+        "alice@edge.example",
+        "edge-to-partner-2",
+        MESSAGE
+    ));
+    assert!(delivered(
+        &bob_edge,
+        "alice@partner.example",
+        "partner-to-edge-2",
+        MESSAGE
+    ));
+
+    // The classifier dropped (detached, its flows gone) and attached afresh: the stand-in for a
+    // daemon killed and started again.
+    drop(classifier);
+    let classifier = lab.attach().expect("attached again");
+    xmpp.send(
+        &lab.edge,
+        "alice@edge.example",
+        "bob@partner.example",
+        "edge-to-partner-3",
+    );
+    xmpp.send(
+        &lab.partner,
+        "alice@partner.example",
+        "bob@edge.example",
+        "partner-to-edge-3",
+    );
+    assert!(
+        delivered(
+            &bob_partner,
+            "alice@edge.example",
+            "edge-to-partner-3",
+            MESSAGE
+        ),
+        "edge -> partner after re-attach\n{}",
+        edge_prosody.log_text()
+    );
+    assert!(delivered(
+        &bob_edge,
+        "alice@partner.example",
+        "partner-to-edge-3",
+        MESSAGE
+    ));
+    let c = Counters(&classifier);
+    eprintln!(
+        "after re-attach: X1 {} X2 {} not_established {}",
+        c.rule(EXT, "xmpp-federation-in"),
+        c.rule(EXT, "xmpp-federation-out"),
+        c.reason(EXT, reason::DROP_NOT_ESTABLISHED)
+    );
+}
+
+const MESSAGE: Duration = Duration::from_secs(20);

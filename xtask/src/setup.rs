@@ -29,12 +29,14 @@ const PACKAGES: &[&str] = &[
 ];
 
 /// The real federation peers of the peer tests (`tests/tests/peers_*.rs`, issue 17): Prosody
-/// (with the SQLite driver its storage may use), Kamailio with its TLS module, sipp, coturn,
+/// (with the SQLite driver its storage may use, and lua-unbound, the resolver Debian recommends:
+/// without it Prosody falls back to its old built-in one and says so), Kamailio with its TLS module, sipp, coturn,
 /// dnsmasq as the partner's DNS server, slixmpp for the XMPP clients, openssl for the test CA,
 /// and dig. Installed with the daemons kept from starting on this host ([`ensure_daemons`]).
 const PEER_PACKAGES: &[&str] = &[
     "prosody",
     "lua-dbi-sqlite3",
+    "lua-unbound",
     "kamailio",
     "kamailio-tls-modules",
     "sip-tester",

@@ -1,0 +1,206 @@
+//! Issue 17, the media rows with real programs through the classifier attached to the peer lab's
+//! Edge (`edge_classifier_lab::peers`, seed profile on the lab's addresses):
+//!
+//! - P6: coturn (`turnserver`) on the Edge's `198.51.100.10:3478` answers a STUN binding request
+//!   of `turnutils_stunclient` on the stranger; P5: a coturn on the stranger's 3478 answers
+//!   `turnutils_stunclient` run on the Edge.
+//! - P4: TCP from the Edge's media range 50000-59999 to a client on the Internet. coturn's own
+//!   RFC 6062 client (`turnutils_uclient -T`) only relays between two allocations on the same
+//!   server (`-T` implies `-y`, client-to-client), which never crosses the wire, so the closest
+//!   real program is socat connecting from `198.51.100.10:50010` to a socat echo on the
+//!   stranger.
+//!
+//! A forged STUN "answer" (source port 3478) from the stranger never reaches the Edge.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use edge_classifier_common::reason;
+use edge_classifier_lab::{
+    Listeners,
+    peers::{self, Counters, Daemon, EXT, PeerLab, wait_for},
+    udp_send,
+};
+
+/// Waits until something listens on `proto`/`port` in `ns`.
+fn listening(lab: &PeerLab, ns: &str, udp: bool, port: u16, d: &mut Daemon) {
+    let flag = if udp { "-Hlun" } else { "-Hltn" };
+    let up = wait_for(Duration::from_secs(10), || {
+        let o = lab
+            .run(
+                ns,
+                Duration::from_secs(3),
+                "ss",
+                &[flag, &format!("sport = :{port}")],
+            )
+            .ok()?;
+        (!String::from_utf8_lossy(&o.stdout).trim().is_empty()).then_some(())
+    });
+    assert!(
+        up.is_some() && d.alive(),
+        "{} never listened on {port}:\n{}",
+        d.name,
+        d.printed()
+    );
+}
+
+fn turnserver(lab: &PeerLab, ns: &str, name: &str, ip: IpAddr) -> Daemon {
+    let dir = lab.subdir(name).expect("dir");
+    let ip = ip.to_string();
+    let mut d = lab
+        .spawn(
+            ns,
+            name,
+            "turnserver",
+            &[
+                "-n",
+                "--listening-ip",
+                &ip,
+                "--listening-port",
+                "3478",
+                "--relay-ip",
+                &ip,
+                "--min-port",
+                "50000",
+                "--max-port",
+                "59999",
+                "--no-tls",
+                "--no-dtls",
+                "--no-cli",
+                "--simple-log",
+                "--log-file",
+                "stdout",
+                "--pidfile",
+                &dir.join("pid").display().to_string(),
+                "--db",
+                &dir.join("turndb.sqlite").display().to_string(),
+            ],
+        )
+        .expect("turnserver");
+    listening(lab, ns, true, 3478, &mut d);
+    d
+}
+
+/// `turnutils_stunclient` in `ns` asking `server`: the reflexive address it got.
+fn stun(lab: &PeerLab, ns: &str, server: IpAddr) -> Result<String, String> {
+    let o = lab
+        .run(
+            ns,
+            Duration::from_secs(5),
+            "turnutils_stunclient",
+            &["-p", "3478", &server.to_string()],
+        )
+        .expect("turnutils_stunclient");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    match out.lines().find(|l| l.contains("UDP reflexive addr:")) {
+        Some(l) if o.status.success() => Ok(l.to_string()),
+        _ => Err(format!(
+            "{}: {out}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        )),
+    }
+}
+
+#[test]
+fn stun_with_coturn_both_ways_and_tcp_media_from_the_edge_range() {
+    let started = Instant::now();
+    let lab = PeerLab::create("media").expect("peer lab");
+    let edge_ip = IpAddr::V4(peers::EDGE_EXT);
+    let stranger_ip = IpAddr::V4(peers::STRANGER);
+
+    // A forged STUN answer from the stranger's 3478 to an open port of the Edge, first (the
+    // stranger's coturn holds 3478 later).
+    let classifier = lab.attach().expect("classifier attached");
+    let c = Counters(&classifier);
+    {
+        let listeners = Listeners::start(&lab.edge, &[], &[40478]).expect("edge listener");
+        let drops =
+            || c.reason(EXT, reason::DROP_NO_RULE) + c.reason(EXT, reason::DROP_NOT_ESTABLISHED);
+        let dropped = drops();
+        let answered = udp_send(
+            &lab.stranger,
+            SocketAddr::new(stranger_ip, 3478),
+            SocketAddr::new(edge_ip, 40478),
+            Duration::from_millis(500),
+        )
+        .expect("forged datagram");
+        assert!(!answered, "a forged 3478 datagram was answered");
+        assert!(
+            listeners.udp(40478).datagrams.is_empty(),
+            "it reached the Edge"
+        );
+        assert!(drops() > dropped, "the forged datagram counts as a drop");
+    }
+
+    let edge_turn = turnserver(&lab, &lab.edge, "coturn-edge", edge_ip);
+    let stranger_turn = turnserver(&lab, &lab.stranger, "coturn-stranger", stranger_ip);
+
+    // P6: the stranger asks the Edge's coturn.
+    let p6 = c.rule(EXT, "messenger-stun-in");
+    let got = stun(&lab, &lab.stranger, edge_ip)
+        .unwrap_or_else(|e| panic!("P6: {e}\n{}", edge_turn.printed()));
+    assert!(got.contains(&format!("{stranger_ip}:")), "P6: {got}");
+    let n = c.rule(EXT, "messenger-stun-in") - p6;
+    assert!(n >= 1, "P6 counted the request: {n}");
+
+    // P5: the Edge asks the stranger's coturn.
+    let p5 = c.rule(EXT, "messenger-stun-out");
+    let got = stun(&lab, &lab.edge, stranger_ip)
+        .unwrap_or_else(|e| panic!("P5: {e}\n{}", stranger_turn.printed()));
+    assert!(got.contains(&format!("{edge_ip}:")), "P5: {got}");
+    assert!(
+        c.rule(EXT, "messenger-stun-out") > p5,
+        "P5 counted the answer"
+    );
+
+    // P4: socat from the Edge's media range to an echo on the stranger, the echo coming back.
+    let mut echo = lab
+        .spawn(
+            &lab.stranger,
+            "socat-echo",
+            "socat",
+            &[
+                &format!("TCP-LISTEN:7000,bind={stranger_ip},reuseaddr,fork"),
+                "PIPE",
+            ],
+        )
+        .expect("socat echo");
+    listening(&lab, &lab.stranger, false, 7000, &mut echo);
+    let p4 = c.rule(EXT, "messenger-rtp-tcp-out");
+    for (round, port) in [50010u16, 50011].into_iter().enumerate() {
+        let o = lab
+            .command(&lab.edge, "sh")
+            .args([
+                "-c",
+                &format!(
+                    "echo media-{round} | timeout -s KILL 5 socat -t 1 - \
+                     TCP:{stranger_ip}:7000,bind={edge_ip}:{port},reuseaddr"
+                ),
+            ])
+            .output()
+            .expect("socat");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.trim() == format!("media-{round}"),
+            "P4 from {edge_ip}:{port}: {} {out}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert!(
+        c.rule(EXT, "messenger-rtp-tcp-out") >= p4 + 4,
+        "P4 counted both connections: {}",
+        c.rule(EXT, "messenger-rtp-tcp-out") - p4
+    );
+
+    drop((echo, edge_turn, stranger_turn));
+    drop(classifier);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}

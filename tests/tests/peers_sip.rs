@@ -17,211 +17,47 @@
 
 use std::{
     fs,
-    net::SocketAddr,
-    os::unix::process::CommandExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    net::{IpAddr, SocketAddr},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use edge_classifier::{
-    compile::{compile, compile_with},
-    loader::{AttachMode, Classifier},
-    maps::Holds,
-};
+use edge_classifier::{compile::compile_with, loader::Classifier, maps::Holds};
 use edge_classifier_common::reason;
-use edge_classifier_lab::*;
-use edge_classifier_tests::edited_default_catalogue;
+use edge_classifier_lab::{
+    Listeners,
+    peers::{self, Counters, Daemon, EXT, PeerLab, wait_for},
+    tcp_exchange,
+};
 
-/// The non-partner Internet host: the lab's remote client address.
-const STRANGER: &str = "198.51.100.1";
-const PARTNER: &str = "203.0.113.5";
-const EDGE: &str = "198.51.100.10";
+const EDGE: IpAddr = IpAddr::V4(peers::EDGE_EXT);
+const PARTNER: IpAddr = IpAddr::V4(peers::PARTNER);
+const STRANGER: IpAddr = IpAddr::V4(peers::STRANGER);
 
-/// A scratch directory for one test, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("ec-peers-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.path(name);
-        if let Some(d) = p.parent() {
-            fs::create_dir_all(d).expect("mkdir");
+/// Waits until something listens on TCP or UDP `port` in `ns`.
+fn listening(lab: &PeerLab, ns: &str, udp: bool, port: u16, d: &mut Daemon) {
+    let flag = if udp { "-Hlun" } else { "-Hltn" };
+    let up = wait_for(Duration::from_secs(10), || {
+        if !d.alive() {
+            return Some(false);
         }
-        fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::env::var_os("EC_KEEP_SCRATCH").is_none() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// `prog ARGS` inside `ns`, in a private mount namespace with `resolv` bound over
-/// /etc/resolv.conf when given.
-fn in_ns(ns: &str, resolv: Option<&Path>, prog: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]);
-    if let Some(r) = resolv {
-        c.args([
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &format!(
-                "mount --bind {} /etc/resolv.conf && exec \"$@\"",
-                r.display()
-            ),
-            "sh",
-        ]);
-    }
-    c.arg(prog).args(args);
-    c
-}
-
-/// A long-running program in its own process group, killed with the group on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
-        let out = fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = cmd
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
-    }
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    /// Panics with the log when the program has exited.
-    fn alive(&mut self) {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            panic!("{} exited ({st}):\n{}", self.name, self.log());
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let pgid = self.child.id() as i32;
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-/// A one-shot program, killed after `limit`.
-fn run(cmd: Command, limit: Duration) -> Output {
-    let mut t = Command::new("timeout");
-    t.args(["-s", "KILL", &format!("{}", limit.as_secs_f64())]);
-    t.arg(cmd.get_program()).args(cmd.get_args());
-    t.output().expect("run")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Waits until something listens on `proto`/`port` in `ns`.
-fn wait_listening(ns: &str, proto: &str, port: u16, p: &mut Proc) {
-    let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        p.alive();
-        let o = run(
-            in_ns(ns, None, "ss", &[flag, &format!("sport = :{port}")]),
-            Duration::from_secs(3),
-        );
-        if !String::from_utf8_lossy(&o.stdout).trim().is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never listened on {proto}/{port}:\n{}",
-            p.name,
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The test CA and one certificate per host (server and client use), made with openssl.
-fn make_pki(s: &Scratch) {
-    let sh = |script: &str| {
-        let o = Command::new("sh")
-            .current_dir(&s.0)
-            .args(["-ec", script])
-            .output()
-            .expect("sh");
-        assert!(o.status.success(), "openssl: {}", text(&o));
-    };
-    sh(
-        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
-        -subj '/CN=edge-classifier lab CA' 2>/dev/null",
+        let o = lab
+            .run(
+                ns,
+                Duration::from_secs(3),
+                "ss",
+                &[flag, &format!("sport = :{port}")],
+            )
+            .ok()?;
+        (!String::from_utf8_lossy(&o.stdout).trim().is_empty()).then_some(true)
+    });
+    assert!(
+        up == Some(true),
+        "{} never listened on {port}:\n{}",
+        d.name,
+        d.printed()
     );
-    for (name, domain, ip) in [
-        ("edge", "edge.example", EDGE),
-        ("partner", "partner.example", PARTNER),
-        ("stranger", "stranger.example", STRANGER),
-    ] {
-        s.write(
-            &format!("{name}.ext"),
-            &format!(
-                "subjectAltName=DNS:sip.{domain},DNS:{domain},IP:{ip}\n\
-                 extendedKeyUsage=serverAuth,clientAuth\n"
-            ),
-        );
-        sh(&format!(
-            "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr \
-             -subj '/CN=sip.{domain}' 2>/dev/null && \
-             openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-             -out {name}.pem -days 2 -extfile {name}.ext 2>/dev/null"
-        ));
-    }
 }
-
-const DNSMASQ: &str = "no-resolv
-no-hosts
-bind-interfaces
-listen-address=@STRANGER@
-port=53
-srv-host=_sipfederationtls._tcp.partner.example,sip.partner.example,5061
-srv-host=_sipfederationtls._tcp.edge.example,sip.edge.example,5061
-srv-host=_sipfederationtls._tcp.stranger.example,sip.stranger.example,5061
-address=/sip.partner.example/@PARTNER@
-address=/sip.edge.example/@EDGE@
-address=/sip.stranger.example/@STRANGER@
-";
 
 /// One Kamailio: answers OPTIONS, MESSAGE and REGISTER for its own domain; forwards what comes
 /// from its loopback (sipp) to another domain over TLS, to the target of that domain's
@@ -234,7 +70,7 @@ tcp_children=2
 auto_aliases=no
 dns_try_naptr=no
 tcp_connect_timeout=2
-listen=udp:127.0.0.1:@LOOP@
+listen=udp:127.0.0.1:5060
 listen=tls:@IP@:5061
 @EXTRA_LISTEN@
 alias=@DOMAIN@
@@ -252,7 +88,7 @@ loadmodule "maxfwd.so"
 loadmodule "ipops.so"
 loadmodule "usrloc.so"
 loadmodule "registrar.so"
-modparam("tls", "config", "@DIR@/@NAME@-tls.cfg")
+modparam("tls", "config", "@TLS_CFG@")
 modparam("tm", "fr_timer", 4000)
 request_route {
     xlog("L_NOTICE", "request $rm $ru from $proto:$si:$sp\n");
@@ -266,6 +102,8 @@ request_route {
     if ($si != "127.0.0.1") { sl_send_reply("403", "Not Relaying"); exit; }
     if ($rp == 443) {
         $du = "sip:" + $rd + ":443;transport=tls";
+    } else if (is_ip("$rd")) {
+        $du = "sip:" + $rd + ":5061;transport=tls";
     } else {
         $var(srv) = "_sipfederationtls._tcp." + $rd;
         if (srv_query("$var(srv)", "fed") < 1 || $srvquery(fed=>count) < 1) {
@@ -285,17 +123,17 @@ const TLS_CFG: &str = "[server:default]
 method = TLSv1.2+
 verify_certificate = yes
 require_certificate = yes
-private_key = @DIR@/@NAME@.key
-certificate = @DIR@/@NAME@.pem
-ca_list = @DIR@/ca.pem
+private_key = @KEY@
+certificate = @CERT@
+ca_list = @CA@
 
 [client:default]
 method = TLSv1.2+
 verify_certificate = yes
 require_certificate = yes
-private_key = @DIR@/@NAME@.key
-certificate = @DIR@/@NAME@.pem
-ca_list = @DIR@/ca.pem
+private_key = @KEY@
+certificate = @CERT@
+ca_list = @CA@
 ";
 
 /// Clients on 443 (P3) bring no certificate.
@@ -304,9 +142,9 @@ const TLS_CFG_443: &str = "
 method = TLSv1.2+
 verify_certificate = no
 require_certificate = no
-private_key = @DIR@/@NAME@.key
-certificate = @DIR@/@NAME@.pem
-ca_list = @DIR@/ca.pem
+private_key = @KEY@
+certificate = @CERT@
+ca_list = @CA@
 ";
 
 /// An OPTIONS and then a MESSAGE to bob@[service], each expecting 200.
@@ -370,75 +208,73 @@ fn fill(template: &str, vars: &[(&str, &str)]) -> String {
     t
 }
 
-/// A Kamailio for `name` (`edge`, `partner`, `stranger`) on `ip`, taking sipp's requests on
-/// UDP `127.0.0.1:loop_port`.
-fn kamailio(s: &Scratch, ns: &str, resolv: &Path, name: &str, ip: &str, loop_port: u16) -> Proc {
-    let dir = s.0.display().to_string();
+/// A Kamailio for `name` (`edge`, `partner`, `stranger`) on `ip` in `ns`, taking sipp's
+/// requests on UDP `127.0.0.1:5060`, with a certificate of the lab's CA for `sip.NAME.example`.
+fn kamailio(lab: &PeerLab, ns: &str, name: &str, ip: IpAddr) -> Daemon {
+    let dir = lab.subdir(&format!("kamailio-{name}")).expect("dir");
     let domain = format!("{name}.example");
-    let loop_s = loop_port.to_string();
+    let cert = lab
+        .cert(name, &[&format!("sip.{domain}"), &domain], &[ip])
+        .expect("certificate");
+    let ip = ip.to_string();
+    let show = |p: &Path| p.display().to_string();
+    let (cert_s, key_s, ca_s) = (show(&cert.cert), show(&cert.key), show(&lab.ca));
+    let tls_path = dir.join("tls.cfg");
+    let tls_s = show(&tls_path);
     let vars = [
-        ("@IP@", ip),
+        ("@IP@", ip.as_str()),
         ("@DOMAIN@", domain.as_str()),
-        ("@DIR@", dir.as_str()),
-        ("@NAME@", name),
-        ("@LOOP@", loop_s.as_str()),
+        ("@TLS_CFG@", tls_s.as_str()),
+        ("@CERT@", cert_s.as_str()),
+        ("@KEY@", key_s.as_str()),
+        ("@CA@", ca_s.as_str()),
     ];
     let (listen, tls443) = if name == "edge" {
         (format!("listen=tls:{ip}:443"), fill(TLS_CFG_443, &vars))
     } else {
         (String::new(), String::new())
     };
-    let rt = s.path(&format!("{name}-run"));
-    fs::create_dir_all(&rt).expect("runtime dir");
-    let cfg = s.write(
-        &format!("{name}-kamailio.cfg"),
-        &fill(KAMAILIO_CFG, &vars).replace("@EXTRA_LISTEN@", &listen),
-    );
-    let tls = fill(TLS_CFG, &vars) + &tls443;
-    s.write(&format!("{name}-tls.cfg"), &tls);
-    let mut p = Proc::spawn(
-        &format!("kamailio ({name})"),
-        in_ns(
+    let cfg = dir.join("kamailio.cfg");
+    fs::write(
+        &cfg,
+        fill(KAMAILIO_CFG, &vars).replace("@EXTRA_LISTEN@", &listen),
+    )
+    .expect("kamailio.cfg");
+    fs::write(&tls_path, fill(TLS_CFG, &vars) + &tls443).expect("tls.cfg");
+    let mut d = lab
+        .spawn(
             ns,
-            Some(resolv),
+            &format!("kamailio-{name}"),
             "kamailio",
             &[
                 "-DD",
                 "-E",
                 "-f",
-                &cfg.display().to_string(),
+                &show(&cfg),
                 "-Y",
-                &rt.display().to_string(),
+                &show(&dir),
                 "-P",
-                &rt.join("pid").display().to_string(),
+                &show(&dir.join("pid")),
                 "-m",
                 "32",
                 "-M",
                 "4",
             ],
-        ),
-        s.path(&format!("{name}-kamailio.log")),
-    );
-    wait_listening(ns, "tcp", 5061, &mut p);
-    wait_listening(ns, "udp", loop_port, &mut p);
-    p
+        )
+        .expect("kamailio");
+    listening(lab, ns, false, 5061, &mut d);
+    listening(lab, ns, true, 5060, &mut d);
+    d
 }
 
-/// sipp on `ns`'s loopback running `scenario` once against the Kamailio on `loop_port`, with
+/// sipp on `ns`'s loopback running `scenario` once against the Kamailio there, with
 /// `[service]` = `service`. `Ok` when every step got its 200.
-fn sipp(
-    s: &Scratch,
-    ns: &str,
-    scenario: &str,
-    loop_port: u16,
-    service: &str,
-    limit: Duration,
-) -> Result<(), String> {
-    let sf = s.path(scenario);
-    let o = run(
-        in_ns(
+fn sipp(lab: &PeerLab, ns: &str, scenario: &str, service: &str) -> Result<(), String> {
+    let sf = lab.dir.join(scenario);
+    let o = lab
+        .run(
             ns,
-            None,
+            SIP + Duration::from_secs(2),
             "sipp",
             &[
                 "-sf",
@@ -451,71 +287,35 @@ fn sipp(
                 "127.0.0.1",
                 "-p",
                 "5070",
-                &format!("127.0.0.1:{loop_port}"),
+                "127.0.0.1:5060",
                 "-timeout",
-                &format!("{}s", limit.as_secs()),
+                &format!("{}s", SIP.as_secs()),
                 "-timeout_error",
                 "-nostdin",
                 "-nd",
             ],
-        ),
-        limit + Duration::from_secs(2),
-    );
+        )
+        .expect("sipp");
     if o.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "sipp {scenario} to {service}: {}\n{}",
+            "sipp {scenario} to {service} in {ns}: {}\n{}{}",
             o.status,
-            text(&o)
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
         ))
     }
-}
-
-struct Counters<'a> {
-    c: &'a Classifier,
-}
-
-impl Counters<'_> {
-    fn ext(&self) -> edge_classifier::maps::IfaceStats {
-        let b = self
-            .c
-            .bindings()
-            .iter()
-            .find(|b| b.name == EDGE_EXT)
-            .expect("ext0 bound");
-        self.c.iface_stats(b).expect("stats")
-    }
-    fn reason(&self, r: u32) -> u64 {
-        self.ext().reasons[r as usize].packets
-    }
-    fn rule(&self, id: &str) -> u64 {
-        let ix = self
-            .c
-            .compiled()
-            .rules
-            .iter()
-            .position(|r| r.id == id)
-            .expect("rule id");
-        self.ext().rules[ix].packets
-    }
-}
-
-fn attach(lab: &Lab) -> Classifier {
-    let catalogue = edited_default_catalogue(&[]);
-    in_netns(&lab.edge, move || {
-        let mut c = Classifier::load(compile(&catalogue)?)?;
-        c.attach(EDGE_EXT, "external", AttachMode::Native)?;
-        c.attach(EDGE_INT, "internal", AttachMode::Native)?;
-        Ok(c)
-    })
-    .expect("load and attach in the edge namespace")
 }
 
 /// Swaps an edited catalogue (a different UDP idle time) into the running classifier, the way
 /// `edge-classifier reload` does.
 fn reload(c: &mut Classifier) {
-    let cat = edited_default_catalogue(&[("udp_idle = 180", "udp_idle = 170")]);
+    let text = PeerLab::catalogue_text();
+    let edited = text.replacen("udp_idle = 180", "udp_idle = 170", 1);
+    assert_ne!(text, edited, "the seed profile sets udp_idle = 180");
+    let cat = edge_classifier::catalogue::Catalogue::parse("reloaded.toml", &edited)
+        .expect("edited catalogue");
     let next = compile_with(&cat, &c.compiled().assignments).expect("compile");
     let running = c.compiled().clone();
     c.maps_mut()
@@ -524,120 +324,74 @@ fn reload(c: &mut Classifier) {
     c.set_compiled(next);
 }
 
+/// How long sipp waits for each answer.
 const SIP: Duration = Duration::from_secs(8);
-/// The Kamailios' loopback ports for sipp: the partner and the stranger share the remote host.
-const EDGE_LOOP: u16 = 5060;
-const PARTNER_LOOP: u16 = 5060;
-const STRANGER_LOOP: u16 = 5062;
 
 #[test]
 fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     let started = Instant::now();
-    let lab = Lab::create("psip").expect("lab");
-    let s = Scratch::new("sip");
-    make_pki(&s);
-    s.write("options-message.xml", SIPP_OPTIONS_MESSAGE);
-    s.write("register.xml", SIPP_REGISTER);
-    let resolv = s.write("resolv.conf", &format!("nameserver {STRANGER}\n"));
-    let vars = [
-        ("@STRANGER@", STRANGER),
-        ("@PARTNER@", PARTNER),
-        ("@EDGE@", EDGE),
-    ];
-    let dnsmasq_conf = s.write("dnsmasq.conf", &fill(DNSMASQ, &vars));
-    let mut dns = Proc::spawn(
-        "dnsmasq",
-        in_ns(
-            &lab.remote,
-            None,
-            "dnsmasq",
-            &[
-                "-k",
-                "-C",
-                &dnsmasq_conf.display().to_string(),
-                &format!("--pid-file={}", s.path("dnsmasq.pid").display()),
-                "--log-facility=-",
-                "--log-queries",
-            ],
-        ),
-        s.path("dnsmasq.log"),
-    );
-    wait_listening(&lab.remote, "udp", 53, &mut dns);
+    let lab = PeerLab::create("psip").expect("peer lab");
+    fs::write(lab.dir.join("options-message.xml"), SIPP_OPTIONS_MESSAGE).expect("scenario");
+    fs::write(lab.dir.join("register.xml"), SIPP_REGISTER).expect("scenario");
+    let mut classifier = lab.attach().expect("classifier attached");
 
-    let mut classifier = attach(&lab);
     // A forged segment from the stranger's 5061 to an Edge ephemeral port never reaches it (sent
     // before the stranger's Kamailio holds the port).
     {
         let listeners = Listeners::start(&lab.edge, &[40000], &[]).expect("edge listener");
-        let n = Counters { c: &classifier };
-        let ne = n.reason(reason::DROP_NOT_ESTABLISHED);
+        let n = Counters(&classifier);
+        let ne = n.reason(EXT, reason::DROP_NOT_ESTABLISHED);
         let x = tcp_exchange(
-            &lab.remote,
-            SocketAddr::new(CLIENT_V4, 5061),
-            SocketAddr::new(EDGE_EXT_V4, 40000),
+            &lab.stranger,
+            SocketAddr::new(STRANGER, 5061),
+            SocketAddr::new(EDGE, 40000),
             Duration::from_millis(500),
         )
         .expect("forged");
         assert!(!x.connected, "a forged 5061 reply connected");
         assert!(
-            n.reason(reason::DROP_NOT_ESTABLISHED) > ne,
-            "not_established"
+            n.reason(EXT, reason::DROP_NOT_ESTABLISHED) > ne,
+            "the forged 5061 segment counts as not_established"
         );
         assert!(listeners.tcp(40000).connections.is_empty());
     }
 
-    let edge = kamailio(&s, &lab.edge, &resolv, "edge", EDGE, EDGE_LOOP);
-    let partner = kamailio(&s, &lab.remote, &resolv, "partner", PARTNER, PARTNER_LOOP);
-    let stranger = kamailio(
-        &s,
-        &lab.remote,
-        &resolv,
-        "stranger",
-        STRANGER,
-        STRANGER_LOOP,
-    );
+    let edge = kamailio(&lab, &lab.edge, "edge", EDGE);
+    let partner = kamailio(&lab, &lab.partner, "partner", PARTNER);
+    let stranger = kamailio(&lab, &lab.stranger, "stranger", STRANGER);
     let logs = || {
         format!(
             "--- edge\n{}\n--- partner\n{}\n--- stranger\n{}\n--- dnsmasq\n{}",
-            edge.log(),
-            partner.log(),
-            stranger.log(),
-            dns.log()
+            edge.printed(),
+            partner.printed(),
+            stranger.printed(),
+            lab.dns_log()
         )
     };
 
-    // Both ways with the partner, and the Edge to the stranger, each checked against its rule.
+    // Both ways with the partner, and the Edge to the stranger, each counted by its rule alone.
+    let stranger_uri = STRANGER.to_string();
     let exchange = |c: &Classifier, what: &str| {
-        let n = Counters { c };
-        let before = |ids: &[&str]| ids.iter().map(|id| n.rule(id)).collect::<Vec<_>>();
+        let n = Counters(c);
         let ids = [
             "public-im-sip-out",
             "public-im-sip-in",
             "sip-federation-out",
         ];
-        for (ns, port, service, rule) in [
-            (&lab.edge, EDGE_LOOP, "partner.example", "public-im-sip-out"),
-            (
-                &lab.remote,
-                PARTNER_LOOP,
-                "edge.example",
-                "public-im-sip-in",
-            ),
-            (
-                &lab.edge,
-                EDGE_LOOP,
-                "stranger.example",
-                "sip-federation-out",
-            ),
+        let now = || ids.iter().map(|id| n.rule(EXT, id)).collect::<Vec<_>>();
+        for (ns, service, rule) in [
+            (&lab.edge, peers::PARTNER_DOMAIN, "public-im-sip-out"),
+            (&lab.partner, peers::EDGE_DOMAIN, "public-im-sip-in"),
+            (&lab.edge, stranger_uri.as_str(), "sip-federation-out"),
         ] {
             // Delayed ACKs of the exchange before land first.
             std::thread::sleep(Duration::from_millis(300));
-            let b = before(&ids);
-            if let Err(e) = sipp(&s, ns, "options-message.xml", port, service, SIP) {
+            let b = now();
+            if let Err(e) = sipp(&lab, ns, "options-message.xml", service) {
                 panic!("{what}: OPTIONS+MESSAGE to {service}: {e}\n{}", logs());
             }
             std::thread::sleep(Duration::from_millis(300));
-            let a = before(&ids);
+            let a = now();
             for (j, id) in ids.iter().enumerate() {
                 if *id == rule {
                     assert!(a[j] > b[j], "{what}: {service}: rule {rule} did not count");
@@ -648,53 +402,74 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
         }
     };
     exchange(&classifier, "first");
+    assert!(
+        lab.dns_log()
+            .contains("_sipfederationtls._tcp.partner.example"),
+        "the Edge asked for the partner's SRV record:\n{}",
+        lab.dns_log()
+    );
+    assert!(
+        edge.printed().contains(&format!(
+            "relaying OPTIONS to sip:{}:5061;transport=tls",
+            peers::PARTNER_SIP_HOST
+        )),
+        "{}",
+        edge.printed()
+    );
 
-    // The stranger: its Kamailio cannot reach the Edge's 5061 (P1 is for partners).
+    // The stranger: its Kamailio finds the Edge through SRV but cannot reach its 5061 (P1 is
+    // for partners).
     {
-        let n = Counters { c: &classifier };
-        let (p1, no_rule) = (n.rule("public-im-sip-in"), n.reason(reason::DROP_NO_RULE));
+        let n = Counters(&classifier);
+        let (p1, no_rule) = (
+            n.rule(EXT, "public-im-sip-in"),
+            n.reason(EXT, reason::DROP_NO_RULE),
+        );
         let r = sipp(
-            &s,
-            &lab.remote,
+            &lab,
+            &lab.stranger,
             "options-message.xml",
-            STRANGER_LOOP,
-            "edge.example",
-            SIP,
+            peers::EDGE_DOMAIN,
         );
         assert!(r.is_err(), "the stranger's OPTIONS reached the Edge");
-        assert_eq!(n.rule("public-im-sip-in"), p1, "P1 counted the stranger");
+        assert_eq!(
+            n.rule(EXT, "public-im-sip-in"),
+            p1,
+            "P1 counted the stranger"
+        );
         assert!(
-            n.reason(reason::DROP_NO_RULE) > no_rule,
+            n.reason(EXT, reason::DROP_NO_RULE) > no_rule,
             "the stranger's SYNs to 5061 count as no_rule"
         );
         assert!(
-            stranger
-                .log()
-                .contains("relaying OPTIONS to sip:sip.edge.example:5061"),
+            stranger.printed().contains(&format!(
+                "relaying OPTIONS to sip:{}:5061",
+                peers::EDGE_SIP_HOST
+            )),
             "the stranger tried through SRV:\n{}",
-            stranger.log()
+            stranger.printed()
         );
         assert!(
-            !edge.log().contains(&format!("from tls:{STRANGER}")),
+            !edge.printed().contains(&format!("from tls:{STRANGER}:")),
             "the Edge's Kamailio saw the stranger:\n{}",
-            edge.log()
+            edge.printed()
         );
     }
 
     // P3: a REGISTER over TLS from the stranger to the Edge's 443.
     {
-        let n = Counters { c: &classifier };
-        let p3 = n.rule("client-sip-tls-in");
-        if let Err(e) = sipp(&s, &lab.remote, "register.xml", STRANGER_LOOP, EDGE, SIP) {
+        let n = Counters(&classifier);
+        let p3 = n.rule(EXT, "client-sip-tls-in");
+        if let Err(e) = sipp(&lab, &lab.stranger, "register.xml", &EDGE.to_string()) {
             panic!("P3: REGISTER to {EDGE}:443: {e}\n{}", logs());
         }
-        assert!(n.rule("client-sip-tls-in") > p3, "P3 counted");
+        assert!(n.rule(EXT, "client-sip-tls-in") > p3, "P3 counted");
         assert!(
-            edge.log().contains(&format!(
+            edge.printed().contains(&format!(
                 "request REGISTER sip:{EDGE}:443 from tls:{STRANGER}"
             )),
             "{}",
-            edge.log()
+            edge.printed()
         );
     }
 
@@ -705,11 +480,11 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     // Detached and attached again: a fresh flow table that knows none of the connections the
     // Edge's Kamailio holds.
     drop(classifier);
-    let classifier = attach(&lab);
+    let classifier = lab.attach().expect("classifier attached again");
     exchange(&classifier, "after detach and re-attach");
 
     drop(classifier);
-    drop((edge, partner, stranger, dns));
+    drop((edge, partner, stranger));
     assert!(
         started.elapsed() < Duration::from_secs(120),
         "took {:?}",

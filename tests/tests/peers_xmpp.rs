@@ -512,3 +512,152 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
 }
 
 const MESSAGE: Duration = Duration::from_secs(20);
+
+/// A TLS client with an optional client certificate: sends `ping`, expects the server's `-rev`
+/// answer `gnip`. Prints `GOT …` or `FAILED …`; exits 0 only on the right answer.
+const TLS_CLIENT_PY: &str = r#"
+import socket, ssl, sys
+host, port, ca, cert, key = sys.argv[1:6]
+ctx = ssl.create_default_context(cafile=ca)
+if cert != "-":
+    ctx.load_cert_chain(cert, key)
+try:
+    with socket.create_connection((host, int(port)), timeout=3) as s:
+        with ctx.wrap_socket(s, server_hostname=host) as t:
+            t.settimeout(3)
+            t.sendall(b"ping\n")
+            data = t.recv(100)
+            print("GOT", data.decode(errors="replace").strip(), flush=True)
+            sys.exit(0 if data.strip() == b"gnip" else 1)
+except Exception as e:
+    print("FAILED", type(e).__name__, e, flush=True)
+    sys.exit(1)
+"#;
+
+#[test]
+fn x3_tls_with_client_certificates_from_the_front_end_only() {
+    let lab = PeerLab::create("x3").expect("peer lab");
+    let server = lab
+        .cert(
+            "edge-internal",
+            &["edge.example"],
+            &[IpAddr::V4(peers::EDGE_INT), IpAddr::V4(peers::EDGE_EXT)],
+        )
+        .expect("server certificate");
+    let fe = lab
+        .cert("fe", &["fe.edge.example"], &[IpAddr::V4(peers::FE)])
+        .expect("Front End certificate");
+    let stranger = lab
+        .cert(
+            "stranger",
+            &["stranger.example"],
+            &[IpAddr::V4(peers::STRANGER)],
+        )
+        .expect("stranger certificate");
+    let script = lab.dir.join("tls_client.py");
+    std::fs::write(&script, TLS_CLIENT_PY).expect("client script");
+    let ca = lab.ca.to_str().expect("utf-8");
+    // openssl s_server on every address of the Edge, so that what keeps the Internet side out
+    // is the classifier (the X3 row is the internal NIC's), not the socket.
+    let _s_server = lab
+        .spawn(
+            &lab.edge,
+            "s_server",
+            "openssl",
+            &[
+                "s_server",
+                "-accept",
+                "23456",
+                "-4",
+                "-cert",
+                server.cert.to_str().expect("utf-8"),
+                "-key",
+                server.key.to_str().expect("utf-8"),
+                "-CAfile",
+                ca,
+                "-Verify",
+                "1",
+                "-verify_return_error",
+                "-rev",
+            ],
+        )
+        .expect("openssl s_server");
+    let listening = wait_for(Duration::from_secs(10), || {
+        lab.run_ok(&lab.edge, Duration::from_secs(5), "ss", &["-Htln"])
+            .ok()?
+            .contains(":23456")
+            .then_some(())
+    });
+    assert!(listening.is_some(), "s_server did not listen");
+    let tls = |ns: &str, to: Ipv4Addr, cert: Option<&peers::Cert>| -> (bool, String) {
+        let (c, k) = cert.map_or(("-".into(), "-".into()), |c| {
+            (c.cert.display().to_string(), c.key.display().to_string())
+        });
+        let out = lab
+            .run(
+                ns,
+                Duration::from_secs(10),
+                PYTHON,
+                &[
+                    script.to_str().expect("utf-8"),
+                    &to.to_string(),
+                    "23456",
+                    ca,
+                    &c,
+                    &k,
+                ],
+            )
+            .expect("tls client");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+
+    // Without the classifier the stranger gets an answer on both addresses (the Internet routes
+    // the internal subnet to the Edge): the control.
+    for to in [peers::EDGE_EXT, peers::EDGE_INT] {
+        let (ok, out) = tls(&lab.stranger, to, Some(&stranger));
+        assert!(
+            ok,
+            "control, no classifier: the stranger reaches {to}:23456: {out}"
+        );
+    }
+
+    let classifier = lab
+        .attach()
+        .expect("classifier attached in the edge namespace");
+    let c = Counters(&classifier);
+    let x3 = c.rule(peers::INT, "xmpp-gateway-internal-in");
+    let no_rule = c.reason(EXT, reason::DROP_NO_RULE);
+
+    let (ok, out) = tls(&lab.fe, peers::EDGE_INT, Some(&fe));
+    assert!(ok, "the Front End with its certificate: {out}");
+    assert!(
+        c.rule(peers::INT, "xmpp-gateway-internal-in") > x3,
+        "X3 counted the Front End's connection"
+    );
+    // The server really asks for a certificate: without one the handshake fails.
+    let (ok, out) = tls(&lab.fe, peers::EDGE_INT, None);
+    assert!(
+        !ok,
+        "the Front End without a client certificate got through: {out}"
+    );
+
+    for to in [peers::EDGE_EXT, peers::EDGE_INT] {
+        let (ok, out) = tls(&lab.stranger, to, Some(&stranger));
+        assert!(!ok, "the stranger reached {to}:23456 through ext0: {out}");
+        assert!(
+            out.contains("timed out") || out.contains("Timeout"),
+            "the stranger's connection to {to} was dropped, not refused: {out}"
+        );
+    }
+    assert!(
+        c.reason(EXT, reason::DROP_NO_RULE) > no_rule,
+        "the stranger's SYNs counted as no_rule on ext0"
+    );
+}

@@ -167,6 +167,21 @@ VirtualHost "{domain}"
         );
     }
 
+    /// Killed with -9 and started again with the same config and data.
+    fn restart(&mut self, lab: &PeerLab, ns: &str) {
+        self.daemon.kill();
+        let cfg = self.config.to_str().expect("utf-8").to_string();
+        self.daemon = lab
+            .spawn(
+                ns,
+                &self.daemon.name.clone(),
+                "prosody",
+                &["-F", "--config", &cfg],
+            )
+            .expect("start prosody again");
+        self.wait_listening(lab, ns);
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -315,8 +330,8 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
     let xmpp = Xmpp { lab: &lab, script };
 
     let tap = Tap::open(&lab.edge, EXT).expect("tap ext0").record();
-    let edge_prosody = Prosody::start(&lab, &lab.edge, "edge.example", peers::EDGE_EXT);
-    let partner_prosody = Prosody::start(&lab, &lab.partner, "partner.example", peers::PARTNER);
+    let mut edge_prosody = Prosody::start(&lab, &lab.edge, "edge.example", peers::EDGE_EXT);
+    let mut partner_prosody = Prosody::start(&lab, &lab.partner, "partner.example", peers::PARTNER);
     let bob_partner = xmpp.receiver(&lab.partner, "bob@partner.example");
     let bob_edge = xmpp.receiver(&lab.edge, "bob@edge.example");
 
@@ -470,10 +485,11 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
         MESSAGE
     ));
 
-    // The classifier dropped (detached, its flows gone) and attached afresh: the stand-in for a
-    // daemon killed and started again.
-    drop(classifier);
-    let classifier = lab.attach().expect("attached again");
+    // Prosody's own reconnects through the reloaded classifier: the Edge's Prosody killed (-9)
+    // and started again. Its s2s connections die with it; the new Edge opens a new X2 flow and
+    // the partner, whose connection to the Edge was closed under it, connects anew (X1).
+    edge_prosody.restart(&lab, &lab.edge);
+    let bob_edge = xmpp.receiver(&lab.edge, "bob@edge.example");
     xmpp.send(
         &lab.edge,
         "alice@edge.example",
@@ -493,22 +509,214 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
             "edge-to-partner-3",
             MESSAGE
         ),
-        "edge -> partner after re-attach\n{}",
+        "edge -> partner after the Edge's Prosody restarted\n{}",
         edge_prosody.log_text()
     );
+    assert!(
+        delivered(
+            &bob_edge,
+            "alice@partner.example",
+            "partner-to-edge-3",
+            MESSAGE
+        ),
+        "partner -> edge after the Edge's Prosody restarted\n{}",
+        partner_prosody.log_text()
+    );
+
+    // The classifier as the daemon runs it: this process's copy detached (its flows gone),
+    // `edge-classifier run` started in the edge namespace, killed with -9 while the s2s
+    // connections are up (the pinned programs keep the NICs protected), started again (it
+    // adopts the pins and flows): messages pass at each step, with no manual step.
+    drop(classifier);
+    let daemon = EdgeDaemon::new(&lab);
+    let mut run = daemon.start();
+    xmpp.send(
+        &lab.edge,
+        "alice@edge.example",
+        "bob@partner.example",
+        "edge-to-partner-4",
+    );
+    xmpp.send(
+        &lab.partner,
+        "alice@partner.example",
+        "bob@edge.example",
+        "partner-to-edge-4",
+    );
+    assert!(delivered(
+        &bob_partner,
+        "alice@edge.example",
+        "edge-to-partner-4",
+        MESSAGE
+    ));
     assert!(delivered(
         &bob_edge,
         "alice@partner.example",
-        "partner-to-edge-3",
+        "partner-to-edge-4",
         MESSAGE
     ));
-    let c = Counters(&classifier);
-    eprintln!(
-        "after re-attach: X1 {} X2 {} not_established {}",
-        c.rule(EXT, "xmpp-federation-in"),
-        c.rule(EXT, "xmpp-federation-out"),
-        c.reason(EXT, reason::DROP_NOT_ESTABLISHED)
+    run.kill();
+    assert!(
+        peers::xdp_attached(&lab.edge, EXT),
+        "ext0 lost its XDP program when the daemon was killed"
     );
+    xmpp.send(
+        &lab.edge,
+        "alice@edge.example",
+        "bob@partner.example",
+        "edge-to-partner-5",
+    );
+    assert!(
+        delivered(
+            &bob_partner,
+            "alice@edge.example",
+            "edge-to-partner-5",
+            MESSAGE
+        ),
+        "edge -> partner while the daemon is dead (pinned programs)"
+    );
+    let _run = daemon.start();
+    // The partner's Prosody killed and started too: a new X1 connection through the restarted
+    // daemon, and the Edge's outbound connection to the old partner replaced.
+    partner_prosody.restart(&lab, &lab.partner);
+    let bob_partner = xmpp.receiver(&lab.partner, "bob@partner.example");
+    xmpp.send(
+        &lab.partner,
+        "alice@partner.example",
+        "bob@edge.example",
+        "partner-to-edge-6",
+    );
+    xmpp.send(
+        &lab.edge,
+        "alice@edge.example",
+        "bob@partner.example",
+        "edge-to-partner-6",
+    );
+    assert!(
+        delivered(
+            &bob_edge,
+            "alice@partner.example",
+            "partner-to-edge-6",
+            MESSAGE
+        ),
+        "partner -> edge after the daemon's restart\n{}",
+        partner_prosody.log_text()
+    );
+    assert!(
+        delivered(
+            &bob_partner,
+            "alice@edge.example",
+            "edge-to-partner-6",
+            MESSAGE
+        ),
+        "edge -> partner after the daemon's restart\n{}",
+        edge_prosody.log_text()
+    );
+    let table = daemon.stats();
+    eprintln!("daemon's counters at the end:\n{table}");
+    let packets = |id: &str| -> u64 {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(6)?.parse().ok())
+            .unwrap_or_else(|| panic!("no counters for {id} in:\n{table}"))
+    };
+    assert!(packets("xmpp-federation-in") > 0 && packets("xmpp-federation-out") > 0);
+    assert!(
+        !table.contains("not_established"),
+        "the daemon dropped s2s segments as not established:\n{table}"
+    );
+}
+
+/// `edge-classifier run` for the peer lab's Edge: an instance of this process's own, the lab's
+/// catalogue in a file, ext0 external and int0 internal; `stop` on drop.
+struct EdgeDaemon<'a> {
+    lab: &'a PeerLab,
+    instance: String,
+    catalogue: PathBuf,
+}
+
+impl<'a> EdgeDaemon<'a> {
+    fn new(lab: &'a PeerLab) -> EdgeDaemon<'a> {
+        let catalogue = lab.dir.join("edge.toml");
+        std::fs::write(&catalogue, PeerLab::catalogue_text()).expect("catalogue file");
+        EdgeDaemon {
+            lab,
+            instance: format!("peers-xmpp-{}", std::process::id()),
+            catalogue,
+        }
+    }
+
+    /// Started, once it printed `ready`.
+    fn start(&self) -> Daemon {
+        let mut d = self
+            .lab
+            .spawn(
+                &self.lab.edge,
+                "edge-classifier",
+                edge_classifier_bin(),
+                &[
+                    "run",
+                    "--instance",
+                    &self.instance,
+                    "--catalogue",
+                    self.catalogue.to_str().expect("utf-8"),
+                    "--iface",
+                    "ext0=external",
+                    "--iface",
+                    "int0=internal",
+                    "--metrics",
+                    "127.0.0.1:9477",
+                ],
+            )
+            .expect("start edge-classifier");
+        let ready = wait_for(Duration::from_secs(60), || {
+            d.printed().lines().any(|l| l == "ready").then_some(())
+        });
+        assert!(
+            ready.is_some() && d.alive(),
+            "edge-classifier run did not get ready: {}",
+            d.printed()
+        );
+        d
+    }
+
+    /// `edge-classifier stats` of the instance (its per-rule table).
+    fn stats(&self) -> String {
+        let out = std::process::Command::new(edge_classifier_bin())
+            .args(["stats", "--instance", &self.instance])
+            .output()
+            .expect("edge-classifier stats");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+impl Drop for EdgeDaemon<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(edge_classifier_bin())
+            .args(["stop", "--instance", &self.instance])
+            .output();
+    }
+}
+
+/// The daemon binary cargo built next to this test (`target/debug/edge-classifier`; `cargo
+/// test` of the workspace builds it, since edge-classifier's own tests run it).
+fn edge_classifier_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/debug")
+        .join("edge-classifier");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p edge-classifier`",
+        bin.display()
+    );
+    bin
 }
 
 const MESSAGE: Duration = Duration::from_secs(20);

@@ -620,3 +620,8 @@ mod classifier {
 
 #[cfg(feature = "classifier")]
 pub use classifier::Counters;
+
+/// Whether `dev` in `ns` has an XDP program attached.
+pub fn xdp_attached(ns: &str, dev: &str) -> bool {
+    crate::xdp_prog(ns, dev).is_some()
+}

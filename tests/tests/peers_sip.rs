@@ -18,7 +18,8 @@
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -327,6 +328,116 @@ fn reload(c: &mut Classifier) {
 /// How long sipp waits for each answer.
 const SIP: Duration = Duration::from_secs(8);
 
+/// The `edge-classifier` binary next to this test's (built by `cargo test --workspace`), built
+/// here when missing.
+fn daemon_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("edge-classifier");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "edge-classifier", "--bin", "edge-classifier"])
+            .status()
+            .expect("cargo build");
+        assert!(st.success(), "building edge-classifier");
+    }
+    bin
+}
+
+/// An instance of the real daemon in the edge namespace, stopped (detached, pins removed) on
+/// drop.
+struct Instance<'a> {
+    lab: &'a PeerLab,
+    bin: PathBuf,
+    name: String,
+}
+
+impl Instance<'_> {
+    /// `edge-classifier run` on ext0 and int0, once it printed that it started (or adopted the
+    /// pinned programs of a daemon before it).
+    fn run(&self, catalogue: &Path, log: &str) -> Daemon {
+        let mut d = self
+            .lab
+            .spawn(
+                &self.lab.edge,
+                log,
+                &self.bin,
+                &[
+                    "run",
+                    "--catalogue",
+                    &catalogue.display().to_string(),
+                    "--iface",
+                    "ext0=external",
+                    "--iface",
+                    "int0=internal",
+                    "--instance",
+                    &self.name,
+                    "--metrics",
+                    "127.0.0.1:9477",
+                ],
+            )
+            .expect("edge-classifier run");
+        let up = wait_for(Duration::from_secs(15), || {
+            if !d.alive() {
+                return Some(false);
+            }
+            let out = d.printed();
+            (out.contains("started instance") || out.contains("adopted instance")).then_some(true)
+        });
+        assert_eq!(up, Some(true), "the daemon did not start:\n{}", d.printed());
+        d
+    }
+
+    /// `edge-classifier ARGS --instance NAME` in the edge namespace, which must succeed.
+    fn cli(&self, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend(["--instance", &self.name]);
+        let o = self
+            .lab
+            .command(&self.lab.edge, &self.bin)
+            .args(&all)
+            .output()
+            .expect("edge-classifier");
+        assert!(
+            o.status.success(),
+            "edge-classifier {}: {}{}",
+            all.join(" "),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Packets of rule `id` on ext0, from `edge-classifier stats --instance` (the pinned maps).
+    fn rule(&self, id: &str) -> u64 {
+        let out = self.cli(&["stats"]);
+        out.lines()
+            .find_map(|l| {
+                let t: Vec<&str> = l.split_whitespace().collect();
+                if t.first() != Some(&id) {
+                    return None;
+                }
+                let at = t.iter().position(|x| *x == EXT)?;
+                t.get(at + 1)?.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no counter of {id} on {EXT} in:\n{out}"))
+    }
+}
+
+impl Drop for Instance<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .lab
+            .command(&self.lab.edge, &self.bin)
+            .args(["stop", "--instance", &self.name])
+            .output();
+    }
+}
+
 #[test]
 fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     let started = Instant::now();
@@ -371,14 +482,13 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
 
     // Both ways with the partner, and the Edge to the stranger, each counted by its rule alone.
     let stranger_uri = STRANGER.to_string();
-    let exchange = |c: &Classifier, what: &str| {
-        let n = Counters(c);
+    let exchange = |rule_count: &dyn Fn(&str) -> u64, what: &str| {
         let ids = [
             "public-im-sip-out",
             "public-im-sip-in",
             "sip-federation-out",
         ];
-        let now = || ids.iter().map(|id| n.rule(EXT, id)).collect::<Vec<_>>();
+        let now = || ids.iter().map(|id| rule_count(id)).collect::<Vec<_>>();
         for (ns, service, rule) in [
             (&lab.edge, peers::PARTNER_DOMAIN, "public-im-sip-out"),
             (&lab.partner, peers::EDGE_DOMAIN, "public-im-sip-in"),
@@ -401,7 +511,7 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
             }
         }
     };
-    exchange(&classifier, "first");
+    exchange(&|id| Counters(&classifier).rule(EXT, id), "first");
     assert!(
         lab.dns_log()
             .contains("_sipfederationtls._tcp.partner.example"),
@@ -475,15 +585,45 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
 
     // A reload: the Kamailios' next requests (on the TLS connections they hold) go through.
     reload(&mut classifier);
-    exchange(&classifier, "after a reload");
+    exchange(&|id| Counters(&classifier).rule(EXT, id), "after a reload");
 
     // Detached and attached again: a fresh flow table that knows none of the connections the
     // Edge's Kamailio holds.
     drop(classifier);
     let classifier = lab.attach().expect("classifier attached again");
-    exchange(&classifier, "after detach and re-attach");
-
+    exchange(
+        &|id| Counters(&classifier).rule(EXT, id),
+        "after detach and re-attach",
+    );
     drop(classifier);
+
+    // The real daemon: started, reloaded with `edge-classifier reload`, killed -9 (the pinned
+    // programs stay), started again (it adopts them); Kamailio's next requests pass each time.
+    let bin = daemon_binary();
+    let instance = Instance {
+        lab: &lab,
+        bin: bin.clone(),
+        name: format!("peers-sip-{}", std::process::id()),
+    };
+    let catalogue = lab.dir.join("edge.toml");
+    fs::write(&catalogue, PeerLab::catalogue_text()).expect("catalogue");
+    let mut daemon = instance.run(&catalogue, "daemon-1");
+    let stats = |id: &str| instance.rule(id);
+    exchange(&stats, "under the daemon");
+    let edited = lab.dir.join("edge-reloaded.toml");
+    fs::write(
+        &edited,
+        PeerLab::catalogue_text().replacen("udp_idle = 180", "udp_idle = 170", 1),
+    )
+    .expect("catalogue");
+    instance.cli(&["reload", "--catalogue", &edited.display().to_string()]);
+    exchange(&stats, "after `edge-classifier reload`");
+    daemon.kill();
+    exchange(&stats, "with the daemon killed -9");
+    let daemon = instance.run(&edited, "daemon-2");
+    exchange(&stats, "after the daemon restarted");
+    drop(daemon);
+    drop(instance);
     drop((edge, partner, stranger));
     assert!(
         started.elapsed() < Duration::from_secs(120),

@@ -332,7 +332,8 @@ const SIP: Duration = Duration::from_secs(8);
 fn sip_frames(seen: &Recorded, id: &str) -> (u64, u64) {
     let sip = |a: &SocketAddr, ip: IpAddr| a.ip() == ip && a.port() == 5061;
     let remote = |a: &SocketAddr, ip: IpAddr| a.ip() == ip;
-    let (r, s): (Box<dyn Fn(&Tuple) -> bool>, Box<dyn Fn(&Tuple) -> bool>) = match id {
+    type Pred = Box<dyn Fn(&Tuple) -> bool>;
+    let (r, s): (Pred, Pred) = match id {
         "public-im-sip-out" => (
             Box::new(|t| sip(&t.src, PARTNER)),
             Box::new(|t| sip(&t.dst, PARTNER)),

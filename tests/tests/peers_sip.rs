@@ -332,7 +332,7 @@ const SIP: Duration = Duration::from_secs(8);
 fn sip_frames(seen: &Recorded, id: &str) -> (u64, u64) {
     let sip = |a: &SocketAddr, ip: IpAddr| a.ip() == ip && a.port() == 5061;
     let remote = |a: &SocketAddr, ip: IpAddr| a.ip() == ip;
-    type Pred = Box<dyn Fn(&Tuple) -> bool>;
+    type Pred<'a> = Box<dyn Fn(&Tuple) -> bool + 'a>;
     let (r, s): (Pred, Pred) = match id {
         "public-im-sip-out" => (
             Box::new(|t| sip(&t.src, PARTNER)),

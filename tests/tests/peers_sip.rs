@@ -1,19 +1,23 @@
-//! Issue 17, rows S1/P1/P2, P3, P5/P6 and P4 with the real programs an Edge talks to, through the
-//! classifier attached to the lab's edge host (seed catalogue on the lab's addresses):
+//! Issue 17, rows S1/P1/P2 and P3 with the real programs an Edge talks to, through the
+//! classifier attached to the peer lab's Edge (`edge_classifier_lab::peers`: the seed profile on
+//! the lab's addresses, the lab's test CA and the partner's dnsmasq):
 //!
-//! - Kamailio with its TLS module on the Edge (`tls:198.51.100.10:5061`, mutual TLS with a test
-//!   CA made by openssl at test time, and `tls:198.51.100.10:443` for clients), a second
-//!   Kamailio on the partner (`203.0.113.5:5061`) and a third on the non-partner Internet host
-//!   (`198.51.100.1:5061`). Each forwards what `sipp` hands it on its loopback to the domain in
-//!   the request URI, found through `_sipfederationtls._tcp.<domain>` (ipops `srv_query`) asked
-//!   of a dnsmasq on the remote host, and answers OPTIONS, MESSAGE and REGISTER for its own
-//!   domain itself.
-//! - coturn (`turnserver`) on the Edge and on the remote host, asked by `turnutils_stunclient`.
-//! - socat opening TCP from the Edge's media range (P4).
+//! - Kamailio with its TLS module on the Edge (`tls:198.51.100.10:5061`, mutual TLS: each side
+//!   requires and verifies the other's certificate; and `tls:198.51.100.10:443` for clients, no
+//!   client certificate), a second Kamailio on the partner (`203.0.113.5:5061`) and a third on
+//!   the stranger (`198.18.0.77:5061`). Each forwards what `sipp` hands it on its loopback (UDP:
+//!   Debian's sipp is built without TLS) to the domain of the request URI, found through
+//!   `_sipfederationtls._tcp.<domain>` (ipops `srv_query`, the lab's resolv.conf), or to an
+//!   address as given; it answers OPTIONS, MESSAGE and REGISTER for its own domain itself.
+//! - OPTIONS and MESSAGE both ways with the partner (P2 out, P1 in) and from the Edge to the
+//!   stranger (S1); the stranger's Kamailio finds the Edge through SRV and cannot reach it (P1 is
+//!   for partners); a forged segment from the stranger's 5061 never reaches the Edge.
+//! - P3: baresip on the stranger registers to the Edge's 443 over TLS.
+//! - Each exchange's rule counter is checked against a tap on ext0, and the exchanges are
+//!   repeated after a reload, after a detach and re-attach, and under the real daemon (after
+//!   `edge-classifier reload`, while it is killed -9, after it restarted).
 //!
-//! Every process runs inside the lab's namespaces (programs that resolve names in a private
-//! mount namespace with the lab's resolv.conf bound over /etc/resolv.conf) and is killed with its
-//! process group on drop.
+//! The media rows (P4, P5, P6) are in `peers_media.rs`.
 
 use std::{
     fs,
@@ -101,9 +105,7 @@ request_route {
         exit;
     }
     if ($si != "127.0.0.1") { sl_send_reply("403", "Not Relaying"); exit; }
-    if ($rp == 443) {
-        $du = "sip:" + $rd + ":443;transport=tls";
-    } else if (is_ip("$rd")) {
+    if (is_ip("$rd")) {
         $du = "sip:" + $rd + ":5061;transport=tls";
     } else {
         $var(srv) = "_sipfederationtls._tcp." + $rd;
@@ -176,26 +178,6 @@ Content-Type: text/plain
 Content-Length: [len]
 
 hello over federation
-]]></send>
-<recv response="200"/>
-</scenario>
-"#;
-
-/// A REGISTER of carol@[service] to [service]:443, expecting 200.
-const SIPP_REGISTER: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="REGISTER">
-<send retrans="500"><![CDATA[
-REGISTER sip:[service]:443 SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:carol@[service]>;tag=[pid]SIPpTag00[call_number]
-To: <sip:carol@[service]>
-Call-ID: [call_id]
-CSeq: 1 REGISTER
-Contact: <sip:carol@[local_ip]:[local_port]>
-Expires: 300
-Max-Forwards: 70
-Content-Length: [len]
-
 ]]></send>
 <recv response="200"/>
 </scenario>
@@ -306,6 +288,47 @@ fn sipp(lab: &PeerLab, ns: &str, scenario: &str, service: &str) -> Result<(), St
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         ))
+    }
+}
+
+/// baresip on the stranger registering carol@EDGE over TLS to the Edge's 443 (checking the
+/// Edge's certificate against the lab's CA), quitting after two seconds: its line for the
+/// registration's answer when it is a 200.
+fn baresip_register(lab: &PeerLab) -> Result<String, String> {
+    let dir = lab.subdir("baresip").expect("dir");
+    fs::write(
+        dir.join("config"),
+        format!(
+            "sip_listen {STRANGER}:0\nsip_cafile {}\nmodule_path /usr/lib/baresip/modules\n\
+             module account.so\nmodule g711.so\nmodule menu.so\n",
+            lab.ca.display()
+        ),
+    )
+    .expect("baresip config");
+    fs::write(
+        dir.join("accounts"),
+        format!(
+            "<sip:carol@{EDGE};transport=tls>;outbound=\"sip:{EDGE}:443;transport=tls\";\
+             regint=300\n"
+        ),
+    )
+    .expect("baresip accounts");
+    let o = lab
+        .run(
+            &lab.stranger,
+            Duration::from_secs(8),
+            "baresip",
+            &["-f", &dir.display().to_string(), "-t", "2"],
+        )
+        .expect("baresip");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    match out.lines().find(|l| l.contains("{0/TLS/v4} 200 OK")) {
+        Some(l) => Ok(l.to_string()),
+        None => Err(format!(
+            "{}: {out}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        )),
     }
 }
 
@@ -469,7 +492,6 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     let started = Instant::now();
     let lab = PeerLab::create("psip").expect("peer lab");
     fs::write(lab.dir.join("options-message.xml"), SIPP_OPTIONS_MESSAGE).expect("scenario");
-    fs::write(lab.dir.join("register.xml"), SIPP_REGISTER).expect("scenario");
     let mut classifier = lab.attach().expect("classifier attached");
 
     // A forged segment from the stranger's 5061 to an Edge ephemeral port never reaches it (sent
@@ -614,17 +636,16 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
         );
     }
 
-    // P3: a REGISTER over TLS from the stranger to the Edge's 443.
+    // P3: baresip on the stranger registers to the Edge over TLS on 443.
     {
         let n = Counters(&classifier);
         let p3 = n.rule(EXT, "client-sip-tls-in");
-        if let Err(e) = sipp(&lab, &lab.stranger, "register.xml", &EDGE.to_string()) {
-            panic!("P3: REGISTER to {EDGE}:443: {e}\n{}", logs());
-        }
-        assert!(n.rule(EXT, "client-sip-tls-in") > p3, "P3 counted");
+        let got = baresip_register(&lab)
+            .unwrap_or_else(|e| panic!("P3: baresip REGISTER to {EDGE}:443: {e}\n{}", logs()));
+        assert!(n.rule(EXT, "client-sip-tls-in") > p3, "P3 counted: {got}");
         assert!(
             edge.printed().contains(&format!(
-                "request REGISTER sip:{EDGE}:443 from tls:{STRANGER}"
+                "request REGISTER sip:{EDGE};transport=tls from tls:{STRANGER}"
             )),
             "{}",
             edge.printed()

@@ -30,7 +30,9 @@ const PACKAGES: &[&str] = &[
 
 /// The real federation peers of the peer tests (`tests/tests/peers_*.rs`, issue 17): Prosody
 /// (with the SQLite driver its storage may use, and lua-unbound, the resolver Debian recommends:
-/// without it Prosody falls back to its old built-in one and says so), Kamailio with its TLS module, sipp, coturn,
+/// without it Prosody falls back to its old built-in one and says so), Kamailio with its TLS
+/// module, sipp, baresip (the SIP/TLS client: Debian's sipp has no TLS), coturn, socat (P4's TCP
+/// from the media range),
 /// dnsmasq as the partner's DNS server, slixmpp for the XMPP clients, openssl for the test CA,
 /// and dig. Installed with the daemons kept from starting on this host ([`ensure_daemons`]).
 const PEER_PACKAGES: &[&str] = &[
@@ -40,7 +42,9 @@ const PEER_PACKAGES: &[&str] = &[
     "kamailio",
     "kamailio-tls-modules",
     "sip-tester",
+    "baresip-core",
     "coturn",
+    "socat",
     "dnsmasq",
     "python3-slixmpp",
     "openssl",

@@ -19,10 +19,13 @@ use std::{
 
 use edge_classifier_common::reason;
 use edge_classifier_lab::{
-    Listeners,
+    Listeners, Tap, Tuple, count,
     peers::{self, Counters, Daemon, EXT, PeerLab, wait_for},
     udp_send,
 };
+
+/// How long a tap is read after the last frame.
+const QUIET: Duration = Duration::from_millis(300);
 
 /// Waits until something listens on `proto`/`port` in `ns`.
 fn listening(lab: &PeerLab, ns: &str, udp: bool, port: u16, d: &mut Daemon) {
@@ -139,21 +142,51 @@ fn stun_with_coturn_both_ways_and_tcp_media_from_the_edge_range() {
     let stranger_turn = turnserver(&lab, &lab.stranger, "coturn-stranger", stranger_ip);
 
     // P6: the stranger asks the Edge's coturn.
+    let tap = Tap::open(&lab.edge, EXT).expect("tap").record();
     let p6 = c.rule(EXT, "messenger-stun-in");
     let got = stun(&lab, &lab.stranger, edge_ip)
         .unwrap_or_else(|e| panic!("P6: {e}\n{}", edge_turn.printed()));
     assert!(got.contains(&format!("{stranger_ip}:")), "P6: {got}");
-    let n = c.rule(EXT, "messenger-stun-in") - p6;
-    assert!(n >= 1, "P6 counted the request: {n}");
+    let seen = tap.finish(QUIET).expect("tap");
+    let to_3478 = |t: &Tuple| t.udp && t.dst == SocketAddr::new(edge_ip, 3478);
+    let (received, sent) = (
+        count(&seen.received, to_3478),
+        count(&seen.sent, |t| {
+            t.udp && t.src == SocketAddr::new(edge_ip, 3478)
+        }),
+    );
+    assert!(
+        received >= 1 && sent >= 1,
+        "P6 on the tap: {received} in, {sent} out"
+    );
+    // An inbound rule counts what XDP passed.
+    assert_eq!(
+        c.rule(EXT, "messenger-stun-in") - p6,
+        received,
+        "P6 counter vs the requests on the tap"
+    );
 
     // P5: the Edge asks the stranger's coturn.
+    let tap = Tap::open(&lab.edge, EXT).expect("tap").record();
     let p5 = c.rule(EXT, "messenger-stun-out");
     let got = stun(&lab, &lab.edge, stranger_ip)
         .unwrap_or_else(|e| panic!("P5: {e}\n{}", stranger_turn.printed()));
     assert!(got.contains(&format!("{edge_ip}:")), "P5: {got}");
+    let seen = tap.finish(QUIET).expect("tap");
+    let remote = SocketAddr::new(stranger_ip, 3478);
+    let (received, sent) = (
+        count(&seen.received, |t| t.udp && t.src == remote),
+        count(&seen.sent, |t| t.udp && t.dst == remote),
+    );
     assert!(
-        c.rule(EXT, "messenger-stun-out") > p5,
-        "P5 counted the answer"
+        received >= 1 && sent >= 1,
+        "P5 on the tap: {received} in, {sent} out"
+    );
+    // An outbound rule counts the requests TC egress let out and the answers XDP passed.
+    assert_eq!(
+        c.rule(EXT, "messenger-stun-out") - p5,
+        received + sent,
+        "P5 counter vs the tap"
     );
 
     // P4: socat from the Edge's media range to an echo on the stranger, the echo coming back.
@@ -169,6 +202,7 @@ fn stun_with_coturn_both_ways_and_tcp_media_from_the_edge_range() {
         )
         .expect("socat echo");
     listening(&lab, &lab.stranger, false, 7000, &mut echo);
+    let tap = Tap::open(&lab.edge, EXT).expect("tap").record();
     let p4 = c.rule(EXT, "messenger-rtp-tcp-out");
     for (round, port) in [50010u16, 50011].into_iter().enumerate() {
         let o = lab
@@ -190,10 +224,23 @@ fn stun_with_coturn_both_ways_and_tcp_media_from_the_edge_range() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+    let seen = tap.finish(QUIET).expect("tap");
+    let media = |a: &SocketAddr| a.ip() == edge_ip && (50010..=50011).contains(&a.port());
+    let remote = SocketAddr::new(stranger_ip, 7000);
+    let (received, sent) = (
+        count(&seen.received, |t| {
+            !t.udp && t.src == remote && media(&t.dst)
+        }),
+        count(&seen.sent, |t| !t.udp && t.dst == remote && media(&t.src)),
+    );
     assert!(
-        c.rule(EXT, "messenger-rtp-tcp-out") >= p4 + 4,
-        "P4 counted both connections: {}",
-        c.rule(EXT, "messenger-rtp-tcp-out") - p4
+        received >= 6 && sent >= 6,
+        "P4 on the tap: {received} in, {sent} out"
+    );
+    assert_eq!(
+        c.rule(EXT, "messenger-rtp-tcp-out") - p4,
+        received + sent,
+        "P4 counter vs the tap"
     );
 
     drop((echo, edge_turn, stranger_turn));

@@ -30,7 +30,7 @@ use std::{
 use edge_classifier::{compile::compile_with, loader::Classifier, maps::Holds};
 use edge_classifier_common::reason;
 use edge_classifier_lab::{
-    Listeners, Recorded, Tap, Tuple,
+    Listeners, RawSender, Recorded, Tap, Tuple, mac,
     peers::{self, Counters, Daemon, EXT, PeerLab, wait_for},
     tcp_exchange, tuple,
 };
@@ -614,6 +614,82 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
         "{}",
         edge.printed()
     );
+
+    // A segment forged by the stranger into the Edge's live TLS connection to the partner (its
+    // source the stranger's 5061, its destination the Edge's port of that connection) is
+    // dropped as not_established: the flow is keyed by the partner's address.
+    {
+        let log = partner.printed();
+        let marker = format!("from tls:{EDGE}:");
+        let port: u16 = log
+            .lines()
+            .find_map(|l| l.split(&marker).nth(1))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the Edge's port toward the partner in:\n{log}"));
+        let frame = |src: IpAddr| {
+            let IpAddr::V4(src) = src else {
+                unreachable!("the peer lab is IPv4")
+            };
+            let b = etherparse::PacketBuilder::ethernet2(
+                mac(&lab.wan, "to-edge").expect("mac"),
+                mac(&lab.edge, EXT).expect("mac"),
+            )
+            .ipv4(src.octets(), peers::EDGE_EXT.octets(), 64)
+            .tcp(5061, port, 1_000_000, 64240)
+            .ack(1)
+            .psh();
+            let payload = b"SIP/2.0 200 OK\r\n\r\n";
+            let mut f = Vec::with_capacity(b.size(payload.len()));
+            b.write(&mut f, payload).expect("frame");
+            f
+        };
+        let sender = RawSender::open(&lab.wan, "to-edge").expect("raw sender");
+        // The control: the same segment from the partner's address belongs to the flow and
+        // passes (the Edge's TCP answers its out-of-window sequence number with an ACK).
+        {
+            let n = Counters(&classifier);
+            let (ne, p2) = (
+                n.reason(EXT, reason::DROP_NOT_ESTABLISHED),
+                n.rule(EXT, "public-im-sip-out"),
+            );
+            let tap = Tap::open(&lab.edge, EXT).expect("tap").record();
+            sender.send(&frame(PARTNER)).expect("send");
+            std::thread::sleep(Duration::from_millis(200));
+            let seen = tap.finish(Duration::from_millis(50)).expect("tap");
+            assert_eq!(n.reason(EXT, reason::DROP_NOT_ESTABLISHED), ne);
+            assert!(
+                n.rule(EXT, "public-im-sip-out") > p2,
+                "the control passed as P2"
+            );
+            assert_eq!(
+                seen.received
+                    .iter()
+                    .filter_map(|f| tuple(f))
+                    .filter(|t| t.src == SocketAddr::new(PARTNER, 5061) && t.dst.port() == port)
+                    .count(),
+                1,
+                "the control reached the Edge"
+            );
+        }
+        let n = Counters(&classifier);
+        let ne = n.reason(EXT, reason::DROP_NOT_ESTABLISHED);
+        let tap = Tap::open(&lab.edge, EXT).expect("tap").record();
+        sender.send(&frame(STRANGER)).expect("send");
+        std::thread::sleep(Duration::from_millis(200));
+        let seen = tap.finish(Duration::from_millis(50)).expect("tap");
+        assert_eq!(
+            n.reason(EXT, reason::DROP_NOT_ESTABLISHED) - ne,
+            1,
+            "the forged segment into {EDGE}:{port} counts as not_established"
+        );
+        let stranger_frames = seen
+            .received
+            .iter()
+            .filter_map(|f| tuple(f))
+            .filter(|t| t.src.ip() == STRANGER)
+            .count();
+        assert_eq!(stranger_frames, 0, "the forged segment reached the Edge");
+    }
 
     // The stranger: its Kamailio finds the Edge through SRV but cannot reach its 5061 (P1 is
     // for partners).

@@ -536,13 +536,14 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
         assert!(listeners.tcp(40000).connections.is_empty());
     }
 
-    let edge = kamailio(&lab, &lab.edge, "edge", EDGE);
+    // In a cell: it is killed and started again below, while the closures here read its log.
+    let edge = std::cell::RefCell::new(kamailio(&lab, &lab.edge, "edge", EDGE));
     let partner = kamailio(&lab, &lab.partner, "partner", PARTNER);
     let stranger = kamailio(&lab, &lab.stranger, "stranger", STRANGER);
     let logs = || {
         format!(
             "--- edge\n{}\n--- partner\n{}\n--- stranger\n{}\n--- dnsmasq\n{}",
-            edge.printed(),
+            edge.borrow().printed(),
             partner.printed(),
             stranger.printed(),
             lab.dns_log()
@@ -607,12 +608,12 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
         lab.dns_log()
     );
     assert!(
-        edge.printed().contains(&format!(
+        edge.borrow().printed().contains(&format!(
             "relaying OPTIONS to sip:{}:5061;transport=tls",
             peers::PARTNER_SIP_HOST
         )),
         "{}",
-        edge.printed()
+        edge.borrow().printed()
     );
 
     // A segment forged by the stranger into the Edge's live TLS connection to the partner (its
@@ -724,9 +725,12 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
             stranger.printed()
         );
         assert!(
-            !edge.printed().contains(&format!("from tls:{STRANGER}:")),
+            !edge
+                .borrow()
+                .printed()
+                .contains(&format!("from tls:{STRANGER}:")),
             "the Edge's Kamailio saw the stranger:\n{}",
-            edge.printed()
+            edge.borrow().printed()
         );
     }
 
@@ -738,11 +742,11 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
             .unwrap_or_else(|e| panic!("P3: baresip REGISTER to {EDGE}:443: {e}\n{}", logs()));
         assert!(n.rule(EXT, "client-sip-tls-in") > p3, "P3 counted: {got}");
         assert!(
-            edge.printed().contains(&format!(
+            edge.borrow().printed().contains(&format!(
                 "request REGISTER sip:{EDGE};transport=tls from tls:{STRANGER}"
             )),
             "{}",
-            edge.printed()
+            edge.borrow().printed()
         );
     }
 
@@ -783,6 +787,16 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     exchange(&stats, "after `edge-classifier reload`");
     daemon.kill();
     exchange(&stats, "with the daemon killed -9");
+    // Kamailio's own reconnects with no daemon running: the Edge's Kamailio killed -9 and
+    // started again opens new connections to the partner and the stranger, and the partner's
+    // Kamailio, whose connection to the Edge the Edge's kernel closed, connects again.
+    edge.borrow_mut().kill();
+    let restarted = kamailio(&lab, &lab.edge, "edge", EDGE);
+    *edge.borrow_mut() = restarted;
+    exchange(
+        &stats,
+        "after the Edge's Kamailio was killed -9 and restarted",
+    );
     let daemon = instance.run(&edited, "daemon-2");
     exchange(&stats, "after the daemon restarted");
     drop(daemon);

@@ -7,8 +7,8 @@
 //!   client certificate), a second Kamailio on the partner (`203.0.113.5:5061`) and a third on
 //!   the stranger (`198.18.0.77:5061`). Each forwards what `sipp` hands it on its loopback (UDP:
 //!   Debian's sipp is built without TLS) to the domain of the request URI, found through
-//!   `_sipfederationtls._tcp.<domain>` (ipops `srv_query`, the lab's resolv.conf), or to an
-//!   address as given; it answers OPTIONS, MESSAGE and REGISTER for its own domain itself.
+//!   `_sipfederationtls._tcp.<domain>` (ipops `srv_query`, the lab's resolv.conf); it answers
+//!   OPTIONS, MESSAGE and REGISTER for its own domain itself.
 //! - OPTIONS and MESSAGE both ways with the partner (P2 out, P1 in) and from the Edge to the
 //!   stranger (S1); the stranger's Kamailio finds the Edge through SRV and cannot reach it (P1 is
 //!   for partners); a forged segment from the stranger's 5061 never reaches the Edge.
@@ -105,17 +105,13 @@ request_route {
         exit;
     }
     if ($si != "127.0.0.1") { sl_send_reply("403", "Not Relaying"); exit; }
-    if (is_ip("$rd")) {
-        $du = "sip:" + $rd + ":5061;transport=tls";
-    } else {
-        $var(srv) = "_sipfederationtls._tcp." + $rd;
-        if (srv_query("$var(srv)", "fed") < 1 || $srvquery(fed=>count) < 1) {
-            xlog("L_ERR", "no SRV $var(srv)\n");
-            sl_send_reply("404", "No SRV");
-            exit;
-        }
-        $du = "sip:" + $srvquery(fed=>target[0]) + ":" + $srvquery(fed=>port[0]) + ";transport=tls";
+    $var(srv) = "_sipfederationtls._tcp." + $rd;
+    if (srv_query("$var(srv)", "fed") < 1 || $srvquery(fed=>count) < 1) {
+        xlog("L_ERR", "no SRV $var(srv)\n");
+        sl_send_reply("404", "No SRV");
+        exit;
     }
+    $du = "sip:" + $srvquery(fed=>target[0]) + ":" + $srvquery(fed=>port[0]) + ";transport=tls";
     xlog("L_NOTICE", "relaying $rm to $du\n");
     force_send_socket(tls:@IP@:5061);
     if (!t_relay()) { sl_reply_error(); }
@@ -551,7 +547,6 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     };
 
     // Both ways with the partner, and the Edge to the stranger, each counted by its rule alone.
-    let stranger_uri = STRANGER.to_string();
     let exchange = |rule_count: &dyn Fn(&str) -> u64, what: &str| {
         let ids = [
             "public-im-sip-out",
@@ -562,7 +557,7 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
         for (ns, service, rule) in [
             (&lab.edge, peers::PARTNER_DOMAIN, "public-im-sip-out"),
             (&lab.partner, peers::EDGE_DOMAIN, "public-im-sip-in"),
-            (&lab.edge, stranger_uri.as_str(), "sip-federation-out"),
+            (&lab.edge, "stranger.example", "sip-federation-out"),
         ] {
             // Delayed ACKs of the exchange before land first.
             std::thread::sleep(Duration::from_millis(300));
@@ -601,12 +596,15 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
         }
     };
     exchange(&|id| Counters(&classifier).rule(EXT, id), "first");
-    assert!(
-        lab.dns_log()
-            .contains("_sipfederationtls._tcp.partner.example"),
-        "the Edge asked for the partner's SRV record:\n{}",
-        lab.dns_log()
-    );
+    for domain in [peers::PARTNER_DOMAIN, "stranger.example"] {
+        assert!(
+            lab.dns_log().contains(&format!(
+                "query[SRV] _sipfederationtls._tcp.{domain} from {EDGE}"
+            )),
+            "the Edge asked for {domain}'s SRV record:\n{}",
+            lab.dns_log()
+        );
+    }
     assert!(
         edge.borrow().printed().contains(&format!(
             "relaying OPTIONS to sip:{}:5061;transport=tls",

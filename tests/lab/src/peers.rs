@@ -73,6 +73,9 @@ pub const DNS_RECORDS: &[&str] = &[
     "--host-record=sip.partner.example,203.0.113.5",
     "--host-record=edge.example,198.51.100.10",
     "--host-record=sip.edge.example,198.51.100.10",
+    // The stranger runs a SIP/TLS endpoint too: the Edge federates with it (S1) through SRV.
+    "--srv-host=_sipfederationtls._tcp.stranger.example,sip.stranger.example,5061,0,0",
+    "--host-record=sip.stranger.example,198.18.0.77",
 ];
 
 /// A program started in a namespace; killed (with its whole process group) on drop.

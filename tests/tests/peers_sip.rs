@@ -23,7 +23,6 @@ use std::{
     fs,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -394,8 +393,8 @@ fn wire_segments(frame: &[u8]) -> u64 {
     payload.div_ceil(MTU - ip - tcp) as u64
 }
 
-/// The `edge-classifier` binary next to this test's (built by `cargo test --workspace`), built
-/// here when missing.
+/// The daemon binary cargo built next to this test (`target/debug/edge-classifier`; `cargo
+/// test` of the workspace builds it, since edge-classifier's own tests run it).
 fn daemon_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let bin = exe
@@ -403,14 +402,11 @@ fn daemon_binary() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .join("edge-classifier");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "edge-classifier", "--bin", "edge-classifier"])
-            .status()
-            .expect("cargo build");
-        assert!(st.success(), "building edge-classifier");
-    }
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p edge-classifier`",
+        bin.display()
+    );
     bin
 }
 

@@ -81,22 +81,15 @@ pub(crate) fn try_classify(
         return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
     }
 
-    let mut local_bits = local_bits(active, &l3.dst);
     // Protected only as an address of a bound NIC (a link-local one, say): no rule's local set
     // holds it, so only DHCP replies to the client and what the policies allow reach it.
-    let mut nic_only = false;
-    if local_bits & SET_PROTECTED == 0 {
-        if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && iface_addr(&l3.dst) {
-            local_bits = SET_PROTECTED | SET_ANY;
-            nic_only = true;
+    let Some((local_bits, nic_only)) = own_address(active, &l3.dst, policy) else {
+        return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
+            Verdict::pass(reason::PASS_UNPROTECTED)
         } else {
-            return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
-                Verdict::pass(reason::PASS_UNPROTECTED)
-            } else {
-                Verdict::drop(reason::DROP_UNPROTECTED)
-            });
-        }
-    }
+            Verdict::drop(reason::DROP_UNPROTECTED)
+        });
+    };
 
     if l3.fragment == Fragment::Later {
         return Ok(if policy.flags & POLICY_PASS_FRAGMENTS != 0 {
@@ -199,17 +192,12 @@ pub(crate) fn try_egress(
         L3::Ip(ip) => ip,
         L3::Arp | L3::Other => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
     };
-    let mut local_bits = local_bits(active, &l3.src);
-    if local_bits & SET_PROTECTED == 0 {
-        // A bound NIC's own address no set names (a SLAAC address, a second IPv4 address) is
-        // the Edge's as much as on ingress: no rule's local set holds it, but what it opens is
-        // tracked like the rest of the Edge's own flows.
-        if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && iface_addr(&l3.src) {
-            local_bits = SET_PROTECTED | SET_ANY;
-        } else {
-            return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
-        }
-    }
+    // A bound NIC's own address no set names (a SLAAC address, a second IPv4 address) is the
+    // Edge's as much as on ingress: no rule's local set holds it, but what it opens is tracked
+    // like the rest of the Edge's own flows.
+    let Some((local_bits, _)) = own_address(active, &l3.src, policy) else {
+        return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
+    };
     if l3.fragment == Fragment::Later {
         return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED));
     }
@@ -268,6 +256,21 @@ pub(crate) fn try_egress(
         flow::record(&key, slot, role_mask, policy, transport, tcp_flags);
     }
     Ok(verdict)
+}
+
+/// The set bits of `addr` when it is one of the Edge's own addresses, and whether it is so
+/// only as a bound NIC's address (`POLICY_PROTECT_IFACE_ADDRS`; no named set holds it); `None`
+/// when the Edge does not protect it.
+#[inline(always)]
+fn own_address(active: u32, addr: &Addr, policy: &PolicyEntry) -> Option<(u64, bool)> {
+    let bits = local_bits(active, addr);
+    if bits & SET_PROTECTED != 0 {
+        Some((bits, false))
+    } else if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && iface_addr(addr) {
+        Some((SET_PROTECTED | SET_ANY, true))
+    } else {
+        None
+    }
 }
 
 /// An address configured on a bound NIC.

@@ -213,30 +213,13 @@ impl Daemon {
         if !attached {
             return None;
         }
-        // The mode each NIC runs in goes into the kernel's binding too, as `run` records it.
-        let bound: Vec<BoundIface> = self
-            .classifier
-            .bindings()
-            .iter()
-            .map(|b| BoundIface {
-                name: b.name.clone(),
-                ifindex: b.ifindex,
-                role: b.role.clone(),
-                block: b.block,
-                mode: b.mode.map(|m| m.to_string()),
-            })
-            .collect();
-        for b in &bound {
-            let mode = match b.mode.as_deref() {
-                Some("native") => edge_classifier_common::IFACE_MODE_NATIVE,
-                Some("generic") => edge_classifier_common::IFACE_MODE_GENERIC,
-                _ => edge_classifier_common::IFACE_MODE_UNKNOWN,
-            };
-            if let Err(e) = self.classifier.maps_mut().set_iface_mode(b.ifindex, mode) {
-                log::warn!("{}: recording its XDP mode: {e}", b.name);
+        match lifecycle::record_bindings(&mut self.classifier) {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                log::warn!("recording the bindings' XDP modes: {e}");
+                None
             }
         }
-        Some(bound)
     }
 
     /// Logs (WARN) what is wrong with NIC `name`, once until it changes.

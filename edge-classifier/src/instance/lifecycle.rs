@@ -443,24 +443,18 @@ fn bring_up(
         .map(|(n, r, _)| (n.as_str(), r.as_str()))
         .collect();
     crate::instance::guards::log_warnings(&source.catalogue, &nics);
-    state.bindings = bound(&classifier);
-    // The mode each NIC runs in goes into the kernel's binding too: a start that has only the
-    // pins to go by adopts each NIC in the mode it had.
-    for b in &state.bindings {
-        let mode = match b.mode.as_deref() {
-            Some("native") => edge_classifier_common::IFACE_MODE_NATIVE,
-            Some("generic") => edge_classifier_common::IFACE_MODE_GENERIC,
-            _ => edge_classifier_common::IFACE_MODE_UNKNOWN,
-        };
-        classifier.maps_mut().set_iface_mode(b.ifindex, mode)?;
-    }
+    state.bindings = record_bindings(&mut classifier)?;
     state.generation += 1;
     instance.write_state(&state)?;
     Ok((classifier, state))
 }
 
-fn bound(c: &Classifier) -> Vec<BoundIface> {
-    c.bindings()
+/// The classifier's bindings as the state keeps them. The mode each NIC runs in goes into the
+/// kernel's binding too: a start that has only the pins to go by adopts each NIC in the mode it
+/// had.
+pub fn record_bindings(c: &mut Classifier) -> Result<Vec<BoundIface>> {
+    let bound: Vec<BoundIface> = c
+        .bindings()
         .iter()
         .map(|b| BoundIface {
             name: b.name.clone(),
@@ -469,7 +463,16 @@ fn bound(c: &Classifier) -> Vec<BoundIface> {
             block: b.block,
             mode: b.mode.map(|m| m.to_string()),
         })
-        .collect()
+        .collect();
+    for b in &bound {
+        let mode = match b.mode.as_deref() {
+            Some("native") => edge_classifier_common::IFACE_MODE_NATIVE,
+            Some("generic") => edge_classifier_common::IFACE_MODE_GENERIC,
+            _ => edge_classifier_common::IFACE_MODE_UNKNOWN,
+        };
+        c.maps_mut().set_iface_mode(b.ifindex, mode)?;
+    }
+    Ok(bound)
 }
 
 /// What a reload did.

@@ -367,7 +367,7 @@ impl Instance {
             .unwrap_or_default();
         let mut bindings = Vec::new();
         for info in maps.ifaces().map_err(pins)? {
-            let name = ifname(info.ifindex)
+            let name = crate::loader::ifname(info.ifindex)
                 .or_else(|| {
                     cached?
                         .bindings
@@ -510,19 +510,6 @@ impl Instance {
         }
         Ok(())
     }
-}
-
-/// The name of the interface with index `ifindex`, if there is one.
-fn ifname(ifindex: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-        .to_str()
-        .ok()
-        .map(str::to_string)
 }
 
 /// An flock held until dropped.

@@ -5,7 +5,7 @@
 //! stays pinned but reports interface 0 ("defunct"), so "pinned" alone would say protected when
 //! nothing is.
 
-use std::{ffi::CString, fmt::Write as _, os::unix::ffi::OsStrExt as _, path::Path};
+use std::fmt::Write as _;
 
 use serde::Serialize;
 
@@ -89,49 +89,14 @@ pub struct Link {
     pub live: bool,
 }
 
-/// `BPF_OBJ_GET` then `BPF_OBJ_GET_INFO_BY_FD` on a pinned link: its id, program id and the
-/// ifindex of its XDP or tcx attachment. aya 0.14's `LinkInfo` gives no ifindex, hence the two
-/// raw calls.
-fn link_info(pin: &Path) -> Option<(u32, u32, u32)> {
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let path = CString::new(pin.as_os_str().as_bytes()).ok()?;
-    // union bpf_attr, BPF_OBJ_GET: { u64 pathname; u32 bpf_fd; u32 file_flags; s32 path_fd }.
-    let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64;
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    let fd = fd as i32;
-    // struct bpf_link_info: { u32 type; u32 id; u32 prog_id; union (8-aligned, at 16) }; the
-    // xdp and tcx members both start with u32 ifindex.
-    let mut info = [0u32; 32];
-    let mut attr = [0u64; 16];
-    attr[0] = (fd as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    unsafe { libc::close(fd) };
-    (rc == 0).then_some((info[1], info[2], info[4]))
-}
-
 fn link(instance: &Instance, nic: &str, kind: &str, ifindex: u32) -> Link {
     let pin = instance.link_pin(nic, kind);
-    let Some((id, prog, on)) = link_info(&pin) else {
+    let Some(crate::loader::KernelLink {
+        id,
+        program_id: prog,
+        ifindex: on,
+    }) = crate::loader::pinned_link(&pin)
+    else {
         return Link {
             pinned: pin.exists(),
             ..Link::default()

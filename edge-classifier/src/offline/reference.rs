@@ -500,6 +500,19 @@ impl<'a> Reference<'a> {
         self.nic_addrs.contains(&ip)
     }
 
+    /// The set bits of `addr` when it is one of the Edge's own addresses, and whether only as a
+    /// bound NIC's address (under `protect_interface_addresses`, no named set holding it).
+    fn own_address(&self, addr: &Addr) -> Option<(u64, bool)> {
+        let bits = self.sets.bits(addr);
+        if bits & SET_PROTECTED != 0 {
+            Some((bits, false))
+        } else if self.policy().flags & POLICY_PROTECT_IFACE_ADDRS != 0 && self.nic_addr(addr) {
+            Some((SET_PROTECTED | SET_ANY, true))
+        } else {
+            None
+        }
+    }
+
     fn policy(&self) -> &PolicyEntry {
         &self.compiled.policy
     }
@@ -577,21 +590,14 @@ impl<'a> Reference<'a> {
         {
             return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
         }
-        let mut local_bits = self.sets.bits(&ip.dst);
         // An address of a bound NIC that no set names: protected, matched by no rule.
-        let mut nic_only = false;
-        if local_bits & SET_PROTECTED == 0 {
-            if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && self.nic_addr(&ip.dst) {
-                local_bits = SET_PROTECTED | SET_ANY;
-                nic_only = true;
+        let Some((local_bits, nic_only)) = self.own_address(&ip.dst) else {
+            return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
+                Verdict::pass(reason::PASS_UNPROTECTED)
             } else {
-                return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
-                    Verdict::pass(reason::PASS_UNPROTECTED)
-                } else {
-                    Verdict::drop(reason::DROP_UNPROTECTED)
-                });
-            }
-        }
+                Verdict::drop(reason::DROP_UNPROTECTED)
+            });
+        };
         if ip.fragment == Fragment::Later {
             return Ok(if policy.flags & POLICY_PASS_FRAGMENTS != 0 {
                 Verdict::pass(reason::PASS_FRAGMENT)
@@ -702,15 +708,10 @@ impl<'a> Reference<'a> {
             L3::Ip(ip) => ip,
             _ => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
         };
-        let mut local_bits = self.sets.bits(&ip.src);
-        if local_bits & SET_PROTECTED == 0 {
-            // A bound NIC's own address: the Edge's, though no rule's local set holds it.
-            if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && self.nic_addr(&ip.src) {
-                local_bits = SET_PROTECTED | SET_ANY;
-            } else {
-                return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
-            }
-        }
+        // A bound NIC's own address: the Edge's, though no rule's local set holds it.
+        let Some((local_bits, _)) = self.own_address(&ip.src) else {
+            return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
+        };
         if ip.fragment == Fragment::Later {
             return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED));
         }

@@ -20,34 +20,12 @@ use std::{
 use edge_classifier_common::reason;
 use edge_classifier_lab::{
     Listeners, Tap, Tuple, count,
-    peers::{self, Counters, Daemon, EXT, PeerLab, wait_for},
+    peers::{self, Counters, Daemon, EXT, PeerLab},
     udp_send,
 };
 
 /// How long a tap is read after the last frame.
 const QUIET: Duration = Duration::from_millis(300);
-
-/// Waits until something listens on `proto`/`port` in `ns`.
-fn listening(lab: &PeerLab, ns: &str, udp: bool, port: u16, d: &mut Daemon) {
-    let flag = if udp { "-Hlun" } else { "-Hltn" };
-    let up = wait_for(Duration::from_secs(10), || {
-        let o = lab
-            .run(
-                ns,
-                Duration::from_secs(3),
-                "ss",
-                &[flag, &format!("sport = :{port}")],
-            )
-            .ok()?;
-        (!String::from_utf8_lossy(&o.stdout).trim().is_empty()).then_some(())
-    });
-    assert!(
-        up.is_some() && d.alive(),
-        "{} never listened on {port}:\n{}",
-        d.name,
-        d.printed()
-    );
-}
 
 fn turnserver(lab: &PeerLab, ns: &str, name: &str, ip: IpAddr) -> Daemon {
     let dir = lab.subdir(name).expect("dir");
@@ -82,7 +60,7 @@ fn turnserver(lab: &PeerLab, ns: &str, name: &str, ip: IpAddr) -> Daemon {
             ],
         )
         .expect("turnserver");
-    listening(lab, ns, true, 3478, &mut d);
+    lab.wait_listening(ns, true, 3478, &mut d);
     d
 }
 
@@ -201,7 +179,7 @@ fn stun_with_coturn_both_ways_and_tcp_media_from_the_edge_range() {
             ],
         )
         .expect("socat echo");
-    listening(&lab, &lab.stranger, false, 7000, &mut echo);
+    lab.wait_listening(&lab.stranger, false, 7000, &mut echo);
     let tap = Tap::open(&lab.edge, EXT).expect("tap").record();
     let p4 = c.rule(EXT, "messenger-rtp-tcp-out");
     for (round, port) in [50010u16, 50011].into_iter().enumerate() {

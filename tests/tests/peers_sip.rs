@@ -38,31 +38,6 @@ const EDGE: IpAddr = IpAddr::V4(peers::EDGE_EXT);
 const PARTNER: IpAddr = IpAddr::V4(peers::PARTNER);
 const STRANGER: IpAddr = IpAddr::V4(peers::STRANGER);
 
-/// Waits until something listens on TCP or UDP `port` in `ns`.
-fn listening(lab: &PeerLab, ns: &str, udp: bool, port: u16, d: &mut Daemon) {
-    let flag = if udp { "-Hlun" } else { "-Hltn" };
-    let up = wait_for(Duration::from_secs(10), || {
-        if !d.alive() {
-            return Some(false);
-        }
-        let o = lab
-            .run(
-                ns,
-                Duration::from_secs(3),
-                "ss",
-                &[flag, &format!("sport = :{port}")],
-            )
-            .ok()?;
-        (!String::from_utf8_lossy(&o.stdout).trim().is_empty()).then_some(true)
-    });
-    assert!(
-        up == Some(true),
-        "{} never listened on {port}:\n{}",
-        d.name,
-        d.printed()
-    );
-}
-
 /// One Kamailio: answers OPTIONS, MESSAGE and REGISTER for its own domain; forwards what comes
 /// from its loopback (sipp) to another domain over TLS, to the target of that domain's
 /// `_sipfederationtls._tcp` SRV record, or to `host:443` for a client registration.
@@ -240,8 +215,8 @@ fn kamailio(lab: &PeerLab, ns: &str, name: &str, ip: IpAddr) -> Daemon {
             ],
         )
         .expect("kamailio");
-    listening(lab, ns, false, 5061, &mut d);
-    listening(lab, ns, true, 5060, &mut d);
+    lab.wait_listening(ns, false, 5061, &mut d);
+    lab.wait_listening(ns, true, 5060, &mut d);
     d
 }
 
@@ -391,23 +366,6 @@ fn wire_segments(frame: &[u8]) -> u64 {
     let tcp = usize::from(frame[ETH + ip + 12] >> 4) * 4;
     let payload = frame.len() - ETH - ip - tcp;
     payload.div_ceil(MTU - ip - tcp) as u64
-}
-
-/// The daemon binary cargo built next to this test (`target/debug/edge-classifier`; `cargo
-/// test` of the workspace builds it, since edge-classifier's own tests run it).
-fn daemon_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("edge-classifier");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p edge-classifier`",
-        bin.display()
-    );
-    bin
 }
 
 /// An instance of the real daemon in the edge namespace, stopped (detached, pins removed) on
@@ -760,7 +718,7 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
 
     // The real daemon: started, reloaded with `edge-classifier reload`, killed -9 (the pinned
     // programs stay), started again (it adopts them); Kamailio's next requests pass each time.
-    let bin = daemon_binary();
+    let bin = peers::daemon_binary();
     let instance = Instance {
         lab: &lab,
         bin: bin.clone(),

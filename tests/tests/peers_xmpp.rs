@@ -653,7 +653,7 @@ impl<'a> EdgeDaemon<'a> {
             .spawn(
                 &self.lab.edge,
                 "edge-classifier",
-                edge_classifier_bin(),
+                peers::daemon_binary(),
                 &[
                     "run",
                     "--instance",
@@ -682,7 +682,7 @@ impl<'a> EdgeDaemon<'a> {
 
     /// `edge-classifier stats` of the instance (its per-rule table).
     fn stats(&self) -> String {
-        let out = std::process::Command::new(edge_classifier_bin())
+        let out = std::process::Command::new(peers::daemon_binary())
             .args(["stats", "--instance", &self.instance])
             .output()
             .expect("edge-classifier stats");
@@ -696,27 +696,10 @@ impl<'a> EdgeDaemon<'a> {
 
 impl Drop for EdgeDaemon<'_> {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(edge_classifier_bin())
+        let _ = std::process::Command::new(peers::daemon_binary())
             .args(["stop", "--instance", &self.instance])
             .output();
     }
-}
-
-/// The daemon binary cargo built next to this test (`target/debug/edge-classifier`; `cargo
-/// test` of the workspace builds it, since edge-classifier's own tests run it).
-fn edge_classifier_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/debug")
-        .join("edge-classifier");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p edge-classifier`",
-        bin.display()
-    );
-    bin
 }
 
 const MESSAGE: Duration = Duration::from_secs(20);

@@ -522,6 +522,51 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
+impl PeerLab {
+    /// Waits until something listens on TCP or UDP `port` in `ns`; panics, with what `d`
+    /// printed, if nothing does within 10 s or `d` exits first.
+    pub fn wait_listening(&self, ns: &str, udp: bool, port: u16, d: &mut Daemon) {
+        let flag = if udp { "-Hlun" } else { "-Hltn" };
+        let up = wait_for(Duration::from_secs(10), || {
+            if !d.alive() {
+                return Some(false);
+            }
+            let o = self
+                .run(
+                    ns,
+                    Duration::from_secs(3),
+                    "ss",
+                    &[flag, &format!("sport = :{port}")],
+                )
+                .ok()?;
+            (!String::from_utf8_lossy(&o.stdout).trim().is_empty()).then_some(true)
+        });
+        assert!(
+            up == Some(true),
+            "{} never listened on {port}:\n{}",
+            d.name,
+            d.printed()
+        );
+    }
+}
+
+/// The daemon binary cargo built next to the running test (`target/debug/edge-classifier`;
+/// `cargo test` of the workspace builds it, since edge-classifier's own tests run it).
+pub fn daemon_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("edge-classifier");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p edge-classifier`",
+        bin.display()
+    );
+    bin
+}
+
 /// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

@@ -167,7 +167,7 @@ impl Daemon {
             let why = match loader::ifindex(&name).ok() {
                 None => {
                     self.classifier.mark_detached(&name);
-                    let note = match loader::ifname(was) {
+                    let note = match edge_classifier::nic_addrs::ifname(was) {
                         Some(now) => format!(
                             "{name} (ifindex {was}) was renamed to {now}: no NIC named {name} is protected now (the program stays on {now} until a NIC named {name} appears, which is then attached)"
                         ),

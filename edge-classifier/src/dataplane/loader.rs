@@ -280,19 +280,6 @@ pub fn ifindex(name: &str) -> Result<u32, LoadError> {
     }
 }
 
-/// The name of NIC `ifindex` in this network namespace, if there is one.
-pub fn ifname(ifindex: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-        .to_str()
-        .ok()
-        .map(str::to_string)
-}
-
 fn is_eperm(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
 }

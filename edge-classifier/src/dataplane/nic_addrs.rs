@@ -46,6 +46,19 @@ pub fn configured(nics: &[&str]) -> io::Result<BTreeMap<IpAddr, u32>> {
     Ok(out)
 }
 
+/// The name of NIC `ifindex` in this network namespace, if there is one.
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_str()
+        .ok()
+        .map(str::to_string)
+}
+
 /// A socket that becomes readable when an address or a link changes (rtnetlink multicast
 /// groups); what changed is read again (the addresses with [`configured`], the NICs by name), so
 /// the messages are only drained. A link appears, goes or is renamed as `RTM_NEWLINK` /

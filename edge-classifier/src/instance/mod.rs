@@ -367,7 +367,7 @@ impl Instance {
             .unwrap_or_default();
         let mut bindings = Vec::new();
         for info in maps.ifaces().map_err(pins)? {
-            let name = crate::loader::ifname(info.ifindex)
+            let name = crate::nic_addrs::ifname(info.ifindex)
                 .or_else(|| {
                     cached?
                         .bindings

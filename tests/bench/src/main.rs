@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: every benchmark side by side in one run, written to
 //! `benchmarks/RESULTS.md` with SVG plots. A measurement for people: nothing here passes or
-//! fails. Needs root. Usage: `edge-classifier-bench OUT_DIR EDGE_CLASSIFIER_BINARY`.
+//! fails. Needs root. Usage: `edge-classifier-bench OUT_DIR EDGE_CLASSIFIER_BINARY`, or
+//! `edge-classifier-bench --paths` for the BPF instructions on each frame's path alone.
 
 use std::{
     fmt::Write as _,
@@ -18,11 +19,14 @@ use aya::{
 use edge_classifier::{
     catalogue::{Catalogue, DEFAULT_CATALOGUE},
     compile::compile,
-    loader::{AttachMode, Classifier, FLOOR_OBJECT},
+    loader::{AttachMode, Classifier, EBPF_OBJECT, FLOOR_OBJECT, PROGRAM_NAME},
 };
 use edge_classifier_lab::*;
 use edge_classifier_tests::*;
 use ipnet::IpNet;
+use trace::{Trace, Tracer};
+
+mod trace;
 
 const RUNS: usize = 5;
 
@@ -379,8 +383,50 @@ fn open_flows(h: &mut Harness) {
     }
 }
 
-/// A frame's name and its cost: ours, the empty program's, xdp-filter's.
-type Row = (&'static str, Stat, Stat, Option<Stat>);
+/// A frame's name and its cost: ours, the empty program's, xdp-filter's; and its path.
+type Row = (&'static str, Stat, Stat, Option<Stat>, Trace);
+
+/// A tracer of the XDP program as `h` loaded it, reading `h`'s maps.
+fn tracer(h: &mut Harness) -> anyhow::Result<Tracer> {
+    let ids = h
+        .classifier
+        .program()
+        .info()?
+        .map_ids()?
+        .context("the kernel lists no maps of the program")?;
+    Tracer::new(EBPF_OBJECT, PROGRAM_NAME, &ids)
+}
+
+/// Each frame's path through the program, traced against the maps of the harness it runs on.
+/// Each frame gets a fresh overlay and runs twice: the second run is the steady state that
+/// TestRun's repeats time (a reply's cache hit). The verdict must be the one the frame gets.
+fn paths(
+    frames: &[MixFrame],
+    ext_h: &mut Harness,
+    int_h: &mut Harness,
+) -> anyhow::Result<Vec<Trace>> {
+    frames
+        .iter()
+        .map(|f| {
+            let mut t = tracer(harness(f, ext_h, int_h))?;
+            // BPF_PROG_TEST_RUN delivers frames on the loopback device (ifindex 1).
+            t.run(&f.frame, 1)
+                .with_context(|| format!("{}: first trace", f.name))?;
+            let path = t
+                .run(&f.frame, 1)
+                .with_context(|| format!("{}: trace", f.name))?;
+            let want = if f.pass { XDP_PASS } else { XDP_DROP };
+            if path.verdict != want {
+                bail!(
+                    "{}: the trace ends in verdict {}, the kernel's is {want}",
+                    f.name,
+                    path.verdict
+                );
+            }
+            Ok(path)
+        })
+        .collect()
+}
 
 struct PerFrame {
     rows: Vec<Row>,
@@ -391,19 +437,22 @@ struct PerFrame {
 fn per_frame_table(md: &mut String, rows: &[Row]) -> std::fmt::Result {
     writeln!(
         md,
-        "| frame | edge-classifier ns | xdp-filter ns | empty XDP_PASS ns | ours / floor | ours / xdp-filter |"
+        "| frame | edge-classifier ns | xdp-filter ns | empty XDP_PASS ns | ours / floor | ours / xdp-filter | ns above floor | BPF insns | map lookups |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
-    for (name, ours, floor, xf) in rows {
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+    for (name, ours, floor, xf, path) in rows {
         writeln!(
             md,
-            "| {name} | {} | {} | {} | {:.2}× | {} |",
+            "| {name} | {} | {} | {} | {:.2}× | {} | {:.0} | {} | {} |",
             ours.cell(),
             xf.as_ref().map_or("–".into(), Stat::cell),
             floor.cell(),
             ours.median / floor.median,
             xf.as_ref()
-                .map_or("–".into(), |x| format!("{:.2}×", ours.median / x.median))
+                .map_or("–".into(), |x| format!("{:.2}×", ours.median / x.median)),
+            ours.median - floor.median,
+            path.insns,
+            path.lookups_cell(),
         )?;
     }
     Ok(())
@@ -429,6 +478,7 @@ fn per_frame(repeat: u32) -> anyhow::Result<PerFrame> {
             let want = if f.pass { XDP_PASS } else { XDP_DROP };
             assert_eq!(h.run(&f.frame), want, "{}: verdict", f.name);
         }
+        let traced = paths(&frames, &mut ext_h, &mut int_h)?;
         let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); frames.len()];
         for round in 0..=RUNS {
             eprintln!("per-frame: round {round} of {RUNS}");
@@ -447,9 +497,10 @@ fn per_frame(repeat: u32) -> anyhow::Result<PerFrame> {
         Ok(frames
             .iter()
             .zip(samples)
-            .map(|(f, (ours, base, theirs))| {
+            .zip(traced)
+            .map(|((f, (ours, base, theirs)), path)| {
                 let theirs = (!theirs.is_empty()).then(|| Stat::of(theirs));
-                (f.name, Stat::of(ours), Stat::of(base), theirs)
+                (f.name, Stat::of(ours), Stat::of(base), theirs, path)
             })
             .collect())
     };
@@ -812,7 +863,7 @@ fn plot_per_frame(path: &Path, pf: &PerFrame) -> anyhow::Result<()> {
     let max = pf
         .rows
         .iter()
-        .flat_map(|(_, a, b, c)| [a.median, b.median, c.as_ref().map_or(0.0, |s| s.median)])
+        .flat_map(|(_, a, b, c, _)| [a.median, b.median, c.as_ref().map_or(0.0, |s| s.median)])
         .fold(0.0, f64::max)
         * 1.15;
     let mut chart = ChartBuilder::on(&root)
@@ -840,7 +891,7 @@ fn plot_per_frame(path: &Path, pf: &PerFrame) -> anyhow::Result<()> {
         .x_desc("ns per frame")
         .draw()?;
     let n = pf.rows.len();
-    for (i, (_, ours, floor, xf)) in pf.rows.iter().enumerate() {
+    for (i, (_, ours, floor, xf, _)) in pf.rows.iter().enumerate() {
         let y = (n - 1 - i) as f64;
         for (k, (v, color)) in [
             (Some(ours.median), RGBColor(31, 119, 180)),
@@ -931,7 +982,33 @@ fn plot_scaling(
     Ok(())
 }
 
+/// `--paths`: only each frame's path (instructions and lookups), no timing: a change's effect
+/// on a quiet or a busy host alike, in seconds.
+fn print_paths() -> anyhow::Result<()> {
+    let mut ext_h = Harness::default_catalogue("external");
+    let mut int_h = Harness::default_catalogue("internal");
+    open_flows(&mut ext_h);
+    for frames in [mix(), other_replies()] {
+        for f in &frames {
+            let want = if f.pass { XDP_PASS } else { XDP_DROP };
+            let h = harness(f, &mut ext_h, &mut int_h);
+            assert_eq!(h.run(&f.frame), want, "{}: verdict", f.name);
+        }
+        let traced = paths(&frames, &mut ext_h, &mut int_h)?;
+        for (f, t) in frames.iter().zip(&traced) {
+            let lookups: Vec<String> = t.lookups.iter().map(|(m, n)| format!("{m}×{n}")).collect();
+            println!("{:>5}  {:<60} {}", t.insns, f.name, lookups.join(" "));
+        }
+        let mean = traced.iter().map(|t| t.insns).sum::<u64>() as f64 / traced.len() as f64;
+        println!("{mean:>7.1}  mean\n");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("--paths") {
+        return print_paths();
+    }
     let mut args = std::env::args().skip(1);
     let out_dir = PathBuf::from(args.next().unwrap_or_else(|| "benchmarks".into()));
     let bin = PathBuf::from(

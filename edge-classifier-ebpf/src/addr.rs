@@ -1,10 +1,8 @@
 //! Addresses to set bits: the small tables, the Edge's own host addresses, the IPv4 stride
 //! table and the LPM tries, cheapest first.
 
-use aya_ebpf::maps::lpm_trie::Key;
-use edge_classifier_common::{
-    LOCALS_V4, LOCALS_V6, Lpm4, Lpm6, SMALL4, SMALL6, STRIDE_BLOCK, layout,
-};
+use aya_ebpf::maps::{LpmTrie, lpm_trie::Key};
+use edge_classifier_common::{LOCALS_V4, LOCALS_V6, SMALL4, SMALL6, STRIDE_BLOCK, layout};
 
 use crate::{maps::*, parse::Addr};
 
@@ -44,7 +42,7 @@ pub(crate) fn local_bits(active: u32, addr: &Addr) -> u64 {
                     if i as u32 >= l.v4_count {
                         break;
                     }
-                    if l.v4[i] == *a {
+                    if u32::from_ne_bytes(l.v4[i]) == *a {
                         return l.v4_bits[i];
                     }
                 }
@@ -54,7 +52,9 @@ pub(crate) fn local_bits(active: u32, addr: &Addr) -> u64 {
                     if i as u32 >= l.v6_count {
                         break;
                     }
-                    if l.v6[i] == *a {
+                    // The table's addresses lie at 8-byte offsets in the map value.
+                    let w = unsafe { *(l.v6[i].as_ptr() as *const [u64; 2]) };
+                    if w[0] == a[0] && w[1] == a[1] {
                         return l.v6_bits[i];
                     }
                 }
@@ -84,7 +84,7 @@ pub(crate) fn small_bits(active: u32, addr: &Addr) -> Option<u64> {
             if t.complete == 0 {
                 return None;
             }
-            let a = u32::from_be_bytes(*a);
+            let a = u32::from_be(*a);
             for i in 0..SMALL4 {
                 if i as u32 >= t.count {
                     break;
@@ -99,11 +99,7 @@ pub(crate) fn small_bits(active: u32, addr: &Addr) -> Option<u64> {
             if t.complete == 0 {
                 return None;
             }
-            let (hi, lo) = a.split_at(8);
-            let w = [
-                u64::from_ne_bytes(hi.try_into().ok()?),
-                u64::from_ne_bytes(lo.try_into().ok()?),
-            ];
+            let w = a;
             for i in 0..SMALL6 {
                 if i as u32 >= t.count {
                     break;
@@ -118,18 +114,65 @@ pub(crate) fn small_bits(active: u32, addr: &Addr) -> Option<u64> {
 }
 
 /// The longest match from a table too big to scan: the IPv4 stride table when the catalogue
-/// fits one, else the trie.
+/// fits one, else the trie. Out of line, the address passed by value: inlined, LLVM hoists the
+/// keys' set-up into the common path, which a small catalogue never needs.
 #[inline(always)]
 pub(crate) fn large_bits(active: u32, addr: &Addr) -> u64 {
-    if let Addr::V4(a) = addr
-        && let Some(t) = SMALL_V4.get(active)
+    match addr {
+        Addr::V4(a) => large_v4(active, *a),
+        Addr::V6(a) => trie_v6(active, a[0], a[1]),
+    }
+}
+
+#[inline(never)]
+fn large_v4(active: u32, a: u32) -> u64 {
+    if let Some(t) = SMALL_V4.get(active)
         && t.stride != 0
-        && let Some(bits) = stride_v4(active, u32::from_be_bytes(*a))
+        && let Some(bits) = stride_v4(active, u32::from_be(a))
     {
         return bits;
     }
-    trie_bits(active, addr)
+    // The key as words: prefix length, the buffer byte (and its padding), the address.
+    trie_get(&SETS_V4, [layout::lpm_prefix_len(32), active, a])
 }
+
+#[inline(never)]
+fn trie_v6(active: u32, w0: u64, w1: u64) -> u64 {
+    // Each u64 word holds two u32 words of the address, the first in its low half.
+    trie_get(
+        &SETS_V6,
+        [
+            layout::lpm_prefix_len(128),
+            active,
+            w0 as u32,
+            (w0 >> 32) as u32,
+            w1 as u32,
+            (w1 >> 32) as u32,
+        ],
+    )
+}
+
+/// A trie lookup with the key written as `N` u32 words (`Key<K>`'s layout: prefix length, then
+/// `K`). Each word is stored on its own: LLVM would merge neighbours into 8-byte stores at
+/// 4-byte offsets, a misaligned stack access the verifier refuses.
+#[inline(always)]
+fn trie_get<K, const N: usize>(trie: &LpmTrie<K, u64>, words: [u32; N]) -> u64 {
+    const { assert!(core::mem::size_of::<Key<K>>() == N * 4) };
+    let mut key = Aligned([0u32; N]);
+    for (i, w) in words.iter().enumerate() {
+        unsafe { core::ptr::write_volatile(&mut key.0[i], *w) };
+    }
+    let key = unsafe { &*(key.0.as_ptr() as *const Key<K>) };
+    match trie.get(key) {
+        Some(bits) => *bits,
+        None => 0,
+    }
+}
+
+/// A key built on the stack with word stores must sit at a word-aligned offset: the verifier
+/// refuses misaligned stack access.
+#[repr(C, align(8))]
+struct Aligned<T>(T);
 
 /// The set bits of an IPv4 address from the stride table: at most three array loads.
 #[inline(always)]
@@ -144,31 +187,4 @@ pub(crate) fn stride_v4(active: u32, a: u32) -> Option<u64> {
         }
     }
     STRIDE4_LEAVES.get(layout::stride_leaf(active, e)).copied()
-}
-
-#[inline(always)]
-pub(crate) fn trie_bits(active: u32, addr: &Addr) -> u64 {
-    let buffer = active as u8;
-    let found = match addr {
-        Addr::V4(a) => SETS_V4.get(Key::new(
-            layout::lpm_prefix_len(32),
-            Lpm4 {
-                buffer,
-                _pad: [0; 3],
-                addr: *a,
-            },
-        )),
-        Addr::V6(a) => SETS_V6.get(Key::new(
-            layout::lpm_prefix_len(128),
-            Lpm6 {
-                buffer,
-                _pad: [0; 3],
-                addr: *a,
-            },
-        )),
-    };
-    match found {
-        Some(bits) => *bits,
-        None => 0,
-    }
 }

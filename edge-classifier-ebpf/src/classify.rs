@@ -13,7 +13,10 @@ use crate::{
     addr::{Remote, local_bits},
     flow,
     maps::*,
-    parse::{self, Addr, Fragment, L3, L4, Malformed},
+    parse::{
+        self, Addr, Fragment, Ip, L3, L4, L4_ICMP, L4_SHORT_FRAGMENT, L4_TCP, L4_UDP, Malformed,
+        Quick,
+    },
 };
 
 /// Whether a frame passes and which counter (reason or rule) records it.
@@ -44,28 +47,108 @@ impl Verdict {
     }
 }
 
-/// One frame's decision, read top to bottom in the order the spec gives (link control, the
-/// destination's protection, fragments, L4, inbound rules, replies). It is longer than the
-/// rest on purpose: every early return is a verdict a reader checks against SPEC §3–4 in
-/// sequence, and the whole is inlined into the XDP entry point, so splitting it would only
-/// scatter that sequence (and give LLVM more stack to spill across).
+/// One frame's decision. The common frame (untagged or with one VLAN tag, IPv4 without options
+/// or IPv6 without extension headers, TCP or UDP, not fragmented) is read at fixed offsets;
+/// link-control and non-IP frames are decided from the EtherType. The rest goes to `full`, the
+/// whole parser, in a subprogram of its own so that its registers and stack stay off the common
+/// path. Both end in the one `decide`, inlined here once.
 #[inline(always)]
-pub(crate) fn try_classify(
-    ctx: &XdpContext,
-    word: u32,
-    role_mask: u32,
-    policy: &PolicyEntry,
-) -> Result<Verdict, Malformed> {
-    let active = word & 1;
-    let l3 = match parse::l3(ctx)? {
-        L3::Arp => return Ok(Verdict::pass(reason::PASS_ARP)),
-        L3::Other => {
-            return Ok(if policy.flags & POLICY_PASS_NON_IP != 0 {
-                Verdict::pass(reason::PASS_NON_IP)
-            } else {
-                Verdict::drop(reason::DROP_NON_IP)
-            });
+pub(crate) fn classify(ctx: &XdpContext, word: u32, role_mask: u32) -> Verdict {
+    let policy = Policy(word & 1);
+    let (l3, l4, local_bits, nic_only) = match parse::fast(ctx) {
+        Quick::Ip(l3, l4) => {
+            let Some((local_bits, nic_only)) = own_address(word & 1, &l3.dst(), || policy.flags())
+            else {
+                return unprotected(policy.flags());
+            };
+            (l3, l4, local_bits, nic_only)
         }
+        Quick::Arp => return Verdict::pass(reason::PASS_ARP),
+        Quick::NonIp => return non_ip(policy.flags()),
+        Quick::Full => {
+            if let Some(v) = full(ctx, word).verdict() {
+                return v;
+            }
+            let Some(f) = FULL_PARSE.get(0) else {
+                return Verdict::drop(reason::DROP_MALFORMED);
+            };
+            (
+                Ip {
+                    is_v6: f.l3.is_v6,
+                    proto: f.l3.proto,
+                    src: f.l3.src,
+                    dst: f.l3.dst,
+                    l4_off: f.l3.l4_off,
+                    l4_end: f.l3.l4_end,
+                    fragment: f.l3.fragment,
+                },
+                L4 {
+                    kind: f.l4.kind,
+                    flags: f.l4.flags,
+                    sport: f.l4.sport,
+                    dport: f.l4.dport,
+                },
+                f.local_bits,
+                f.nic_only,
+            )
+        }
+    };
+    decide(&l3, l4, local_bits, nic_only, word, role_mask)
+}
+
+/// What the full parser leaves to `decide`, handed back through a per-CPU map (`FULL_PARSE`):
+/// returned on the stack, it would sit in the entry point's frame, and the frames of the call
+/// chain must fit the verifier's 512 bytes together.
+#[repr(C)]
+pub(crate) struct Protected {
+    l3: Ip,
+    l4: L4,
+    local_bits: u64,
+    nic_only: bool,
+}
+
+/// The full parser's verdict, or `DECIDE`: the frame is for `decide`, its facts in `FULL_PARSE`.
+/// One word, so that it comes back in a register.
+#[derive(Clone, Copy)]
+pub(crate) struct FullVerdict(u64);
+
+impl FullVerdict {
+    const DECIDE: FullVerdict = FullVerdict(u64::MAX);
+
+    #[inline(always)]
+    fn of(v: Verdict) -> FullVerdict {
+        FullVerdict((v.pass as u64) << 32 | v.counter as u64)
+    }
+
+    #[inline(always)]
+    fn verdict(self) -> Option<Verdict> {
+        (self.0 != u64::MAX).then_some(Verdict {
+            pass: self.0 >> 32 != 0,
+            counter: self.0 as u32,
+        })
+    }
+}
+
+/// Everything `parse::fast` leaves: VLAN stacks, IPv4 options, IPv6 extension headers,
+/// fragments, ICMP, other transports and malformed frames.
+#[inline(never)]
+fn full(ctx: &XdpContext, word: u32) -> FullVerdict {
+    match try_full(ctx, word) {
+        Ok(f) => f,
+        Err(Malformed) => FullVerdict::of(Verdict::drop(reason::DROP_MALFORMED)),
+    }
+}
+
+/// The full parser's part, read top to bottom in the order the spec gives (link control, the
+/// destination's protection, fragments, L4).
+#[inline(always)]
+fn try_full(ctx: &XdpContext, word: u32) -> Result<FullVerdict, Malformed> {
+    let active = word & 1;
+    let policy = Policy(active);
+    let decided = |v| Ok(FullVerdict::of(v));
+    let l3 = match parse::l3(ctx)? {
+        L3::Arp => return decided(Verdict::pass(reason::PASS_ARP)),
+        L3::Other => return decided(non_ip(policy.flags())),
         L3::Ip(ip) => ip,
     };
 
@@ -78,55 +161,74 @@ pub(crate) fn try_classify(
         && let Ok(ty) = parse::icmp_type(ctx, &l3)
         && (133..=137).contains(&ty)
     {
-        return Ok(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
+        return decided(Verdict::pass(reason::PASS_NEIGHBOUR_DISCOVERY));
     }
 
     // Protected only as an address of a bound NIC (a link-local one, say): no rule's local set
     // holds it, so only DHCP replies to the client and what the policies allow reach it.
-    let Some((local_bits, nic_only)) = own_address(active, &l3.dst, policy) else {
-        return Ok(if policy.flags & POLICY_PASS_UNPROTECTED != 0 {
-            Verdict::pass(reason::PASS_UNPROTECTED)
-        } else {
-            Verdict::drop(reason::DROP_UNPROTECTED)
-        });
+    let Some((local_bits, nic_only)) = own_address(active, &l3.dst(), || policy.flags()) else {
+        return decided(unprotected(policy.flags()));
     };
 
     if l3.fragment == Fragment::Later {
-        return Ok(if policy.flags & POLICY_PASS_FRAGMENTS != 0 {
+        return decided(if policy.flags() & POLICY_PASS_FRAGMENTS != 0 {
             Verdict::pass(reason::PASS_FRAGMENT)
         } else {
             Verdict::drop(reason::DROP_FRAGMENT)
         });
     }
+    let l4 = parse::l4(ctx, &l3)?;
+    let Some(out) = FULL_PARSE.get_ptr_mut(0) else {
+        return decided(Verdict::drop(reason::DROP_MALFORMED));
+    };
+    // Per-CPU: this frame's alone until the entry point has read it.
+    unsafe {
+        *out = Protected {
+            l3,
+            l4,
+            local_bits,
+            nic_only,
+        }
+    };
+    Ok(FullVerdict::DECIDE)
+}
 
-    let (transport, sport, dport, tcp_flags) = match parse::l4(ctx, &l3)? {
-        L4::Tcp {
-            sport,
-            dport,
-            flags,
-        } => (TRANSPORT_TCP, sport, dport, flags),
-        L4::Udp { sport, dport } => (TRANSPORT_UDP, sport, dport, 0),
-        L4::Icmp { ty } => {
+/// The decision for a frame to a protected address, from its L4 header on: ICMP by type, then
+/// inbound rules, then replies. The policy is read where a decision needs it: a frame a rule
+/// allows never does.
+#[inline(always)]
+fn decide(l3: &Ip, l4: L4, local_bits: u64, nic_only: bool, word: u32, role_mask: u32) -> Verdict {
+    let active = word & 1;
+    let policy = Policy(active);
+    let (sport, dport, tcp_flags) = (l4.sport, l4.dport, l4.flags);
+    let transport = match l4.kind {
+        L4_TCP => TRANSPORT_TCP,
+        L4_UDP => TRANSPORT_UDP,
+        L4_ICMP => {
+            let Some(policy) = policy.entry() else {
+                return Verdict::drop(reason::DROP_ICMP);
+            };
             let allowed = if l3.is_v6 {
                 &policy.icmp6
             } else {
                 &policy.icmp4
             };
-            return Ok(if bit_set(allowed, ty) {
+            return if bit_set(allowed, l4.flags) {
                 Verdict::pass(reason::PASS_ICMP)
             } else {
                 Verdict::drop(reason::DROP_ICMP)
-            });
+            };
         }
-        L4::ShortFragment => return Ok(Verdict::drop(reason::DROP_SHORT_FRAGMENT)),
-        L4::Other => return Ok(no_rule(policy)),
+        L4_SHORT_FRAGMENT => return Verdict::drop(reason::DROP_SHORT_FRAGMENT),
+        _ => return no_rule(policy.flags()),
     };
-    if nic_only && transport == TRANSPORT_UDP && dhcp_reply(&l3.dst, sport, dport) {
-        return Ok(Verdict::pass(reason::PASS_DHCP_CLIENT));
+    let (src, dst) = (l3.src(), l3.dst());
+    if nic_only && transport == TRANSPORT_UDP && dhcp_reply(&dst, sport, dport) {
+        return Verdict::pass(reason::PASS_DHCP_CLIENT);
     }
 
     let mut remote = Remote {
-        addr: &l3.src,
+        addr: &src,
         bits: None,
         active,
     };
@@ -135,7 +237,7 @@ pub(crate) fn try_classify(
         && entry.inbound != 0
         && let Some(slot) = match_class(active, entry.inbound, local_bits, &mut remote, role_mask)
     {
-        return Ok(Verdict::rule(slot));
+        return Verdict::rule(slot);
     }
     // A frame from an outbound rule's remote service port, or to its local port range, claims to
     // answer a flow the Edge opened. Anyone can forge that claim; only the flow table, filled on
@@ -151,31 +253,43 @@ pub(crate) fn try_classify(
     };
     // Egress tracking records flows no rule covers: a frame from a port the Edge has talked to
     // may answer one of them. Only the flow table says whether it does.
-    let tracked = policy.flags & POLICY_TRACK_EGRESS != 0 && flow::tracked_port(transport, sport);
-    if reply_from == 0 && reply_to == 0 && !tracked {
-        return Ok(no_rule(policy));
-    }
-    if let Some(key) = flow::key(transport, &l3.dst, &l3.src, dport, sport)
-        && let Some(slot) = flow::reply(&key, word, role_mask, policy, transport, tcp_flags)
+    if reply_from == 0
+        && reply_to == 0
+        && !(policy.flags() & POLICY_TRACK_EGRESS != 0 && flow::tracked_port(transport, sport))
     {
-        return Ok(if slot == TRACKED_SLOT {
+        return no_rule(policy.flags());
+    }
+    if let Some(key) = flow::key(transport, &dst, &src, dport, sport)
+        && let Some(slot) = flow::reply(&key, word, role_mask, transport, tcp_flags)
+    {
+        return if slot == TRACKED_SLOT {
             Verdict::pass(reason::PASS_TRACKED_REPLY)
         } else {
             Verdict::rule(slot)
-        });
+        };
     }
     let claimed = (reply_from != 0
         && match_class(active, reply_from, local_bits, &mut remote, role_mask).is_some())
         || (reply_to != 0
             && match_class(active, reply_to, local_bits, &mut remote, role_mask).is_some());
-    Ok(if !claimed {
-        no_rule(policy)
-    } else if policy.flags & POLICY_DEFAULT_PASS != 0 {
+    if !claimed {
+        no_rule(policy.flags())
+    } else if policy.flags() & POLICY_DEFAULT_PASS != 0 {
         // Monitor mode drops nothing a rule decides: counted as what it would have been.
         Verdict::pass(reason::PASS_MONITOR_NOT_ESTABLISHED)
     } else {
         Verdict::drop(reason::DROP_NOT_ESTABLISHED)
-    })
+    }
+}
+
+/// A frame that is neither IP nor ARP.
+#[inline(always)]
+fn non_ip(flags: u32) -> Verdict {
+    if flags & POLICY_PASS_NON_IP != 0 {
+        Verdict::pass(reason::PASS_NON_IP)
+    } else {
+        Verdict::drop(reason::DROP_NON_IP)
+    }
 }
 
 /// Egress: the Edge's side of the matrix. Frames of flows an outbound rule allows are recorded
@@ -195,23 +309,22 @@ pub(crate) fn try_egress(
     // A bound NIC's own address no set names (a SLAAC address, a second IPv4 address) is the
     // Edge's as much as on ingress: no rule's local set holds it, but what it opens is tracked
     // like the rest of the Edge's own flows.
-    let Some((local_bits, _)) = own_address(active, &l3.src, policy) else {
+    let Some((local_bits, _)) = own_address(active, &l3.src(), || policy.flags) else {
         return Ok(Verdict::pass(reason::PASS_EGRESS_UNPROTECTED));
     };
     if l3.fragment == Fragment::Later {
         return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED));
     }
-    let (transport, sport, dport, tcp_flags) = match parse::l4(ctx, &l3)? {
-        L4::Tcp {
-            sport,
-            dport,
-            flags,
-        } => (TRANSPORT_TCP, sport, dport, flags),
-        L4::Udp { sport, dport } => (TRANSPORT_UDP, sport, dport, 0),
+    let l4 = parse::l4(ctx, &l3)?;
+    let (sport, dport, tcp_flags) = (l4.sport, l4.dport, l4.flags);
+    let transport = match l4.kind {
+        L4_TCP => TRANSPORT_TCP,
+        L4_UDP => TRANSPORT_UDP,
         _ => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
     };
+    let (src, dst) = (l3.src(), l3.dst());
     let mut remote = Remote {
-        addr: &l3.dst,
+        addr: &dst,
         bits: None,
         active,
     };
@@ -252,7 +365,7 @@ pub(crate) fn try_egress(
             (TRACKED_SLOT, Verdict::pass(reason::PASS_EGRESS_TRACKED))
         }
     };
-    if let Some(key) = flow::key(transport, &l3.src, &l3.dst, sport, dport) {
+    if let Some(key) = flow::key(transport, &src, &dst, sport, dport) {
         flow::record(&key, slot, role_mask, policy, transport, tcp_flags);
     }
     Ok(verdict)
@@ -262,11 +375,11 @@ pub(crate) fn try_egress(
 /// only as a bound NIC's address (`POLICY_PROTECT_IFACE_ADDRS`; no named set holds it); `None`
 /// when the Edge does not protect it.
 #[inline(always)]
-fn own_address(active: u32, addr: &Addr, policy: &PolicyEntry) -> Option<(u64, bool)> {
+fn own_address(active: u32, addr: &Addr, flags: impl FnOnce() -> u32) -> Option<(u64, bool)> {
     let bits = local_bits(active, addr);
     if bits & SET_PROTECTED != 0 {
         Some((bits, false))
-    } else if policy.flags & POLICY_PROTECT_IFACE_ADDRS != 0 && iface_addr(addr) {
+    } else if flags() & POLICY_PROTECT_IFACE_ADDRS != 0 && iface_addr(addr) {
         Some((SET_PROTECTED | SET_ANY, true))
     } else {
         None
@@ -279,16 +392,15 @@ pub(crate) fn iface_addr(addr: &Addr) -> bool {
     // Keys are address bytes held in u32 words (native order): a byte-array key on the stack
     // gets word stores at odd offsets, which the verifier refuses.
     match addr {
-        Addr::V4(a) => {
-            let k = u32::from_ne_bytes(*a);
-            unsafe { IFACE_ADDRS_V4.get(k) }.is_some()
-        }
+        Addr::V4(a) => unsafe { IFACE_ADDRS_V4.get(*a) }.is_some(),
         Addr::V6(a) => {
+            // Each u64 word holds two u32 words of the address, the first in its low half
+            // (little-endian BPF).
             let k = [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+                a[0] as u32,
+                (a[0] >> 32) as u32,
+                a[1] as u32,
+                (a[1] >> 32) as u32,
             ];
             unsafe { IFACE_ADDRS_V6.get(k) }.is_some()
         }
@@ -301,14 +413,44 @@ pub(crate) fn dhcp_reply(dst: &Addr, sport: u16, dport: u16) -> bool {
     match dst {
         Addr::V4(_) => sport == DHCP4_SERVER && dport == DHCP4_CLIENT,
         Addr::V6(a) => {
-            sport == DHCP6_SERVER && dport == DHCP6_CLIENT && a[0] == 0xfe && a[1] & 0xc0 == 0x80
+            // fe80::/10: the first two bytes are the low ones of the first word.
+            sport == DHCP6_SERVER && dport == DHCP6_CLIENT && a[0] & 0xc0ff == 0x80fe
         }
     }
 }
 
+/// The policy of a buffer, looked up when asked. A buffer always has one; were the lookup ever
+/// to fail, the flags read 0: nothing passes by policy.
+#[derive(Clone, Copy)]
+pub(crate) struct Policy(pub(crate) u32);
+
+impl Policy {
+    #[inline(always)]
+    pub(crate) fn entry(self) -> Option<&'static PolicyEntry> {
+        POLICY.get(self.0)
+    }
+    #[inline(always)]
+    pub(crate) fn flags(self) -> u32 {
+        match self.entry() {
+            Some(p) => p.flags,
+            None => 0,
+        }
+    }
+}
+
+/// A frame to an address the Edge does not protect.
 #[inline(always)]
-pub(crate) fn no_rule(policy: &PolicyEntry) -> Verdict {
-    if policy.flags & POLICY_DEFAULT_PASS != 0 {
+fn unprotected(flags: u32) -> Verdict {
+    if flags & POLICY_PASS_UNPROTECTED != 0 {
+        Verdict::pass(reason::PASS_UNPROTECTED)
+    } else {
+        Verdict::drop(reason::DROP_UNPROTECTED)
+    }
+}
+
+#[inline(always)]
+pub(crate) fn no_rule(flags: u32) -> Verdict {
+    if flags & POLICY_DEFAULT_PASS != 0 {
         Verdict::pass(reason::PASS_MONITOR)
     } else {
         Verdict::drop(reason::DROP_NO_RULE)

@@ -12,17 +12,22 @@ use edge_classifier_common::{
 };
 
 use crate::{
-    maps::{FLOW_STATS, FLOWS_V4, FLOWS_V6, REPLY_CACHE_V4, REPLY_CACHE_V6, TRACKED_PORTS},
+    maps::{FLOW_STATS, FLOWS_V4, FLOWS_V6, POLICY, REPLY_CACHE_V4, REPLY_CACHE_V6, TRACKED_PORTS},
     parse::{Addr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const EEXIST: i32 = 17;
 
-/// A flow's key in the table of its family.
+/// A flow's key in the table of its family, as the words of `FlowKey4` or `FlowKey`: built from
+/// the parsed fields in registers, it is compared with the reply cache's words as it is, where a
+/// key written field by field (u16, u16, u32) and read back as u64 stalls store forwarding.
 pub enum Key {
-    V4(FlowKey4),
-    V6(FlowKey),
+    V4([u64; 2]),
+    V6([u64; 5]),
 }
+
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 #[inline(always)]
 pub fn key(
@@ -32,26 +37,32 @@ pub fn key(
     local_port: u16,
     remote_port: u16,
 ) -> Option<Key> {
+    // FlowKey4: local, remote (4 bytes each), local_port, remote_port, transport (u32).
+    // FlowKey: local, remote (16 bytes each), local_port, remote_port, transport (u8),
+    // family (u8, 6), padding. Little-endian: the first field is the low end of its word.
+    let ports = local_port as u64 | (remote_port as u64) << 16;
     match (local, remote) {
-        (Addr::V4(l), Addr::V4(r)) => Some(Key::V4(FlowKey4 {
-            local: *l,
-            remote: *r,
-            local_port,
-            remote_port,
-            transport,
-        })),
-        (Addr::V6(l), Addr::V6(r)) => Some(Key::V6(FlowKey {
-            local: *l,
-            remote: *r,
-            local_port,
-            remote_port,
-            transport: transport as u8,
-            family: 6,
-            _pad: [0; 2],
-        })),
+        (Addr::V4(l), Addr::V4(r)) => Some(Key::V4([
+            *l as u64 | (*r as u64) << 32,
+            ports | (transport as u64) << 32,
+        ])),
+        (Addr::V6(l), Addr::V6(r)) => Some(Key::V6([
+            l[0],
+            l[1],
+            r[0],
+            r[1],
+            ports | (transport as u64 & 0xff) << 32 | 6 << 40,
+        ])),
         // Both addresses come from one IP header.
         _ => None,
     }
+}
+
+/// The key's words as the table's key type (8-aligned, the same size, no padding unset).
+#[inline(always)]
+fn as_key<K, const N: usize>(words: &[u64; N]) -> &K {
+    const { assert!(core::mem::size_of::<K>() == N * 8) };
+    unsafe { &*(words.as_ptr() as *const K) }
 }
 
 #[inline(always)]
@@ -107,8 +118,24 @@ pub fn record(
     tcp_flags: u8,
 ) {
     match key {
-        Key::V4(k) => record_in(&FLOWS_V4, k, slot, role_mask, policy, transport, tcp_flags),
-        Key::V6(k) => record_in(&FLOWS_V6, k, slot, role_mask, policy, transport, tcp_flags),
+        Key::V4(k) => record_in(
+            &FLOWS_V4,
+            as_key(k),
+            slot,
+            role_mask,
+            policy,
+            transport,
+            tcp_flags,
+        ),
+        Key::V6(k) => record_in(
+            &FLOWS_V6,
+            as_key(k),
+            slot,
+            role_mask,
+            policy,
+            transport,
+            tcp_flags,
+        ),
     }
 }
 
@@ -119,38 +146,28 @@ pub fn reply(
     key: &Key,
     generation: u32,
     role_mask: u32,
-    policy: &PolicyEntry,
     transport: u32,
     tcp_flags: u8,
 ) -> Option<u32> {
     let r = Reply {
         generation,
         role_mask,
-        policy,
         transport,
         tcp_flags,
         now: now(),
     };
     match key {
-        Key::V4(k) => {
-            // FlowKey4 is 16 bytes, 8-aligned, with no padding.
-            let words = unsafe { core::mem::transmute::<FlowKey4, [u64; 2]>(*k) };
-            cached_reply(&REPLY_CACHE_V4, &FLOWS_V4, k, words, &r)
-        }
-        Key::V6(k) => {
-            // FlowKey is 40 bytes, 8-aligned, its padding zeroed.
-            let words = unsafe { core::mem::transmute::<FlowKey, [u64; 5]>(*k) };
-            cached_reply(&REPLY_CACHE_V6, &FLOWS_V6, k, words, &r)
-        }
+        Key::V4(k) => cached_reply(&REPLY_CACHE_V4, &FLOWS_V4, as_key(k), *k, &r),
+        Key::V6(k) => cached_reply(&REPLY_CACHE_V6, &FLOWS_V6, as_key(k), *k, &r),
     }
 }
 
 /// What a reply lookup needs besides the key.
-struct Reply<'a> {
-    /// The `ACTIVE` word: it changes with every flip and flow purge.
+struct Reply {
+    /// The `ACTIVE` word: it changes with every flip and flow purge. Bit 0 is the buffer whose
+    /// policy holds the timeouts.
     generation: u32,
     role_mask: u32,
-    policy: &'a PolicyEntry,
     transport: u32,
     tcp_flags: u8,
     now: u64,
@@ -189,12 +206,13 @@ fn cached_reply<K, const N: usize>(
     words: [u64; N],
     r: &Reply,
 ) -> Option<u32> {
+    // The timeouts matter only to the table's answer, not to a cache hit.
     let lookup = || {
         reply_in(
             flows,
             key,
             r.role_mask,
-            r.policy,
+            POLICY.get(r.generation & 1)?,
             r.transport,
             r.tcp_flags,
             r.now,

@@ -18,7 +18,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use classify::{Verdict, try_classify, try_egress};
+use classify::{Verdict, classify, try_egress};
 use edge_classifier_common::{IFACE_SLOTS, layout, reason};
 use maps::*;
 use parse::{Frame, Malformed};
@@ -55,15 +55,7 @@ pub fn edge_classifier(ctx: XdpContext) -> u32 {
     let verdict = if block == 0 {
         Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
     } else {
-        let word = active_word();
-        let active = word & 1;
-        match POLICY.get(active) {
-            Some(policy) => match try_classify(&ctx, word, role_mask, policy) {
-                Ok(v) => v,
-                Err(Malformed) => Verdict::drop(reason::DROP_MALFORMED),
-            },
-            None => Verdict::drop(reason::DROP_MALFORMED),
-        }
+        classify(&ctx, active_word(), role_mask)
     };
     count(block, verdict.counter, 1, Frame::len(&ctx));
     if verdict.pass {

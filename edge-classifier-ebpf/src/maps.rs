@@ -15,7 +15,10 @@ use edge_classifier_common::{
     StrideBlock, TRANSPORTS, flow_stat,
 };
 
-use crate::flow::{CachedReply, REPLY_CACHE_SLOTS};
+use crate::{
+    classify::Protected,
+    flow::{CachedReply, REPLY_CACHE_SLOTS},
+};
 
 /// The active rule buffer (bit 0) and a generation that every flip and flow purge changes.
 #[map]
@@ -103,3 +106,6 @@ pub(crate) static REPLY_CACHE_V4: PerCpuArray<CachedReply<2>> =
 #[map]
 pub(crate) static REPLY_CACHE_V6: PerCpuArray<CachedReply<5>> =
     PerCpuArray::with_max_entries(REPLY_CACHE_SLOTS, 0);
+/// Per CPU, what the full parser hands back to the entry point (`classify::full`).
+#[map]
+pub(crate) static FULL_PARSE: PerCpuArray<Protected> = PerCpuArray::with_max_entries(1, 0);

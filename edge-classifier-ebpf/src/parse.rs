@@ -71,12 +71,25 @@ const MAX_IPV6_EXT_BYTES: usize = 512;
 /// A frame the parser could not make sense of.
 pub struct Malformed;
 
+/// An address as its bytes lie in the header, read as native-endian words: word-sized and
+/// word-aligned wherever it is kept (a byte array in an enum lands at odd stack offsets, which
+/// the verifier refuses for the wide stores LLVM merges its bytes into), and compared, hashed
+/// and masked a word at a time.
 pub enum Addr {
-    V4([u8; 4]),
-    V6([u8; 16]),
+    V4(u32),
+    V6([u64; 2]),
+}
+
+#[inline(always)]
+fn v6_words(b: &[u8]) -> [u64; 2] {
+    [
+        u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u64::from_ne_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    ]
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Fragment {
     /// Not fragmented (or an IPv6 atomic fragment).
     No,
@@ -86,15 +99,38 @@ pub enum Fragment {
     Later,
 }
 
+/// Every field is set whatever the family (an IPv4 address in the low half of the first word,
+/// the rest zero): the full parser returns it from a subprogram through memory, and the
+/// verifier refuses to copy a register that was never set.
+#[repr(C)]
 pub struct Ip {
     pub is_v6: bool,
     pub proto: u8,
-    pub src: Addr,
-    pub dst: Addr,
+    pub src: [u64; 2],
+    pub dst: [u64; 2],
     /// Offset of the L4 header and end of the IP datagram within the frame.
     pub l4_off: usize,
     pub l4_end: usize,
     pub fragment: Fragment,
+}
+
+impl Ip {
+    #[inline(always)]
+    fn addr(&self, w: &[u64; 2]) -> Addr {
+        if self.is_v6 {
+            Addr::V6(*w)
+        } else {
+            Addr::V4(w[0] as u32)
+        }
+    }
+    #[inline(always)]
+    pub fn src(&self) -> Addr {
+        self.addr(&self.src)
+    }
+    #[inline(always)]
+    pub fn dst(&self) -> Addr {
+        self.addr(&self.dst)
+    }
 }
 
 pub enum L3 {
@@ -103,22 +139,34 @@ pub enum L3 {
     Ip(Ip),
 }
 
-pub enum L4 {
-    Tcp {
-        sport: u16,
-        dport: u16,
-        flags: u8,
-    },
-    Udp {
-        sport: u16,
-        dport: u16,
-    },
-    Icmp {
-        ty: u8,
-    },
-    /// A first fragment that does not carry the whole L4 header.
-    ShortFragment,
-    Other,
+/// The transport header's facts, every field set whatever the kind (see `Ip`).
+#[repr(C)]
+pub struct L4 {
+    /// `L4_*`.
+    pub kind: u8,
+    /// TCP flags, or the ICMP type.
+    pub flags: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub const L4_TCP: u8 = 0;
+pub const L4_UDP: u8 = 1;
+pub const L4_ICMP: u8 = 2;
+/// A first fragment that does not carry the whole L4 header.
+pub const L4_SHORT_FRAGMENT: u8 = 3;
+pub const L4_OTHER: u8 = 4;
+
+impl L4 {
+    #[inline(always)]
+    const fn of(kind: u8, sport: u16, dport: u16, flags: u8) -> L4 {
+        L4 {
+            kind,
+            flags,
+            sport,
+            dport,
+        }
+    }
 }
 
 #[inline(always)]
@@ -186,8 +234,14 @@ fn ipv4(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     Ok(Ip {
         is_v6: false,
         proto: hdr[9],
-        src: Addr::V4([hdr[12], hdr[13], hdr[14], hdr[15]]),
-        dst: Addr::V4([hdr[16], hdr[17], hdr[18], hdr[19]]),
+        src: [
+            u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as u64,
+            0,
+        ],
+        dst: [
+            u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]) as u64,
+            0,
+        ],
         l4_off: off + ihl,
         l4_end: end,
         fragment,
@@ -215,10 +269,8 @@ fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     if end > ctx.len() {
         return Err(Malformed);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&hdr[8..24]);
-    dst.copy_from_slice(&hdr[24..40]);
+    let src = v6_words(&hdr[8..24]);
+    let dst = v6_words(&hdr[24..40]);
 
     let mut next = hdr[6];
     let mut cur = start;
@@ -281,12 +333,141 @@ fn ipv6(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     Ok(Ip {
         is_v6: true,
         proto: next,
-        src: Addr::V6(src),
-        dst: Addr::V6(dst),
+        src,
+        dst,
         l4_off: cur,
         l4_end: end,
         fragment,
     })
+}
+
+/// What the fixed-offset read of a frame found.
+pub enum Quick {
+    /// The common frame, with what `l3` and `l4` would say of it.
+    Ip(Ip, L4),
+    Arp,
+    /// Neither IP nor ARP nor a VLAN tag.
+    NonIp,
+    /// Anything else: for the full parser.
+    Full,
+}
+
+/// The common frame, read at fixed offsets with one bounds check per header pair: untagged or
+/// with one VLAN tag, IPv4 without options or IPv6 without extension headers, not fragmented,
+/// carrying a whole TCP or UDP header within the datagram. For every frame it accepts, the full
+/// parser (`l3`, `l4`) says the same (the differential test holds the kernel to the reference on
+/// frames at each of these edges); everything else is `Full`, for the full parser to read.
+#[inline(always)]
+pub fn fast(ctx: &XdpContext) -> Quick {
+    let data = Frame::data(ctx);
+    let end = Frame::data_end(ctx);
+    let len = end - data;
+    // Ethernet and the next four bytes: a VLAN tag's inner EtherType lies within them.
+    if data + ETH_HLEN + 4 > end {
+        return Quick::Full;
+    }
+    let mut ethertype = u16::from_be_bytes(unsafe { *((data + 12) as *const [u8; 2]) });
+    let mut off = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = u16::from_be_bytes(unsafe { *((data + 16) as *const [u8; 2]) });
+        off += VLAN_HLEN;
+    }
+    let (ip, avail) = match ethertype {
+        ETH_P_IP => {
+            // IPv4 and a UDP header: the shortest datagram taken here.
+            if data + off + 20 + 8 > end {
+                return Quick::Full;
+            }
+            let hdr = unsafe { &*((data + off) as *const [u8; 20]) };
+            let total = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+            // Version 4 with a 20-byte header, within the frame; no more fragments and offset 0
+            // (DF may be set).
+            if hdr[0] != 0x45
+                || total < 20
+                || off + total > len
+                || hdr[6] & 0x3f != 0
+                || hdr[7] != 0
+            {
+                return Quick::Full;
+            }
+            let ip = Ip {
+                is_v6: false,
+                proto: hdr[9],
+                src: [
+                    u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as u64,
+                    0,
+                ],
+                dst: [
+                    u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]) as u64,
+                    0,
+                ],
+                l4_off: off + 20,
+                l4_end: off + total,
+                fragment: Fragment::No,
+            };
+            (ip, total - 20)
+        }
+        ETH_P_IPV6 => {
+            if data + off + 40 + 8 > end {
+                return Quick::Full;
+            }
+            let hdr = unsafe { &*((data + off) as *const [u8; 40]) };
+            let payload = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
+            if hdr[0] >> 4 != 6 || off + 40 + payload > len {
+                return Quick::Full;
+            }
+            let ip = Ip {
+                is_v6: true,
+                proto: hdr[6],
+                src: v6_words(&hdr[8..24]),
+                dst: v6_words(&hdr[24..40]),
+                l4_off: off + 40,
+                l4_end: off + 40 + payload,
+                fragment: Fragment::No,
+            };
+            (ip, payload)
+        }
+        ETH_P_ARP if off == ETH_HLEN => return Quick::Arp,
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_ARP => return Quick::Full,
+        _ if off == ETH_HLEN => return Quick::NonIp,
+        _ => return Quick::Full,
+    };
+    let l4 = match ip.proto {
+        IPPROTO_TCP => {
+            if avail < 20 || data + ip.l4_off + 20 > end {
+                return Quick::Full;
+            }
+            let h = unsafe { &*((data + ip.l4_off) as *const [u8; 20]) };
+            let doff = ((h[12] >> 4) as usize) * 4;
+            if doff < 20 || doff > avail {
+                return Quick::Full;
+            }
+            L4::of(
+                L4_TCP,
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                h[13],
+            )
+        }
+        IPPROTO_UDP => {
+            if avail < 8 || data + ip.l4_off + 8 > end {
+                return Quick::Full;
+            }
+            let h = unsafe { &*((data + ip.l4_off) as *const [u8; 8]) };
+            let ulen = u16::from_be_bytes([h[4], h[5]]) as usize;
+            if ulen < 8 || ulen > avail {
+                return Quick::Full;
+            }
+            L4::of(
+                L4_UDP,
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                0,
+            )
+        }
+        _ => return Quick::Full,
+    };
+    Quick::Ip(ip, l4)
 }
 
 /// The ICMP/ICMPv6 type byte, for the neighbour-discovery check.
@@ -320,11 +501,12 @@ pub fn l4(ctx: &impl Frame, ip: &Ip) -> Result<L4, Malformed> {
             if doff > avail {
                 return short(fragmented);
             }
-            Ok(L4::Tcp {
-                sport: u16::from_be_bytes([h[0], h[1]]),
-                dport: u16::from_be_bytes([h[2], h[3]]),
-                flags: h[13],
-            })
+            Ok(L4::of(
+                L4_TCP,
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                h[13],
+            ))
         }
         IPPROTO_UDP => {
             if avail < 8 {
@@ -335,25 +517,23 @@ pub fn l4(ctx: &impl Frame, ip: &Ip) -> Result<L4, Malformed> {
             if len < 8 || (!fragmented && len > avail) {
                 return Err(Malformed);
             }
-            Ok(L4::Udp {
-                sport: u16::from_be_bytes([h[0], h[1]]),
-                dport: u16::from_be_bytes([h[2], h[3]]),
-            })
+            Ok(L4::of(
+                L4_UDP,
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                0,
+            ))
         }
-        IPPROTO_ICMP if !ip.is_v6 => Ok(L4::Icmp {
-            ty: icmp_type(ctx, ip)?,
-        }),
-        IPPROTO_ICMPV6 if ip.is_v6 => Ok(L4::Icmp {
-            ty: icmp_type(ctx, ip)?,
-        }),
-        _ => Ok(L4::Other),
+        IPPROTO_ICMP if !ip.is_v6 => Ok(L4::of(L4_ICMP, 0, 0, icmp_type(ctx, ip)?)),
+        IPPROTO_ICMPV6 if ip.is_v6 => Ok(L4::of(L4_ICMP, 0, 0, icmp_type(ctx, ip)?)),
+        _ => Ok(L4::of(L4_OTHER, 0, 0, 0)),
     }
 }
 
 #[inline(always)]
 fn short(fragmented: bool) -> Result<L4, Malformed> {
     if fragmented {
-        Ok(L4::ShortFragment)
+        Ok(L4::of(L4_SHORT_FRAGMENT, 0, 0, 0))
     } else {
         Err(Malformed)
     }

@@ -103,7 +103,10 @@ pub struct PortEntry {
     pub reply_from: u32,
     /// Outbound rules whose Edge-side (local) port range holds this port: replies go to it.
     pub reply_to: u32,
-    pub _pad: u32,
+    /// 1 when the `inbound` class has one rule, copied into `inbound_rule`: the data plane then
+    /// matches it from this entry, without reading the class (most service ports have one).
+    pub inbound_single: u32,
+    pub inbound_rule: RuleMatch,
 }
 
 /// One rule as the data plane sees it.
@@ -375,7 +378,7 @@ const _: () = {
     assert!(core::mem::size_of::<IfaceInfo>() == 16);
     assert!(core::mem::size_of::<BufferRecord>() == 8 + 8 + 32 + 8 + 8);
     assert!(core::mem::size_of::<InstanceRecord>() == 24);
-    assert!(core::mem::size_of::<PortEntry>() == 16);
+    assert!(core::mem::size_of::<PortEntry>() == 16 + 32);
     assert!(core::mem::size_of::<RuleMatch>() == 32);
     assert!(core::mem::size_of::<RuleClass>() == 8 + 32 * MAX_CANDIDATES);
     assert!(core::mem::size_of::<Lpm4>() == 8);

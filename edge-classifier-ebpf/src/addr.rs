@@ -6,24 +6,34 @@ use edge_classifier_common::{LOCALS_V4, LOCALS_V6, SMALL4, SMALL6, STRIDE_BLOCK,
 
 use crate::{maps::*, parse::Addr};
 
-/// The peer's set bits, looked up only when a candidate rule narrows the remote side.
+/// The peer's set bits, looked up only when a candidate rule narrows the remote side. Plain
+/// fields, not an `Option`: LLVM may spill a `None`'s unset payload, and the verifier refuses a
+/// register that was never written.
 pub(crate) struct Remote<'a> {
-    pub(crate) addr: &'a Addr,
-    pub(crate) bits: Option<u64>,
-    pub(crate) active: u32,
+    addr: &'a Addr,
+    bits: u64,
+    known: bool,
+    active: u32,
 }
 
-impl Remote<'_> {
+impl<'a> Remote<'a> {
+    #[inline(always)]
+    pub(crate) fn new(active: u32, addr: &'a Addr) -> Self {
+        Remote {
+            addr,
+            bits: 0,
+            known: false,
+            active,
+        }
+    }
+
     #[inline(always)]
     pub(crate) fn bits(&mut self) -> u64 {
-        match self.bits {
-            Some(b) => b,
-            None => {
-                let b = set_bits(self.active, self.addr);
-                self.bits = Some(b);
-                b
-            }
+        if !self.known {
+            self.bits = set_bits(self.active, self.addr);
+            self.known = true;
         }
+        self.bits
     }
 }
 

@@ -5,8 +5,8 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use edge_classifier_common::{
     DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, SET_ANY, SET_PROTECTED,
-    TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
+    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, RuleMatch, SET_ANY,
+    SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
 };
 
 use crate::{
@@ -55,17 +55,21 @@ impl Verdict {
 #[inline(always)]
 pub(crate) fn classify(ctx: &XdpContext, word: u32, role_mask: u32) -> Verdict {
     let policy = Policy(word & 1);
-    let (l3, l4, local_bits, nic_only) = match parse::fast(ctx) {
-        Quick::Ip(l3, l4) => {
-            let Some((local_bits, nic_only)) = own_address(word & 1, &l3.dst(), || policy.flags())
-            else {
-                return unprotected(policy.flags());
-            };
-            (l3, l4, local_bits, nic_only)
-        }
+    let fast = match parse::fast(ctx) {
+        Quick::Ip(l3, l4) => match own_address(word & 1, &l3.dst(), || policy.flags()) {
+            Some((local_bits, false)) => Some((l3, l4, local_bits)),
+            // Only a bound NIC's own address (DHCP's client port): rare, and for `full`, which
+            // knows that case, so that the common path does not carry it.
+            Some((_, true)) => None,
+            None => return unprotected(policy.flags()),
+        },
         Quick::Arp => return Verdict::pass(reason::PASS_ARP),
         Quick::NonIp => return non_ip(policy.flags()),
-        Quick::Full => {
+        Quick::Full => None,
+    };
+    let (l3, l4, local_bits) = match fast {
+        Some(f) => f,
+        None => {
             if let Some(v) = full(ctx, word).verdict() {
                 return v;
             }
@@ -89,11 +93,10 @@ pub(crate) fn classify(ctx: &XdpContext, word: u32, role_mask: u32) -> Verdict {
                     dport: f.l4.dport,
                 },
                 f.local_bits,
-                f.nic_only,
             )
         }
     };
-    decide(&l3, l4, local_bits, nic_only, word, role_mask)
+    decide(&l3, l4, local_bits, word, role_mask)
 }
 
 /// What the full parser leaves to `decide`, handed back through a per-CPU map (`FULL_PARSE`):
@@ -104,7 +107,6 @@ pub(crate) struct Protected {
     l3: Ip,
     l4: L4,
     local_bits: u64,
-    nic_only: bool,
 }
 
 /// The full parser's verdict, or `DECIDE`: the frame is for `decide`, its facts in `FULL_PARSE`.
@@ -178,18 +180,14 @@ fn try_full(ctx: &XdpContext, word: u32) -> Result<FullVerdict, Malformed> {
         });
     }
     let l4 = parse::l4(ctx, &l3)?;
+    if nic_only && l4.kind == L4_UDP && dhcp_reply(&l3.dst(), l4.sport, l4.dport) {
+        return decided(Verdict::pass(reason::PASS_DHCP_CLIENT));
+    }
     let Some(out) = FULL_PARSE.get_ptr_mut(0) else {
         return decided(Verdict::drop(reason::DROP_MALFORMED));
     };
     // Per-CPU: this frame's alone until the entry point has read it.
-    unsafe {
-        *out = Protected {
-            l3,
-            l4,
-            local_bits,
-            nic_only,
-        }
-    };
+    unsafe { *out = Protected { l3, l4, local_bits } };
     Ok(FullVerdict::DECIDE)
 }
 
@@ -197,7 +195,7 @@ fn try_full(ctx: &XdpContext, word: u32) -> Result<FullVerdict, Malformed> {
 /// inbound rules, then replies. The policy is read where a decision needs it: a frame a rule
 /// allows never does.
 #[inline(always)]
-fn decide(l3: &Ip, l4: L4, local_bits: u64, nic_only: bool, word: u32, role_mask: u32) -> Verdict {
+fn decide(l3: &Ip, l4: L4, local_bits: u64, word: u32, role_mask: u32) -> Verdict {
     let active = word & 1;
     let policy = Policy(active);
     let (sport, dport, tcp_flags) = (l4.sport, l4.dport, l4.flags);
@@ -223,21 +221,22 @@ fn decide(l3: &Ip, l4: L4, local_bits: u64, nic_only: bool, word: u32, role_mask
         _ => return no_rule(policy.flags()),
     };
     let (src, dst) = (l3.src(), l3.dst());
-    if nic_only && transport == TRANSPORT_UDP && dhcp_reply(&dst, sport, dport) {
-        return Verdict::pass(reason::PASS_DHCP_CLIENT);
-    }
 
-    let mut remote = Remote {
-        addr: &src,
-        bits: None,
-        active,
-    };
+    let mut remote = Remote::new(active, &src);
     let dentry = PORTS.get(layout::port(active, transport, dport as u32));
     if let Some(entry) = dentry
         && entry.inbound != 0
-        && let Some(slot) = match_class(active, entry.inbound, local_bits, &mut remote, role_mask)
     {
-        return Verdict::rule(slot);
+        if entry.inbound_single != 0 {
+            let rule = &entry.inbound_rule;
+            if rule_matches(rule, local_bits, &mut remote, role_mask) {
+                return Verdict::rule(rule.slot);
+            }
+        } else if let Some(slot) =
+            match_class(active, entry.inbound, local_bits, &mut remote, role_mask)
+        {
+            return Verdict::rule(slot);
+        }
     }
     // A frame from an outbound rule's remote service port, or to its local port range, claims to
     // answer a flow the Edge opened. Anyone can forge that claim; only the flow table, filled on
@@ -323,11 +322,7 @@ pub(crate) fn try_egress(
         _ => return Ok(Verdict::pass(reason::PASS_EGRESS_UNTRACKED)),
     };
     let (src, dst) = (l3.src(), l3.dst());
-    let mut remote = Remote {
-        addr: &dst,
-        bits: None,
-        active,
-    };
+    let mut remote = Remote::new(active, &dst);
     // The same classes ingress uses for replies, seen from the other side: an outbound rule's
     // remote service port is this frame's destination, its local range holds the source.
     let mut slot = None;
@@ -463,6 +458,14 @@ pub(crate) fn bit_set(map: &[u64; 4], bit: u8) -> bool {
     word < 4 && map[word] & (1u64 << (bit & 63)) != 0
 }
 
+/// Whether one rule covers the frame's NIC role and addresses (its ports being covered).
+#[inline(always)]
+fn rule_matches(rule: &RuleMatch, local_bits: u64, remote: &mut Remote, role_mask: u32) -> bool {
+    rule.role_mask & role_mask != 0
+        && rule.local_mask & local_bits != 0
+        && (rule.remote_mask & SET_ANY != 0 || rule.remote_mask & remote.bits() != 0)
+}
+
 #[inline(always)]
 pub(crate) fn match_class(
     active: u32,
@@ -478,13 +481,9 @@ pub(crate) fn match_class(
             break;
         }
         let rule = &class.rules[i];
-        if rule.role_mask & role_mask == 0 || rule.local_mask & local_bits == 0 {
-            continue;
+        if rule_matches(rule, local_bits, remote, role_mask) {
+            return Some(rule.slot);
         }
-        if rule.remote_mask & SET_ANY == 0 && rule.remote_mask & remote.bits() == 0 {
-            continue;
-        }
-        return Some(rule.slot);
     }
     None
 }

@@ -479,12 +479,19 @@ fn port_classes(
                             .join(", "),
                     });
                 }
+                let single = (list.len() == 1).then(|| rules[list[0]].matcher);
                 let id = class_for(list, rules, &mut classes, &mut class_ids)?;
                 for port in *start..end {
                     let e =
                         &mut ports[layout::compiled_port(transport_index(transport), port as u16)];
                     match kind {
-                        Kind::Inbound => e.inbound = id,
+                        Kind::Inbound => {
+                            e.inbound = id;
+                            if let Some(rule) = single {
+                                e.inbound_single = 1;
+                                e.inbound_rule = rule;
+                            }
+                        }
                         Kind::ReplyFrom => e.reply_from = id,
                         Kind::ReplyTo => e.reply_to = id,
                     }

@@ -683,6 +683,103 @@ fn kernel_and_reference_agree_on_every_frame() {
 
 /// Every pcap under tests/fixtures/differential: the hand-made hostile seed, and any frame a
 /// run once found the two disagreeing on.
+/// Frames at the edges of the data plane's fixed-offset read of the common frame (untagged or
+/// one VLAN tag, IPv4 without options, IPv6 without extension headers, TCP or UDP, not
+/// fragmented) and the full parser it falls back to: IHL 5 and 6, no fragment, a first and a
+/// later fragment, DF and the reserved bit, no tag, one tag of either TPID, two tags, each IPv6
+/// next header, every TCP data offset, UDP lengths around the datagram's, IP lengths short of,
+/// equal to and past the frame, Ethernet padding, and cuts at every byte around the headers.
+fn fast_path_edges(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let [a4, a6] = addresses();
+    let ports = ports();
+    let mut out = Vec::new();
+    for _ in 0..400 {
+        let v6 = rng.chance(2);
+        let addrs = if v6 { &a6 } else { &a4 };
+        let (src, dst) = (*rng.pick(addrs), *rng.pick(&addrs[..3]));
+        let (sport, dport) = (*rng.pick(&ports), *rng.pick(&ports));
+        let mut f = if rng.chance(2) {
+            tcp_segment(
+                src,
+                sport,
+                dst,
+                dport,
+                *rng.pick(&[SYN, ACK, FIN | ACK, RST]),
+            )
+        } else {
+            udp(src, sport, dst, dport)
+        };
+        let l4 = if v6 { L3 + 40 } else { L3 + 20 };
+        match rng.below(9) {
+            // IPv4 with one option word (IHL 6): the full parser's frame.
+            0 if !v6 => {
+                f.splice(L3 + 20..L3 + 20, [1u8, 1, 1, 0]);
+                f[L3] = 0x46;
+                let total = u16::from_be_bytes([f[L3 + 2], f[L3 + 3]]) + 4;
+                f[L3 + 2..L3 + 4].copy_from_slice(&total.to_be_bytes());
+            }
+            // Fragment field: MF, an offset, DF, the reserved bit, or combinations.
+            1 if !v6 => {
+                let v = *rng.pick(&[0x2000u16, 0x0001, 0x2001, 0x4000, 0x8000, 0x6000, 0x1fff]);
+                f[L3 + 6..L3 + 8].copy_from_slice(&v.to_be_bytes());
+            }
+            // Each next header in place of TCP/UDP, the payload left as it is.
+            1 => f[L3 + 6] = *rng.pick(&[0u8, 43, 44, 50, 51, 58, 59, 60, 135, 6, 17]),
+            // The TCP data offset, every value.
+            2 if f[if v6 { L3 + 6 } else { L3 + 9 }] == 6 => {
+                f[l4 + 12] = (rng.below(16) as u8) << 4;
+            }
+            // The UDP length around the datagram's.
+            2 => {
+                let n = (f.len() - l4) as i32 + rng.below(5) as i32 - 2;
+                let n = if rng.chance(4) {
+                    rng.below(9) as i32
+                } else {
+                    n
+                };
+                f[l4 + 4..l4 + 6].copy_from_slice(&(n.max(0) as u16).to_be_bytes());
+            }
+            // The IP length short of, at and past the frame's end.
+            3 => {
+                let (at, base) = if v6 {
+                    (L3 + 4, f.len() - L3 - 40)
+                } else {
+                    (L3 + 2, f.len() - L3)
+                };
+                let n = (base as i32 + rng.below(9) as i32 - 4).max(0) as u16;
+                f[at..at + 2].copy_from_slice(&n.to_be_bytes());
+            }
+            // Ethernet padding after the datagram.
+            4 => f.extend(std::iter::repeat_n(0u8, 1 + rng.below(30))),
+            // Cut at any byte up to the end of the L4 header.
+            5 => f.truncate(rng.below(l4 + 21).max(1)),
+            // The version nibble.
+            6 => f[L3] = (f[L3] & 0x0f) | ((rng.below(16) as u8) << 4),
+            _ => {}
+        }
+        // VLAN tags: none, one of either TPID, or two.
+        out.push(match if f.len() < L3 { 3 } else { rng.below(4) } {
+            0 => with_vlans(&f, &[(0x8100, 100)]),
+            1 => with_vlans(&f, &[(0x88a8, 200)]),
+            2 => with_vlans(&f, &[(0x88a8, 200), (0x8100, 100)]),
+            _ => f,
+        });
+    }
+    out
+}
+
+#[test]
+fn kernel_and_reference_agree_at_the_fast_paths_edges() {
+    let mut rng = Rng(0xfa57_0ed9_e000_0018);
+    let mut c = Checker::new();
+    while c.checked < 20_000 {
+        for f in fast_path_edges(&mut rng) {
+            c.check(&f);
+        }
+    }
+    c.finish("fast path edges");
+}
+
 #[test]
 fn fixtures_still_agree() {
     let dir = std::fs::read_dir(fixtures()).expect("tests/fixtures/differential");

@@ -452,7 +452,7 @@ fn per_frame_table(md: &mut String, rows: &[Row]) -> std::fmt::Result {
                 .map_or("–".into(), |x| format!("{:.2}×", ours.median / x.median)),
             ours.median - floor.median,
             path.insns,
-            path.lookups_cell(),
+            path.lookups_total(),
         )?;
     }
     Ok(())
@@ -1054,14 +1054,17 @@ fn main() -> anyhow::Result<()> {
     let sum_floor = sum(|r| r.2.median);
     let sum_xf = sum(|r| r.3.as_ref().map_or(0.0, |s| s.median));
     let n = pf.rows.len() as f64;
+    let insns = pf.rows.iter().map(|r| r.4.insns).sum::<u64>() as f64 / n;
+    let lookups = pf.rows.iter().map(|r| r.4.lookups_total()).sum::<u64>() as f64 / n;
     writeln!(
         md,
-        "| **mix (mean)** | **{:.0}** | **{:.0}** | **{:.0}** | **{:.2}×** | **{:.2}×** |\n",
+        "| **mix (mean)** | **{:.0}** | **{:.0}** | **{:.0}** | **{:.2}×** | **{:.2}×** | **{:.0}** | **{insns:.0}** | **{lookups:.1}** |\n",
         sum_ours / n,
         sum_xf / n,
         sum_floor / n,
         sum_ours / sum_floor,
-        sum_ours / sum_xf
+        sum_ours / sum_xf,
+        (sum_ours - sum_floor) / n,
     )?;
     writeln!(
         md,

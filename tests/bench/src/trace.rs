@@ -100,10 +100,9 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// "IFACES 1, PORTS 2": the lookups in a table cell.
-    pub fn lookups_cell(&self) -> String {
-        let n: u64 = self.lookups.values().sum();
-        format!("{n}")
+    /// The map lookups made, in all.
+    pub fn lookups_total(&self) -> u64 {
+        self.lookups.values().sum()
     }
 }
 

@@ -167,6 +167,28 @@ impl L4 {
             dport,
         }
     }
+
+    /// The ports and flags of a TCP header whose length has been checked.
+    #[inline(always)]
+    fn tcp(h: &[u8; 20]) -> L4 {
+        L4::of(
+            L4_TCP,
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[2], h[3]]),
+            h[13],
+        )
+    }
+
+    /// The ports of a UDP header whose length has been checked.
+    #[inline(always)]
+    fn udp(h: &[u8; 8]) -> L4 {
+        L4::of(
+            L4_UDP,
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[2], h[3]]),
+            0,
+        )
+    }
 }
 
 #[inline(always)]
@@ -456,12 +478,7 @@ fn l4_at(ip: Ip, data: usize, end: usize, avail: usize) -> Quick {
             if doff < 20 || doff > avail {
                 return Quick::Full;
             }
-            L4::of(
-                L4_TCP,
-                u16::from_be_bytes([h[0], h[1]]),
-                u16::from_be_bytes([h[2], h[3]]),
-                h[13],
-            )
+            L4::tcp(h)
         }
         IPPROTO_UDP => {
             // The caller checked the frame holds 8 bytes here.
@@ -473,12 +490,7 @@ fn l4_at(ip: Ip, data: usize, end: usize, avail: usize) -> Quick {
             if ulen < 8 || ulen > avail {
                 return Quick::Full;
             }
-            L4::of(
-                L4_UDP,
-                u16::from_be_bytes([h[0], h[1]]),
-                u16::from_be_bytes([h[2], h[3]]),
-                0,
-            )
+            L4::udp(h)
         }
         _ => return Quick::Full,
     };
@@ -519,12 +531,7 @@ pub fn l4(ctx: &impl Frame, ip: &Ip) -> Result<L4, Malformed> {
             if doff > avail {
                 return short(fragmented);
             }
-            Ok(L4::of(
-                L4_TCP,
-                u16::from_be_bytes([h[0], h[1]]),
-                u16::from_be_bytes([h[2], h[3]]),
-                h[13],
-            ))
+            Ok(L4::tcp(h))
         }
         IPPROTO_UDP => {
             if avail < 8 {
@@ -535,12 +542,7 @@ pub fn l4(ctx: &impl Frame, ip: &Ip) -> Result<L4, Malformed> {
             if len < 8 || (!fragmented && len > avail) {
                 return Err(Malformed);
             }
-            Ok(L4::of(
-                L4_UDP,
-                u16::from_be_bytes([h[0], h[1]]),
-                u16::from_be_bytes([h[2], h[3]]),
-                0,
-            ))
+            Ok(L4::udp(h))
         }
         IPPROTO_ICMP if !ip.is_v6 => Ok(L4::of(L4_ICMP, 0, 0, icmp_type(ctx, ip)?)),
         IPPROTO_ICMPV6 if ip.is_v6 => Ok(L4::of(L4_ICMP, 0, 0, icmp_type(ctx, ip)?)),

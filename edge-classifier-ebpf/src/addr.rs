@@ -124,24 +124,28 @@ pub(crate) fn small_bits(active: u32, addr: &Addr) -> Option<u64> {
 }
 
 /// The longest match from a table too big to scan: the IPv4 stride table when the catalogue
-/// fits one, else the trie. Out of line, the address passed by value: inlined, LLVM hoists the
-/// keys' set-up into the common path, which a small catalogue never needs.
+/// fits one (inline: at most three array loads, and a call is dear where the kernel's return
+/// thunk guards every return), else the trie, out of line with the address passed by value:
+/// inlined, LLVM hoists the trie keys' set-up into the common path, which a small catalogue
+/// never needs, and the trie walk is a kernel call anyway.
 #[inline(always)]
 pub(crate) fn large_bits(active: u32, addr: &Addr) -> u64 {
     match addr {
-        Addr::V4(a) => large_v4(active, *a),
+        Addr::V4(a) => {
+            if let Some(t) = SMALL_V4.get(active)
+                && t.stride != 0
+                && let Some(bits) = stride_v4(active, u32::from_be(*a))
+            {
+                return bits;
+            }
+            trie_v4(active, *a)
+        }
         Addr::V6(a) => trie_v6(active, a[0], a[1]),
     }
 }
 
 #[inline(never)]
-fn large_v4(active: u32, a: u32) -> u64 {
-    if let Some(t) = SMALL_V4.get(active)
-        && t.stride != 0
-        && let Some(bits) = stride_v4(active, u32::from_be(a))
-    {
-        return bits;
-    }
+fn trie_v4(active: u32, a: u32) -> u64 {
     // The key as words: prefix length, the buffer byte (and its padding), the address.
     trie_get(&SETS_V4, [layout::lpm_prefix_len(32), active, a])
 }

@@ -693,6 +693,13 @@ pub fn apply_resolved(instance: &Instance, resolved: &Resolved) -> Result<Option
         Some(&active_old),
         reloads,
     )?;
+    match maps.purge_flows_left(&compiled) {
+        Ok(0) => {}
+        Ok(n) => log::info!(
+            "{n} flows to addresses that left their rule's remote set ended (purged, as a removed rule's)"
+        ),
+        Err(e) => log::warn!("purging the flows to addresses that left their sets: {e}"),
+    }
     state.generation += 1;
     if let Err(e) = instance.write_state(&state) {
         log::warn!(

@@ -412,6 +412,9 @@ struct Ask {
 fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
     use edge_classifier::explain::{Probe, Way};
     use std::net::{IpAddr, SocketAddr};
+    // The addresses DNS gave the running catalogue's names (a file or the default has none:
+    // only the daemon resolves).
+    let mut resolved = Default::default();
     let (cat, label) = match which {
         Which::File(p) => {
             let cat = Catalogue::load(&p)?;
@@ -424,6 +427,7 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
                 .active()
                 .context("the instance's active rule buffer is unknown")?;
             let cat = running.catalogue()?;
+            resolved = running.resolved.clone();
             let label = format!("{} (running in instance {name})", cat.source_name);
             (cat, label)
         }
@@ -475,7 +479,7 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
             Probe::Icmp { ty, src, dst }
         }
     };
-    let e = edge_classifier::explain::explain(
+    let mut e = edge_classifier::explain::explain(
         &cat,
         &compiled,
         &label,
@@ -484,6 +488,7 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
         probe,
         ask.established,
     )?;
+    e.from_dns = edge_classifier::explain::dns_origins(&resolved, &e.probe);
     if ask.json {
         println!("{}", serde_json::to_string_pretty(&e)?);
     } else {

@@ -609,6 +609,8 @@ async fn follow_dns(
 ) {
     let mut tracker: Option<Tracker> = None;
     let mut retarget = true;
+    // Lookups changed the addresses and they are not in force yet.
+    let mut dirty = false;
     loop {
         if retarget {
             retarget = false;
@@ -637,6 +639,8 @@ async fn follow_dns(
             .as_ref()
             .and_then(Tracker::next_due)
             .map(tokio::time::Instant::from_std);
+        // Staleness is a matter of time passing: looked at every second too.
+        let tick = tokio::time::sleep(Duration::from_secs(1));
         tokio::select! {
             changed = running.changed() => {
                 if changed.is_err() {
@@ -650,28 +654,44 @@ async fn follow_dns(
                     None => std::future::pending().await,
                 }
             } => {
-                let Some(t) = tracker.as_mut() else { continue };
-                if t.refresh_due().await {
-                    let resolved = t.resolved();
-                    let instance = instance.clone();
-                    let started = Instant::now();
-                    let applied = tokio::task::spawn_blocking(move || {
-                        lifecycle::apply_resolved(&instance, &resolved)
-                    })
-                    .await;
-                    match applied {
-                        Ok(Ok(Some(buffer))) => log::info!(
-                            "resolved addresses in force (buffer {buffer}, written and flipped in {:.1} ms)",
-                            started.elapsed().as_secs_f64() * 1000.0
-                        ),
-                        Ok(Ok(None)) => {}
-                        // The addresses already in force stay: the next change tries again.
-                        Ok(Err(e)) => log::warn!("putting the resolved addresses in force: {e:#}"),
-                        Err(e) => log::warn!("putting the resolved addresses in force: {e}"),
-                    }
+                if let Some(t) = tracker.as_mut() {
+                    t.start_due();
                 }
-                *status.lock().expect("lock") = t.status();
             }
+            changed = async {
+                match tracker.as_mut() {
+                    Some(t) => t.next_result().await,
+                    None => std::future::pending().await,
+                }
+            } => dirty |= changed,
+            _ = tick => {}
+        }
+        if let Some(t) = tracker.as_mut() {
+            if dirty {
+                let resolved = t.resolved();
+                let instance = instance.clone();
+                let started = Instant::now();
+                let applied = tokio::task::spawn_blocking(move || {
+                    lifecycle::apply_resolved(&instance, &resolved)
+                })
+                .await;
+                match applied {
+                    Ok(Ok(buffer)) => {
+                        dirty = false;
+                        if let Some(buffer) = buffer {
+                            log::info!(
+                                "resolved addresses in force (buffer {buffer}, written and flipped in {:.1} ms)",
+                                started.elapsed().as_secs_f64() * 1000.0
+                            );
+                        }
+                    }
+                    // The addresses already in force stay; tried again within a second.
+                    Ok(Err(e)) => log::warn!("putting the resolved addresses in force: {e:#}"),
+                    Err(e) => log::warn!("putting the resolved addresses in force: {e}"),
+                }
+            }
+            t.log_stale();
+            *status.lock().expect("lock") = t.status();
         }
     }
 }

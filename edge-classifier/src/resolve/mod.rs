@@ -64,24 +64,30 @@ fn failure(e: &NetError) -> Failure {
 
 /// One lookup of one set, and what it last gave.
 struct Entry {
+    /// Names the lookup in flight for it: a reload may reorder or drop entries meanwhile.
+    id: u64,
     set: String,
     query: Query,
     addrs: BTreeMap<IpAddr, Origin>,
-    due: Instant,
+    /// When the next lookup is due; `None` while one is in flight.
+    due: Option<Instant>,
     last_success: Option<f64>,
     /// When the failing streak began (or the daemon started, for addresses inherited from the
-    /// running catalogue): staleness counts from here.
+    /// running catalogue): staleness counts from the last success, or from here.
     since: Instant,
     failures: BTreeMap<String, u64>,
     error: Option<String>,
     stale_logged: bool,
 }
 
-/// Every lookup the running catalogue needs, and the resolver that makes them.
+/// Every lookup the running catalogue needs, and the resolver that makes them. Each lookup runs
+/// on its own: a server that times out for one name delays no other.
 pub struct Tracker {
     resolver: TokioResolver,
     dns: Dns,
     entries: Vec<Entry>,
+    next_id: u64,
+    inflight: tokio::task::JoinSet<(u64, Result<Answer, Failure>)>,
 }
 
 /// A resolver for `dns`: its servers, or the system's; no cache of its own (each refresh must
@@ -113,7 +119,7 @@ fn resolver(dns: &Dns) -> Result<TokioResolver, ResolveError> {
     Ok(builder.build()?)
 }
 
-/// Seconds a successful answer is believed: its smallest TTL, clamped.
+/// How long a successful answer is believed: its smallest TTL, clamped (never under a second).
 fn clamp(dns: &Dns, ttl: u32) -> Duration {
     Duration::from_secs(
         ttl.clamp(dns.min_ttl, dns.max_ttl.max(dns.min_ttl))
@@ -230,6 +236,8 @@ impl Tracker {
             resolver: resolver(&cat.dns)?,
             dns: cat.dns.clone(),
             entries: Vec::new(),
+            next_id: 0,
+            inflight: tokio::task::JoinSet::new(),
         };
         t.retarget(cat, running)?;
         Ok(t)
@@ -250,23 +258,23 @@ impl Tracker {
                     self.entries.push(old.swap_remove(i));
                     continue;
                 }
-                let prefix = query.to_string();
+                let shown = query.to_string();
                 let addrs = running
                     .get(set)
                     .map(|m| {
                         m.iter()
-                            .filter(|(_, o)| {
-                                o.name == query.name() && inherited(&query, o, &prefix)
-                            })
+                            .filter(|(_, o)| o.name == query.name() && inherited(&query, o, &shown))
                             .map(|(a, o)| (*a, o.clone()))
                             .collect()
                     })
                     .unwrap_or_default();
+                self.next_id += 1;
                 self.entries.push(Entry {
+                    id: self.next_id,
                     set: set.clone(),
                     query,
                     addrs,
-                    due: now,
+                    due: Some(now),
                     last_success: None,
                     since: now,
                     failures: BTreeMap::new(),
@@ -278,75 +286,94 @@ impl Tracker {
         Ok(())
     }
 
-    /// Whether the catalogue names anything to resolve.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// When the next lookup is due.
+    /// When the next lookup is due (none while every lookup is in flight).
     pub fn next_due(&self) -> Option<Instant> {
-        self.entries.iter().map(|e| e.due).min()
+        self.entries.iter().filter_map(|e| e.due).min()
     }
 
-    /// Runs every lookup that is due (concurrently), logs what changed and what failed.
-    /// Returns whether the addresses in force should change.
-    pub async fn refresh_due(&mut self) -> bool {
+    /// Starts every lookup that is due and not in flight.
+    pub fn start_due(&mut self) {
         let now = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for (i, e) in self.entries.iter().enumerate() {
-            if e.due <= now {
-                let (r, q) = (self.resolver.clone(), e.query.clone());
-                set.spawn(async move { (i, lookup(r, q).await) });
+        for e in &mut self.entries {
+            if e.due.is_some_and(|d| d <= now) {
+                e.due = None;
+                let (r, q, id) = (self.resolver.clone(), e.query.clone(), e.id);
+                self.inflight.spawn(async move { (id, lookup(r, q).await) });
             }
         }
+    }
+
+    /// Waits for the next lookup to finish (forever when none is in flight), records what it
+    /// gave, logs what changed and what failed. Returns whether the addresses in force should
+    /// change.
+    pub async fn next_result(&mut self) -> bool {
+        let Some(done) = self.inflight.join_next().await else {
+            return std::future::pending().await;
+        };
+        let (id, result) = match done {
+            Ok(r) => r,
+            Err(e) => {
+                // A lookup task that panicked: its entry would never be due again.
+                log::warn!("a DNS lookup did not finish: {e}");
+                let now = Instant::now();
+                for e in self.entries.iter_mut().filter(|e| e.due.is_none()) {
+                    e.due = Some(now);
+                }
+                return false;
+            }
+        };
+        // An entry a reload removed meanwhile: its answer is no longer wanted.
+        let Some(e) = self.entries.iter_mut().find(|e| e.id == id) else {
+            return false;
+        };
+        let at = Instant::now();
         let mut changed = false;
-        while let Some(done) = set.join_next().await {
-            let Ok((i, result)) = done else { continue };
-            let e = &mut self.entries[i];
-            let at = Instant::now();
-            match result {
-                Ok((addrs, ttl)) => {
-                    if addrs != e.addrs {
-                        let (added, gone) = diff(&e.addrs, &addrs);
-                        log::info!(
-                            "set {}: {} now gives {} addresses (added: {}; removed: {})",
-                            e.set,
-                            e.query,
-                            addrs.len(),
-                            list(&added),
-                            list(&gone)
-                        );
-                        e.addrs = addrs;
-                        changed = true;
-                    }
-                    if e.error.is_some() || e.stale_logged {
-                        log::info!("set {}: {} resolves again", e.set, e.query);
-                    }
-                    e.error = None;
-                    e.stale_logged = false;
-                    e.last_success = Some(unix_now());
-                    e.since = at;
-                    e.due = at + clamp(&self.dns, ttl);
+        match result {
+            Ok((addrs, ttl)) => {
+                if addrs != e.addrs {
+                    let (added, gone) = diff(&e.addrs, &addrs);
+                    log::info!(
+                        "set {}: {} now gives {} addresses (added: {}; removed: {})",
+                        e.set,
+                        e.query,
+                        addrs.len(),
+                        list(&added),
+                        list(&gone)
+                    );
+                    e.addrs = addrs;
+                    changed = true;
                 }
-                Err(f) => {
-                    *e.failures.entry(f.kind.to_string()).or_default() += 1;
-                    if e.error.is_none() {
-                        e.since = at;
-                        log::warn!(
-                            "set {}: {} failed ({}: {}); keeping its last {} addresses",
-                            e.set,
-                            e.query,
-                            f.kind,
-                            f.message,
-                            e.addrs.len()
-                        );
-                    }
-                    e.error = Some(format!("{}: {}", f.kind, f.message));
-                    // Retried at the shortest interval allowed: a partner back up is followed soon.
-                    e.due = at + clamp(&self.dns, 0);
+                if e.error.is_some() || e.stale_logged {
+                    log::info!("set {}: {} resolves again", e.set, e.query);
                 }
+                e.error = None;
+                e.stale_logged = false;
+                e.last_success = Some(unix_now());
+                e.since = at;
+                e.due = Some(at + clamp(&self.dns, ttl));
+            }
+            Err(f) => {
+                *e.failures.entry(f.kind.to_string()).or_default() += 1;
+                if e.error.is_none() {
+                    log::warn!(
+                        "set {}: {} failed ({}: {}); keeping its last {} addresses",
+                        e.set,
+                        e.query,
+                        f.kind,
+                        f.message,
+                        e.addrs.len()
+                    );
+                }
+                e.error = Some(format!("{}: {}", f.kind, f.message));
+                // Retried at the shortest interval allowed: a partner back up is followed soon.
+                e.due = Some(at + clamp(&self.dns, 0));
             }
         }
+        changed
+    }
+
+    /// Logs, once per failing streak, each lookup whose addresses have gone stale.
+    pub fn log_stale(&mut self) {
         let stale_after = Duration::from_secs(self.dns.stale_after.into());
         for e in &mut self.entries {
             if !e.addrs.is_empty() && e.since.elapsed() >= stale_after && !e.stale_logged {
@@ -357,11 +384,10 @@ impl Tracker {
                     e.addrs.len(),
                     e.query,
                     e.since.elapsed().as_secs(),
-                    e.error.as_deref().unwrap_or("no successful lookup yet")
+                    e.error.as_deref().unwrap_or("no answer yet")
                 );
             }
         }
-        changed
     }
 
     /// The addresses in force: each lookup's last good answer.

@@ -260,6 +260,10 @@ fn dns_families(names: &[crate::snapshot::NameStatus]) -> Vec<Family> {
             );
         }
     }
+    // The text encoder refuses a family without series: a catalogue without DNS names has none.
+    if names.is_empty() {
+        return Vec::new();
+    }
     vec![addresses, success, failures, stale]
 }
 

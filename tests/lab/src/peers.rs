@@ -586,8 +586,9 @@ impl<'a> EdgeInstance<'a> {
         }
     }
 
-    /// `edge-classifier run` with `catalogue`, once it printed that it started (or adopted the
-    /// pinned programs of a daemon before it); its output goes to `DIR/LOG.out`.
+    /// `edge-classifier run` with `catalogue`, once it printed `ready` (every NIC protected,
+    /// started afresh or adopting the pins of a daemon before it); its output goes to
+    /// `DIR/LOG.out`.
     pub fn run(&self, catalogue: &Path, log: &str) -> Daemon {
         let mut d = self
             .lab
@@ -610,12 +611,11 @@ impl<'a> EdgeInstance<'a> {
                 ],
             )
             .expect("edge-classifier run");
-        let up = wait_for(Duration::from_secs(15), || {
+        let up = wait_for(Duration::from_secs(60), || {
             if !d.alive() {
                 return Some(false);
             }
-            let out = d.printed();
-            (out.contains("started instance") || out.contains("adopted instance")).then_some(true)
+            d.printed().lines().any(|l| l == "ready").then_some(true)
         });
         assert_eq!(up, Some(true), "the daemon did not start:\n{}", d.printed());
         d

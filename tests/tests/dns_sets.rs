@@ -180,13 +180,13 @@ fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
         .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
 }
 
-/// A TCP connection from `src` to the Edge's 5061 held open (an echo server answers there).
-fn open_session(lab: &PeerLab, src: Ipv4Addr) -> std::net::TcpStream {
-    in_netns(&lab.partner, move || {
+/// A TCP connection from `src` in `ns` to `dst`:5061 held open (an echo server answers there).
+fn open_session(ns: &str, src: Ipv4Addr, dst: Ipv4Addr) -> std::net::TcpStream {
+    in_netns(ns, move || {
         let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
         s.bind(&SocketAddr::new(src.into(), 0).into())?;
         s.connect_timeout(
-            &SocketAddr::new(peers::EDGE_EXT.into(), 5061).into(),
+            &SocketAddr::new(dst.into(), 5061).into(),
             Duration::from_secs(3),
         )?;
         let s: std::net::TcpStream = s.into();
@@ -241,15 +241,16 @@ fn partner_sets_follow_dns_srv_and_a_records() {
     ])
     .unwrap();
     let mut named = Named::start(&lab);
-    // An echo server on the Edge's 5061 (P1).
-    let _echo = lab
-        .spawn(
-            &lab.edge,
-            "echo-5061",
+    // Echo servers on the Edge's 5061 (P1) and the partner's (P2, S1).
+    let _echo = [&lab.edge, &lab.partner].map(|ns| {
+        lab.spawn(
+            ns,
+            &format!("echo-5061-{ns}"),
             "socat",
             &["TCP-LISTEN:5061,fork,reuseaddr", "EXEC:cat"],
         )
-        .expect("socat");
+        .expect("socat")
+    });
     let edge = EdgeInstance::new(&lab, "dns-sets");
     let file = lab.dir.join("edge.toml");
     std::fs::write(&file, catalogue(false)).unwrap();
@@ -338,8 +339,14 @@ fn partner_sets_follow_dns_srv_and_a_records() {
 
     // 2. The record moves (TTL 2 s): the set follows within TTL + 1 s, the old address drops,
     // and a session open from the old address ends (its next segment is dropped).
-    let mut session = open_session(&lab, OLD);
+    let mut session = open_session(&lab.partner, OLD, peers::EDGE_EXT);
     assert!(echoes(&mut session), "a session from {OLD} before the move");
+    // A flow the Edge opened to the partner's address under P2 (remote public_im_partners).
+    let mut outbound = open_session(&lab.edge, peers::EDGE_EXT, OLD);
+    assert!(echoes(&mut outbound), "the Edge's P2 session to {OLD}");
+    let p2 = edge.rule("public-im-sip-out");
+    let s1 = edge.rule("sip-federation-out");
+    assert!(p2 > 0, "the Edge's session to {OLD} counts as P2");
     let mut latencies = Vec::new();
     let (mut from, mut to) = (OLD, NEW);
     for round in 0..4 {
@@ -364,6 +371,22 @@ fn partner_sets_follow_dns_srv_and_a_records() {
                 !echoes(&mut session),
                 "a session from {from}, which left the set, still passes"
             );
+            // The P2 flow to the address that left the set was purged at the flip, as a removed
+            // rule's flows are; the Edge's next segment is classified afresh and recorded
+            // under S1 (remote "any"), so in this catalogue the session goes on under S1.
+            assert!(
+                daemon
+                    .printed()
+                    .contains("1 flows to addresses that left their rule's remote set ended"),
+                "{}",
+                daemon.printed()
+            );
+            assert!(
+                echoes(&mut outbound),
+                "the Edge's session to {from} under S1"
+            );
+            assert!(edge.rule("sip-federation-out") > s1, "S1 counts it now");
+            assert_eq!(edge.rule("public-im-sip-out"), p2, "P2 no longer counts it");
         }
         std::mem::swap(&mut from, &mut to);
     }
@@ -428,7 +451,31 @@ fn partner_sets_follow_dns_srv_and_a_records() {
         "the reload dropped the resolved address"
     );
 
-    // 5. A domain with 1,000 SRV targets, added by a reload once DNS is back: every target's
+    // 5. A restart of the daemon while DNS is down adopts the pins with the resolved address
+    // (recorded with the rule buffer): it stays in force and is reported stale again.
+    daemon.kill();
+    let mut daemon = edge.run(&file, "daemon-2");
+    assert!(
+        p1(&lab, OLD, Duration::from_secs(2)),
+        "the restart dropped the resolved address"
+    );
+    let restarted = wait_for(Duration::from_secs(15), || {
+        let t = edge.metrics();
+        (metric(
+            &t,
+            "edge_classifier_dns_addresses",
+            "domain=\"dyn.example\"",
+        )? == 1.0
+            && metric(&t, "edge_classifier_dns_stale", "domain=\"dyn.example\"")? == 1.0)
+            .then_some(())
+    });
+    assert!(
+        restarted.is_some(),
+        "after the restart:\n{}",
+        edge.metrics()
+    );
+
+    // 6. A domain with 1,000 SRV targets, added by a reload once DNS is back: every target's
     // address is in the set (P1 from the last one passes).
     named.run(&lab);
     std::fs::write(&file, catalogue(true)).unwrap();

@@ -629,7 +629,6 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
     );
 }
 
-
 const MESSAGE: Duration = Duration::from_secs(20);
 
 /// A TLS client with an optional client certificate: sends `ping`, expects the server's `-rev`

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize, de};
 use toml::Spanned;
 
-use super::{Located, RawDuration, duration_seconds};
+use super::{Located, RawDuration, seconds_in};
 
 /// What one set follows in DNS.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -308,11 +308,14 @@ pub(super) fn parse_dns(src: &mut Located, raw: RawDns) -> Dns {
             servers.push(a);
         }
     }
-    let mut seconds = |v: &Option<Spanned<RawDuration>>, default: u32, what: &str, min: i64| match v
+    let mut seconds = |v: &Option<Spanned<RawDuration>>, default: u32, what: &str, min: u32| match v
     {
         None => default,
         Some(v) => src
-            .check(v.span(), dns_seconds(v.get_ref(), what, min))
+            .check(
+                v.span(),
+                seconds_in(v.get_ref(), &format!("dns.{what}"), min, MAX_DNS_SECONDS),
+            )
             .unwrap_or(default),
     };
     let min_ttl = seconds(&raw.min_ttl, d.min_ttl, "min_ttl", 0);
@@ -345,27 +348,6 @@ fn server(text: &str) -> Result<SocketAddr, String> {
                 "invalid DNS server `{text}`: expected an address, with a port if not 53 (192.0.2.53, \"192.0.2.53:5353\", \"[2001:db8::53]:53\")"
             )
         })
-}
-
-fn dns_seconds(raw: &RawDuration, what: &str, min: i64) -> Result<u32, String> {
-    let n = match raw {
-        RawDuration::Seconds(n) => *n,
-        RawDuration::Text(t) => duration_seconds(t)
-            .and_then(|s| i64::try_from(s).ok())
-            .ok_or_else(|| {
-                format!(
-                    "invalid duration `{t}` for dns.{what}: {}",
-                    super::DURATION_FORMS
-                )
-            })?,
-    };
-    if (min..=i64::from(MAX_DNS_SECONDS)).contains(&n) {
-        Ok(n as u32)
-    } else {
-        Err(format!(
-            "dns.{what} = {n} s is out of range: expected {min} to {MAX_DNS_SECONDS} seconds"
-        ))
-    }
 }
 
 /// The sets with the resolved addresses added (each as its /32 or /128).

@@ -1084,32 +1084,38 @@ fn in_range(n: i64, max: u32) -> Option<u32> {
 }
 
 /// What a `[flows]` timeout may be, for the messages about one that is not.
-pub(crate) const DURATION_FORMS: &str =
+const DURATION_FORMS: &str =
     "expected seconds (600) or a string such as \"90s\", \"15m\", \"2h\", \"1d\" or \"2h4m\"";
 
 /// A `[flows]` timeout in seconds, written as seconds or as a duration string.
 fn flow_timeout(raw: &RawDuration, what: &str) -> Result<u32, String> {
+    seconds_in(raw, &format!("flows.{what}"), 1, MAX_FLOW_TIMEOUT)
+}
+
+/// A duration `key` (`flows.tcp_idle`, `dns.max_ttl`) in seconds, written as seconds or as a
+/// duration string, within `min..=max`.
+pub(crate) fn seconds_in(raw: &RawDuration, key: &str, min: u32, max: u32) -> Result<u32, String> {
     let (seconds, shown) = match raw {
         RawDuration::Seconds(n) => (*n, n.to_string()),
         RawDuration::Text(t) => {
-            let seconds = duration_seconds(t).ok_or_else(|| {
-                format!("invalid duration `{t}` for flows.{what}: {DURATION_FORMS}")
-            })?;
+            let seconds = duration_seconds(t)
+                .ok_or_else(|| format!("invalid duration `{t}` for {key}: {DURATION_FORMS}"))?;
             (
                 i64::try_from(seconds).unwrap_or(i64::MAX),
                 format!("\"{t}\""),
             )
         }
     };
-    in_range(seconds, MAX_FLOW_TIMEOUT).ok_or_else(|| {
-        format!("flows.{what} = {shown} is out of range: expected 1 to {MAX_FLOW_TIMEOUT} seconds")
-    })
+    (i64::from(min)..=i64::from(max))
+        .contains(&seconds)
+        .then_some(seconds as u32)
+        .ok_or_else(|| format!("{key} = {shown} is out of range: expected {min} to {max} seconds"))
 }
 
 /// `"90s"`, `"15m"`, `"2h"`, `"1d"`, `"2h4m"`, `"1d 12h"`: whole days, hours, minutes and seconds,
 /// largest unit first, each at most once. A bare number is not accepted as a string: the
 /// integer form says seconds already, and `"90"` is more likely a unit left out.
-pub(crate) fn duration_seconds(text: &str) -> Option<u64> {
+fn duration_seconds(text: &str) -> Option<u64> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return None;

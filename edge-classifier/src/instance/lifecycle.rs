@@ -130,6 +130,17 @@ impl Source {
         self.catalogue.with_resolved(&self.resolved)
     }
 
+    /// Compiled for a swap: rules keep the counter slots `active_old` gave them. `name` says
+    /// what did not fit.
+    fn compile_against(&self, active_old: &Compiled, name: &str) -> Result<Compiled> {
+        compile_with(&self.merged(), &active_old.assignments).map_err(|error| {
+            LifecycleError::DoesNotFit {
+                name: name.to_string(),
+                error,
+            }
+        })
+    }
+
     fn loaded(&self, compiled: &Compiled) -> Loaded {
         Loaded::new(&self.catalogue, &self.text, compiled, self.resolved.clone())
     }
@@ -605,13 +616,7 @@ fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Res
     }
     .keep(Some(&running));
     let (_, active_old) = running.compile().map_err(LifecycleError::RunningBroken)?;
-    let compiled: Compiled =
-        compile_with(&source.merged(), &active_old.assignments).map_err(|error| {
-            LifecycleError::DoesNotFit {
-                name: source.catalogue.source_name.clone(),
-                error,
-            }
-        })?;
+    let compiled = source.compile_against(&active_old, &source.catalogue.source_name)?;
     for b in &state.bindings {
         if compiled.role_mask(&b.role).is_none() {
             return Err(LifecycleError::RoleGone {
@@ -628,19 +633,8 @@ fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Res
             state.flow_capacity
         );
     }
-    let mut maps = Maps::open_pinned(&instance.maps_dir())?;
-    settle_interrupted(&mut maps, state)?;
-    let loaded = source.loaded(&compiled);
     let reloads = state.reloads.succeeded + 1;
-    let now = swap_recorded(
-        instance,
-        state,
-        &mut maps,
-        &compiled,
-        loaded,
-        Some(&active_old),
-        reloads,
-    )?;
+    let (_, now) = write_and_flip(instance, state, &source, &compiled, &active_old, reloads)?;
     let bound: Vec<(&str, &str)> = state
         .bindings
         .iter()
@@ -655,9 +649,35 @@ fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Res
     })
 }
 
+/// `source` written into the inactive buffer of the pinned maps and flipped to (an interrupted
+/// reload settled first), recorded with `reloads` as the reload count it brings: what a reload
+/// and a DNS refresh share. Returns the maps and the buffer now active.
+fn write_and_flip(
+    instance: &Instance,
+    state: &mut State,
+    source: &Source,
+    compiled: &Compiled,
+    active_old: &Compiled,
+    reloads: u64,
+) -> Result<(Maps, u32)> {
+    let mut maps = Maps::open_pinned(&instance.maps_dir())?;
+    settle_interrupted(&mut maps, state)?;
+    let now = swap_recorded(
+        instance,
+        state,
+        &mut maps,
+        compiled,
+        source.loaded(compiled),
+        Some(active_old),
+        reloads,
+    )?;
+    Ok((maps, now))
+}
+
 /// Puts the addresses DNS gave the running catalogue's names in force: the same catalogue,
 /// with `resolved` in its sets, written into the inactive buffer and flipped to, as a reload
-/// does. The rules compile to the same slots, so counters and flows are untouched; it is not
+/// does. The rules compile to the same slots, so counters continue; flows of outbound rules to
+/// an address that left the rule's remote set are purged, as a removed rule's are. It is not
 /// counted as a reload. `None` when the running buffer holds these addresses already.
 pub fn apply_resolved(instance: &Instance, resolved: &Resolved) -> Result<Option<u32>> {
     let _lock = instance.lock()?;
@@ -672,25 +692,21 @@ pub fn apply_resolved(instance: &Instance, resolved: &Resolved) -> Result<Option
         return Ok(None);
     }
     let (_, active_old) = running.compile().map_err(LifecycleError::RunningBroken)?;
-    let compiled = compile_with(&source.merged(), &active_old.assignments).map_err(|error| {
-        LifecycleError::DoesNotFit {
-            name: format!(
-                "{} with its resolved addresses",
-                source.catalogue.source_name
-            ),
-            error,
-        }
-    })?;
-    let mut maps = Maps::open_pinned(&instance.maps_dir())?;
-    settle_interrupted(&mut maps, &state)?;
+    let compiled = source.compile_against(
+        &active_old,
+        &format!(
+            "{} with its resolved addresses",
+            source.catalogue.source_name
+        ),
+    )?;
+    // The rules are those of the running buffer: the reload count stays.
     let reloads = state.reloads.succeeded;
-    let now = swap_recorded(
+    let (mut maps, now) = write_and_flip(
         instance,
         &mut state,
-        &mut maps,
+        &source,
         &compiled,
-        source.loaded(&compiled),
-        Some(&active_old),
+        &active_old,
         reloads,
     )?;
     match maps.purge_flows_left(&compiled) {

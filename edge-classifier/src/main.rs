@@ -33,6 +33,11 @@ enum Command {
     /// /sys/fs/bpf/edge-classifier/INSTANCE/: when this process ends (even killed) the NICs stay
     /// protected, and the next `run` adopts them without a gap. `stop` (or --detach-on-exit)
     /// detaches. SIGUSR1 prints the per-rule counter table and the flow table's state.
+    ///
+    /// Sets that name DNS `domains` (with their `srv` services) or `hosts` are resolved here
+    /// and refreshed on each record's TTL (clamped by `[dns] min_ttl`/`max_ttl`); changed
+    /// addresses go in through the same double-buffered flip as `reload`. A failed lookup keeps
+    /// the last good addresses (stale after `[dns] stale_after`, logged and in the metrics).
     Run {
         /// Rule catalogue (TOML). Without it: the catalogue a pinned instance is running, else
         /// the embedded default.
@@ -640,14 +645,27 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
     for w in cat.warnings() {
         eprintln!("{w}");
     }
+    let names: usize = cat
+        .names
+        .values()
+        .map(|n| n.domains.len() + n.hosts.len())
+        .sum();
     println!(
-        "{}: ok: {} rules, {} address sets, {} IPv4 and {} IPv6 prefixes, {} port classes",
+        "{}: ok: {} rules, {} address sets, {} IPv4 and {} IPv6 prefixes, {} port classes{}",
         file.display(),
         cat.rules.len(),
         cat.sets.len(),
         compiled.prefixes_v4.len(),
         compiled.prefixes_v6.len(),
-        compiled.classes.len() - 1
+        compiled.classes.len() - 1,
+        if names == 0 {
+            String::new()
+        } else {
+            format!(
+                ", {names} DNS names in {} sets (resolved by `run`)",
+                cat.names.len()
+            )
+        }
     );
     Ok(())
 }

@@ -272,7 +272,11 @@ fn partner_sets_follow_dns_srv_and_a_records() {
         !p1(&lab, NEW, Duration::from_millis(500)),
         "{NEW} is in no set yet"
     );
-    assert!(check.status.success(), "check: {check:?}");
+    assert!(
+        check.status.success()
+            && String::from_utf8_lossy(&check.stdout).contains("3 DNS names in 2 sets"),
+        "check: {check:?}"
+    );
     let text = edge.metrics();
     assert_eq!(
         metric(

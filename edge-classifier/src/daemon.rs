@@ -616,6 +616,12 @@ async fn follow_dns(
             retarget = false;
             let loaded = running.borrow_and_update().clone();
             match Catalogue::parse(&loaded.source, &loaded.text) {
+                // Nothing to resolve: no resolver either (a catalogue without names must not
+                // depend on /etc/resolv.conf).
+                Ok(cat) if cat.names.is_empty() => {
+                    tracker = None;
+                    status.lock().expect("lock").clear();
+                }
                 Ok(cat) => {
                     let result = match tracker.as_mut() {
                         Some(t) => t.retarget(&cat, &loaded.resolved),

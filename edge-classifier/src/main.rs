@@ -661,9 +661,11 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
         if names == 0 {
             String::new()
         } else {
+            let sets = cat.names.len();
             format!(
-                ", {names} DNS names in {} sets (resolved by `run`)",
-                cat.names.len()
+                ", {names} DNS name{} in {sets} set{} (resolved by `run`)",
+                if names == 1 { "" } else { "s" },
+                if sets == 1 { "" } else { "s" }
             )
         }
     );

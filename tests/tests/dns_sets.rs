@@ -549,15 +549,7 @@ impl<'a> Prometheus<'a> {
     /// `/api/v1/alerts` as text.
     fn alerts(&self) -> String {
         self.lab
-            .run_ok(
-                &self.lab.edge,
-                Duration::from_secs(5),
-                "python3",
-                &[
-                    "-c",
-                    "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9090/api/v1/alerts', timeout=3).read().decode())",
-                ],
-            )
+            .http_get(&self.lab.edge, "http://127.0.0.1:9090/api/v1/alerts")
             .unwrap_or_default()
     }
 

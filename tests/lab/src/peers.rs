@@ -499,6 +499,21 @@ impl PeerLab {
         self.run_ok(ns, Duration::from_secs(5), "dig", &all)
     }
 
+    /// The body of an HTTP GET of `url` from inside `ns` (Python's urllib, which the lab's
+    /// slixmpp needs anyway).
+    pub fn http_get(&self, ns: &str, url: &str) -> anyhow::Result<String> {
+        self.run_ok(
+            ns,
+            Duration::from_secs(5),
+            "python3",
+            &[
+                "-c",
+                "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())",
+                url,
+            ],
+        )
+    }
+
     /// What dnsmasq logged (every query with `--log-queries`).
     pub fn dns_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("dnsmasq.log")).unwrap_or_default()
@@ -663,15 +678,7 @@ impl<'a> EdgeInstance<'a> {
     /// The daemon's `/metrics` text, fetched inside the edge namespace.
     pub fn metrics(&self) -> String {
         self.lab
-            .run_ok(
-                &self.lab.edge,
-                Duration::from_secs(5),
-                "python3",
-                &[
-                    "-c",
-                    "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9477/metrics', timeout=3).read().decode())",
-                ],
-            )
+            .http_get(&self.lab.edge, "http://127.0.0.1:9477/metrics")
             .unwrap_or_default()
     }
 }

@@ -15,13 +15,17 @@ use anyhow::{Context as _, bail};
 use edge_classifier::{
     catalogue::Catalogue,
     compile::{Compiled, compile},
-    instance::{BoundIface, Instance, Reloads, State},
+    instance::{BoundIface, Instance, Loaded, Reloads, State},
     lifecycle,
     loader::{self, AttachMode, Classifier},
     metrics, report,
-    snapshot::{CatalogueInfo, Snapshot},
+    resolve::Tracker,
+    snapshot::{CatalogueInfo, NameStatus, Snapshot},
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 /// What the exporter reads: the classifier and what it knows of its catalogue and reloads.
 struct Daemon {
@@ -43,6 +47,11 @@ struct Daemon {
     /// Bound NICs not protected now, and what was last logged about each (so a state is
     /// logged once, not every second).
     unprotected: BTreeMap<String, String>,
+    /// The running catalogue, for the DNS follower ([`follow_dns`]): sent when a reload
+    /// changes it.
+    running: watch::Sender<Loaded>,
+    /// The DNS names' status as the follower last left it.
+    dns: Arc<Mutex<Vec<NameStatus>>>,
 }
 
 fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
@@ -90,6 +99,17 @@ impl Daemon {
         // The record changed: the running catalogue may have (a reload another process made,
         // or completed after it was killed past its flip).
         let (info, compiled) = catalogue_info(&state)?;
+        if let Some(l) = state.active() {
+            // Only a new catalogue text retargets the DNS follower; the addresses it put in
+            // force itself are no news to it.
+            self.running.send_if_modified(|r| {
+                let new = r.source != l.source || r.text != l.text;
+                if new {
+                    *r = l.clone();
+                }
+                new
+            });
+        }
         self.classifier.set_compiled(compiled);
         self.catalogue = info;
         self.generation = state.generation;
@@ -233,6 +253,7 @@ impl Daemon {
     fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         self.refresh()?;
         let mut s = Snapshot::read(&self.classifier, self.catalogue.clone(), self.reloads)?;
+        s.dns = self.dns.lock().map(|d| d.clone()).unwrap_or_default();
         s.flows.evicted = s.flows.evicted.max(self.evicted_floor);
         self.evicted_floor = s.flows.evicted;
         Ok(s)
@@ -352,6 +373,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     );
     let _claim = started.claim;
+    let (running, running_rx) = watch::channel(
+        started
+            .state
+            .active()
+            .cloned()
+            .context("no active rule buffer in the state")?,
+    );
+    let dns_status = Arc::new(Mutex::new(Vec::new()));
     let daemon = Arc::new(Mutex::new(Daemon {
         classifier: started.classifier,
         instance: args.instance.clone(),
@@ -363,6 +392,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stamp: None,
         mode,
         unprotected: BTreeMap::new(),
+        running,
+        dns: dns_status.clone(),
     }));
     for (nic, _) in &specs {
         for w in edge_classifier::nic_addrs::routing_warnings(nic) {
@@ -389,11 +420,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     let server = tokio::spawn(metrics::serve(listener, snapshot));
+    let dns = tokio::spawn(follow_dns(args.instance.clone(), running_rx, dns_status));
     let output = Output::start();
     notify_ready(&specs, &daemon.lock().expect("lock").catalogue, &output);
     follow(&daemon, &mut signals, &args.instance, nic_changes, &output).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.abort();
+    dns.abort();
     shut_down(&args, &mut daemon.lock().expect("lock"), &output)
 }
 
@@ -561,6 +594,110 @@ async fn follow(
                 Ok(Err(e)) => log::warn!("recording the NICs attached again: {e:#}"),
                 Err(e) => log::warn!("recording the NICs attached again: {e}"),
             }
+        }
+    }
+}
+
+/// Resolves the DNS names of the running catalogue's sets, each when its TTL runs out, and
+/// puts the addresses they give in force through the same double-buffered flip as a reload
+/// (`lifecycle::apply_resolved`). Follows reloads: names a reload removes stop being resolved
+/// (the reload already dropped their addresses), new ones are resolved at once.
+async fn follow_dns(
+    instance: Instance,
+    mut running: watch::Receiver<Loaded>,
+    status: Arc<Mutex<Vec<NameStatus>>>,
+) {
+    let mut tracker: Option<Tracker> = None;
+    let mut retarget = true;
+    // Lookups changed the addresses and they are not in force yet.
+    let mut dirty = false;
+    loop {
+        if retarget {
+            retarget = false;
+            let loaded = running.borrow_and_update().clone();
+            match Catalogue::parse(&loaded.source, &loaded.text) {
+                // Nothing to resolve: no resolver either (a catalogue without names must not
+                // depend on /etc/resolv.conf).
+                Ok(cat) if cat.names.is_empty() => {
+                    tracker = None;
+                    status.lock().expect("lock").clear();
+                }
+                Ok(cat) => {
+                    let result = match tracker.as_mut() {
+                        Some(t) => t.retarget(&cat, &loaded.resolved),
+                        None => Tracker::new(&cat, &loaded.resolved).map(|t| {
+                            tracker = Some(t);
+                        }),
+                    };
+                    if let Err(e) = result {
+                        log::warn!(
+                            "DNS names of the catalogue's sets: {e}; the addresses in force are kept"
+                        );
+                    }
+                }
+                Err(e) => log::warn!("the running catalogue does not parse: {e}"),
+            }
+            if let Some(t) = &tracker {
+                *status.lock().expect("lock") = t.status();
+            }
+        }
+        let due = tracker
+            .as_ref()
+            .and_then(Tracker::next_due)
+            .map(tokio::time::Instant::from_std);
+        // Staleness is a matter of time passing: looked at every second too.
+        let tick = tokio::time::sleep(Duration::from_secs(1));
+        tokio::select! {
+            changed = running.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                retarget = true;
+            }
+            _ = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(t) = tracker.as_mut() {
+                    t.start_due();
+                }
+            }
+            changed = async {
+                match tracker.as_mut() {
+                    Some(t) => t.next_result().await,
+                    None => std::future::pending().await,
+                }
+            } => dirty |= changed,
+            _ = tick => {}
+        }
+        if let Some(t) = tracker.as_mut() {
+            if dirty {
+                let resolved = t.resolved();
+                let instance = instance.clone();
+                let started = Instant::now();
+                let applied = tokio::task::spawn_blocking(move || {
+                    lifecycle::apply_resolved(&instance, &resolved)
+                })
+                .await;
+                match applied {
+                    Ok(Ok(buffer)) => {
+                        dirty = false;
+                        if let Some(buffer) = buffer {
+                            log::info!(
+                                "resolved addresses in force (buffer {buffer}, written and flipped in {:.1} ms)",
+                                started.elapsed().as_secs_f64() * 1000.0
+                            );
+                        }
+                    }
+                    // The addresses already in force stay; tried again within a second.
+                    Ok(Err(e)) => log::warn!("putting the resolved addresses in force: {e:#}"),
+                    Err(e) => log::warn!("putting the resolved addresses in force: {e}"),
+                }
+            }
+            t.log_stale();
+            *status.lock().expect("lock") = t.status();
         }
     }
 }

@@ -4,6 +4,8 @@
 //! numbers:
 //!
 //! - [`catalogue`]: the TOML rule catalogue, validated with file:line:column errors.
+//! - [`resolve`]: the sets' DNS names (SRV → A/AAAA) resolved and refreshed on their TTL, the
+//!   last good addresses kept when DNS fails.
 //! - [`compile`]: catalogue → contents of the kernel maps ([`compile::stride`]: the IPv4 stride
 //!   table large catalogues compile to).
 //! - [`dataplane`]: the kernel side as userspace sees it: [`dataplane::maps`] (every read and
@@ -26,6 +28,7 @@ pub mod compile;
 pub mod dataplane;
 pub mod instance;
 pub mod offline;
+pub mod resolve;
 pub mod telemetry;
 
 pub use compile::stride;

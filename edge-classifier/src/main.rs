@@ -33,6 +33,11 @@ enum Command {
     /// /sys/fs/bpf/edge-classifier/INSTANCE/: when this process ends (even killed) the NICs stay
     /// protected, and the next `run` adopts them without a gap. `stop` (or --detach-on-exit)
     /// detaches. SIGUSR1 prints the per-rule counter table and the flow table's state.
+    ///
+    /// Sets that name DNS `domains` (with their `srv` services) or `hosts` are resolved here
+    /// and refreshed on each record's TTL (clamped by `[dns] min_ttl`/`max_ttl`); changed
+    /// addresses go in through the same double-buffered flip as `reload`. A failed lookup keeps
+    /// the last good addresses (stale after `[dns] stale_after`, logged and in the metrics).
     Run {
         /// Rule catalogue (TOML). Without it: the catalogue a pinned instance is running, else
         /// the embedded default.
@@ -412,6 +417,9 @@ struct Ask {
 fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
     use edge_classifier::explain::{Probe, Way};
     use std::net::{IpAddr, SocketAddr};
+    // The addresses DNS gave the running catalogue's names (a file or the default has none:
+    // only the daemon resolves).
+    let mut resolved = Default::default();
     let (cat, label) = match which {
         Which::File(p) => {
             let cat = Catalogue::load(&p)?;
@@ -424,6 +432,7 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
                 .active()
                 .context("the instance's active rule buffer is unknown")?;
             let cat = running.catalogue()?;
+            resolved = running.resolved.clone();
             let label = format!("{} (running in instance {name})", cat.source_name);
             (cat, label)
         }
@@ -475,7 +484,7 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
             Probe::Icmp { ty, src, dst }
         }
     };
-    let e = edge_classifier::explain::explain(
+    let mut e = edge_classifier::explain::explain(
         &cat,
         &compiled,
         &label,
@@ -484,6 +493,7 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
         probe,
         ask.established,
     )?;
+    e.from_dns = edge_classifier::explain::dns_origins(&resolved, &e.probe);
     if ask.json {
         println!("{}", serde_json::to_string_pretty(&e)?);
     } else {
@@ -635,14 +645,29 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
     for w in cat.warnings() {
         eprintln!("{w}");
     }
+    let names: usize = cat
+        .names
+        .values()
+        .map(|n| n.domains.len() + n.hosts.len())
+        .sum();
     println!(
-        "{}: ok: {} rules, {} address sets, {} IPv4 and {} IPv6 prefixes, {} port classes",
+        "{}: ok: {} rules, {} address sets, {} IPv4 and {} IPv6 prefixes, {} port classes{}",
         file.display(),
         cat.rules.len(),
         cat.sets.len(),
         compiled.prefixes_v4.len(),
         compiled.prefixes_v6.len(),
-        compiled.classes.len() - 1
+        compiled.classes.len() - 1,
+        if names == 0 {
+            String::new()
+        } else {
+            let sets = cat.names.len();
+            format!(
+                ", {names} DNS name{} in {sets} set{} (resolved by `run`)",
+                if names == 1 { "" } else { "s" },
+                if sets == 1 { "" } else { "s" }
+            )
+        }
     );
     Ok(())
 }

@@ -146,9 +146,22 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     // The daemon as an operator starts it, inside the edge namespace (nsenter keeps the host's
     // /sys/fs/bpf visible, unlike `ip netns exec`).
     let instance = format!("obs{}", std::process::id());
+    // The default catalogue with a partner set fed from DNS, so that the DNS series the alerts
+    // and the dashboard read exist. No server answers in the lab: its lookups fail, counted.
+    let catalogue = std::env::temp_dir().join(format!("ec-obs-{}.toml", std::process::id()));
+    std::fs::write(
+        &catalogue,
+        format!(
+            "{}\n[sets.dns_partners]\nhosts = [\"sip.partner.example\"]\n\n[dns]\nservers = [\"127.0.0.1\"]\ntimeout = 1\n",
+            edge_classifier::catalogue::DEFAULT_CATALOGUE
+        ),
+    )
+    .unwrap();
     let daemon = start_daemon(
         &lab.edge,
         &[
+            "--catalogue",
+            catalogue.to_str().unwrap(),
             "--iface",
             "ext0=external",
             "--iface",
@@ -329,6 +342,10 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
         "edge_classifier_catalogue_rules",
         "edge_classifier_interface_attached",
         "edge_classifier_build_info",
+        "edge_classifier_dns_addresses",
+        "edge_classifier_dns_last_success_timestamp_seconds",
+        "edge_classifier_dns_failures_total",
+        "edge_classifier_dns_stale",
     ] {
         assert!(
             families.contains(required),
@@ -352,7 +369,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
             rule_exprs.push((name, r["query"].as_str().unwrap().to_string()));
         }
     }
-    assert_eq!(rule_exprs.len(), 8, "rules loaded: {rule_exprs:?}");
+    assert_eq!(rule_exprs.len(), 10, "rules loaded: {rule_exprs:?}");
     for (name, expr) in &rule_exprs {
         query(&lab.edge, expr);
         for metric in metric_names(expr) {

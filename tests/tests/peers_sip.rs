@@ -22,7 +22,7 @@
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -30,7 +30,7 @@ use edge_classifier::{compile::compile_with, loader::Classifier, maps::Holds};
 use edge_classifier_common::reason;
 use edge_classifier_lab::{
     Listeners, RawSender, Recorded, Tap, Tuple, mac,
-    peers::{self, Counters, Daemon, EXT, PeerLab, wait_for},
+    peers::{self, Counters, Daemon, EXT, EdgeInstance, PeerLab},
     tcp_exchange, tuple,
 };
 
@@ -368,96 +368,6 @@ fn wire_segments(frame: &[u8]) -> u64 {
     payload.div_ceil(MTU - ip - tcp) as u64
 }
 
-/// An instance of the real daemon in the edge namespace, stopped (detached, pins removed) on
-/// drop.
-struct Instance<'a> {
-    lab: &'a PeerLab,
-    bin: PathBuf,
-    name: String,
-}
-
-impl Instance<'_> {
-    /// `edge-classifier run` on ext0 and int0, once it printed that it started (or adopted the
-    /// pinned programs of a daemon before it).
-    fn run(&self, catalogue: &Path, log: &str) -> Daemon {
-        let mut d = self
-            .lab
-            .spawn(
-                &self.lab.edge,
-                log,
-                &self.bin,
-                &[
-                    "run",
-                    "--catalogue",
-                    &catalogue.display().to_string(),
-                    "--iface",
-                    "ext0=external",
-                    "--iface",
-                    "int0=internal",
-                    "--instance",
-                    &self.name,
-                    "--metrics",
-                    "127.0.0.1:9477",
-                ],
-            )
-            .expect("edge-classifier run");
-        let up = wait_for(Duration::from_secs(15), || {
-            if !d.alive() {
-                return Some(false);
-            }
-            let out = d.printed();
-            (out.contains("started instance") || out.contains("adopted instance")).then_some(true)
-        });
-        assert_eq!(up, Some(true), "the daemon did not start:\n{}", d.printed());
-        d
-    }
-
-    /// `edge-classifier ARGS --instance NAME` in the edge namespace, which must succeed.
-    fn cli(&self, args: &[&str]) -> String {
-        let mut all = args.to_vec();
-        all.extend(["--instance", &self.name]);
-        let o = self
-            .lab
-            .command(&self.lab.edge, &self.bin)
-            .args(&all)
-            .output()
-            .expect("edge-classifier");
-        assert!(
-            o.status.success(),
-            "edge-classifier {}: {}{}",
-            all.join(" "),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// Packets of rule `id` on ext0, from `edge-classifier stats --instance` (the pinned maps).
-    fn rule(&self, id: &str) -> u64 {
-        let out = self.cli(&["stats"]);
-        out.lines()
-            .find_map(|l| {
-                let t: Vec<&str> = l.split_whitespace().collect();
-                if t.first() != Some(&id) {
-                    return None;
-                }
-                let at = t.iter().position(|x| *x == EXT)?;
-                t.get(at + 1)?.parse().ok()
-            })
-            .unwrap_or_else(|| panic!("no counter of {id} on {EXT} in:\n{out}"))
-    }
-}
-
-impl Drop for Instance<'_> {
-    fn drop(&mut self) {
-        let _ = self
-            .lab
-            .command(&self.lab.edge, &self.bin)
-            .args(["stop", "--instance", &self.name])
-            .output();
-    }
-}
-
 #[test]
 fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     let started = Instant::now();
@@ -718,12 +628,7 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
 
     // The real daemon: started, reloaded with `edge-classifier reload`, killed -9 (the pinned
     // programs stay), started again (it adopts them); Kamailio's next requests pass each time.
-    let bin = peers::daemon_binary();
-    let instance = Instance {
-        lab: &lab,
-        bin: bin.clone(),
-        name: format!("peers-sip-{}", std::process::id()),
-    };
+    let instance = EdgeInstance::new(&lab, "peers-sip");
     let catalogue = lab.dir.join("edge.toml");
     fs::write(&catalogue, PeerLab::catalogue_text()).expect("catalogue");
     let mut daemon = instance.run(&catalogue, "daemon-1");

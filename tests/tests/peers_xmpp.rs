@@ -13,7 +13,7 @@ use edge_classifier::{compile::compile, maps::Holds};
 use edge_classifier_common::reason;
 use edge_classifier_lab::{
     Listeners, Tap, count,
-    peers::{self, Counters, Daemon, EXT, PeerLab, wait_for},
+    peers::{self, Counters, Daemon, EXT, EdgeInstance, PeerLab, wait_for},
     tcp_connect, tcp_exchange, udp_send,
 };
 
@@ -528,8 +528,10 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
     // connections are up (the pinned programs keep the NICs protected), started again (it
     // adopts the pins and flows): messages pass at each step, with no manual step.
     drop(classifier);
-    let daemon = EdgeDaemon::new(&lab);
-    let mut run = daemon.start();
+    let daemon = EdgeInstance::new(&lab, "peers-xmpp");
+    let catalogue = lab.dir.join("edge.toml");
+    std::fs::write(&catalogue, PeerLab::catalogue_text()).expect("catalogue file");
+    let mut run = daemon.run(&catalogue, "edge-classifier");
     xmpp.send(
         &lab.edge,
         "alice@edge.example",
@@ -574,7 +576,7 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
         ),
         "edge -> partner while the daemon is dead (pinned programs)"
     );
-    let _run = daemon.start();
+    let _run = daemon.run(&catalogue, "edge-classifier-2");
     // The partner's Prosody killed and started too: a new X1 connection through the restarted
     // daemon, and the Edge's outbound connection to the old partner replaced.
     partner_prosody.restart(&lab, &lab.partner);
@@ -611,7 +613,7 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
         "edge -> partner after the daemon's restart\n{}",
         edge_prosody.log_text()
     );
-    let table = daemon.stats();
+    let table = daemon.cli(&["stats"]);
     eprintln!("daemon's counters at the end:\n{table}");
     let packets = |id: &str| -> u64 {
         table
@@ -625,81 +627,6 @@ fn xmpp_federation_with_prosody_both_ways_through_srv() {
         !table.contains("not_established"),
         "the daemon dropped s2s segments as not established:\n{table}"
     );
-}
-
-/// `edge-classifier run` for the peer lab's Edge: an instance of this process's own, the lab's
-/// catalogue in a file, ext0 external and int0 internal; `stop` on drop.
-struct EdgeDaemon<'a> {
-    lab: &'a PeerLab,
-    instance: String,
-    catalogue: PathBuf,
-}
-
-impl<'a> EdgeDaemon<'a> {
-    fn new(lab: &'a PeerLab) -> EdgeDaemon<'a> {
-        let catalogue = lab.dir.join("edge.toml");
-        std::fs::write(&catalogue, PeerLab::catalogue_text()).expect("catalogue file");
-        EdgeDaemon {
-            lab,
-            instance: format!("peers-xmpp-{}", std::process::id()),
-            catalogue,
-        }
-    }
-
-    /// Started, once it printed `ready`.
-    fn start(&self) -> Daemon {
-        let mut d = self
-            .lab
-            .spawn(
-                &self.lab.edge,
-                "edge-classifier",
-                peers::daemon_binary(),
-                &[
-                    "run",
-                    "--instance",
-                    &self.instance,
-                    "--catalogue",
-                    self.catalogue.to_str().expect("utf-8"),
-                    "--iface",
-                    "ext0=external",
-                    "--iface",
-                    "int0=internal",
-                    "--metrics",
-                    "127.0.0.1:9477",
-                ],
-            )
-            .expect("start edge-classifier");
-        let ready = wait_for(Duration::from_secs(60), || {
-            d.printed().lines().any(|l| l == "ready").then_some(())
-        });
-        assert!(
-            ready.is_some() && d.alive(),
-            "edge-classifier run did not get ready: {}",
-            d.printed()
-        );
-        d
-    }
-
-    /// `edge-classifier stats` of the instance (its per-rule table).
-    fn stats(&self) -> String {
-        let out = std::process::Command::new(peers::daemon_binary())
-            .args(["stats", "--instance", &self.instance])
-            .output()
-            .expect("edge-classifier stats");
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    }
-}
-
-impl Drop for EdgeDaemon<'_> {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(peers::daemon_binary())
-            .args(["stop", "--instance", &self.instance])
-            .output();
-    }
 }
 
 const MESSAGE: Duration = Duration::from_secs(20);

@@ -33,8 +33,10 @@ const PACKAGES: &[&str] = &[
 /// without it Prosody falls back to its old built-in one and says so), Kamailio with its TLS
 /// module, sipp, baresip (the SIP/TLS client: Debian's sipp has no TLS), coturn, socat (P4's TCP
 /// from the media range),
-/// dnsmasq as the partner's DNS server, slixmpp for the XMPP clients, openssl for the test CA,
-/// and dig. Installed with the daemons kept from starting on this host ([`ensure_daemons`]).
+/// dnsmasq as the partner's DNS server, bind9 as the authoritative server whose records the
+/// DNS-fed address sets follow (TTLs, SERVFAIL from a zone that fails to load, NXDOMAIN, 1,000
+/// SRV records: `tests/tests/dns_sets.rs`), slixmpp for the XMPP clients, openssl for the test
+/// CA, and dig. Installed with the daemons kept from starting on this host ([`ensure_daemons`]).
 const PEER_PACKAGES: &[&str] = &[
     "prosody",
     "lua-dbi-sqlite3",
@@ -46,6 +48,7 @@ const PEER_PACKAGES: &[&str] = &[
     "coturn",
     "socat",
     "dnsmasq",
+    "bind9",
     "python3-slixmpp",
     "openssl",
     "bind9-dnsutils",
@@ -200,7 +203,7 @@ fn ensure_packages(packages: &[String]) -> anyhow::Result<()> {
 
 /// `/usr/sbin/policy-rc.d`: exit 101 tells invoke-rc.d (and deb-systemd-invoke) that no
 /// service may be started, so that packages whose postinst would start a daemon (Prosody,
-/// Kamailio, coturn, dnsmasq) leave it stopped; the tests start their own copies inside
+/// Kamailio, coturn, dnsmasq, bind9) leave it stopped; the tests start their own copies inside
 /// namespaces.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 

@@ -1,6 +1,7 @@
 //! The rule catalogue: TOML in, a validated [`Catalogue`] out, with every error pointing at the
 //! file, line and column that caused it.
 
+pub mod dns;
 pub mod profiles;
 
 use std::{
@@ -163,7 +164,7 @@ enum RawPort {
 /// `tcp_idle = 600` (seconds) or `tcp_idle = "10m"`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum RawDuration {
+pub(crate) enum RawDuration {
     Seconds(i64),
     Text(String),
 }
@@ -175,11 +176,13 @@ struct RawCatalogue {
     policy: RawPolicy,
     interfaces: BTreeMap<Spanned<String>, String>,
     #[serde(default)]
-    sets: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
+    sets: BTreeMap<Spanned<String>, dns::RawSet>,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
     #[serde(default)]
     flows: RawFlows,
+    #[serde(default)]
+    dns: dns::RawDns,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -364,9 +367,14 @@ pub struct Catalogue {
     pub policy: Policy,
     /// Interface roles and what they are for.
     pub interfaces: BTreeMap<String, String>,
+    /// Each set's prefixes: those the catalogue lists, plus (once merged by
+    /// [`Catalogue::with_resolved`]) the addresses DNS gave for its names.
     pub sets: BTreeMap<String, Vec<IpNet>>,
+    /// Sets that also follow DNS names (`domains` with `srv`, `hosts`).
+    pub names: BTreeMap<String, dns::Names>,
     pub rules: Vec<Rule>,
     pub flows: Flows,
+    pub dns: dns::Dns,
 }
 
 const ICMP_NAMES: &[(&str, u8)] = &[
@@ -501,6 +509,15 @@ impl Catalogue {
         }
     }
 
+    /// This catalogue with the addresses DNS gave its sets' names added to the sets (what the
+    /// compiler and the reference classifier see). Addresses for sets or names the catalogue no
+    /// longer has are left out.
+    pub fn with_resolved(&self, resolved: &dns::Resolved) -> Catalogue {
+        let mut cat = self.clone();
+        dns::merge(&mut cat.sets, &dns::kept(resolved, &self.names));
+        cat
+    }
+
     pub fn rule(&self, id: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.id == id)
     }
@@ -619,8 +636,10 @@ fn validate(src: &mut Located, raw: RawCatalogue) -> Catalogue {
     let interfaces = parse_interfaces(src, raw.interfaces);
     let rules = parse_rules(src, raw.rules, &sets, &interfaces);
     let policy = parse_policy(src, raw.policy, &sets);
+    let names = sets.names;
     let sets = sets.nets;
     let flows = parse_flows(src, raw.flows);
+    let dns = dns::parse_dns(src, raw.dns);
     Catalogue {
         source_name: src.name.to_string(),
         digest: {
@@ -633,8 +652,10 @@ fn validate(src: &mut Located, raw: RawCatalogue) -> Catalogue {
         policy,
         interfaces,
         sets,
+        names,
         rules,
         flows,
+        dns,
     }
 }
 
@@ -671,6 +692,8 @@ struct Sets {
     /// Sets that lost a prefix to an error: their address families are unknown, so no rule is
     /// reported for pairing them.
     damaged: BTreeSet<String>,
+    /// Sets that follow DNS names: what families they hold is known only once resolved.
+    names: BTreeMap<String, dns::Names>,
 }
 
 /// The address families a set holds.
@@ -700,6 +723,9 @@ impl Sets {
         if self.damaged.contains(name) {
             return None;
         }
+        if self.names.contains_key(name) {
+            return Some(Families { v4: true, v6: true });
+        }
         let nets = self.nets.get(name)?;
         let f = Families {
             v4: nets.iter().any(|n| matches!(n, IpNet::V4(_))),
@@ -709,14 +735,20 @@ impl Sets {
     }
 }
 
-/// `[sets]`: named lists of prefixes (a bare address is its /32 or /128). A set with an invalid
-/// name or prefix is kept, so that the rules naming it are not reported as well.
-fn parse_sets(src: &mut Located, raw: BTreeMap<Spanned<String>, Vec<Spanned<String>>>) -> Sets {
+/// `[sets]`: named lists of prefixes (a bare address is its /32 or /128), or tables of
+/// `prefixes` and the DNS names to follow. A set with an invalid name or prefix is kept, so that
+/// the rules naming it are not reported as well.
+fn parse_sets(src: &mut Located, raw: BTreeMap<Spanned<String>, dns::RawSet>) -> Sets {
     let mut sets = BTreeMap::new();
     let mut damaged = BTreeSet::new();
+    let mut names = BTreeMap::new();
     let mut starts = Vec::with_capacity(raw.len());
-    for (name, prefixes) in raw {
+    for (name, value) in raw {
         let set_name = name.get_ref();
+        let dns::SetSource {
+            prefixes,
+            names: follows,
+        } = dns::set_source(src, set_name, value);
         starts.push(name.span());
         if set_name == ANY {
             src.error(name.span(), "set `any` is built in and cannot be redefined");
@@ -730,11 +762,14 @@ fn parse_sets(src: &mut Located, raw: BTreeMap<Spanned<String>, Vec<Spanned<Stri
                 ),
             );
         }
-        if prefixes.is_empty() {
+        if prefixes.is_empty() && follows.is_none() {
             src.error(
                 name.span(),
                 format!("set `{set_name}` is empty: a rule naming it could never match; list its prefixes"),
             );
+        }
+        if let Some(follows) = follows {
+            names.insert(set_name.clone(), follows);
         }
         let mut nets = Vec::with_capacity(prefixes.len());
         for p in prefixes {
@@ -761,6 +796,7 @@ fn parse_sets(src: &mut Located, raw: BTreeMap<Spanned<String>, Vec<Spanned<Stri
     Sets {
         nets: sets,
         damaged,
+        names,
     }
 }
 
@@ -1053,21 +1089,27 @@ const DURATION_FORMS: &str =
 
 /// A `[flows]` timeout in seconds, written as seconds or as a duration string.
 fn flow_timeout(raw: &RawDuration, what: &str) -> Result<u32, String> {
+    seconds_in(raw, &format!("flows.{what}"), 1, MAX_FLOW_TIMEOUT)
+}
+
+/// A duration `key` (`flows.tcp_idle`, `dns.max_ttl`) in seconds, written as seconds or as a
+/// duration string, within `min..=max`.
+pub(crate) fn seconds_in(raw: &RawDuration, key: &str, min: u32, max: u32) -> Result<u32, String> {
     let (seconds, shown) = match raw {
         RawDuration::Seconds(n) => (*n, n.to_string()),
         RawDuration::Text(t) => {
-            let seconds = duration_seconds(t).ok_or_else(|| {
-                format!("invalid duration `{t}` for flows.{what}: {DURATION_FORMS}")
-            })?;
+            let seconds = duration_seconds(t)
+                .ok_or_else(|| format!("invalid duration `{t}` for {key}: {DURATION_FORMS}"))?;
             (
                 i64::try_from(seconds).unwrap_or(i64::MAX),
                 format!("\"{t}\""),
             )
         }
     };
-    in_range(seconds, MAX_FLOW_TIMEOUT).ok_or_else(|| {
-        format!("flows.{what} = {shown} is out of range: expected 1 to {MAX_FLOW_TIMEOUT} seconds")
-    })
+    (i64::from(min)..=i64::from(max))
+        .contains(&seconds)
+        .then_some(seconds as u32)
+        .ok_or_else(|| format!("{key} = {shown} is out of range: expected {min} to {max} seconds"))
 }
 
 /// `"90s"`, `"15m"`, `"2h"`, `"1d"`, `"2h4m"`, `"1d 12h"`: whole days, hours, minutes and seconds,

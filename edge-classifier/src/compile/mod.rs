@@ -132,6 +132,74 @@ pub struct Compiled {
     pub assignments: Assignments,
 }
 
+/// Longest-prefix match of the compiled address sets, probing each prefix length: which sets an
+/// address is in, as the data plane would say (the prefixes carry the bits of the shorter ones
+/// that hold them, `push_down`).
+pub struct AddressSets {
+    v4: HashMap<(u8, u32), u64>,
+    v6: HashMap<(u8, u128), u64>,
+    v4_lens: Vec<u8>,
+    v6_lens: Vec<u8>,
+}
+
+impl AddressSets {
+    pub fn new(c: &Compiled) -> AddressSets {
+        let mut s = AddressSets {
+            v4: HashMap::new(),
+            v6: HashMap::new(),
+            v4_lens: Vec::new(),
+            v6_lens: Vec::new(),
+        };
+        for (net, bits) in c.prefixes_v4.iter().chain(&c.prefixes_v6) {
+            match net {
+                IpNet::V4(n) => {
+                    s.v4.insert((n.prefix_len(), u32::from(n.network())), *bits);
+                    s.v4_lens.push(n.prefix_len());
+                }
+                IpNet::V6(n) => {
+                    s.v6.insert((n.prefix_len(), u128::from(n.network())), *bits);
+                    s.v6_lens.push(n.prefix_len());
+                }
+            }
+        }
+        for l in [&mut s.v4_lens, &mut s.v6_lens] {
+            l.sort_unstable_by(|a, b| b.cmp(a));
+            l.dedup();
+        }
+        s
+    }
+
+    /// The set bits of `addr` (0 when no prefix holds it).
+    pub fn bits(&self, addr: IpAddr) -> u64 {
+        match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4_lens
+                    .iter()
+                    .find_map(|&len| {
+                        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                        self.v4.get(&(len, a & mask)).copied()
+                    })
+                    .unwrap_or(0)
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6_lens
+                    .iter()
+                    .find_map(|&len| {
+                        let mask = if len == 0 {
+                            0
+                        } else {
+                            u128::MAX << (128 - len)
+                        };
+                        self.v6.get(&(len, a & mask)).copied()
+                    })
+                    .unwrap_or(0)
+            }
+        }
+    }
+}
+
 impl Compiled {
     pub fn role_mask(&self, role: &str) -> Option<u32> {
         self.assignments.roles.get(role).map(|bit| 1u32 << bit)

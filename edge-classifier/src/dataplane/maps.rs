@@ -18,7 +18,10 @@ use edge_classifier_common::{
 };
 use ipnet::IpNet;
 
-use crate::{compile::Compiled, stride::Stride4};
+use crate::{
+    compile::{AddressSets, Compiled},
+    stride::Stride4,
+};
 
 /// Declares every map of the object once: its ELF name (the pin's name), the typed handle's
 /// field, type and kind. The struct, the name list and both ways of opening the maps (from a
@@ -531,10 +534,33 @@ impl Maps {
     /// Removes the flows of rules that are gone (their slot may be given to a new rule), and
     /// counts them as expired so evictions stay `created - expired - present`.
     pub fn purge_flows(&mut self, keep_slots: &BTreeSet<u32>) -> Result<u64, MapsError> {
+        self.purge_flows_where(|f| !keep_slots.contains(&f.state.slot))
+    }
+
+    /// Removes the flows of `new`'s outbound rules whose remote address is no longer in the
+    /// rule's remote set (a DNS refresh took it out), as a removed rule's flows are: their
+    /// replies are dropped as `not_established` from then on.
+    pub fn purge_flows_left(&mut self, new: &Compiled) -> Result<u64, MapsError> {
+        let remote: StdHashMap<u32, u64> = new
+            .rules
+            .iter()
+            .filter(|r| r.matcher.flags & edge_classifier_common::RULE_OUTBOUND != 0)
+            .map(|r| (r.slot, r.matcher.remote_mask))
+            .collect();
+        let sets = AddressSets::new(new);
+        self.purge_flows_where(|f| {
+            remote
+                .get(&f.state.slot)
+                .is_some_and(|mask| sets.bits(f.remote().ip()) & mask == 0)
+        })
+    }
+
+    /// Removes the flows `stale` picks, counted as expired.
+    fn purge_flows_where(&mut self, stale: impl Fn(&Flow) -> bool) -> Result<u64, MapsError> {
         let stale: Vec<FlowKey> = self
             .flows()?
             .into_iter()
-            .filter(|f| !keep_slots.contains(&f.state.slot))
+            .filter(|f| stale(f))
             .map(|f| f.key)
             .collect();
         let mut removed = 0u64;

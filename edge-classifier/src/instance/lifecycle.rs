@@ -7,7 +7,10 @@ use std::{
 };
 
 use crate::{
-    catalogue::{Catalogue, DEFAULT_CATALOGUE, DEFAULT_NAME},
+    catalogue::{
+        Catalogue, DEFAULT_CATALOGUE, DEFAULT_NAME,
+        dns::{Resolved, kept},
+    },
     compile::{Compiled, compile_with},
     instance::{
         BoundIface, Instance, LAYOUT, Loaded, Lock, RELOAD_LOG, ReloadAttempt, Reloads, State,
@@ -65,10 +68,13 @@ pub enum LifecycleError {
 
 type Result<T> = std::result::Result<T, LifecycleError>;
 
-/// A catalogue and the text it was parsed from (the state keeps the text).
+/// A catalogue and the text it was parsed from (the state keeps the text), with the addresses
+/// DNS gave its names.
 pub struct Source {
+    /// As parsed: its sets hold only the prefixes the text lists.
     pub catalogue: Catalogue,
     pub text: String,
+    pub resolved: Resolved,
 }
 
 impl Source {
@@ -87,21 +93,56 @@ impl Source {
             error,
         })?;
         let catalogue = Catalogue::parse(&path.display().to_string(), &text)?;
-        Ok(Source { catalogue, text })
+        Ok(Source {
+            catalogue,
+            text,
+            resolved: Resolved::new(),
+        })
     }
 
     pub fn default_catalogue() -> Source {
         Source {
             catalogue: Catalogue::default_catalogue(),
             text: DEFAULT_CATALOGUE.to_string(),
+            resolved: Resolved::new(),
         }
     }
 
     fn from_loaded(l: &Loaded) -> Result<Source> {
         Ok(Source {
-            catalogue: l.catalogue()?,
+            catalogue: Catalogue::parse(&l.source, &l.text)?,
             text: l.text.clone(),
+            resolved: l.resolved.clone(),
         })
+    }
+
+    /// Keeps the addresses `running` resolved for the names this catalogue still follows: a
+    /// reload or a restart must not drop a partner's addresses until the next lookup.
+    fn keep(mut self, running: Option<&Loaded>) -> Source {
+        if let Some(l) = running {
+            self.resolved = kept(&l.resolved, &self.catalogue.names);
+        }
+        self
+    }
+
+    /// What is compiled: the catalogue with the resolved addresses in its sets.
+    pub fn merged(&self) -> Catalogue {
+        self.catalogue.with_resolved(&self.resolved)
+    }
+
+    /// Compiled for a swap: rules keep the counter slots `active_old` gave them. `name` says
+    /// what did not fit.
+    fn compile_against(&self, active_old: &Compiled, name: &str) -> Result<Compiled> {
+        compile_with(&self.merged(), &active_old.assignments).map_err(|error| {
+            LifecycleError::DoesNotFit {
+                name: name.to_string(),
+                error,
+            }
+        })
+    }
+
+    fn loaded(&self, compiled: &Compiled) -> Loaded {
+        Loaded::new(&self.catalogue, &self.text, compiled, self.resolved.clone())
     }
 }
 
@@ -179,14 +220,15 @@ pub fn start(
         (Some(path), _) => Source::read(path)?,
         (None, Some(active)) => Source::from_loaded(active)?,
         (None, None) => Source::default_catalogue(),
-    };
+    }
+    .keep(prior.as_ref().and_then(State::active));
     let prev_assign = prior
         .as_ref()
         .and_then(State::active)
         .map(|l| l.assignments.clone())
         .unwrap_or_default();
     let compiled =
-        compile_with(&source.catalogue, &prev_assign).map_err(|error| LifecycleError::Compile {
+        compile_with(&source.merged(), &prev_assign).map_err(|error| LifecycleError::Compile {
             name: source.catalogue.source_name.clone(),
             error,
         })?;
@@ -294,7 +336,7 @@ fn bring_up(
             compiled.flow_capacity
         );
     }
-    let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
+    let loaded = source.loaded(&compiled);
     if prior.is_some() {
         recover_active(classifier.maps_mut(), false)?;
     }
@@ -304,6 +346,7 @@ fn bring_up(
             let running = st.active().cloned();
             if running.as_ref() != Some(&loaded) {
                 let active_old = running.as_ref().and_then(|l| l.compile().ok()).map(|x| x.1);
+                let reloads = st.reloads.succeeded + 1;
                 swap_recorded(
                     instance,
                     &mut st,
@@ -311,6 +354,7 @@ fn bring_up(
                     &compiled,
                     loaded,
                     active_old.as_ref(),
+                    reloads,
                 )?;
                 st.reloads.last = unix_now();
             }
@@ -442,7 +486,7 @@ fn bring_up(
         .iter()
         .map(|(n, r, _)| (n.as_str(), r.as_str()))
         .collect();
-    crate::instance::guards::log_warnings(&source.catalogue, &nics);
+    crate::instance::guards::log_warnings(&source.merged(), &nics);
     state.bindings = record_bindings(&mut classifier)?;
     state.generation += 1;
     instance.write_state(&state)?;
@@ -569,15 +613,10 @@ fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Res
         Some(path) => Source::read(path)?,
         None if running.source == DEFAULT_NAME => Source::default_catalogue(),
         None => Source::read(&PathBuf::from(&running.source))?,
-    };
+    }
+    .keep(Some(&running));
     let (_, active_old) = running.compile().map_err(LifecycleError::RunningBroken)?;
-    let compiled: Compiled =
-        compile_with(&source.catalogue, &active_old.assignments).map_err(|error| {
-            LifecycleError::DoesNotFit {
-                name: source.catalogue.source_name.clone(),
-                error,
-            }
-        })?;
+    let compiled = source.compile_against(&active_old, &source.catalogue.source_name)?;
     for b in &state.bindings {
         if compiled.role_mask(&b.role).is_none() {
             return Err(LifecycleError::RoleGone {
@@ -594,29 +633,96 @@ fn swap(instance: &Instance, state: &mut State, catalogue: Option<&Path>) -> Res
             state.flow_capacity
         );
     }
-    let mut maps = Maps::open_pinned(&instance.maps_dir())?;
-    settle_interrupted(&mut maps, state)?;
-    let loaded = Loaded::new(&source.catalogue, &source.text, &compiled);
-    let now = swap_recorded(
-        instance,
-        state,
-        &mut maps,
-        &compiled,
-        loaded,
-        Some(&active_old),
-    )?;
+    let reloads = state.reloads.succeeded + 1;
+    let (_, now) = write_and_flip(instance, state, &source, &compiled, &active_old, reloads)?;
     let bound: Vec<(&str, &str)> = state
         .bindings
         .iter()
         .map(|b| (b.name.as_str(), b.role.as_str()))
         .collect();
-    crate::instance::guards::log_warnings(&source.catalogue, &bound);
+    crate::instance::guards::log_warnings(&source.merged(), &bound);
     Ok(Swapped {
         source: source.catalogue.source_name.clone(),
         digest: source.catalogue.digest.clone(),
         rules: compiled.rules.len(),
         active: now,
     })
+}
+
+/// `source` written into the inactive buffer of the pinned maps and flipped to (an interrupted
+/// reload settled first), recorded with `reloads` as the reload count it brings: what a reload
+/// and a DNS refresh share. Returns the maps and the buffer now active.
+fn write_and_flip(
+    instance: &Instance,
+    state: &mut State,
+    source: &Source,
+    compiled: &Compiled,
+    active_old: &Compiled,
+    reloads: u64,
+) -> Result<(Maps, u32)> {
+    let mut maps = Maps::open_pinned(&instance.maps_dir())?;
+    settle_interrupted(&mut maps, state)?;
+    let now = swap_recorded(
+        instance,
+        state,
+        &mut maps,
+        compiled,
+        source.loaded(compiled),
+        Some(active_old),
+        reloads,
+    )?;
+    Ok((maps, now))
+}
+
+/// Puts the addresses DNS gave the running catalogue's names in force: the same catalogue,
+/// with `resolved` in its sets, written into the inactive buffer and flipped to, as a reload
+/// does. The rules compile to the same slots, so counters continue; flows of outbound rules to
+/// an address that left the rule's remote set are purged, as a removed rule's are. It is not
+/// counted as a reload. `None` when the running buffer holds these addresses already.
+pub fn apply_resolved(instance: &Instance, resolved: &Resolved) -> Result<Option<u32>> {
+    let _lock = instance.lock()?;
+    let mut state = instance.require_state()?;
+    let running = state
+        .active()
+        .cloned()
+        .ok_or(LifecycleError::UnknownActive)?;
+    let mut source = Source::from_loaded(&running)?;
+    source.resolved = kept(resolved, &source.catalogue.names);
+    if source.resolved == running.resolved {
+        return Ok(None);
+    }
+    let (_, active_old) = running.compile().map_err(LifecycleError::RunningBroken)?;
+    let compiled = source.compile_against(
+        &active_old,
+        &format!(
+            "{} with its resolved addresses",
+            source.catalogue.source_name
+        ),
+    )?;
+    // The rules are those of the running buffer: the reload count stays.
+    let reloads = state.reloads.succeeded;
+    let (mut maps, now) = write_and_flip(
+        instance,
+        &mut state,
+        &source,
+        &compiled,
+        &active_old,
+        reloads,
+    )?;
+    match maps.purge_flows_left(&compiled) {
+        Ok(0) => {}
+        Ok(n) => log::info!(
+            "{n} flows to addresses that left their rule's remote set ended (purged, as a removed rule's)"
+        ),
+        Err(e) => log::warn!("purging the flows to addresses that left their sets: {e}"),
+    }
+    state.generation += 1;
+    if let Err(e) = instance.write_state(&state) {
+        log::warn!(
+            "the resolved addresses are in force, but recording them outside the kernel failed ({e}); the state is rebuilt from the pinned maps"
+        );
+    }
+    Ok(Some(now))
 }
 
 /// What a buffer's record says it holds: the `Loaded` as JSON.
@@ -637,6 +743,7 @@ fn swap_recorded(
     new: &Compiled,
     loaded: Loaded,
     active_old: Option<&Compiled>,
+    reloads: u64,
 ) -> Result<u32> {
     use edge_classifier_common::RECORD_COMPLETE;
     let target = 1 - maps.active()?;
@@ -653,7 +760,7 @@ fn swap_recorded(
         (None, _) => Holds::Unknown,
     };
     maps.prepare(target, new, holds, active_old)?;
-    finish_swap(state, maps, target, new, loaded)
+    finish_swap(state, maps, target, new, loaded, reloads)
 }
 
 fn finish_swap(
@@ -662,10 +769,11 @@ fn finish_swap(
     target: u32,
     new: &Compiled,
     loaded: Loaded,
+    reloads: u64,
 ) -> Result<u32> {
     state.buffers[target as usize] = None;
     state.empty[target as usize] = false;
-    maps.write_description(target, &description(&loaded), state.reloads.succeeded + 1)?;
+    maps.write_description(target, &description(&loaded), reloads)?;
     // Up to here nothing the program reads has changed. The flip is one map write; after it
     // the reload has happened, whatever fails next.
     maps.set_active(target)?;

@@ -8,6 +8,7 @@ pub mod lifecycle;
 pub mod status;
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     io,
     os::fd::AsRawFd as _,
@@ -17,7 +18,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    catalogue::{Catalogue, CatalogueError},
+    catalogue::{Catalogue, CatalogueError, dns::Resolved},
     compile::{Assignments, CompileError, Compiled, compile_with},
 };
 
@@ -98,19 +99,27 @@ pub struct Loaded {
     pub source: String,
     pub text: String,
     pub assignments: Assignments,
+    /// The addresses DNS gave the catalogue's names when this buffer was written: part of what
+    /// the buffer holds, so recorded with it (a reload and a restart keep them, `status` and
+    /// `explain` say which name each came from).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resolved: Resolved,
 }
 
 impl Loaded {
-    pub fn new(cat: &Catalogue, text: &str, compiled: &Compiled) -> Loaded {
+    /// `cat` as parsed from `text` (without resolved addresses), with `resolved` merged.
+    pub fn new(cat: &Catalogue, text: &str, compiled: &Compiled, resolved: Resolved) -> Loaded {
         Loaded {
             source: cat.source_name.clone(),
             text: text.to_string(),
             assignments: compiled.assignments.clone(),
+            resolved,
         }
     }
 
+    /// The catalogue with the resolved addresses merged into its sets.
     pub fn catalogue(&self) -> Result<Catalogue, CatalogueError> {
-        Catalogue::parse(&self.source, &self.text)
+        Ok(Catalogue::parse(&self.source, &self.text)?.with_resolved(&self.resolved))
     }
 
     pub fn compile(&self) -> Result<(Catalogue, Compiled), LoadedError> {

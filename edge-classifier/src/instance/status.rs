@@ -46,6 +46,8 @@ pub struct Status {
     pub counters: Option<Snapshot>,
     /// True when every bound NIC has a live XDP link.
     pub protected: bool,
+    /// The addresses DNS put in the running catalogue's sets, and where each came from.
+    pub resolved: crate::catalogue::dns::Resolved,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +127,11 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
         None => None,
     };
     let reloads = state.as_ref().map(|s| s.reloads).unwrap_or_default();
+    let resolved = state
+        .as_ref()
+        .and_then(State::active)
+        .map(|l| l.resolved.clone())
+        .unwrap_or_default();
     let catalogue = compiled.as_ref().map(|(cat, c)| Catalogue {
         source: cat.source_name.clone(),
         sha256: cat.digest.clone(),
@@ -197,8 +204,12 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
         interfaces,
         counters,
         protected,
+        resolved,
     })
 }
+
+/// Addresses from DNS listed per set in the text form.
+const MAX_LISTED: usize = 20;
 
 fn when(unix: f64) -> String {
     let ago = crate::snapshot::unix_now() - unix;
@@ -284,6 +295,20 @@ impl std::fmt::Display for Status {
                 link_text(&n.xdp),
                 link_text(&n.tc)
             );
+        }
+        for (set, addrs) in &self.resolved {
+            let _ = writeln!(out, "set {set}: {} addresses from DNS", addrs.len());
+            // A partner with a thousand targets would bury the rest: `--json` lists them all.
+            for (a, o) in addrs.iter().take(MAX_LISTED) {
+                let _ = writeln!(out, "  {a} from {} ({})", o.name, o.via);
+            }
+            if addrs.len() > MAX_LISTED {
+                let _ = writeln!(
+                    out,
+                    "  and {} more (`status --json` lists them all)",
+                    addrs.len() - MAX_LISTED
+                );
+            }
         }
         if let Some(s) = &self.counters {
             let _ = writeln!(out);

@@ -9,7 +9,7 @@ use etherparse::PacketBuilder;
 use serde::Serialize;
 
 use crate::{
-    catalogue::{ANY, Catalogue, Direction, PortSide, Rule, Transport},
+    catalogue::{ANY, Catalogue, Direction, PortSide, Rule, Transport, dns::Resolved},
     compile::Compiled,
     reference::{Counted, FlowTable, Reference, Verdict},
 };
@@ -100,6 +100,10 @@ pub struct Explanation {
     /// The reply was checked against the flow the Edge would have recorded sending the
     /// reverse frame (`--established`).
     pub established: bool,
+    /// For each of the frame's addresses that DNS put in a set: the set, the catalogue's
+    /// domain or host, and the records that led to it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub from_dns: Vec<String>,
 }
 
 fn display<S: serde::Serializer>(p: &Probe, s: S) -> Result<S::Ok, S::Error> {
@@ -216,7 +220,23 @@ pub fn explain(
         why,
         near_miss,
         established,
+        from_dns: Vec::new(),
     })
+}
+
+/// Which of `probe`'s addresses DNS put in which set, and through which records (what
+/// `resolved`, the running buffer's record, says).
+pub fn dns_origins(resolved: &Resolved, probe: &Probe) -> Vec<String> {
+    let (s, d) = probe.addrs();
+    let mut out = Vec::new();
+    for a in [s, d] {
+        for (set, addrs) in resolved {
+            if let Some(o) = addrs.get(&a) {
+                out.push(format!("{a} is in {set} from DNS: {} ({})", o.name, o.via));
+            }
+        }
+    }
+    out
 }
 
 fn in_set(cat: &Catalogue, set: &str, a: IpAddr) -> bool {
@@ -394,6 +414,9 @@ impl fmt::Display for Explanation {
                 n.covers,
                 n.differs.join(" and ")
             )?;
+        }
+        for line in &self.from_dns {
+            write!(f, "\n{line}")?;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! a packet library (etherparse) rather than from offsets written by hand, so that a misreading
 //! of a header in the kernel's parser does not recur here unseen.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::IpAddr};
 
 use edge_classifier_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
@@ -18,9 +18,8 @@ use etherparse::{
     Ipv6FragmentHeaderSlice, Ipv6HeaderSlice, Ipv6RawExtHeaderSlice, SingleVlanSlice, TcpSlice,
     UdpHeader, UdpHeaderSlice, UdpSlice, err, ip_number,
 };
-use ipnet::IpNet;
 
-use crate::compile::Compiled;
+use crate::compile::{AddressSets, Compiled};
 
 /// What the classifier did with a frame and which counter records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,67 +351,18 @@ fn l4(ip: &Ip) -> Parsed<L4> {
     }
 }
 
-/// Longest-prefix match of the compiled address sets, probing each prefix length.
-struct Sets {
-    v4: HashMap<(u8, u32), u64>,
-    v6: HashMap<(u8, u128), u64>,
-    v4_lens: Vec<u8>,
-    v6_lens: Vec<u8>,
-}
+/// The compiled address sets as the reference looks them up.
+struct Sets(AddressSets);
 
 impl Sets {
     fn new(c: &Compiled) -> Sets {
-        let mut s = Sets {
-            v4: HashMap::new(),
-            v6: HashMap::new(),
-            v4_lens: Vec::new(),
-            v6_lens: Vec::new(),
-        };
-        for (net, bits) in c.prefixes_v4.iter().chain(&c.prefixes_v6) {
-            match net {
-                IpNet::V4(n) => {
-                    s.v4.insert((n.prefix_len(), u32::from(n.network())), *bits);
-                    s.v4_lens.push(n.prefix_len());
-                }
-                IpNet::V6(n) => {
-                    s.v6.insert((n.prefix_len(), u128::from(n.network())), *bits);
-                    s.v6_lens.push(n.prefix_len());
-                }
-            }
-        }
-        for l in [&mut s.v4_lens, &mut s.v6_lens] {
-            l.sort_unstable_by(|a, b| b.cmp(a));
-            l.dedup();
-        }
-        s
+        Sets(AddressSets::new(c))
     }
 
     fn bits(&self, addr: &Addr) -> u64 {
         match addr {
-            Addr::V4(a) => {
-                let a = u32::from_be_bytes(*a);
-                self.v4_lens
-                    .iter()
-                    .find_map(|&len| {
-                        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-                        self.v4.get(&(len, a & mask)).copied()
-                    })
-                    .unwrap_or(0)
-            }
-            Addr::V6(a) => {
-                let a = u128::from_be_bytes(*a);
-                self.v6_lens
-                    .iter()
-                    .find_map(|&len| {
-                        let mask = if len == 0 {
-                            0
-                        } else {
-                            u128::MAX << (128 - len)
-                        };
-                        self.v6.get(&(len, a & mask)).copied()
-                    })
-                    .unwrap_or(0)
-            }
+            Addr::V4(a) => self.0.bits(IpAddr::from(*a)),
+            Addr::V6(a) => self.0.bits(IpAddr::from(*a)),
         }
     }
 }

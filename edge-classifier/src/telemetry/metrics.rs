@@ -80,6 +80,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
     let mut families = interface_families(s);
     families.extend(flow_families(&s.flows));
     families.extend(instance_families(s));
+    families.extend(dns_families(&s.dns));
     let families: Vec<MetricFamily> = families.into_iter().map(|f| f.0).collect();
     let mut out = Vec::new();
     TextEncoder::new().encode(&families, &mut out)?;
@@ -223,6 +224,47 @@ fn flow_families(f: &crate::maps::FlowStats) -> Vec<Family> {
         ),
     ]);
     families
+}
+
+/// Per set and DNS name: addresses in force, last success, failures by kind, staleness. Every
+/// failure kind is present from the first scrape, so `increase()` sees the first failure.
+fn dns_families(names: &[crate::snapshot::NameStatus]) -> Vec<Family> {
+    const KINDS: &[&str] = &[
+        "nxdomain", "nodata", "servfail", "refused", "timeout", "error",
+    ];
+    let mut addresses = Family::gauge(
+        "edge_classifier_dns_addresses",
+        "Addresses a set's DNS name puts in the set (the last good ones while lookups fail).",
+    );
+    let mut success = Family::gauge(
+        "edge_classifier_dns_last_success_timestamp_seconds",
+        "When every lookup of the name last succeeded (the oldest of them), Unix time; 0 before.",
+    );
+    let mut failures = Family::counter(
+        "edge_classifier_dns_failures_total",
+        "Failed lookups of the name since the daemon started, by kind.",
+    );
+    let mut stale = Family::gauge(
+        "edge_classifier_dns_stale",
+        "1 when the name's addresses have not been confirmed for [dns] stale_after (they are kept).",
+    );
+    for n in names {
+        let labels = [("set", n.set.as_str()), ("domain", n.name.as_str())];
+        addresses.push(&labels, n.addresses as f64);
+        success.push(&labels, n.last_success.unwrap_or(0.0));
+        stale.push(&labels, if n.stale { 1.0 } else { 0.0 });
+        for kind in KINDS {
+            failures.push(
+                &[labels[0], labels[1], ("kind", kind)],
+                n.failures.get(*kind).copied().unwrap_or(0) as f64,
+            );
+        }
+    }
+    // The text encoder refuses a family without series: a catalogue without DNS names has none.
+    if names.is_empty() {
+        return Vec::new();
+    }
+    vec![addresses, success, failures, stale]
 }
 
 /// The instance: reloads, the running catalogue, the build, and this scrape's read time.

@@ -1,7 +1,10 @@
 //! One read of every counter of a running classifier: what `/metrics` renders and what
 //! `edge-classifier stats` prints, so the two can never disagree.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::BTreeMap,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
 
 use edge_classifier_common::{SET_PROTECTED, reason};
 use serde::{Deserialize, Serialize};
@@ -24,6 +27,28 @@ pub struct Snapshot {
     pub reloads: Reloads,
     pub interfaces: Vec<Interface>,
     pub flows: FlowStats,
+    /// The sets' DNS names (`[sets.NAME] domains`, `hosts`) as the daemon resolves them.
+    #[serde(default)]
+    pub dns: Vec<NameStatus>,
+}
+
+/// One name of one set as `status`, the logs and `/metrics` report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NameStatus {
+    pub set: String,
+    /// The domain or host the catalogue names.
+    pub name: String,
+    /// Addresses in force for it (the last good ones when lookups fail).
+    pub addresses: usize,
+    /// When every lookup of this name last succeeded (the oldest of them), Unix seconds; `None`
+    /// until each has once.
+    pub last_success: Option<f64>,
+    /// Failed lookups since the daemon started, by kind.
+    pub failures: BTreeMap<String, u64>,
+    /// The last error, while the name is failing.
+    pub error: Option<String>,
+    /// Its addresses have not been confirmed for `stale_after`.
+    pub stale: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +212,7 @@ impl Snapshot {
             reloads,
             interfaces,
             flows,
+            dns: Vec::new(),
         })
     }
 }

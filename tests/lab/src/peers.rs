@@ -499,6 +499,21 @@ impl PeerLab {
         self.run_ok(ns, Duration::from_secs(5), "dig", &all)
     }
 
+    /// The body of an HTTP GET of `url` from inside `ns` (Python's urllib, which the lab's
+    /// slixmpp needs anyway).
+    pub fn http_get(&self, ns: &str, url: &str) -> anyhow::Result<String> {
+        self.run_ok(
+            ns,
+            Duration::from_secs(5),
+            "python3",
+            &[
+                "-c",
+                "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())",
+                url,
+            ],
+        )
+    }
+
     /// What dnsmasq logged (every query with `--log-queries`).
     pub fn dns_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("dnsmasq.log")).unwrap_or_default()
@@ -565,6 +580,113 @@ pub fn daemon_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// An instance of the real daemon (`edge-classifier run`) in the lab's edge namespace, ext0
+/// external and int0 internal, metrics on the namespace's 127.0.0.1:9477; stopped (detached,
+/// pins removed) on drop.
+pub struct EdgeInstance<'a> {
+    pub lab: &'a PeerLab,
+    pub bin: PathBuf,
+    pub name: String,
+}
+
+impl<'a> EdgeInstance<'a> {
+    /// An instance named for `tag` and this process.
+    pub fn new(lab: &'a PeerLab, tag: &str) -> EdgeInstance<'a> {
+        EdgeInstance {
+            lab,
+            bin: daemon_binary(),
+            name: format!("{tag}-{}", std::process::id()),
+        }
+    }
+
+    /// `edge-classifier run` with `catalogue`, once it printed `ready` (every NIC protected,
+    /// started afresh or adopting the pins of a daemon before it); its output goes to
+    /// `DIR/LOG.out`.
+    pub fn run(&self, catalogue: &Path, log: &str) -> Daemon {
+        let mut d = self
+            .lab
+            .spawn(
+                &self.lab.edge,
+                log,
+                &self.bin,
+                &[
+                    "run",
+                    "--catalogue",
+                    &catalogue.display().to_string(),
+                    "--iface",
+                    "ext0=external",
+                    "--iface",
+                    "int0=internal",
+                    "--instance",
+                    &self.name,
+                    "--metrics",
+                    "127.0.0.1:9477",
+                ],
+            )
+            .expect("edge-classifier run");
+        let up = wait_for(Duration::from_secs(60), || {
+            if !d.alive() {
+                return Some(false);
+            }
+            d.printed().lines().any(|l| l == "ready").then_some(true)
+        });
+        assert_eq!(up, Some(true), "the daemon did not start:\n{}", d.printed());
+        d
+    }
+
+    /// `edge-classifier ARGS --instance NAME` in the edge namespace, whatever its exit status.
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        let mut all = args.to_vec();
+        all.extend(["--instance", &self.name]);
+        self.lab
+            .command(&self.lab.edge, &self.bin)
+            .args(&all)
+            .output()
+            .expect("edge-classifier")
+    }
+
+    /// [`EdgeInstance::try_cli`], which must succeed: its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let o = self.try_cli(args);
+        assert!(
+            o.status.success(),
+            "edge-classifier {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Packets of rule `id` on ext0, from `edge-classifier stats --instance` (the pinned maps).
+    pub fn rule(&self, id: &str) -> u64 {
+        let out = self.cli(&["stats"]);
+        out.lines()
+            .find_map(|l| {
+                let t: Vec<&str> = l.split_whitespace().collect();
+                if t.first() != Some(&id) {
+                    return None;
+                }
+                let at = t.iter().position(|x| *x == EXT)?;
+                t.get(at + 1)?.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no counter of {id} on {EXT} in:\n{out}"))
+    }
+
+    /// The daemon's `/metrics` text, fetched inside the edge namespace.
+    pub fn metrics(&self) -> String {
+        self.lab
+            .http_get(&self.lab.edge, "http://127.0.0.1:9477/metrics")
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for EdgeInstance<'_> {
+    fn drop(&mut self) {
+        let _ = self.try_cli(&["stop"]);
+    }
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`.

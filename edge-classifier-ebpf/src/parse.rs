@@ -115,6 +115,26 @@ pub struct Ip {
 }
 
 impl Ip {
+    /// An IPv4 header's facts; the caller has checked the header and found where L4 lies.
+    #[inline(always)]
+    fn v4(hdr: &[u8; 20], l4_off: usize, l4_end: usize, fragment: Fragment) -> Ip {
+        Ip {
+            is_v6: false,
+            proto: hdr[9],
+            src: [
+                u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as u64,
+                0,
+            ],
+            dst: [
+                u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]) as u64,
+                0,
+            ],
+            l4_off,
+            l4_end,
+            fragment,
+        }
+    }
+
     #[inline(always)]
     fn addr(&self, w: &[u64; 2]) -> Addr {
         if self.is_v6 {
@@ -253,21 +273,7 @@ fn ipv4(ctx: &impl Frame, off: usize) -> Result<Ip, Malformed> {
     } else {
         Fragment::No
     };
-    Ok(Ip {
-        is_v6: false,
-        proto: hdr[9],
-        src: [
-            u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as u64,
-            0,
-        ],
-        dst: [
-            u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]) as u64,
-            0,
-        ],
-        l4_off: off + ihl,
-        l4_end: end,
-        fragment,
-    })
+    Ok(Ip::v4(hdr, off + ihl, end, fragment))
 }
 
 /// The fixed header and the extension-header walk in one function: the walk is one bounded loop
@@ -420,21 +426,7 @@ fn ipv4_at(data: usize, end: usize, off: usize) -> Quick {
     if hdr[0] != 0x45 || total < 20 || hdr[6] & 0x3f != 0 || hdr[7] != 0 {
         return Quick::Full;
     }
-    let ip = Ip {
-        is_v6: false,
-        proto: hdr[9],
-        src: [
-            u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as u64,
-            0,
-        ],
-        dst: [
-            u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]) as u64,
-            0,
-        ],
-        l4_off: off + 20,
-        l4_end: off + total,
-        fragment: Fragment::No,
-    };
+    let ip = Ip::v4(hdr, off + 20, off + total, Fragment::No);
     l4_at(ip, data, end, total - 20)
 }
 

@@ -1,0 +1,396 @@
+//! An Edge pool rolled out with Ansible, for real: ansible-core (from PyPI, in the virtualenv
+//! `cargo xtask setup` makes) runs the role `deploy/ansible/roles/edge_classifier` through the
+//! local connection against two classifier instances, each a node: its own lab (namespaces and
+//! veth NICs), its own `--instance`, its own catalogue file and daemon. The role checks the
+//! rendered catalogue on the node, reloads it through the CLI (no systemd here), and verifies the
+//! running hash and probe frames through the live kernel program. The test then looks for itself:
+//! `status --json`, `/metrics`' `hash` label, the file's SHA-256, and TCP connections from each
+//! lab's remote host through the attached classifier.
+//!
+//! Run 1 rolls a new catalogue (one more inbound rule, node 2's own address) out to both nodes.
+//! Run 2 rolls another one out with a broken catalogue for node 2: it stops there, node 1 runs
+//! the new catalogue, node 2 its previous one, and ansible-playbook fails.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+mod common;
+
+use common::*;
+use edge_classifier_lab::*;
+use serde_json::Value;
+use sha2::Digest as _;
+
+/// Where `cargo xtask setup` installs ansible-core (pinned there).
+const ANSIBLE_PLAYBOOK: &str = "/opt/edge-classifier-dev/venv/bin/ansible-playbook";
+
+/// Node 2's own external addresses, added to its lab's ext0 (node 1 has only the lab's).
+const NODE2_EXT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11));
+
+/// The port run 1's catalogue opens to the partners, and run 2's.
+const RUN1_PORT: u16 = 8443;
+const RUN2_PORT: u16 = 8444;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn sha256_file(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One node of the pool: a lab, an instance and its daemon, the catalogue file it runs from.
+struct Node {
+    // Fields drop in order: the daemon, then `stop` (pins), then the lab (namespaces).
+    _daemon: Process,
+    _stop: Stop,
+    name: &'static str,
+    lab: Lab,
+    instance: String,
+    catalogue: PathBuf,
+    ext_v4: IpAddr,
+}
+
+impl Node {
+    fn status(&self) -> Value {
+        let out = in_ns(&self.lab.edge, BIN)
+            .args(["status", "--json", "--instance", &self.instance])
+            .output()
+            .expect("status");
+        assert!(
+            out.status.success(),
+            "{} status: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The hash the node runs, checked to be the same in `status --json` and `/metrics`.
+    fn running_hash(&self) -> String {
+        let status = self.status()["catalogue"]["sha256"]
+            .as_str()
+            .expect("a running catalogue")
+            .to_string();
+        let text = http_get(&self.lab.edge, METRICS, "/metrics".into());
+        assert_eq!(
+            metric(
+                &text,
+                "edge_classifier_catalogue_info",
+                &[("hash", &status)]
+            ),
+            Some(1.0),
+            "{}: /metrics' catalogue hash is not status' {status}:\n{}",
+            self.name,
+            text.lines()
+                .filter(|l| l.starts_with("edge_classifier_catalogue_info"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        status
+    }
+
+    /// Whether a partner's TCP connection to `port` on the node's external address completes.
+    fn partner_connects(&self, port: u16) -> bool {
+        let listeners = Listeners::start(&self.lab.edge, &[port], &[]).expect("listener");
+        let x = tcp_exchange(
+            &self.lab.remote,
+            SocketAddr::new(PARTNER_V4, 0),
+            SocketAddr::new(self.ext_v4, port),
+            Duration::from_millis(700),
+        )
+        .expect("tcp exchange");
+        drop(listeners);
+        x.connected
+    }
+}
+
+fn node(name: &'static str, dir: &Path, extra_ext: Option<IpAddr>) -> Node {
+    let lab = Lab::create(name).expect("lab");
+    if let Some(a) = extra_ext {
+        ip(&[
+            "-n",
+            &lab.edge,
+            "addr",
+            "add",
+            &format!("{a}/24"),
+            "dev",
+            EDGE_EXT,
+        ])
+        .unwrap();
+    }
+    let instance = format!("{name}-{}", std::process::id());
+    let stop = Stop(instance.clone());
+    // The node's old catalogue: the shipped default, as the package installs it.
+    let catalogue = dir.join(name).join("edge.toml");
+    std::fs::create_dir_all(catalogue.parent().unwrap()).unwrap();
+    let (ok, text, err) = cli(&["catalogue", "--default"]);
+    assert!(ok, "{err}");
+    std::fs::write(&catalogue, text).unwrap();
+    let daemon = start_daemon(
+        &lab.edge,
+        &[
+            "--instance",
+            &instance,
+            "--catalogue",
+            catalogue.to_str().unwrap(),
+            "--iface",
+            "ext0=external",
+            "--iface",
+            "int0=internal",
+            "--metrics",
+            METRICS,
+            "--detach-on-exit",
+        ],
+    );
+    Node {
+        _daemon: daemon,
+        _stop: stop,
+        name,
+        ext_v4: extra_ext.unwrap_or(EDGE_EXT_V4),
+        lab,
+        instance,
+        catalogue,
+    }
+}
+
+/// The pool template: the default catalogue with its Edge sets drawn from every pool member's
+/// addresses (so that every node runs the same file, and the pool shows one hash), and an
+/// inbound rule per port of `ports` for the partners.
+fn pool_template(ports: &[u16]) -> String {
+    let (ok, text, err) = cli(&["catalogue", "--default"]);
+    assert!(ok, "{err}");
+    let mut out = String::new();
+    for line in text.lines() {
+        let set = ["access_edge", "internal_edge"]
+            .into_iter()
+            .find(|s| line.starts_with(&format!("{s} = ")));
+        match set {
+            Some(s) => out.push_str(&format!(
+                "{s} = {{{{ edge_classifier_pool_members | map('extract', hostvars, ['edge_classifier_addresses', '{s}']) | flatten | unique | to_json }}}}\n"
+            )),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    assert_eq!(
+        out.matches("edge_classifier_pool_members").count(),
+        2,
+        "the default catalogue's sets moved:\n{text}"
+    );
+    for port in ports {
+        out.push_str(&format!(
+            "\n[[rule]]\nid = \"pool-partner-{port}-in\"\nseed_row = \"pool\"\nrole = \"Access\"\nprotocol = \"HTTPS\"\ntransport = \"tcp\"\ndirection = \"inbound\"\nlocal = \"access_edge\"\nremote = \"public_im_partners\"\nport = {port}\ninterface = \"external\"\nnote = \"A pool-wide rule rolled out by the Ansible test.\"\n"
+        ));
+    }
+    out
+}
+
+/// The inventory: the two nodes, reached through the local connection, each with its own
+/// addresses, instance, catalogue file, namespace and probes.
+fn inventory(nodes: &[&Node], template: &Path, node2_template: Option<&Path>) -> String {
+    let mut hosts = String::new();
+    for n in nodes {
+        let ext6 = if n.ext_v4 == EDGE_EXT_V4 {
+            "2001:db8:100::10"
+        } else {
+            "2001:db8:100::11"
+        };
+        let probes = [
+            (5061, "pass"),
+            (RUN1_PORT, "pass"),
+            (22, "drop"),
+        ]
+        .iter()
+        .map(|(port, expect)| {
+            format!(
+                "          - {{nic: ext0, protocol: tcp, src: \"{PARTNER_V4}:40000\", dst: \"{}:{port}\", expect: {expect}}}\n",
+                n.ext_v4
+            )
+        })
+        .collect::<String>();
+        let override_template = match (n.name, node2_template) {
+            ("node2", Some(t)) => format!(
+                "        edge_classifier_catalogue_template: {}\n",
+                t.display()
+            ),
+            _ => String::new(),
+        };
+        hosts.push_str(&format!(
+            "      {name}:\n        edge_classifier_instance: {instance}\n        edge_classifier_catalogue_path: {path}\n        edge_classifier_command_prefix: [nsenter, \"--net={netns}\"]\n        edge_classifier_addresses:\n          access_edge: [\"{v4}/32\", \"{ext6}/128\"]\n          internal_edge: [\"192.0.2.10/32\", \"2001:db8:200::10/128\"]\n        edge_classifier_probes:\n{probes}{override_template}",
+            name = n.name,
+            instance = n.instance,
+            path = n.catalogue.display(),
+            netns = Lab::netns_path(&n.lab.edge),
+            v4 = n.ext_v4,
+        ));
+    }
+    format!(
+        "edge_classifier_pool:\n  vars:\n    ansible_connection: local\n    ansible_python_interpreter: \"{{{{ ansible_playbook_python }}}}\"\n    edge_classifier_bin: {bin}\n    edge_classifier_catalogue_template: {template}\n    edge_classifier_reload_with: cli\n  hosts:\n{hosts}",
+        bin = BIN,
+        template = template.display(),
+    )
+}
+
+/// `ansible-playbook site.yml` with `inventory`; (success, output, seconds).
+fn playbook(dir: &Path, inventory: &str, run: &str) -> (bool, String, f64) {
+    let inv = dir.join(format!("inventory-{run}.yml"));
+    std::fs::write(&inv, inventory).unwrap();
+    let started = Instant::now();
+    let out = Command::new(ANSIBLE_PLAYBOOK)
+        .arg("-i")
+        .arg(&inv)
+        .arg(repo().join("deploy/ansible/site.yml"))
+        .env("ANSIBLE_ROLES_PATH", repo().join("deploy/ansible/roles"))
+        .env("ANSIBLE_LOCAL_TEMP", dir.join("ansible-tmp"))
+        .env("ANSIBLE_REMOTE_TMP", dir.join("ansible-tmp"))
+        .env("ANSIBLE_NOCOLOR", "1")
+        .env("ANSIBLE_FORCE_COLOR", "0")
+        .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{ANSIBLE_PLAYBOOK}: {e} (`cargo xtask setup` installs ansible-core there)")
+        });
+    let seconds = started.elapsed().as_secs_f64();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), output, seconds)
+}
+
+#[test]
+fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
+    let dir = std::env::temp_dir().join(format!("ec-pool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let node1 = node("node1", &dir, None);
+    let node2 = node("node2", &dir, Some(NODE2_EXT_V4));
+    let old = node1.running_hash();
+    assert_eq!(old, sha256_file(&node1.catalogue));
+    assert_eq!(node2.running_hash(), old, "both start on the default");
+    for n in [&node1, &node2] {
+        assert!(
+            !n.partner_connects(RUN1_PORT),
+            "{}: {RUN1_PORT} open before the rollout",
+            n.name
+        );
+    }
+    // The default names node 1's address only: node 2's own address is not yet a rule's.
+    assert!(
+        !node2.partner_connects(5061),
+        "node2: 5061 on its own address before the rollout"
+    );
+
+    // Run 1: the new pool catalogue to both nodes.
+    let template1 = dir.join("pool-1.toml.j2");
+    std::fs::write(&template1, pool_template(&[RUN1_PORT])).unwrap();
+    let (ok, output, seconds) =
+        playbook(&dir, &inventory(&[&node1, &node2], &template1, None), "1");
+    eprintln!("run 1 ({seconds:.1} s):\n{output}");
+    assert!(ok, "run 1 failed:\n{output}");
+    let new = node1.running_hash();
+    assert_ne!(new, old);
+    assert_eq!(new, sha256_file(&node1.catalogue), "node1 runs its file");
+    assert_eq!(node2.running_hash(), new, "one catalogue across the pool");
+    assert_eq!(new, sha256_file(&node2.catalogue), "node2 runs its file");
+    for n in [&node1, &node2] {
+        assert!(
+            n.partner_connects(RUN1_PORT),
+            "{}: {RUN1_PORT} closed after run 1",
+            n.name
+        );
+        assert!(n.partner_connects(5061), "{}: 5061 on its address", n.name);
+        assert!(!n.partner_connects(22), "{}: 22 open", n.name);
+    }
+    println!("rollout of a new catalogue to two nodes: {seconds:.1} s");
+
+    // A second run with nothing to change reloads nothing and still verifies both nodes.
+    let reloads = |n: &Node| n.status()["reloads"]["succeeded"].as_u64().unwrap();
+    let before = (reloads(&node1), reloads(&node2));
+    let (ok, output, idle) = playbook(&dir, &inventory(&[&node1, &node2], &template1, None), "1b");
+    assert!(ok, "an unchanged run failed:\n{output}");
+    assert_eq!(
+        (reloads(&node1), reloads(&node2)),
+        before,
+        "an unchanged run reloaded"
+    );
+    println!("run with nothing to change: {idle:.1} s");
+
+    // Run 2: the next pool catalogue, and a broken one for node 2 (a typo in its copy).
+    let template2 = dir.join("pool-2.toml.j2");
+    std::fs::write(&template2, pool_template(&[RUN1_PORT, RUN2_PORT])).unwrap();
+    let broken = dir.join("pool-2-node2.toml.j2");
+    std::fs::write(
+        &broken,
+        pool_template(&[RUN1_PORT, RUN2_PORT]).replace(
+            &format!("port = {RUN2_PORT}"),
+            &format!("port = {RUN2_PORT}.0"),
+        ),
+    )
+    .unwrap();
+    let (ok, output, seconds) = playbook(
+        &dir,
+        &inventory(&[&node1, &node2], &template2, Some(&broken)),
+        "2",
+    );
+    eprintln!("run 2 ({seconds:.1} s):\n{output}");
+    assert!(
+        !ok,
+        "run 2 succeeded with a broken catalogue for node 2:\n{output}"
+    );
+    assert!(
+        output.contains("node2") && output.contains("failed=1"),
+        "the recap names node 2 as failed:\n{output}"
+    );
+    assert!(
+        output.contains("ok: [node1] => {") || output.contains("node1 runs "),
+        "node 1 was verified before node 2 was reached:\n{output}"
+    );
+    let newer = node1.running_hash();
+    assert_ne!(newer, new, "node 1 took run 2's catalogue");
+    assert_eq!(newer, sha256_file(&node1.catalogue));
+    assert_eq!(node2.running_hash(), new, "node 2 keeps run 1's catalogue");
+    assert_eq!(
+        sha256_file(&node2.catalogue),
+        new,
+        "node 2's file was not replaced"
+    );
+    assert!(
+        node1.partner_connects(RUN2_PORT),
+        "node1: {RUN2_PORT} closed after run 2"
+    );
+    assert!(
+        !node2.partner_connects(RUN2_PORT),
+        "node2: {RUN2_PORT} open after its failed run"
+    );
+    assert!(
+        node2.partner_connects(RUN1_PORT),
+        "node2: still runs run 1's rules"
+    );
+    let excerpt: Vec<&str> = output
+        .lines()
+        .filter(|l| {
+            l.contains("fatal:")
+                || l.contains("error")
+                || l.starts_with("node")
+                || l.contains("PLAY RECAP")
+        })
+        .collect();
+    println!("failed run ({seconds:.1} s):\n{}", excerpt.join("\n"));
+
+    drop(node2);
+    drop(node1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -98,6 +98,44 @@ impl Node {
         status
     }
 
+    /// Packets counted under `rule` on ext0.
+    fn ext0_rule_packets(&self, rule: &str) -> u64 {
+        let status = self.status();
+        status["counters"]["interfaces"]
+            .as_array()
+            .expect("interfaces")
+            .iter()
+            .find(|i| i["name"] == EDGE_EXT)
+            .and_then(|i| i["rules"].as_array())
+            .and_then(|rules| rules.iter().find(|r| r["id"] == rule))
+            .and_then(|r| r["packets"].as_u64())
+            .unwrap_or_else(|| panic!("{}: no counter for {rule} on ext0", self.name))
+    }
+
+    /// `explain --probe ext0` on the node: (reference pass, kernel pass).
+    fn probe(&self, port: u16) -> (bool, bool) {
+        let out = in_ns(&self.lab.edge, BIN)
+            .args([
+                "explain",
+                "--instance",
+                &self.instance,
+                "--probe",
+                EDGE_EXT,
+                "--json",
+                "tcp",
+            ])
+            .arg(format!("{PARTNER_V4}:40000"))
+            .arg(format!("{}:{port}", self.ext_v4))
+            .output()
+            .expect("explain --probe");
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (
+            v["pass"].as_bool().unwrap(),
+            v["kernel"]["pass"].as_bool().unwrap(),
+        )
+    }
+
     /// Whether a partner's TCP connection to `port` on the node's external address completes.
     fn partner_connects(&self, port: u16) -> bool {
         let listeners = Listeners::start(&self.lab.edge, &[port], &[]).expect("listener");
@@ -190,7 +228,7 @@ fn pool_template(ports: &[u16]) -> String {
     );
     for port in ports {
         out.push_str(&format!(
-            "\n[[rule]]\nid = \"pool-partner-{port}-in\"\nseed_row = \"pool\"\nrole = \"Access\"\nprotocol = \"HTTPS\"\ntransport = \"tcp\"\ndirection = \"inbound\"\nlocal = \"access_edge\"\nremote = \"public_im_partners\"\nport = {port}\ninterface = \"external\"\nnote = \"A pool-wide rule rolled out by the Ansible test.\"\n"
+            "\n[[rule]]\nid = \"pool-partner-{port}-in\"\nrole = \"Access\"\nprotocol = \"HTTPS\"\ntransport = \"tcp\"\ndirection = \"inbound\"\nlocal = \"access_edge\"\nremote = \"public_im_partners\"\nport = {port}\ninterface = \"external\"\nnote = \"A pool-wide rule rolled out by the Ansible test.\"\n"
         ));
     }
     out
@@ -198,7 +236,12 @@ fn pool_template(ports: &[u16]) -> String {
 
 /// The inventory: the two nodes, reached through the local connection, each with its own
 /// addresses, instance, catalogue file, namespace and probes.
-fn inventory(nodes: &[&Node], template: &Path, node2_template: Option<&Path>) -> String {
+fn inventory(
+    nodes: &[&Node],
+    template: &Path,
+    node2_template: Option<&Path>,
+    node2_extra_probes: &[(u16, &str)],
+) -> String {
     let mut hosts = String::new();
     for n in nodes {
         let ext6 = if n.ext_v4 == EDGE_EXT_V4 {
@@ -206,12 +249,14 @@ fn inventory(nodes: &[&Node], template: &Path, node2_template: Option<&Path>) ->
         } else {
             "2001:db8:100::11"
         };
-        let probes = [
-            (5061, "pass"),
-            (RUN1_PORT, "pass"),
-            (22, "drop"),
-        ]
-        .iter()
+        let extra = if n.name == "node2" {
+            node2_extra_probes
+        } else {
+            &[]
+        };
+        let probes = [(5061, "pass"), (RUN1_PORT, "pass"), (22, "drop")]
+            .iter()
+            .chain(extra)
         .map(|(port, expect)| {
             format!(
                 "          - {{nic: ext0, protocol: tcp, src: \"{PARTNER_V4}:40000\", dst: \"{}:{port}\", expect: {expect}}}\n",
@@ -255,6 +300,7 @@ fn playbook(dir: &Path, inventory: &str, run: &str) -> (bool, String, f64) {
         .env("ANSIBLE_LOCAL_TEMP", dir.join("ansible-tmp"))
         .env("ANSIBLE_REMOTE_TMP", dir.join("ansible-tmp"))
         .env("ANSIBLE_NOCOLOR", "1")
+        .env("RUST_BACKTRACE", "0")
         .env("ANSIBLE_FORCE_COLOR", "0")
         .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
         .output()
@@ -296,8 +342,11 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
     // Run 1: the new pool catalogue to both nodes.
     let template1 = dir.join("pool-1.toml.j2");
     std::fs::write(&template1, pool_template(&[RUN1_PORT])).unwrap();
-    let (ok, output, seconds) =
-        playbook(&dir, &inventory(&[&node1, &node2], &template1, None), "1");
+    let (ok, output, seconds) = playbook(
+        &dir,
+        &inventory(&[&node1, &node2], &template1, None, &[]),
+        "1",
+    );
     eprintln!("run 1 ({seconds:.1} s):\n{output}");
     assert!(ok, "run 1 failed:\n{output}");
     let new = node1.running_hash();
@@ -315,11 +364,29 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
         assert!(!n.partner_connects(22), "{}: 22 open", n.name);
     }
     println!("rollout of a new catalogue to two nodes: {seconds:.1} s");
+    // The probes ran through the kernel program with the live maps: each counted on ext0.
+    let rule = format!("pool-partner-{RUN1_PORT}-in");
+    let counted = node2.ext0_rule_packets(&rule);
+    assert_eq!(node2.probe(RUN1_PORT), (true, true));
+    assert_eq!(
+        node2.ext0_rule_packets(&rule),
+        counted + 1,
+        "the probe counted"
+    );
+    assert_eq!(
+        node2.probe(RUN2_PORT),
+        (false, false),
+        "a port no rule opens"
+    );
 
     // A second run with nothing to change reloads nothing and still verifies both nodes.
     let reloads = |n: &Node| n.status()["reloads"]["succeeded"].as_u64().unwrap();
     let before = (reloads(&node1), reloads(&node2));
-    let (ok, output, idle) = playbook(&dir, &inventory(&[&node1, &node2], &template1, None), "1b");
+    let (ok, output, idle) = playbook(
+        &dir,
+        &inventory(&[&node1, &node2], &template1, None, &[]),
+        "1b",
+    );
     assert!(ok, "an unchanged run failed:\n{output}");
     assert_eq!(
         (reloads(&node1), reloads(&node2)),
@@ -342,7 +409,7 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
     .unwrap();
     let (ok, output, seconds) = playbook(
         &dir,
-        &inventory(&[&node1, &node2], &template2, Some(&broken)),
+        &inventory(&[&node1, &node2], &template2, Some(&broken), &[]),
         "2",
     );
     eprintln!("run 2 ({seconds:.1} s):\n{output}");
@@ -389,6 +456,38 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
         })
         .collect();
     println!("failed run ({seconds:.1} s):\n{}", excerpt.join("\n"));
+
+    // Run 3: run 2's catalogue is good for node 2 too, but a probe on node 2 expects a port
+    // open that no rule opens: the verify step fails after the reload, and node 2 is put back
+    // on its previous catalogue (file and kernel) before the play fails.
+    let node2_reloads = reloads(&node2);
+    let (ok, output, seconds) = playbook(
+        &dir,
+        &inventory(&[&node1, &node2], &template2, None, &[(9999, "pass")]),
+        "3",
+    );
+    eprintln!("run 3 ({seconds:.1} s):\n{output}");
+    assert!(!ok, "run 3 succeeded with a failing probe:\n{output}");
+    assert!(
+        output.contains("Stop the rollout here") && output.contains("was put back"),
+        "the rescue ran:\n{output}"
+    );
+    assert_eq!(node1.running_hash(), newer, "node 1 unchanged");
+    assert_eq!(
+        node2.running_hash(),
+        new,
+        "node 2 back on run 1's catalogue"
+    );
+    assert_eq!(sha256_file(&node2.catalogue), new, "node 2's file put back");
+    assert!(
+        !node2.partner_connects(RUN2_PORT),
+        "node2: {RUN2_PORT} open after the put-back"
+    );
+    assert_eq!(
+        reloads(&node2),
+        node2_reloads + 2,
+        "node 2 reloaded run 2's catalogue, then its previous one"
+    );
 
     drop(node2);
     drop(node1);

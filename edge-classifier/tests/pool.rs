@@ -25,8 +25,47 @@ use edge_classifier_lab::*;
 use serde_json::Value;
 use sha2::Digest as _;
 
-/// Where `cargo xtask setup` installs ansible-core (pinned there).
+/// The virtualenv `cargo xtask setup` makes (xtask's `PYTHON_VENV`), with ansible-core and
+/// kubernetes-validate at pinned versions.
+const VENV: &str = "/opt/edge-classifier-dev/venv";
 const ANSIBLE_PLAYBOOK: &str = "/opt/edge-classifier-dev/venv/bin/ansible-playbook";
+
+const DAEMONSET: &str = "deploy/kubernetes/edge-classifier-daemonset.yaml";
+
+/// The shell script of the DaemonSet's `reload` container, pointed at `catalogue` and `bin`, and
+/// made to run its loop `rounds` times (PyYAML, from the virtualenv, reads the manifest).
+fn reload_script(catalogue: &Path, rounds: u32) -> String {
+    let out = Command::new(format!("{VENV}/bin/python"))
+        .args([
+            "-c",
+            "import sys, yaml\n\
+             for d in yaml.safe_load_all(open(sys.argv[1])):\n\
+             \x20   if d and d['kind'] == 'DaemonSet':\n\
+             \x20       c = [c for c in d['spec']['template']['spec']['containers'] if c['name'] == 'reload'][0]\n\
+             \x20       print(c['args'][0], end='')",
+        ])
+        .arg(repo().join(DAEMONSET))
+        .output()
+        .expect("python from the virtualenv");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(script.contains("while sleep 10; do"), "{script}");
+    script
+        .replace(
+            "while sleep 10; do",
+            &format!("for round in $(seq {rounds}); do sleep 1"),
+        )
+        .replace("; do sleep 1", "; do\n  sleep 1")
+        .replace(
+            "/etc/edge-classifier/edge.toml",
+            catalogue.to_str().unwrap(),
+        )
+        .replace("/usr/bin/edge-classifier", BIN)
+}
 
 /// Node 2's own external addresses, added to its lab's ext0 (node 1 has only the lab's).
 const NODE2_EXT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11));
@@ -489,7 +528,112 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
         "node 2 reloaded run 2's catalogue, then its previous one"
     );
 
+    // The DaemonSet's reload loop, for real against node 2: its file changes (as the kubelet
+    // swaps in an updated ConfigMap), and the loop reloads it; a broken file is refused once.
+    std::fs::copy(&node1.catalogue, &node2.catalogue).unwrap();
+    let out = in_ns(&node2.lab.edge, "sh")
+        .args(["-c", &reload_script(&node2.catalogue, 3)])
+        .env("EDGE_CLASSIFIER_INSTANCE", &node2.instance)
+        .output()
+        .expect("reload script");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said.matches("reloading").count(), 1, "one reload:\n{said}");
+    assert_eq!(
+        node2.running_hash(),
+        newer,
+        "the loop reloaded node 2's changed file"
+    );
+    std::fs::write(
+        &node2.catalogue,
+        std::fs::read_to_string(&broken)
+            .unwrap()
+            .replace("{{", "#")
+            .replace("}}", ""),
+    )
+    .unwrap();
+    let out = in_ns(&node2.lab.edge, "sh")
+        .args(["-c", &reload_script(&node2.catalogue, 3)])
+        .env("EDGE_CLASSIFIER_INSTANCE", &node2.instance)
+        .output()
+        .expect("reload script");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.matches("reloading").count(),
+        1,
+        "a refused file is tried once:\n{said}"
+    );
+    assert_eq!(
+        node2.running_hash(),
+        newer,
+        "a refused catalogue changes nothing"
+    );
+
     drop(node2);
     drop(node1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The DaemonSet manifest against the Kubernetes API schemas (kubernetes-validate, strict: no
+/// unknown field), with the ConfigMap an operator makes from the `sip-xmpp-edge` profile, whose
+/// catalogue `check` accepts. No cluster is needed, nor root.
+#[test]
+fn the_daemonset_manifest_validates_against_the_kubernetes_schemas() {
+    let dir = std::env::temp_dir().join(format!("ec-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ok, text, err) = cli(&["catalogue", "--profile", "sip-xmpp-edge"]);
+    assert!(ok, "{err}");
+    let toml = dir.join("edge.toml");
+    std::fs::write(&toml, &text).unwrap();
+    let (ok, _, err) = cli(&["check", toml.to_str().unwrap()]);
+    assert!(ok, "the ConfigMap's catalogue: {err}");
+    // JSON is YAML: the ConfigMap as `kubectl create configmap --from-file=edge.toml` makes it.
+    let configmap = dir.join("configmap.yaml");
+    std::fs::write(
+        &configmap,
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "edge-classifier-catalogue", "namespace": "edge-classifier"},
+            "data": {"edge.toml": text},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let validate = |file: &Path| {
+        Command::new(format!("{VENV}/bin/kubernetes-validate"))
+            .args(["--strict", "--no-warn"])
+            .arg(file)
+            .output()
+            .expect("kubernetes-validate (`cargo xtask setup` installs it)")
+    };
+    for file in [repo().join(DAEMONSET), configmap] {
+        let out = validate(&file);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {said}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains("passed"), "{said}");
+    }
+    // The validator refuses what it should: a wrongly typed field.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(repo().join(DAEMONSET))
+            .unwrap()
+            .replace("hostNetwork: true", "hostNetwork: \"yes\""),
+    )
+    .unwrap();
+    assert!(
+        !validate(&bad).status.success(),
+        "a string hostNetwork passed"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -357,9 +357,9 @@ fn playbook(dir: &Path, inventory: &str, run: &str) -> (bool, String, f64) {
 
 #[test]
 fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
-    let dir = std::env::temp_dir().join(format!("ec-pool-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Dropped last: the nodes' catalogues live in it.
+    let tmp = TempDir::new("pool");
+    let dir = tmp.0.clone();
     let node1 = node("node1", &dir, None);
     let node2 = node("node2", &dir, Some(NODE2_EXT_V4));
     let old = node1.running_hash();
@@ -575,7 +575,6 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
 
     drop(node2);
     drop(node1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The DaemonSet manifest against the Kubernetes API schemas (kubernetes-validate, strict: no
@@ -583,8 +582,8 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
 /// catalogue `check` accepts. No cluster is needed, nor root.
 #[test]
 fn the_daemonset_manifest_validates_against_the_kubernetes_schemas() {
-    let dir = std::env::temp_dir().join(format!("ec-k8s-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("k8s");
+    let dir = &tmp.0;
     let (ok, text, err) = cli(&["catalogue", "--profile", "sip-xmpp-edge"]);
     assert!(ok, "{err}");
     let toml = dir.join("edge.toml");
@@ -635,5 +634,4 @@ fn the_daemonset_manifest_validates_against_the_kubernetes_schemas() {
         !validate(&bad).status.success(),
         "a string hostNetwork passed"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -49,6 +49,26 @@ impl Drop for Stop {
     }
 }
 
+/// A fresh directory under the system's temporary directory, removed when the test ends, also
+/// on panic.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// `ec-{tag}-{pid}`, emptied first (a leftover of a killed run of the same pid).
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("ec-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the test's directory");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `program` inside namespace `ns`. nsenter, not `ip netns exec`: the latter remounts /sys
 /// and would hide the host's /sys/fs/bpf, where the daemon pins.
 pub fn in_ns(ns: &str, program: &str) -> Command {

@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 mod common;
@@ -17,46 +17,8 @@ use common::*;
 use edge_classifier_lab::*;
 use serde_json::Value;
 
-const PROMETHEUS: &str = "127.0.0.1:9090";
-
 fn dashboards() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards")
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// An instant query through Prometheus' HTTP API: the `data.result` array.
-fn query(ns: &str, promql: &str) -> Vec<Value> {
-    let body = http_get(
-        ns,
-        PROMETHEUS,
-        format!("/api/v1/query?query={}", urlencode(promql)),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{promql}: {e}: {body}"));
-    assert_eq!(v["status"], "success", "query `{promql}` failed: {body}");
-    v["data"]["result"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{promql}: no result array: {body}"))
-        .clone()
-}
-
-/// The single value of a query that must return one series.
-fn scalar(ns: &str, promql: &str) -> f64 {
-    let r = query(ns, promql);
-    assert_eq!(r.len(), 1, "`{promql}` returned {r:?}");
-    r[0]["value"][1]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("`{promql}`: no value in {r:?}"))
 }
 
 /// Whether Prometheus answers and has scraped the classifier successfully (no panics: it is
@@ -74,14 +36,6 @@ fn scraped_up(ns: &str) -> bool {
             .is_some_and(|r| !r.is_empty()))
     })
     .unwrap_or(false)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn promtool(args: &[&str]) {

@@ -86,6 +86,170 @@ fn sha256_file(path: &Path) -> String {
         .collect()
 }
 
+/// The pool's label in the agents' external labels (dashboards/prometheus-agent.yml).
+const POOL: &str = "sip-edge";
+
+/// The pool's metrics as a site without central scraping collects them: on each node
+/// Prometheus in agent mode, configured with the documented example
+/// (`dashboards/prometheus-agent.yml`, its URL pointed at the lab and its password dropped),
+/// scrapes the classifier on the node's loopback and remote-writes to a central Prometheus (in
+/// node 1's namespace, reached from node 2 over a management link between the two) that loads
+/// alerts.yml.
+struct Monitoring {
+    _central: Process,
+    _agents: Vec<Process>,
+    /// The namespace the central Prometheus listens in (on PROMETHEUS).
+    ns: String,
+}
+
+impl Monitoring {
+    fn start(nodes: [&Node; 2], dir: &Path) -> Monitoring {
+        let (central_ns, other_ns) = (&nodes[0].lab.edge, &nodes[1].lab.edge);
+        ip(&[
+            "link", "add", "mgmt0", "netns", central_ns, "type", "veth", "peer", "name", "mgmt0",
+            "netns", other_ns,
+        ])
+        .unwrap();
+        for (ns, addr) in [(central_ns, "10.99.0.1/24"), (other_ns, "10.99.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", "mgmt0"]).unwrap();
+            ip(&["-n", ns, "link", "set", "mgmt0", "up"]).unwrap();
+        }
+        let dashboards = repo().join("dashboards");
+        let central_yml = dir.join("central.yml");
+        std::fs::write(
+            &central_yml,
+            format!(
+                "global:\n  evaluation_interval: 1s\nrule_files:\n  - {}\n",
+                dashboards.join("alerts.yml").display()
+            ),
+        )
+        .unwrap();
+        let spawn = |ns: &str, args: Vec<String>| {
+            Process(
+                in_ns(ns, "prometheus")
+                    .args(args)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("prometheus (Debian package prometheus)"),
+                "prometheus",
+            )
+        };
+        let central = spawn(
+            central_ns,
+            vec![
+                format!("--config.file={}", central_yml.display()),
+                format!("--storage.tsdb.path={}", dir.join("central").display()),
+                "--web.listen-address=0.0.0.0:9090".into(),
+                "--web.enable-remote-write-receiver".into(),
+            ],
+        );
+        let example = std::fs::read_to_string(dashboards.join("prometheus-agent.yml")).unwrap();
+        let mut agents = Vec::new();
+        for (n, central_at) in [(nodes[0], "127.0.0.1"), (nodes[1], "10.99.0.1")] {
+            let mut yml = example
+                .replace("scrape_interval: 15s", "scrape_interval: 1s")
+                .replace("edge: edge1", &format!("edge: {}", n.name))
+                .replace("instance: edge1", &format!("instance: {}", n.name))
+                .replace(
+                    "https://prometheus.example.net/api/v1/write",
+                    &format!("http://{central_at}:9090/api/v1/write"),
+                );
+            let auth = yml
+                .find("    basic_auth:")
+                .expect("the example's basic_auth");
+            let end = yml[auth..].find("    # Only").expect("after basic_auth") + auth;
+            yml.replace_range(
+                auth..end,
+                "    queue_config:\n      batch_send_deadline: 1s\n",
+            );
+            assert!(yml.contains(&format!("pool: {POOL}")), "{yml}");
+            let file = dir.join(format!("agent-{}.yml", n.name));
+            std::fs::write(&file, yml).unwrap();
+            agents.push(spawn(
+                &n.lab.edge,
+                vec![
+                    "--enable-feature=agent".into(),
+                    format!("--config.file={}", file.display()),
+                    format!(
+                        "--storage.agent.path={}",
+                        dir.join(format!("agent-{}", n.name)).display()
+                    ),
+                    "--web.listen-address=127.0.0.1:9091".into(),
+                ],
+            ));
+        }
+        let listening =
+            || in_netns(central_ns, || Ok(std::net::TcpStream::connect(PROMETHEUS)?)).is_ok();
+        wait_for("the central Prometheus", Duration::from_secs(30), listening);
+        let m = Monitoring {
+            _central: central,
+            _agents: agents,
+            ns: central_ns.clone(),
+        };
+        wait_for(
+            "both nodes' metrics at the central Prometheus",
+            Duration::from_secs(60),
+            || m.hashes_by_node().len() == 2,
+        );
+        m
+    }
+
+    /// Each node's catalogue hash as the central Prometheus has it now.
+    fn hashes_by_node(&self) -> std::collections::BTreeMap<String, String> {
+        query(
+            &self.ns,
+            &format!("edge_classifier_catalogue_info{{pool=\"{POOL}\"}}"),
+        )
+        .iter()
+        .map(|s| {
+            (
+                s["metric"]["instance"].as_str().unwrap().to_string(),
+                s["metric"]["hash"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+    }
+
+    /// Waits until the central Prometheus sees `want` (node → hash).
+    fn wait_hashes(&self, want: &[(&str, &str)]) {
+        let want: std::collections::BTreeMap<String, String> = want
+            .iter()
+            .map(|(n, h)| (n.to_string(), h.to_string()))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.hashes_by_node();
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the central Prometheus has {got:?}, not {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The drift alert's expression as the central Prometheus evaluates it: catalogues per pool.
+    fn catalogues_in_pool(&self) -> f64 {
+        scalar(
+            &self.ns,
+            "count by (pool) (count by (pool, hash) (edge_classifier_catalogue_info))",
+        )
+    }
+
+    /// The drift alert's state at the central Prometheus (`pending` during its 15 minutes).
+    fn drift_alert(&self) -> Option<String> {
+        query(
+            &self.ns,
+            &format!("ALERTS{{alertname=\"EdgeClassifierPoolCatalogueDrift\", pool=\"{POOL}\"}}"),
+        )
+        .first()
+        .map(|a| a["metric"]["alertstate"].as_str().unwrap().to_string())
+    }
+}
+
 /// One node of the pool: a lab, an instance and its daemon, the catalogue file it runs from.
 struct Node {
     // Fields drop in order: the daemon, then `stop` (pins), then the lab (namespaces).
@@ -365,6 +529,8 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
     let old = node1.running_hash();
     assert_eq!(old, sha256_file(&node1.catalogue));
     assert_eq!(node2.running_hash(), old, "both start on the default");
+    let monitoring = Monitoring::start([&node1, &node2], &dir);
+    monitoring.wait_hashes(&[("node1", &old), ("node2", &old)]);
     for n in [&node1, &node2] {
         assert!(
             !n.partner_connects(RUN1_PORT),
@@ -403,6 +569,13 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
         assert!(!n.partner_connects(22), "{}: 22 open", n.name);
     }
     println!("rollout of a new catalogue to two nodes: {seconds:.1} s");
+    monitoring.wait_hashes(&[("node1", &new), ("node2", &new)]);
+    assert_eq!(monitoring.catalogues_in_pool(), 1.0);
+    assert_eq!(
+        monitoring.drift_alert(),
+        None,
+        "no drift after a complete rollout"
+    );
     // The probes ran through the kernel program with the live maps: each counted on ext0.
     let rule = format!("pool-partner-{RUN1_PORT}-in");
     let counted = node2.ext0_rule_packets(&rule);
@@ -484,6 +657,20 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
     assert!(
         node2.partner_connects(RUN1_PORT),
         "node2: still runs run 1's rules"
+    );
+    // The central Prometheus sees the pool drift apart, and the drift alert is pending (it
+    // fires after 15 minutes, which promtool's unit test covers).
+    monitoring.wait_hashes(&[("node1", &newer), ("node2", &new)]);
+    assert_eq!(monitoring.catalogues_in_pool(), 2.0);
+    wait_for(
+        "the drift alert to be pending",
+        Duration::from_secs(10),
+        || monitoring.drift_alert().as_deref() == Some("pending"),
+    );
+    println!(
+        "central Prometheus after the stopped rollout: catalogues in pool {POOL}: {}; EdgeClassifierPoolCatalogueDrift {}",
+        monitoring.catalogues_in_pool(),
+        monitoring.drift_alert().unwrap()
     );
     let excerpt: Vec<&str> = output
         .lines()
@@ -573,6 +760,7 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
         "a refused catalogue changes nothing"
     );
 
+    drop(monitoring);
     drop(node2);
     drop(node1);
 }

@@ -498,7 +498,10 @@ fn explain(which: Which, mut ask: Ask) -> anyhow::Result<bool> {
             Probe::Icmp { ty, src, dst }
         }
     };
-    let frame = edge_classifier::explain::frame(&probe)?;
+    let frame = match probe_at {
+        Some(_) => Some(edge_classifier::explain::frame(&probe)?),
+        None => None,
+    };
     let e = edge_classifier::explain::explain(
         &cat,
         &compiled,
@@ -510,10 +513,10 @@ fn explain(which: Which, mut ask: Ask) -> anyhow::Result<bool> {
     )?;
     let kernel = match &probe_at {
         Some((nic, pin, ifindex)) => {
-            const XDP_PASS: u32 = 2;
-            let action = edge_classifier::loader::probe_pinned_xdp(pin, *ifindex, &frame)
+            let frame = frame.as_deref().expect("built for --probe");
+            let action = edge_classifier::loader::probe_pinned_xdp(pin, *ifindex, frame)
                 .with_context(|| format!("running the probe frame through the program on {nic}"))?;
-            Some((nic, action == XDP_PASS, action))
+            Some((nic, action == edge_classifier::loader::XDP_PASS, action))
         }
         None => None,
     };

@@ -7,7 +7,7 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -230,15 +230,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     let config_arg = format!("--config.file={}", config.display());
     let storage_arg = format!("--storage.tsdb.path={}", dir.join("data").display());
     let listen_arg = format!("--web.listen-address={PROMETHEUS}");
-    let prometheus = Process(
-        in_ns(&lab.edge, "prometheus")
-            .args([&config_arg, &storage_arg, &listen_arg])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus (Debian package prometheus)"),
-        "prometheus",
-    );
+    let prometheus = prometheus(&lab.edge, &[config_arg, storage_arg, listen_arg]);
     wait_for(
         "Prometheus to scrape the classifier",
         Duration::from_secs(30),

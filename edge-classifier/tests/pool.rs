@@ -124,20 +124,9 @@ impl Monitoring {
             ),
         )
         .unwrap();
-        let spawn = |ns: &str, args: Vec<String>| {
-            Process(
-                in_ns(ns, "prometheus")
-                    .args(args)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("prometheus (Debian package prometheus)"),
-                "prometheus",
-            )
-        };
-        let central = spawn(
+        let central = prometheus(
             central_ns,
-            vec![
+            &[
                 format!("--config.file={}", central_yml.display()),
                 format!("--storage.tsdb.path={}", dir.join("central").display()),
                 "--web.listen-address=0.0.0.0:9090".into(),
@@ -166,9 +155,9 @@ impl Monitoring {
             assert!(yml.contains(&format!("pool: {POOL}")), "{yml}");
             let file = dir.join(format!("agent-{}.yml", n.name));
             std::fs::write(&file, yml).unwrap();
-            agents.push(spawn(
+            agents.push(prometheus(
                 &n.lab.edge,
-                vec![
+                &[
                     "--enable-feature=agent".into(),
                     format!("--config.file={}", file.display()),
                     format!(

@@ -950,6 +950,10 @@ pub fn pinned_link(pin: &Path) -> Option<KernelLink> {
     })
 }
 
+/// The XDP action that lets a frame on to the stack (`enum xdp_action`), as BPF_PROG_TEST_RUN
+/// returns it.
+pub const XDP_PASS: u32 = 2;
+
 /// Runs `frame` once through the program behind the pinned XDP link `pin`, as if it had
 /// arrived on NIC `ifindex` (`BPF_PROG_TEST_RUN` with an `xdp_md` naming that NIC, which must be
 /// in this network namespace), and returns its XDP action. The program runs against the live

@@ -369,3 +369,16 @@ pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// Debian's `prometheus` in namespace `ns` with `args`, stopped when the test ends.
+pub fn prometheus(ns: &str, args: &[String]) -> Process {
+    Process(
+        in_ns(ns, "prometheus")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus (Debian package prometheus)"),
+        "prometheus",
+    )
+}

@@ -340,7 +340,9 @@ fn ensure_python_tools() -> anyhow::Result<()> {
     let pip = venv.join("bin/pip");
     if !pip.exists() {
         eprintln!("setup: creating the Python virtualenv {PYTHON_VENV}");
-        run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(venv))?;
+        run(Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv))?;
     }
     let frozen = output(Command::new(&pip).args(["freeze", "--all"])).unwrap_or_default();
     let missing: Vec<String> = PYTHON_TOOLS

@@ -100,6 +100,13 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also run the frame through the instance's live XDP program as if it arrived on this
+        /// bound NIC (BPF_PROG_TEST_RUN against the kernel's maps; nothing is sent, the frame
+        /// counts on the NIC) and report the kernel's verdict beside the reference's; they must
+        /// agree (exit 2 otherwise). The role is the NIC's. Needs --instance, root, and the NIC's
+        /// network namespace.
+        #[arg(long, value_name = "NIC", requires = "instance", conflicts_with_all = ["out", "established"])]
+        probe: Option<String>,
         /// tcp, udp, icmp or icmpv6.
         #[arg(value_enum)]
         protocol: Protocol,
@@ -289,6 +296,7 @@ fn main() -> anyhow::Result<()> {
             established,
             icmp_type,
             json,
+            probe,
             protocol,
             src,
             dst,
@@ -304,6 +312,7 @@ fn main() -> anyhow::Result<()> {
                 established,
                 icmp_type,
                 json,
+                probe,
                 protocol,
                 src,
                 dst,
@@ -408,18 +417,22 @@ struct Ask {
     established: bool,
     icmp_type: String,
     json: bool,
+    /// `--probe NIC`: the instance's kernel program answers too.
+    probe: Option<String>,
     protocol: Protocol,
     src: String,
     dst: String,
 }
 
 /// `explain`: prints the answer; `Ok(true)` when the frame passes.
-fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
+fn explain(which: Which, mut ask: Ask) -> anyhow::Result<bool> {
     use edge_classifier::explain::{Probe, Way};
     use std::net::{IpAddr, SocketAddr};
     // The addresses DNS gave the running catalogue's names (a file or the default has none:
     // only the daemon resolves).
     let mut resolved = Default::default();
+    // With --probe: the NIC's pin and ifindex, and its role replaces --iface.
+    let mut probe_at = None;
     let (cat, label) = match which {
         Which::File(p) => {
             let cat = Catalogue::load(&p)?;
@@ -434,6 +447,16 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
             let cat = running.catalogue()?;
             resolved = running.resolved.clone();
             let label = format!("{} (running in instance {name})", cat.source_name);
+            if let Some(nic) = &ask.probe {
+                let bound = state
+                    .bindings
+                    .iter()
+                    .find(|b| &b.name == nic)
+                    .with_context(|| format!("instance {name} has no NIC `{nic}` bound"))?;
+                ask.role = bound.role.clone();
+                let pin = Instance::new(&name)?.link_pin(nic, "xdp");
+                probe_at = Some((nic.clone(), pin, edge_classifier::loader::ifindex(nic)?));
+            }
             (cat, label)
         }
         Which::Default => {
@@ -484,6 +507,10 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
             Probe::Icmp { ty, src, dst }
         }
     };
+    let frame = match probe_at {
+        Some(_) => Some(edge_classifier::explain::frame(&probe)?),
+        None => None,
+    };
     let mut e = edge_classifier::explain::explain(
         &cat,
         &compiled,
@@ -494,10 +521,38 @@ fn explain(which: Which, ask: Ask) -> anyhow::Result<bool> {
         ask.established,
     )?;
     e.from_dns = edge_classifier::explain::dns_origins(&resolved, &e.probe);
+    let kernel = match &probe_at {
+        Some((nic, pin, ifindex)) => {
+            let frame = frame.as_deref().expect("built for --probe");
+            let action = edge_classifier::loader::probe_pinned_xdp(pin, *ifindex, frame)
+                .with_context(|| format!("running the probe frame through the program on {nic}"))?;
+            Some((nic, action == edge_classifier::loader::XDP_PASS, action))
+        }
+        None => None,
+    };
     if ask.json {
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        let mut v = serde_json::to_value(&e)?;
+        if let Some((nic, pass, action)) = kernel {
+            v["kernel"] = serde_json::json!({ "nic": nic, "pass": pass, "xdp_action": action });
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{e}");
+        if let Some((nic, pass, _)) = kernel {
+            println!(
+                "  kernel (the program on {nic}): {}",
+                if pass { "pass" } else { "drop" }
+            );
+        }
+    }
+    if let Some((nic, pass, _)) = kernel
+        && pass != e.pass
+    {
+        bail!(
+            "the kernel program on {nic} {} the probe frame, the reference classifier {} it: the running rules are not the catalogue's",
+            if pass { "passes" } else { "drops" },
+            if e.pass { "passes" } else { "drops" }
+        );
     }
     Ok(e.pass)
 }

@@ -247,6 +247,43 @@ fn explain_instance_answers_with_the_running_catalogue() {
     assert!(out.contains("pass: rule client-sip-tls-in"), "{out}");
     let (code, out, _) = explain(&probe);
     assert_eq!(code, 1, "the default catalogue has P3 on 443: {out}");
+    // --probe: the same frame through the program attached to ext0, with the live maps, in the
+    // NIC's namespace; the kernel's verdict comes beside the reference's.
+    let probe_ext0 = |dst: &str| {
+        let out = in_ns(&lab.edge, BIN)
+            .args([
+                "explain",
+                "--instance",
+                &instance,
+                "--probe",
+                "ext0",
+                "--json",
+            ])
+            .args(["tcp", "198.51.100.1:40000", dst])
+            .output()
+            .expect("explain --probe");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v["pass"].clone(), v["kernel"].clone())
+    };
+    let (code, pass, kernel) = probe_ext0("198.51.100.10:8443");
+    assert_eq!((code, pass), (Some(0), true.into()));
+    assert_eq!(kernel["pass"], true, "{kernel}");
+    assert_eq!(kernel["nic"], "ext0");
+    let (code, pass, kernel) = probe_ext0("198.51.100.10:443");
+    assert_eq!((code, pass), (Some(1), false.into()));
+    assert_eq!(kernel["pass"], false, "{kernel}");
+    let (code, _, err) = explain(
+        &[
+            &["--instance", instance.as_str(), "--probe", "eth9"][..],
+            &probe[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("has no NIC `eth9` bound"), "{err}");
+    let (code, _, err) = explain(&[&["--probe", "ext0"][..], &probe[..]].concat());
+    assert_eq!(code, 2, "--probe needs --instance: {err}");
     drop(daemon);
     let (code, _, err) = explain(&[
         "--instance",

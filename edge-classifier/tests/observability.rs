@@ -7,8 +7,8 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
 mod common;
@@ -17,46 +17,8 @@ use common::*;
 use edge_classifier_lab::*;
 use serde_json::Value;
 
-const PROMETHEUS: &str = "127.0.0.1:9090";
-
 fn dashboards() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards")
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// An instant query through Prometheus' HTTP API: the `data.result` array.
-fn query(ns: &str, promql: &str) -> Vec<Value> {
-    let body = http_get(
-        ns,
-        PROMETHEUS,
-        format!("/api/v1/query?query={}", urlencode(promql)),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{promql}: {e}: {body}"));
-    assert_eq!(v["status"], "success", "query `{promql}` failed: {body}");
-    v["data"]["result"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{promql}: no result array: {body}"))
-        .clone()
-}
-
-/// The single value of a query that must return one series.
-fn scalar(ns: &str, promql: &str) -> f64 {
-    let r = query(ns, promql);
-    assert_eq!(r.len(), 1, "`{promql}` returned {r:?}");
-    r[0]["value"][1]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("`{promql}`: no value in {r:?}"))
 }
 
 /// Whether Prometheus answers and has scraped the classifier successfully (no panics: it is
@@ -74,14 +36,6 @@ fn scraped_up(ns: &str) -> bool {
             .is_some_and(|r| !r.is_empty()))
     })
     .unwrap_or(false)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn promtool(args: &[&str]) {
@@ -118,6 +72,105 @@ fn expand(expr: &str) -> String {
     expr.replace("$__rate_interval", "15s")
         .replace("$instance", ".*")
         .replace("$interface", ".*")
+        .replace("$pool", ".*")
+        .replace("$node", ".*")
+}
+
+/// A Grafana dashboard of `dashboards/`: its structure, each variable in `variables` has values,
+/// and every panel's query returns data through Prometheus and names only exported or recorded
+/// metrics. Row panels (a repeated row per value of a variable) hold no query; the variable they
+/// repeat by must exist.
+fn check_dashboard(
+    ns: &str,
+    file: &str,
+    variables: &[&str],
+    families: &BTreeSet<String>,
+    recorded: &BTreeSet<String>,
+) {
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboards().join(file)).unwrap())
+            .unwrap_or_else(|e| panic!("{file}: JSON: {e}"));
+    let vars: Vec<&Value> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    let mut ids = BTreeSet::new();
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        let id = p["id"].as_u64().expect("panel id");
+        assert!(ids.insert(id), "{file}: duplicate panel id {id}");
+        if p["type"] == "row" {
+            if let Some(by) = p["repeat"].as_str() {
+                assert!(
+                    vars.iter().any(|v| v["name"] == by),
+                    "{file}: row {id} repeats by an unknown variable {by}"
+                );
+            }
+            continue;
+        }
+        assert_eq!(
+            p["datasource"]["uid"], "${datasource}",
+            "{file}: panel {id} datasource"
+        );
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{file}: panel {id} has no targets");
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            assert!(
+                !expr.trim().is_empty(),
+                "{file}: panel {id} target without expr"
+            );
+            exprs.push((p["title"].as_str().unwrap().to_string(), expr.to_string()));
+        }
+    }
+    assert!(
+        vars.iter()
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+        "{file}: datasource variable"
+    );
+    for var in variables {
+        let v = vars
+            .iter()
+            .find(|v| v["name"] == *var)
+            .unwrap_or_else(|| panic!("{file}: variable {var}"));
+        let q = v["query"]["query"].as_str().unwrap();
+        // label_values(SELECTOR, LABEL): Grafana asks the series API.
+        let inner = q
+            .strip_prefix("label_values(")
+            .and_then(|s| s.strip_suffix(')'))
+            .expect("label_values query");
+        let (selector, label) = inner.rsplit_once(',').unwrap();
+        let body = http_get(
+            ns,
+            PROMETHEUS,
+            format!("/api/v1/series?match[]={}", urlencode(&expand(selector))),
+        );
+        let series: Value = serde_json::from_str(&body).unwrap();
+        let values: BTreeSet<&str> = series["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s[label.trim()].as_str())
+            .collect();
+        assert!(
+            !values.is_empty(),
+            "{file}: variable {var}: no values for {q}"
+        );
+    }
+    for (title, expr) in &exprs {
+        for metric in metric_names(expr) {
+            assert!(
+                families.contains(&metric) || recorded.contains(&metric),
+                "{file}: panel {title}: {metric} is neither exported nor recorded"
+            );
+        }
+        let result = query(ns, &expand(expr));
+        assert!(
+            !result.is_empty(),
+            "{file}: panel {title}: `{expr}` returned no data"
+        );
+    }
 }
 
 /// TCP frames to `port` that the tap saw pass.
@@ -141,6 +194,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     promtool(&["check", "rules", "alerts.yml"]);
     promtool(&["test", "rules", "alerts.test.yml"]);
     promtool(&["check", "config", "prometheus.yml"]);
+    promtool(&["check", "config", "--agent", "prometheus-agent.yml"]);
 
     let lab = Lab::create("obs").expect("lab");
     // The daemon as an operator starts it, inside the edge namespace (nsenter keeps the host's
@@ -181,7 +235,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: edge-classifier\n    static_configs:\n      - targets: [\"{METRICS}\"]\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: edge-classifier\n    static_configs:\n      - targets: [\"{METRICS}\"]\n        labels:\n          pool: obs\n",
             dashboards().join("alerts.yml").display()
         ),
     )
@@ -189,15 +243,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
     let config_arg = format!("--config.file={}", config.display());
     let storage_arg = format!("--storage.tsdb.path={}", dir.join("data").display());
     let listen_arg = format!("--web.listen-address={PROMETHEUS}");
-    let prometheus = Process(
-        in_ns(&lab.edge, "prometheus")
-            .args([&config_arg, &storage_arg, &listen_arg])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus (Debian package prometheus)"),
-        "prometheus",
-    );
+    let prometheus = prometheus(&lab.edge, &[config_arg, storage_arg, listen_arg]);
     wait_for(
         "Prometheus to scrape the classifier",
         Duration::from_secs(30),
@@ -369,7 +415,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
             rule_exprs.push((name, r["query"].as_str().unwrap().to_string()));
         }
     }
-    assert_eq!(rule_exprs.len(), 10, "rules loaded: {rule_exprs:?}");
+    assert_eq!(rule_exprs.len(), 12, "rules loaded: {rule_exprs:?}");
     for (name, expr) in &rule_exprs {
         query(&lab.edge, expr);
         for metric in metric_names(expr) {
@@ -390,73 +436,29 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
         "the series EdgeClassifierNotScraped/Absent watch"
     );
 
-    // The dashboard: structure, and every query returns data through Prometheus.
-    let dash: Value = serde_json::from_str(
-        &std::fs::read_to_string(dashboards().join("edge-classifier.json")).unwrap(),
-    )
-    .expect("dashboard JSON parses");
-    let mut ids = BTreeSet::new();
-    let mut exprs = Vec::new();
-    for p in dash["panels"].as_array().expect("panels") {
-        let id = p["id"].as_u64().expect("panel id");
-        assert!(ids.insert(id), "duplicate panel id {id}");
-        assert_eq!(
-            p["datasource"]["uid"], "${datasource}",
-            "panel {id} datasource"
-        );
-        let targets = p["targets"].as_array().expect("targets");
-        assert!(!targets.is_empty(), "panel {id} has no targets");
-        for t in targets {
-            let expr = t["expr"].as_str().unwrap_or_default();
-            assert!(!expr.trim().is_empty(), "panel {id} target without expr");
-            exprs.push((p["title"].as_str().unwrap().to_string(), expr.to_string()));
-        }
-    }
-    let vars: Vec<&Value> = dash["templating"]["list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .collect();
-    assert!(
-        vars.iter()
-            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
-        "datasource variable"
+    // The dashboards: structure, and every query returns data through Prometheus. The pool
+    // view's queries group by the `pool` target label the scrape config gives.
+    check_dashboard(
+        &lab.edge,
+        "edge-classifier.json",
+        &["instance", "interface"],
+        &families,
+        &recorded,
     );
-    for var in ["instance", "interface"] {
-        let v = vars.iter().find(|v| v["name"] == var).expect(var);
-        let q = v["query"]["query"].as_str().unwrap();
-        // label_values(SELECTOR, LABEL): Grafana asks the series API.
-        let inner = q
-            .strip_prefix("label_values(")
-            .and_then(|s| s.strip_suffix(')'))
-            .expect("label_values query");
-        let (selector, label) = inner.rsplit_once(',').unwrap();
-        let body = http_get(
-            &lab.edge,
-            PROMETHEUS,
-            format!("/api/v1/series?match[]={}", urlencode(&expand(selector))),
-        );
-        let series: Value = serde_json::from_str(&body).unwrap();
-        let values: BTreeSet<&str> = series["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|s| s[label.trim()].as_str())
-            .collect();
-        assert!(!values.is_empty(), "variable {var}: no values for {q}");
-    }
-    for (title, expr) in &exprs {
-        for metric in metric_names(expr) {
-            assert!(
-                families.contains(&metric) || recorded.contains(&metric),
-                "panel {title}: {metric} is neither exported nor recorded"
-            );
-        }
-        let result = query(&lab.edge, &expand(expr));
-        assert!(
-            !result.is_empty(),
-            "panel {title}: `{expr}` returned no data"
-        );
+    check_dashboard(
+        &lab.edge,
+        "edge-classifier-pool.json",
+        &["pool", "node"],
+        &families,
+        &recorded,
+    );
+    // One node runs one catalogue and one version: the pool counts show 1 (the drift alert's
+    // expression is the same count, compared with 1).
+    for expr in [
+        "count by (pool) (count by (pool, hash) (edge_classifier_catalogue_info))",
+        "count by (pool) (count by (pool, version) (edge_classifier_build_info))",
+    ] {
+        assert_eq!(scalar(&lab.edge, expr), 1.0, "{expr}");
     }
 
     // `edge-classifier stats` prints the same numbers; `--watch` adds per-second rates.

@@ -254,6 +254,8 @@ fn the_package_installs_and_its_unit_protects_across_reload_restart_and_stop() {
         "usr/share/man/man1/edge-classifier.1.gz",
         "usr/share/bash-completion/completions/edge-classifier",
         "usr/share/edge-classifier/dashboards/edge-classifier.json",
+        "usr/share/edge-classifier/dashboards/edge-classifier-pool.json",
+        "usr/share/edge-classifier/prometheus/prometheus-agent.yml",
         "usr/share/edge-classifier/prometheus/alerts.yml",
     ] {
         assert!(root.join(f).exists(), "the package installs /{f}");

@@ -26,6 +26,19 @@ const PACKAGES: &[&str] = &[
     "gzip",
     "debootstrap",
     "systemd-container",
+    "python3-venv",
+];
+
+/// A virtualenv this setup owns, for Python tools Debian bookworm does not package at the
+/// versions the tests need (its pip refuses system-wide installs, PEP 668): ansible-core runs
+/// the Ansible role of the pool test (`edge-classifier/tests/pool.rs` names this path too), and
+/// kubernetes-validate checks the DaemonSet manifest against the Kubernetes schemas offline.
+/// Made with Debian's python3, so it does not depend on whichever python3 comes first in PATH.
+pub const PYTHON_VENV: &str = "/opt/edge-classifier-dev/venv";
+/// Pinned: ansible-core 2.19 is the last series that runs on bookworm's Python 3.11.
+const PYTHON_TOOLS: &[(&str, &str)] = &[
+    ("ansible-core", "2.19.14"),
+    ("kubernetes-validate", "1.37.0"),
 ];
 
 /// The real federation peers of the peer tests (`tests/tests/peers_*.rs`, issue 17): Prosody
@@ -323,6 +336,32 @@ fn ensure_bpf_linker(channel: &str, llvm: u32) -> anyhow::Result<()> {
         .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")))
 }
 
+/// Creates [`PYTHON_VENV`] if missing and installs the [`PYTHON_TOOLS`] it lacks, at their
+/// pinned versions.
+fn ensure_python_tools() -> anyhow::Result<()> {
+    let venv = Path::new(PYTHON_VENV);
+    let pip = venv.join("bin/pip");
+    if !pip.exists() {
+        eprintln!("setup: creating the Python virtualenv {PYTHON_VENV}");
+        run(Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv))?;
+    }
+    let frozen = output(Command::new(&pip).args(["freeze", "--all"])).unwrap_or_default();
+    let missing: Vec<String> = PYTHON_TOOLS
+        .iter()
+        .map(|(name, version)| format!("{name}=={version}"))
+        .filter(|pinned| !frozen.lines().any(|l| l.eq_ignore_ascii_case(pinned)))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing {} into {PYTHON_VENV}", missing.join(" "));
+        run(Command::new(&pip)
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(&missing))?;
+    }
+    Ok(())
+}
+
 pub fn setup() -> anyhow::Result<()> {
     let pin = pinned()?;
     let channel = pin.channel.clone();
@@ -333,6 +372,7 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_packages(&packages)?;
     ensure_daemons(PEER_PACKAGES)?;
     ensure_bpf_linker(&channel, llvm)?;
+    ensure_python_tools()?;
 
     let fuzz = output(Command::new("cargo").args(["fuzz", "--version"]));
     if !fuzz.is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {

@@ -950,6 +950,56 @@ pub fn pinned_link(pin: &Path) -> Option<KernelLink> {
     })
 }
 
+/// The XDP action that lets a frame on to the stack (`enum xdp_action`), as BPF_PROG_TEST_RUN
+/// returns it.
+pub const XDP_PASS: u32 = 2;
+
+/// Runs `frame` once through the program behind the pinned XDP link `pin`, as if it had
+/// arrived on NIC `ifindex` (`BPF_PROG_TEST_RUN` with an `xdp_md` naming that NIC, which must be
+/// in this network namespace), and returns its XDP action. The program runs against the live
+/// maps, so the answer is the running catalogue's and the frame counts on that NIC like a real
+/// one; nothing is transmitted. This is how a rollout checks the kernel, not only the catalogue.
+pub fn probe_pinned_xdp(pin: &Path, ifindex: u32, frame: &[u8]) -> io::Result<u32> {
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    let link = pinned_link(pin).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no live pinned XDP link at {}", pin.display()),
+        )
+    })?;
+    // union bpf_attr, BPF_PROG_GET_FD_BY_ID: { u32 prog_id; u32 next_id; u32 open_flags }.
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(link.program_id);
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr);
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = fd as i32;
+    // struct xdp_md { u32 data; u32 data_end; u32 data_meta; u32 ingress_ifindex;
+    // u32 rx_queue_index; u32 egress_ifindex }: the kernel wants data_end = the frame's length.
+    let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let mut out = vec![0u8; frame.len() + 256];
+    // The test member of union bpf_attr: { u32 prog_fd; u32 retval; u32 data_size_in;
+    // u32 data_size_out; u64 data_in; u64 data_out; u32 repeat; u32 duration;
+    // u32 ctx_size_in; u32 ctx_size_out; u64 ctx_in; u64 ctx_out; ... }.
+    let mut attr = [0u64; 16];
+    attr[0] = fd as u32 as u64;
+    attr[1] = frame.len() as u64 | ((out.len() as u64) << 32);
+    attr[2] = frame.as_ptr() as u64;
+    attr[3] = out.as_mut_ptr() as u64;
+    attr[4] = 1;
+    attr[5] = std::mem::size_of_val(&ctx) as u64;
+    attr[6] = ctx.as_ptr() as u64;
+    let rc = bpf(BPF_PROG_TEST_RUN, &mut attr);
+    let err = io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(err);
+    }
+    Ok((attr[0] >> 32) as u32)
+}
+
 /// The ids of the links on NIC `ifindex`'s tcx egress hook, in this network namespace
 /// (`BPF_PROG_QUERY`).
 fn tcx_egress_links(ifindex: u32) -> io::Result<Vec<u32>> {

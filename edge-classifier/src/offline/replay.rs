@@ -24,7 +24,6 @@ use crate::{
     reference::{Counted, FlowTable, Reference},
 };
 
-const XDP_PASS: u32 = 2;
 /// TC_ACT_UNSPEC (-1) as BPF_PROG_TEST_RUN returns it: the egress program lets the frame go.
 const TC_ACT_UNSPEC: u32 = u32::MAX;
 /// The kernel's test run refuses anything shorter than an Ethernet header.
@@ -250,7 +249,7 @@ pub fn replay(compiled: Compiled, role: &str, frames: &[Frame]) -> Result<Report
         };
         let ret = got.map_err(LoadError::Program)?.return_value;
         let pass = match way {
-            Way::In => ret == XDP_PASS,
+            Way::In => ret == crate::loader::XDP_PASS,
             Way::Out => ret == TC_ACT_UNSPEC,
         };
         let tally = match way {

@@ -9,6 +9,7 @@ use std::{
 };
 
 use edge_classifier_lab::{Lab, in_netns};
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edge-classifier");
 pub const METRICS: &str = "127.0.0.1:9477";
@@ -46,6 +47,26 @@ pub struct Stop(pub String);
 impl Drop for Stop {
     fn drop(&mut self) {
         let _ = cli(&["stop", "--instance", &self.0]);
+    }
+}
+
+/// A fresh directory under the system's temporary directory, removed when the test ends, also
+/// on panic.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// `ec-{tag}-{pid}`, emptied first (a leftover of a killed run of the same pid).
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("ec-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the test's directory");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -298,4 +319,66 @@ pub fn assert_datagrams(
         );
     }
     assert!(sent.1 > 100, "{what}: only {} forbidden sent", sent.1);
+}
+
+/// Where the tests' Prometheus servers listen (inside a lab namespace).
+pub const PROMETHEUS: &str = "127.0.0.1:9090";
+
+/// Percent-encoding for a query string.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// An instant query through Prometheus' HTTP API: the `data.result` array.
+pub fn query(ns: &str, promql: &str) -> Vec<Value> {
+    let body = http_get(
+        ns,
+        PROMETHEUS,
+        format!("/api/v1/query?query={}", urlencode(promql)),
+    );
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{promql}: {e}: {body}"));
+    assert_eq!(v["status"], "success", "query `{promql}` failed: {body}");
+    v["data"]["result"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{promql}: no result array: {body}"))
+        .clone()
+}
+
+/// The single value of a query that must return one series.
+pub fn scalar(ns: &str, promql: &str) -> f64 {
+    let r = query(ns, promql);
+    assert_eq!(r.len(), 1, "`{promql}` returned {r:?}");
+    r[0]["value"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("`{promql}`: no value in {r:?}"))
+}
+
+/// Polls `ok` every 250 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Debian's `prometheus` in namespace `ns` with `args`, stopped when the test ends.
+pub fn prometheus(ns: &str, args: &[String]) -> Process {
+    Process(
+        in_ns(ns, "prometheus")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus (Debian package prometheus)"),
+        "prometheus",
+    )
 }

@@ -706,12 +706,15 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
 
     // The DaemonSet's reload loop, for real against node 2: its file changes (as the kubelet
     // swaps in an updated ConfigMap), and the loop reloads it; a broken file is refused once.
+    let reload_loop = || {
+        in_ns(&node2.lab.edge, "sh")
+            .args(["-c", &reload_script(&node2.catalogue, 3)])
+            .env("EDGE_CLASSIFIER_INSTANCE", &node2.instance)
+            .output()
+            .expect("reload script")
+    };
     std::fs::copy(&node1.catalogue, &node2.catalogue).unwrap();
-    let out = in_ns(&node2.lab.edge, "sh")
-        .args(["-c", &reload_script(&node2.catalogue, 3)])
-        .env("EDGE_CLASSIFIER_INSTANCE", &node2.instance)
-        .output()
-        .expect("reload script");
+    let out = reload_loop();
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -732,11 +735,7 @@ fn the_role_rolls_a_catalogue_out_node_by_node_and_stops_at_a_broken_one() {
             .replace("}}", ""),
     )
     .unwrap();
-    let out = in_ns(&node2.lab.edge, "sh")
-        .args(["-c", &reload_script(&node2.catalogue, 3)])
-        .env("EDGE_CLASSIFIER_INSTANCE", &node2.instance)
-        .output()
-        .expect("reload script");
+    let out = reload_loop();
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         said.matches("reloading").count(),

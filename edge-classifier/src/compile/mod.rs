@@ -114,8 +114,8 @@ pub struct Compiled {
     /// Interface roles of the catalogue.
     pub roles: Vec<String>,
     pub policy: edge_classifier_common::PolicyEntry,
-    /// `ports[layout::compiled_port(transport, port)]`.
-    pub ports: Vec<PortEntry>,
+    /// `ports[layout::compiled_port(transport, port)]`; `port_entry` makes the map's entry.
+    pub ports: Vec<PortClasses>,
     /// Class 0 is "no rule" and is stored empty.
     pub classes: Vec<RuleClass>,
     pub prefixes_v4: Vec<(IpNet, u64)>,
@@ -472,6 +472,38 @@ fn line_members(cat: &Catalogue, transport: Transport, kind: Kind) -> Vec<usize>
         .collect()
 }
 
+/// A port's rule classes, as compiled. The map's `PortEntry` adds a copy of a single-rule
+/// inbound class's rule (`port_entry`); kept out of the compiled catalogue, whose port table
+/// every compile allocates whole and every reload compares whole, three times smaller so.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortClasses {
+    pub inbound: u32,
+    pub reply_from: u32,
+    pub reply_to: u32,
+}
+
+impl Compiled {
+    /// The PORTS map's entry of `ports[i]`: its classes, and the rule of an inbound class of
+    /// one rule, which the data plane then matches without reading CLASSES.
+    pub fn port_entry(&self, i: usize) -> PortEntry {
+        let p = self.ports[i];
+        let mut e = PortEntry {
+            inbound: p.inbound,
+            reply_from: p.reply_from,
+            reply_to: p.reply_to,
+            ..Default::default()
+        };
+        if let Some(class) = self.classes.get(p.inbound as usize)
+            && p.inbound != 0
+            && class.count == 1
+        {
+            e.inbound_single = 1;
+            e.inbound_rule = class.rules[0];
+        }
+        e
+    }
+}
+
 /// The class of an ordered list of rules: the one made for the same list before, or a new one.
 fn class_for(
     list: Vec<usize>,
@@ -506,10 +538,10 @@ fn class_for(
 fn port_classes(
     cat: &Catalogue,
     rules: &[CompiledRule],
-) -> Result<(Vec<RuleClass>, Vec<PortEntry>), CompileError> {
+) -> Result<(Vec<RuleClass>, Vec<PortClasses>), CompileError> {
     let mut classes: Vec<RuleClass> = vec![RuleClass::default()];
     let mut class_ids: HashMap<Vec<usize>, u32> = HashMap::new();
-    let mut ports = vec![PortEntry::default(); layout::compiled_port(TRANSPORTS, 0)];
+    let mut ports = vec![PortClasses::default(); layout::compiled_port(TRANSPORTS, 0)];
     for transport in [Transport::Tcp, Transport::Udp] {
         for kind in [Kind::Inbound, Kind::ReplyFrom, Kind::ReplyTo] {
             let members = line_members(cat, transport, kind);
@@ -547,19 +579,12 @@ fn port_classes(
                             .join(", "),
                     });
                 }
-                let single = (list.len() == 1).then(|| rules[list[0]].matcher);
                 let id = class_for(list, rules, &mut classes, &mut class_ids)?;
                 for port in *start..end {
                     let e =
                         &mut ports[layout::compiled_port(transport_index(transport), port as u16)];
                     match kind {
-                        Kind::Inbound => {
-                            e.inbound = id;
-                            if let Some(rule) = single {
-                                e.inbound_single = 1;
-                                e.inbound_rule = rule;
-                            }
-                        }
+                        Kind::Inbound => e.inbound = id,
                         Kind::ReplyFrom => e.reply_from = id,
                         Kind::ReplyTo => e.reply_to = id,
                     }
@@ -733,6 +758,33 @@ mod tests {
         assert_eq!(tcp(60000).reply_to, 0);
         assert_eq!(tcp(49999).reply_to, 0);
         assert_ne!(tcp(5061).reply_from, 0);
+    }
+
+    #[test]
+    fn a_single_rule_inbound_class_travels_in_the_port_entry() {
+        let c = compile(&Catalogue::default_catalogue()).expect("default compiles");
+        let mut single = 0;
+        for i in 0..c.ports.len() {
+            let (p, e) = (c.ports[i], c.port_entry(i));
+            assert_eq!(
+                (e.inbound, e.reply_from, e.reply_to),
+                (p.inbound, p.reply_from, p.reply_to),
+                "entry {i}: the classes as compiled"
+            );
+            let class = &c.classes[p.inbound as usize];
+            if p.inbound != 0 && class.count == 1 {
+                assert_eq!(e.inbound_single, 1, "entry {i}: one rule");
+                assert_eq!(e.inbound_rule, class.rules[0], "entry {i}: that rule");
+                single += 1;
+            } else {
+                assert_eq!(e.inbound_single, 0, "entry {i}: no single rule");
+                assert_eq!(e.inbound_rule, RuleMatch::default(), "entry {i}: nothing copied");
+            }
+        }
+        // P3 (443), X1 (5269), P6 (3478/udp) and X3 (23456) each have a port of their own.
+        assert!(single >= 4, "only {single} single-rule ports");
+        let tcp443 = c.port_entry(layout::compiled_port(TRANSPORT_TCP, 443));
+        assert_eq!(tcp443.inbound_single, 1, "P3's port carries P3");
     }
 
     #[test]

@@ -637,10 +637,11 @@ impl Maps {
         {
             let ports = &mut self.ports;
             let base = layout::port(buffer, 0, 0);
-            let zero = PortEntry::default();
-            for (i, entry) in new.ports.iter().enumerate() {
-                let before = old.map_or(&zero, |o| &o.ports[i]);
-                if entry != before {
+            for i in 0..new.ports.len() {
+                // The entry carries a copy of a class's rule: compared whole, so that a class
+                // whose rule changed under the same id is written too.
+                let entry = new.port_entry(i);
+                if old.map_or(PortEntry::default(), |o| o.port_entry(i)) != entry {
                     ports.set(base + i as u32, entry, 0).map_err(err("PORTS"))?;
                 }
             }

@@ -475,7 +475,7 @@ impl<'a> Reference<'a> {
         }
     }
 
-    fn port_entry(&self, transport: u32, port: u16) -> edge_classifier_common::PortEntry {
+    fn port_entry(&self, transport: u32, port: u16) -> crate::compile::PortClasses {
         self.compiled.ports[layout::compiled_port(transport, port)]
     }
 

@@ -778,7 +778,11 @@ mod tests {
                 single += 1;
             } else {
                 assert_eq!(e.inbound_single, 0, "entry {i}: no single rule");
-                assert_eq!(e.inbound_rule, RuleMatch::default(), "entry {i}: nothing copied");
+                assert_eq!(
+                    e.inbound_rule,
+                    RuleMatch::default(),
+                    "entry {i}: nothing copied"
+                );
             }
         }
         // P3 (443), X1 (5269), P6 (3478/udp) and X3 (23456) each have a port of their own.

@@ -136,54 +136,14 @@ fn watch_attach(ns: &str, nic: &str, t0: Instant) -> std::thread::JoinHandle<Dur
 }
 
 /// ext0 and its peer wan0 as `Lab::create` makes them, the pair created anew (after it was
-/// deleted): `up` creates ext0 already up (its peer is brought up by whoever sends on it).
+/// deleted) with a fixed MAC address: `up` creates ext0 already up (its peer is brought up by
+/// whoever sends on it).
 fn create_ext0(lab: &Lab, up: bool) {
-    let mut a = vec!["link", "add", EDGE_EXT, "address", EXT_MAC];
+    let mut extra = vec!["address", EXT_MAC];
     if up {
-        a.push("up");
+        extra.push("up");
     }
-    a.extend([
-        "netns",
-        &lab.edge,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "wan0",
-        "netns",
-        &lab.remote,
-    ]);
-    ip(&a).expect("ip link add ext0");
-}
-
-/// The lab's addresses and routes on a re-created ext0/wan0, both up.
-fn configure_ext0(lab: &Lab) {
-    for (ns, dev, addr) in [
-        (&lab.edge, EDGE_EXT, "198.51.100.10/24"),
-        (&lab.edge, EDGE_EXT, "2001:db8:100::10/64"),
-        (&lab.remote, "wan0", "198.51.100.1/24"),
-        (&lab.remote, "wan0", "203.0.113.5/32"),
-        (&lab.remote, "wan0", "2001:db8:100::1/64"),
-        (&lab.remote, "wan0", "2001:db8:203::5/128"),
-    ] {
-        let mut a = vec!["-n", ns, "addr", "add", addr, "dev", dev];
-        if addr.contains(':') {
-            a.push("nodad");
-        }
-        ip(&a).expect("ip addr add");
-    }
-    ip(&["-n", &lab.edge, "link", "set", EDGE_EXT, "up"]).unwrap();
-    ip(&["-n", &lab.remote, "link", "set", "wan0", "up"]).unwrap();
-    ip(&[
-        "-n",
-        &lab.edge,
-        "route",
-        "add",
-        "203.0.113.0/24",
-        "via",
-        "198.51.100.1",
-    ])
-    .unwrap();
+    lab.add_ext0(&extra).expect("ip link add ext0");
 }
 
 /// ext0's MAC address once re-created (locally administered), so frames can be sent to it
@@ -332,7 +292,7 @@ fn a_nic_deleted_and_created_again_is_reported_then_protected_again() {
     });
     eprintln!("{logged}");
     // Brought up and addressed afterwards (as udev and the network configuration do).
-    configure_ext0(&lab);
+    lab.configure_ext0().expect("ext0's addresses and routes");
     assert_eq!(
         attached_becomes(&lab.edge, EDGE_EXT, 1.0, Duration::from_secs(1)),
         (1.0, "native".to_string())

@@ -89,54 +89,63 @@ impl Lab {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
+        lab.add_ext0(&[])?;
         ip(&[
-            "link",
-            "add",
-            EDGE_EXT,
+            "link", "add", EDGE_INT, "netns", &lab.edge, "type", "veth", "peer", "name", "lan0",
+            "netns", &lab.fe,
+        ])?;
+        lab.configure_ext0()?;
+        for (ns, dev, addr) in [
+            (&lab.edge, EDGE_INT, "192.0.2.10/24"),
+            (&lab.edge, EDGE_INT, "2001:db8:200::10/64"),
+            (&lab.fe, "lan0", "192.0.2.20/24"),
+            (&lab.fe, "lan0", "2001:db8:200::20/64"),
+        ] {
+            add_addr(ns, dev, addr)?;
+        }
+        for (ns, dev) in [(&lab.edge, EDGE_INT), (&lab.fe, "lan0")] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(lab)
+    }
+
+    /// The external veth pair: `ext0` in the Edge's namespace, `wan0` in the remote host's.
+    /// `extra` are link options for ext0 (`address MAC`, `up`); a test that re-creates the NIC
+    /// uses this as the lab does.
+    pub fn add_ext0(&self, extra: &[&str]) -> anyhow::Result<()> {
+        let mut a = vec!["link", "add", EDGE_EXT];
+        a.extend_from_slice(extra);
+        a.extend([
             "netns",
-            &lab.edge,
+            &self.edge,
             "type",
             "veth",
             "peer",
             "name",
             "wan0",
             "netns",
-            &lab.remote,
-        ])?;
-        ip(&[
-            "link", "add", EDGE_INT, "netns", &lab.edge, "type", "veth", "peer", "name", "lan0",
-            "netns", &lab.fe,
-        ])?;
-        let addrs: &[(&str, &str, &str)] = &[
-            (&lab.edge, EDGE_EXT, "198.51.100.10/24"),
-            (&lab.edge, EDGE_EXT, "2001:db8:100::10/64"),
-            (&lab.edge, EDGE_INT, "192.0.2.10/24"),
-            (&lab.edge, EDGE_INT, "2001:db8:200::10/64"),
-            (&lab.remote, "wan0", "198.51.100.1/24"),
-            (&lab.remote, "wan0", "203.0.113.5/32"),
-            (&lab.remote, "wan0", "2001:db8:100::1/64"),
-            (&lab.remote, "wan0", "2001:db8:203::5/128"),
-            (&lab.fe, "lan0", "192.0.2.20/24"),
-            (&lab.fe, "lan0", "2001:db8:200::20/64"),
-        ];
-        for (ns, dev, addr) in addrs {
-            if addr.contains(':') {
-                ip(&["-n", ns, "addr", "add", addr, "dev", dev, "nodad"])?;
-            } else {
-                ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-            }
-        }
-        for (ns, dev) in [
-            (&lab.edge, EDGE_EXT),
-            (&lab.edge, EDGE_INT),
-            (&lab.remote, "wan0"),
-            (&lab.fe, "lan0"),
+            &self.remote,
+        ]);
+        ip(&a)
+    }
+
+    /// ext0's and wan0's addresses, both up, and the Edge's routes to the partner through wan0.
+    pub fn configure_ext0(&self) -> anyhow::Result<()> {
+        for (ns, dev, addr) in [
+            (&self.edge, EDGE_EXT, "198.51.100.10/24"),
+            (&self.edge, EDGE_EXT, "2001:db8:100::10/64"),
+            (&self.remote, "wan0", "198.51.100.1/24"),
+            (&self.remote, "wan0", "203.0.113.5/32"),
+            (&self.remote, "wan0", "2001:db8:100::1/64"),
+            (&self.remote, "wan0", "2001:db8:203::5/128"),
         ] {
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            add_addr(ns, dev, addr)?;
         }
+        ip(&["-n", &self.edge, "link", "set", EDGE_EXT, "up"])?;
+        ip(&["-n", &self.remote, "link", "set", "wan0", "up"])?;
         ip(&[
             "-n",
-            &lab.edge,
+            &self.edge,
             "route",
             "add",
             "203.0.113.0/24",
@@ -145,20 +154,28 @@ impl Lab {
         ])?;
         ip(&[
             "-n",
-            &lab.edge,
+            &self.edge,
             "-6",
             "route",
             "add",
             "2001:db8:203::/48",
             "via",
             "2001:db8:100::1",
-        ])?;
-        Ok(lab)
+        ])
     }
 
     pub fn netns_path(ns: &str) -> String {
         format!("/run/netns/{ns}")
     }
+}
+
+/// An address on a device; IPv6 without duplicate-address detection, so it is usable at once.
+fn add_addr(ns: &str, dev: &str, addr: &str) -> anyhow::Result<()> {
+    let mut a = vec!["-n", ns, "addr", "add", addr, "dev", dev];
+    if addr.contains(':') {
+        a.push("nodad");
+    }
+    ip(&a)
 }
 
 impl Drop for Lab {

@@ -11,6 +11,7 @@ mod addr;
 mod classify;
 mod flow;
 mod maps;
+mod monitor;
 mod parse;
 
 use aya_ebpf::{
@@ -23,14 +24,38 @@ use edge_classifier_common::{IFACE_SLOTS, layout, reason};
 use maps::*;
 use parse::{Frame, Malformed};
 
-/// The binding of the interface a frame is on: (counter block, role bit); block 0 is unbound.
+/// The binding of the interface a frame is on: (counter block and monitor slots, role bit);
+/// block 0 is unbound. See [`Bound`].
 #[inline(always)]
-fn binding(ifindex: u32) -> (u32, u32) {
+fn binding(ifindex: u32) -> (Bound, u32) {
     match IFACES.get(ifindex % IFACE_SLOTS) {
         Some(iface) if iface.ifindex == ifindex && iface.block != 0 => {
-            (iface.block, iface.role_mask)
+            (Bound::of(iface), iface.role_mask)
         }
-        _ => (0, 0),
+        _ => (Bound(0), 0),
+    }
+}
+
+/// An interface's counter block (low word) and the monitor slots watching it (high word),
+/// loaded as the one word they are in `IfaceInfo`: the value the entry point keeps across
+/// `classify` is then one register or stack slot, as it was before monitors existed (the
+/// frames of the call chain share the verifier's 512 bytes, and the entry point's is most).
+#[derive(Clone, Copy)]
+struct Bound(u64);
+
+impl Bound {
+    #[inline(always)]
+    fn of(iface: &edge_classifier_common::IfaceInfo) -> Bound {
+        // `block` and `monitors` are adjacent, 8-aligned (`IfaceInfo`'s asserts).
+        Bound(unsafe { *(&iface.block as *const u32).cast::<u64>() })
+    }
+    #[inline(always)]
+    fn block(self) -> u32 {
+        self.0 as u32
+    }
+    #[inline(always)]
+    fn monitors(self) -> u32 {
+        (self.0 >> 32) as u32
     }
 }
 
@@ -51,13 +76,21 @@ fn active_buffer() -> u32 {
 
 #[xdp]
 pub fn edge_classifier(ctx: XdpContext) -> u32 {
-    let (block, role_mask) = binding(ctx.ingress_ifindex() as u32);
-    let verdict = if block == 0 {
+    let (bound, role_mask) = binding(ctx.ingress_ifindex() as u32);
+    let verdict = if bound.block() == 0 {
         Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
     } else {
         classify(&ctx, active_word(), role_mask)
     };
-    count(block, verdict.counter, 1, Frame::len(&ctx));
+    count(bound.block(), verdict.counter, 1, Frame::len(&ctx));
+    // A monitor is attached to this NIC: the one test the common path carries for events.
+    if bound.monitors() != 0 {
+        monitor::xdp_event(
+            &ctx,
+            bound.monitors(),
+            monitor::word(verdict.pass, verdict.counter),
+        );
+    }
     if verdict.pass {
         xdp_action::XDP_PASS
     } else {
@@ -72,7 +105,8 @@ const EGRESS_PULL: u32 = 14 + 8 + 40 + 512 + 20;
 #[classifier]
 pub fn edge_egress(ctx: TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (block, role_mask) = binding(ifindex);
+    let (bound, role_mask) = binding(ifindex);
+    let (block, monitors) = (bound.block(), bound.monitors());
     // A GSO skb is many frames on the wire; count them as such.
     let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1);
     let verdict = if block == 0 {
@@ -94,6 +128,14 @@ pub fn edge_egress(ctx: TcContext) -> i32 {
         }
     };
     count(block, verdict.counter, segs as u64, Frame::len(&ctx));
+    if monitors != 0 {
+        monitor::tc_event(
+            &ctx,
+            ifindex,
+            monitors,
+            monitor::word(verdict.pass, verdict.counter),
+        );
+    }
     if verdict.pass {
         // Let any later tc program have its say; with none, the frame is sent.
         TC_ACT_UNSPEC

@@ -25,7 +25,7 @@ use crate::maps::IfaceStats;
 use crate::{
     compile::Compiled,
     instance::{BoundIface, Instance},
-    maps::{MAP_NAMES, Maps, MapsError},
+    maps::{MAP_NAMES, MONITOR_RINGS, Maps, MapsError},
 };
 
 /// The XDP program, as built by build.rs from `edge-classifier-ebpf`.
@@ -308,8 +308,15 @@ impl Classifier {
         for table in crate::maps::FLOW_TABLES {
             loader.map_max_entries(table, compiled.flow_capacity);
         }
+        // The monitor rings are pinned too, so that `monitor` finds them without the daemon.
         let pins: Vec<(&str, std::path::PathBuf)> = instance
-            .map(|i| MAP_NAMES.iter().map(|n| (*n, i.map_pin(n))).collect())
+            .map(|i| {
+                MAP_NAMES
+                    .iter()
+                    .chain(MONITOR_RINGS.iter())
+                    .map(|n| (*n, i.map_pin(n)))
+                    .collect()
+            })
             .unwrap_or_default();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -437,6 +444,8 @@ impl Classifier {
             block,
             // Recorded once attached (`Maps::set_iface_mode`).
             mode: 0,
+            // Kept from the entry by `set_iface` when the NIC is the same (a monitor runs).
+            monitors: 0,
         })?;
         self.bindings.push(Binding {
             name: name.to_string(),

@@ -186,6 +186,55 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         instance: Option<String>,
     },
+    /// Show the frames the classifier drops (or passes), live, from the programs themselves:
+    /// XDP runs before every packet tap, so tcpdump never sees a dropped frame.
+    ///
+    /// One line per frame: time, NIC, in/out, verdict, rule or reason, protocol, source and
+    /// destination address:port, length. Reason, rule, NIC and verdict are selected in the
+    /// kernel; FILTER (a pcap-filter expression, as tcpdump takes) is applied here by libpcap
+    /// to the frame's first 256 bytes. The kernel writes at most --rate events a second; what
+    /// it could not deliver is counted, and the summary at the end (stderr) says how many were
+    /// missed. Reads the instance's pinned maps: works whether or not the daemon runs (root).
+    /// Up to 4 monitors at once; one that ends, even killed, leaves nothing running.
+    ///
+    /// Examples: monitor --reason no_rule 'src net 203.0.113.0/24 and tcp port 5061';
+    /// monitor --iface ext0 --verdict all --write /tmp/ext0.pcap --duration 60
+    Monitor {
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+        /// Only frames counted under this reason (no_rule, not_established, unprotected,
+        /// malformed, fragment, icmp, …); repeatable.
+        #[arg(long, value_name = "R")]
+        reason: Vec<String>,
+        /// Only frames counted under this rule id of the running catalogue; repeatable (8 at
+        /// most). With --reason: frames either selects.
+        #[arg(long, value_name = "ID")]
+        rule: Vec<String>,
+        /// Only frames on this bound NIC; repeatable. Without it, every bound NIC.
+        #[arg(long = "iface", value_name = "NIC")]
+        iface: Vec<String>,
+        #[arg(long, value_enum, default_value = "drop")]
+        verdict: edge_classifier::monitor::Verdicts,
+        /// Write the frames to this pcap file (original length recorded, up to 256 bytes of
+        /// each) instead of printing them.
+        #[arg(long, value_name = "FILE.pcap")]
+        write: Option<PathBuf>,
+        /// One JSON object per line.
+        #[arg(long, conflicts_with = "write")]
+        json: bool,
+        /// Stop after N frames (that pass FILTER).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after S seconds.
+        #[arg(long, value_name = "S")]
+        duration: Option<f64>,
+        /// Events per second the kernel may write for this monitor (all CPUs together).
+        #[arg(long, value_name = "N", default_value_t = edge_classifier_common::monitor::MONITOR_DEFAULT_RATE)]
+        rate: u32,
+        /// pcap-filter expression, e.g. `src net 203.0.113.0/24 and tcp port 5061`.
+        #[arg(value_name = "FILTER", trailing_var_arg = true)]
+        filter: Vec<String>,
+    },
     /// Show an instance from its pins and state, whether or not its daemon runs: per NIC the
     /// role, XDP mode, program and whether the link is live; the daemon; the running catalogue;
     /// the counters. Exits 0 when every bound NIC is protected, 3 otherwise.
@@ -346,6 +395,40 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Monitor {
+            instance,
+            reason,
+            rule,
+            iface,
+            verdict,
+            write,
+            json,
+            count,
+            duration,
+            rate,
+            filter,
+        } => {
+            let sel = edge_classifier::monitor::Selection {
+                reasons: reason,
+                rules: rule,
+                ifaces: iface,
+                verdicts: verdict,
+                rate,
+            };
+            let out = match write {
+                Some(path) => MonitorOut::Pcap(path),
+                None if json => MonitorOut::Json,
+                None => MonitorOut::Lines,
+            };
+            monitor(
+                &Instance::new(&instance)?,
+                &sel,
+                &filter.join(" "),
+                out,
+                count,
+                duration.map(Duration::from_secs_f64),
+            )
+        }
         Command::Stats {
             metrics,
             instance,
@@ -359,6 +442,117 @@ fn main() -> anyhow::Result<()> {
             stats(&from, watch, count)
         }
     }
+}
+
+enum MonitorOut {
+    Lines,
+    Json,
+    Pcap(PathBuf),
+}
+
+/// Set by SIGINT/SIGTERM: `monitor` ends as if its count were reached, and says what it missed.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn stop(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn monitor(
+    instance: &Instance,
+    sel: &edge_classifier::monitor::Selection,
+    filter: &str,
+    out: MonitorOut,
+    count: Option<u64>,
+    duration: Option<Duration>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::sync::atomic::Ordering;
+
+    use edge_classifier::monitor::{Filter, Monitor};
+    let filter = (!filter.trim().is_empty())
+        .then(|| Filter::new(filter))
+        .transpose()?;
+    let mut mon = Monitor::attach(instance, sel)?;
+    unsafe {
+        libc::signal(libc::SIGINT, stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, stop as *const () as libc::sighandler_t);
+    }
+    let mut pcap = match &out {
+        MonitorOut::Pcap(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            Some(
+                pcap_file::pcap::PcapWriter::with_header(
+                    std::io::BufWriter::new(file),
+                    pcap_file::pcap::PcapHeader {
+                        snaplen: edge_classifier_common::monitor::MONITOR_SNAPLEN as u32,
+                        ts_resolution: pcap_file::TsResolution::NanoSecond,
+                        ..Default::default()
+                    },
+                )
+                .with_context(|| format!("writing {}", path.display()))?,
+            )
+        }
+        _ => None,
+    };
+    let stdout = std::io::stdout();
+    let mut stdout = stdout.lock();
+    let started = std::time::Instant::now();
+    let (mut shown, mut filtered) = (0u64, 0u64);
+    while !STOP.load(Ordering::Relaxed) && count.is_none_or(|c| shown < c) {
+        let wait = match duration {
+            Some(d) => match d.checked_sub(started.elapsed()) {
+                Some(left) => left.min(Duration::from_millis(250)),
+                None => break,
+            },
+            None => Duration::from_millis(250),
+        };
+        let Some(ev) = mon.next(wait)? else {
+            continue;
+        };
+        if filter.as_ref().is_some_and(|f| !f.matches(&ev.data)) {
+            filtered += 1;
+            continue;
+        }
+        shown += 1;
+        match (&out, pcap.as_mut()) {
+            (_, Some(w)) => {
+                let ts = ev
+                    .time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                w.write_packet(&pcap_file::pcap::PcapPacket::new(
+                    ts,
+                    ev.len.max(ev.data.len() as u32),
+                    &ev.data,
+                ))
+                .context("writing the pcap")?;
+            }
+            (MonitorOut::Json, None) => {
+                writeln!(stdout, "{}", ev.json())?;
+                stdout.flush()?;
+            }
+            (_, None) => {
+                writeln!(stdout, "{}", ev.line())?;
+                stdout.flush()?;
+            }
+        }
+    }
+    if let Some(w) = pcap {
+        w.into_writer()
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .context("writing the pcap")?;
+    }
+    let lost = mon.lost()?;
+    drop(mon);
+    eprintln!(
+        "monitor: {shown} events shown, {filtered} not matching the filter, {} missed (rate_limit {}, ring_full {})",
+        lost.total(),
+        lost.rate_limit,
+        lost.ring_full
+    );
+    Ok(())
 }
 
 /// `catalogue`: a profile (the embedded default without one), or the text instance `name` runs.

@@ -473,6 +473,12 @@ fn monitor(
         .then(|| Filter::new(filter))
         .transpose()?;
     let mut mon = Monitor::attach(instance, sel)?;
+    // On stderr, so that stdout holds events alone; a script waits for this line to send.
+    eprintln!(
+        "monitor: attached to instance {} (slot {})",
+        instance.name,
+        mon.slot()
+    );
     unsafe {
         libc::signal(libc::SIGINT, stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, stop as *const () as libc::sighandler_t);
@@ -485,7 +491,10 @@ fn monitor(
                 pcap_file::pcap::PcapWriter::with_header(
                     std::io::BufWriter::new(file),
                     pcap_file::pcap::PcapHeader {
-                        snaplen: edge_classifier_common::monitor::MONITOR_SNAPLEN as u32,
+                        // Records hold at most 256 bytes, but the header says 65535: readers
+                        // built on pcap-file (`replay` among them) refuse a record whose
+                        // length on the wire exceeds the header's snaplen.
+                        snaplen: 65535,
                         ts_resolution: pcap_file::TsResolution::NanoSecond,
                         ..Default::default()
                     },

@@ -453,9 +453,10 @@ pub struct Summary {
     pub dport: Option<u16>,
 }
 
+/// Lax: an event holds the first 256 bytes, so a longer frame's IP length exceeds them.
 pub fn summarize(frame: &[u8]) -> Summary {
-    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-    let Ok(p) = SlicedPacket::from_ethernet(frame) else {
+    use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
+    let Ok(p) = LaxSlicedPacket::from_ethernet(frame) else {
         return Summary {
             protocol: "malformed".to_string(),
             ..Default::default()
@@ -463,17 +464,17 @@ pub fn summarize(frame: &[u8]) -> Summary {
     };
     let mut s = Summary::default();
     match &p.net {
-        Some(NetSlice::Ipv4(ip)) => {
+        Some(LaxNetSlice::Ipv4(ip)) => {
             s.src = Some(ip.header().source_addr().to_string());
             s.dst = Some(ip.header().destination_addr().to_string());
             s.protocol = format!("ip-proto-{}", ip.header().protocol().0);
         }
-        Some(NetSlice::Ipv6(ip)) => {
+        Some(LaxNetSlice::Ipv6(ip)) => {
             s.src = Some(ip.header().source_addr().to_string());
             s.dst = Some(ip.header().destination_addr().to_string());
             s.protocol = format!("ip-proto-{}", ip.payload().ip_number.0);
         }
-        Some(NetSlice::Arp(_)) => s.protocol = "arp".to_string(),
+        Some(LaxNetSlice::Arp(_)) => s.protocol = "arp".to_string(),
         None => {
             s.protocol = match p.link.as_ref() {
                 Some(etherparse::LinkSlice::Ethernet2(e)) => {

@@ -1,0 +1,440 @@
+//! `edge-classifier monitor` against the real programs on the namespace lab: frames the
+//! remote host sends that the catalogue does not allow appear exactly (5-tuple, reason, count),
+//! in JSON lines and in a pcap that tshark reads with the sent bytes; a pcap-filter selects
+//! exactly its frames; egress verdicts come from the TC program; several monitors run at once,
+//! a fifth is refused, and one killed with SIGKILL leaves nothing behind. Root.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, SocketAddr},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use edge_classifier::{instance::Instance, maps::Maps};
+use edge_classifier_lab::*;
+use etherparse::PacketBuilder;
+
+/// A monitor process, once it said it is attached; its stdout lines arrive on `lines`.
+struct Mon {
+    proc: Process,
+    lines: mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn start_monitor(ns: &str, args: &[&str]) -> Mon {
+    let mut child: Child = in_ns(ns, BIN)
+        .arg("monitor")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start monitor");
+    let (tx, lines) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let err = child.stderr.take().unwrap();
+    let keep = stderr.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            keep.lock().unwrap().push(l);
+        }
+    });
+    let mut m = Mon {
+        proc: Process(child, "edge-classifier monitor"),
+        lines,
+        stderr,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if m.stderr_has("monitor: attached") {
+            return m;
+        }
+        if let Ok(Some(st)) = m.proc.0.try_wait() {
+            panic!(
+                "monitor {args:?} exited {st}: {:?}",
+                m.stderr.lock().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "monitor {args:?} never attached: {:?}",
+        m.stderr.lock().unwrap()
+    );
+}
+
+impl Mon {
+    fn stderr_has(&self, s: &str) -> bool {
+        self.stderr.lock().unwrap().iter().any(|l| l.contains(s))
+    }
+
+    /// Waits for the process to end by itself (--count or --duration) and returns its lines.
+    fn finish(mut self, within: Duration) -> (Vec<String>, Vec<String>) {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.proc.0.try_wait() {
+                Ok(Some(st)) => {
+                    assert!(
+                        st.success(),
+                        "monitor: {st}: {:?}",
+                        self.stderr.lock().unwrap()
+                    );
+                    break;
+                }
+                _ if Instant::now() > deadline => {
+                    panic!("monitor did not end: {:?}", self.stderr.lock().unwrap())
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let lines: Vec<String> = self.lines.try_iter().collect();
+        let err = self.stderr.lock().unwrap().clone();
+        (lines, err)
+    }
+}
+
+/// Frames from the remote host to the Edge's external address that the default catalogue
+/// drops as `no_rule`, each (frame, protocol, src, dst).
+fn disallowed(
+    remote_mac: [u8; 6],
+    edge_mac: [u8; 6],
+) -> Vec<(Vec<u8>, &'static str, SocketAddr, SocketAddr)> {
+    let (src, dst) = (v4_of(PARTNER_V4), v4_of(EDGE_EXT_V4));
+    let (src6, dst6) = (v6_of(PARTNER_V6), v6_of(EDGE_EXT_V6));
+    let mut out = Vec::new();
+    let mut push = |frame: Vec<u8>, proto, s: IpAddr, sp, d: IpAddr, dp| {
+        out.push((frame, proto, SocketAddr::new(s, sp), SocketAddr::new(d, dp)));
+    };
+    for i in 0..5u16 {
+        let b = PacketBuilder::ethernet2(remote_mac, edge_mac)
+            .ipv4(src.octets(), dst.octets(), 64)
+            .tcp(40000 + i, 22, 1000 + i as u32, 64240)
+            .syn();
+        let mut f = Vec::new();
+        b.write(&mut f, &[]).unwrap();
+        push(f, "tcp", src.into(), 40000 + i, dst.into(), 22);
+    }
+    for i in 0..3u16 {
+        let b = PacketBuilder::ethernet2(remote_mac, edge_mac)
+            .ipv6(src6.octets(), dst6.octets(), 64)
+            .udp(50000 + i, 9999);
+        let mut f = Vec::new();
+        b.write(&mut f, b"hello").unwrap();
+        push(f, "udp", src6.into(), 50000 + i, dst6.into(), 9999);
+    }
+    // Longer than an event carries: the pcap keeps 256 bytes and the length on the wire.
+    let b = PacketBuilder::ethernet2(remote_mac, edge_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(51000, 9998);
+    let mut f = Vec::new();
+    b.write(&mut f, &[0x5a; 1000]).unwrap();
+    push(f, "udp", src.into(), 51000, dst.into(), 9998);
+    out
+}
+
+fn key(proto: &str, src: &str, sport: u64, dst: &str, dport: u64) -> String {
+    format!("{proto} {src}:{sport} -> {dst}:{dport}")
+}
+
+#[test]
+fn disallowed_frames_appear_exactly_in_json_pcap_and_filtered() {
+    let lab = Lab::create("mon").expect("lab");
+    let instance = format!("mon{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let _daemon = start_on_ext0(&lab.edge, &instance, None);
+    let dir = TempDir::new("monitor");
+    let pcap = dir.0.join("drops.pcap");
+    let pcap_s = pcap.display().to_string();
+
+    let frames = disallowed(
+        mac(&lab.remote, "wan0").unwrap(),
+        mac(&lab.edge, EDGE_EXT).unwrap(),
+    );
+    let n = frames.len().to_string();
+    let all = start_monitor(
+        &lab.edge,
+        &[
+            "--instance",
+            &instance,
+            "--json",
+            "--count",
+            &n,
+            "--duration",
+            "30",
+        ],
+    );
+    let written = start_monitor(
+        &lab.edge,
+        &[
+            "--instance",
+            &instance,
+            "--write",
+            &pcap_s,
+            "--count",
+            &n,
+            "--duration",
+            "30",
+        ],
+    );
+    let ssh = start_monitor(
+        &lab.edge,
+        &[
+            "--instance",
+            &instance,
+            "--json",
+            "--reason",
+            "no_rule",
+            "--iface",
+            EDGE_EXT,
+            "--duration",
+            "6",
+            "tcp",
+            "dst",
+            "port",
+            "22",
+        ],
+    );
+
+    let sender = RawSender::open(&lab.remote, "wan0").expect("raw sender");
+    for (f, ..) in &frames {
+        sender.send(f).expect("send");
+    }
+
+    // The JSON monitor: every frame once, with its 5-tuple and reason.
+    let (lines, err) = all.finish(Duration::from_secs(30));
+    let mut got: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            assert_eq!(v["verdict"], "drop", "{l}");
+            assert_eq!(v["reason"], "no_rule", "{l}: all lines {lines:#?}");
+            assert_eq!(v["iface"], EDGE_EXT, "{l}");
+            assert_eq!(v["direction"], "in", "{l}");
+            key(
+                v["protocol"].as_str().unwrap_or("-"),
+                v["src"].as_str().unwrap_or("-"),
+                v["sport"].as_u64().unwrap_or(0),
+                v["dst"].as_str().unwrap_or("-"),
+                v["dport"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let mut want: Vec<String> = frames
+        .iter()
+        .map(|(_, p, s, d)| {
+            key(
+                p,
+                &s.ip().to_string(),
+                s.port() as u64,
+                &d.ip().to_string(),
+                d.port() as u64,
+            )
+        })
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "monitor --json saw exactly the frames sent");
+    assert!(
+        err.iter()
+            .any(|l| l.contains(&format!("{n} events shown")) && l.contains(" 0 missed")),
+        "summary: {err:?}"
+    );
+
+    // The pcap: the sent bytes (256 at most) with the length on the wire, in tshark too.
+    written.finish(Duration::from_secs(30));
+    let file = std::fs::File::open(&pcap).expect("pcap written");
+    let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
+    let mut recorded = Vec::new();
+    while let Some(p) = reader.next_packet() {
+        let p = p.expect("pcap record");
+        recorded.push((p.data.to_vec(), p.orig_len));
+    }
+    let mut sent: Vec<(Vec<u8>, u32)> = frames
+        .iter()
+        .map(|(f, ..)| (f[..f.len().min(256)].to_vec(), f.len() as u32))
+        .collect();
+    recorded.sort();
+    sent.sort();
+    assert_eq!(
+        recorded, sent,
+        "the pcap holds the sent frames' bytes and lengths"
+    );
+    let tshark = std::process::Command::new("tshark")
+        .args([
+            "-r",
+            &pcap_s,
+            "-T",
+            "fields",
+            "-e",
+            "frame.len",
+            "-e",
+            "frame.cap_len",
+        ])
+        .output()
+        .expect("tshark");
+    assert!(
+        tshark.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&tshark.stderr)
+    );
+    let mut lens: Vec<String> = String::from_utf8_lossy(&tshark.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut want_lens: Vec<String> = frames
+        .iter()
+        .map(|(f, ..)| format!("{}\t{}", f.len(), f.len().min(256)))
+        .collect();
+    lens.sort();
+    want_lens.sort();
+    assert_eq!(lens, want_lens, "tshark reads the pcap's lengths");
+
+    // The filtered monitor: the five TCP frames to port 22 alone.
+    let (lines, err) = ssh.finish(Duration::from_secs(30));
+    let mut got: Vec<u64> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["dport"], 22, "{l}");
+            v["sport"].as_u64().unwrap()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        (40000..40005).collect::<Vec<u64>>(),
+        "filter `tcp dst port 22`"
+    );
+    assert!(
+        err.iter()
+            .any(|l| l.contains(&format!("{} not matching the filter", frames.len() - 5))),
+        "the kernel selected all of them, the filter kept five: {err:?}"
+    );
+}
+
+fn ifindex_of(ns: &str, dev: &str) -> u32 {
+    let dev = dev.to_string();
+    in_netns(ns, move || {
+        let name = std::ffi::CString::new(dev)?;
+        Ok(unsafe { libc::if_nametoindex(name.as_ptr()) })
+    })
+    .unwrap()
+}
+
+#[test]
+fn egress_events_four_monitors_and_a_killed_one_leaves_nothing() {
+    let lab = Lab::create("mon2").expect("lab");
+    let instance = format!("mon2{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let _daemon = start_on_ext0(&lab.edge, &instance, None);
+    let _listeners = Listeners::start(&lab.edge, &[5061], &[]).expect("listeners");
+    let ext = ifindex_of(&lab.edge, EDGE_EXT);
+    let maps = || Maps::open_pinned(&Instance::new(&instance).unwrap().maps_dir()).unwrap();
+    assert_eq!(maps().iface(ext).unwrap().monitors, 0, "no monitor yet");
+
+    // The Edge's SYN-ACK to an allowed connection: an egress pass from the TC program.
+    let egress = start_monitor(
+        &lab.edge,
+        &[
+            "--instance",
+            &instance,
+            "--json",
+            "--verdict",
+            "pass",
+            "--reason",
+            "egress_inbound_reply",
+            "--count",
+            "1",
+            "--duration",
+            "20",
+        ],
+    );
+    let others: Vec<Mon> = (0..3)
+        .map(|_| start_monitor(&lab.edge, &["--instance", &instance, "--duration", "60"]))
+        .collect();
+    assert_eq!(
+        maps().iface(ext).unwrap().monitors,
+        0b1111,
+        "four slots watch ext0"
+    );
+    let (code, _, err) = {
+        let out = in_ns(&lab.edge, BIN)
+            .args(["monitor", "--instance", &instance, "--duration", "1"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("monitor slots") && err.contains("in use"),
+        "{err}"
+    );
+
+    assert!(
+        tcp_connect(
+            &lab.remote,
+            PARTNER_V4,
+            SocketAddr::new(EDGE_EXT_V4, 5061),
+            Duration::from_secs(3)
+        )
+        .unwrap()
+    );
+    let (lines, _) = egress.finish(Duration::from_secs(20));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["direction"], "out", "{v}");
+    assert_eq!(v["verdict"], "pass", "{v}");
+    assert_eq!(v["reason"], "egress_inbound_reply", "{v}");
+    assert_eq!(v["protocol"], "tcp", "{v}");
+    assert_eq!(v["sport"], 5061, "{v}");
+    assert_eq!(v["dst"], PARTNER_V4.to_string(), "{v}");
+    // Its slot's bit went with it.
+    assert_eq!(maps().iface(ext).unwrap().monitors.count_ones(), 3);
+
+    // SIGKILL: no chance to clean up. Once the lease passes, the programs clear the bit at the
+    // next frame and write nothing more for it; the slot is free for the next monitor.
+    let mut killed = others;
+    let victim = killed.remove(0);
+    unsafe { libc::kill(victim.proc.pid(), libc::SIGKILL) };
+    std::thread::sleep(Duration::from_secs(4));
+    let sender = RawSender::open(&lab.remote, "wan0").unwrap();
+    let frame = disallowed(
+        mac(&lab.remote, "wan0").unwrap(),
+        mac(&lab.edge, EDGE_EXT).unwrap(),
+    )
+    .remove(0)
+    .0;
+    sender.send(&frame).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        maps().iface(ext).unwrap().monitors.count_ones(),
+        2,
+        "the killed monitor's bit is cleared by the program itself"
+    );
+    drop(killed);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        maps().iface(ext).unwrap().monitors,
+        0,
+        "nothing left behind"
+    );
+    let again = start_monitor(&lab.edge, &["--instance", &instance, "--duration", "1"]);
+    again.finish(Duration::from_secs(10));
+    assert_eq!(maps().iface(ext).unwrap().monitors, 0);
+}

@@ -408,26 +408,24 @@ fn main() -> anyhow::Result<()> {
             rate,
             filter,
         } => {
-            let sel = edge_classifier::monitor::Selection {
-                reasons: reason,
-                rules: rule,
-                ifaces: iface,
-                verdicts: verdict,
-                rate,
+            let run = edge_classifier::monitor::Run {
+                selection: edge_classifier::monitor::Selection {
+                    reasons: reason,
+                    rules: rule,
+                    ifaces: iface,
+                    verdicts: verdict,
+                    rate,
+                },
+                filter: filter.join(" "),
+                count,
+                duration: duration.map(Duration::from_secs_f64),
             };
             let out = match write {
                 Some(path) => MonitorOut::Pcap(path),
                 None if json => MonitorOut::Json,
                 None => MonitorOut::Lines,
             };
-            monitor(
-                &Instance::new(&instance)?,
-                &sel,
-                &filter.join(" "),
-                out,
-                count,
-                duration.map(Duration::from_secs_f64),
-            )
+            monitor(&Instance::new(&instance)?, &run, out)
         }
         Command::Stats {
             metrics,
@@ -459,26 +457,12 @@ extern "C" fn stop(_: libc::c_int) {
 
 fn monitor(
     instance: &Instance,
-    sel: &edge_classifier::monitor::Selection,
-    filter: &str,
+    run: &edge_classifier::monitor::Run,
     out: MonitorOut,
-    count: Option<u64>,
-    duration: Option<Duration>,
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::sync::atomic::Ordering;
 
-    use edge_classifier::monitor::{Filter, Monitor};
-    let filter = (!filter.trim().is_empty())
-        .then(|| Filter::new(filter))
-        .transpose()?;
-    let mut mon = Monitor::attach(instance, sel)?;
-    // On stderr, so that stdout holds events alone; a script waits for this line to send.
-    eprintln!(
-        "monitor: attached to instance {} (slot {})",
-        instance.name,
-        mon.slot()
-    );
     unsafe {
         libc::signal(libc::SIGINT, stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, stop as *const () as libc::sighandler_t);
@@ -506,61 +490,44 @@ fn monitor(
     };
     let stdout = std::io::stdout();
     let mut stdout = stdout.lock();
-    let started = std::time::Instant::now();
-    let (mut shown, mut filtered) = (0u64, 0u64);
-    while !STOP.load(Ordering::Relaxed) && count.is_none_or(|c| shown < c) {
-        let wait = match duration {
-            Some(d) => match d.checked_sub(started.elapsed()) {
-                Some(left) => left.min(Duration::from_millis(250)),
-                None => break,
-            },
-            None => Duration::from_millis(250),
-        };
-        let Some(ev) = mon.next(wait)? else {
-            continue;
-        };
-        if filter.as_ref().is_some_and(|f| !f.matches(&ev.data)) {
-            filtered += 1;
-            continue;
-        }
-        shown += 1;
-        match (&out, pcap.as_mut()) {
-            (_, Some(w)) => {
-                let ts = ev
-                    .time
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                w.write_packet(&pcap_file::pcap::PcapPacket::new(
-                    ts,
-                    ev.len.max(ev.data.len() as u32),
-                    &ev.data,
-                ))
-                .context("writing the pcap")?;
+    let outcome = edge_classifier::monitor::run(
+        instance,
+        run,
+        &|| STOP.load(Ordering::Relaxed),
+        // On stderr, so that stdout holds events alone; a script waits for this line to send.
+        &mut |slot| {
+            eprintln!(
+                "monitor: attached to instance {} (slot {slot})",
+                instance.name
+            )
+        },
+        &mut |ev| {
+            match (&out, pcap.as_mut()) {
+                (_, Some(w)) => {
+                    let ts = ev
+                        .time
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    w.write_packet(&pcap_file::pcap::PcapPacket::new(
+                        ts,
+                        ev.len.max(ev.data.len() as u32),
+                        &ev.data,
+                    ))
+                    .map_err(std::io::Error::other)?;
+                }
+                (MonitorOut::Json, None) => writeln!(stdout, "{}", ev.json())?,
+                (_, None) => writeln!(stdout, "{}", ev.line())?,
             }
-            (MonitorOut::Json, None) => {
-                writeln!(stdout, "{}", ev.json())?;
-                stdout.flush()?;
-            }
-            (_, None) => {
-                writeln!(stdout, "{}", ev.line())?;
-                stdout.flush()?;
-            }
-        }
-    }
+            stdout.flush()
+        },
+    )?;
     if let Some(w) = pcap {
         w.into_writer()
             .into_inner()
             .map_err(|e| e.into_error())
             .context("writing the pcap")?;
     }
-    let lost = mon.lost()?;
-    drop(mon);
-    eprintln!(
-        "monitor: {shown} events shown, {filtered} not matching the filter, {} missed (rate_limit {}, ring_full {})",
-        lost.total(),
-        lost.rate_limit,
-        lost.ring_full
-    );
+    eprintln!("monitor: {outcome}");
     Ok(())
 }
 

@@ -152,7 +152,7 @@ fn disallowed_frames_appear_exactly_in_json_pcap_and_filtered() {
     let lab = Lab::create("mon").expect("lab");
     let instance = format!("mon{}", std::process::id());
     let _stop = Stop(instance.clone());
-    let _daemon = start_on_ext0(&lab.edge, &instance, None);
+    let daemon = start_on_ext0(&lab.edge, &instance, None);
     let dir = TempDir::new("monitor");
     let pcap = dir.0.join("drops.pcap");
     let pcap_s = pcap.display().to_string();
@@ -162,6 +162,71 @@ fn disallowed_frames_appear_exactly_in_json_pcap_and_filtered() {
         mac(&lab.edge, EDGE_EXT).unwrap(),
     );
     let n = frames.len().to_string();
+    let mut want: Vec<String> = frames
+        .iter()
+        .map(|(_, p, s, d)| {
+            key(
+                p,
+                &s.ip().to_string(),
+                s.port() as u64,
+                &d.ip().to_string(),
+                d.port() as u64,
+            )
+        })
+        .collect();
+    want.sort();
+    let sender = RawSender::open(&lab.remote, "wan0").expect("raw sender");
+
+    // Through the daemon's HTTP endpoint: the same events as JSON lines, then a summary.
+    let ext = ifindex_of(&lab.edge, EDGE_EXT);
+    let maps = || Maps::open_pinned(&Instance::new(&instance).unwrap().maps_dir()).unwrap();
+    let ns = lab.edge.clone();
+    let path = format!("/events?reason=no_rule&iface={EDGE_EXT}&count={n}&duration=20");
+    let remote = std::thread::spawn(move || http_get(&ns, METRICS, path));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while maps().iface(ext).unwrap().monitors == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "/events never attached a monitor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (f, ..) in &frames {
+        sender.send(f).expect("send");
+    }
+    let body = remote.join().expect("/events");
+    let mut lines: Vec<serde_json::Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let summary = lines.pop().expect("a summary line");
+    assert_eq!(summary["summary"]["shown"], frames.len(), "{body}");
+    assert_eq!(summary["summary"]["lost_rate_limit"], 0, "{body}");
+    let mut got: Vec<String> = lines
+        .iter()
+        .map(|v| {
+            key(
+                v["protocol"].as_str().unwrap_or("-"),
+                v["src"].as_str().unwrap_or("-"),
+                v["sport"].as_u64().unwrap_or(0),
+                v["dst"].as_str().unwrap_or("-"),
+                v["dport"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, want, "/events saw exactly the frames sent: {body}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while maps().iface(ext).unwrap().monitors != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "/events left its monitor bit behind"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The daemon down (the instance stays attached): `monitor` reads the pins alone.
+    drop(daemon);
     let all = start_monitor(
         &lab.edge,
         &[
@@ -206,7 +271,6 @@ fn disallowed_frames_appear_exactly_in_json_pcap_and_filtered() {
         ],
     );
 
-    let sender = RawSender::open(&lab.remote, "wan0").expect("raw sender");
     for (f, ..) in &frames {
         sender.send(f).expect("send");
     }

@@ -557,3 +557,95 @@ impl Event {
         })
     }
 }
+
+/// How a monitoring run ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Outcome {
+    /// Events that passed the filter and were handed on.
+    pub shown: u64,
+    /// Events the kernel selected that the filter did not match.
+    pub filtered: u64,
+    pub lost_rate_limit: u64,
+    pub lost_ring_full: u64,
+}
+
+impl Outcome {
+    pub fn missed(&self) -> u64 {
+        self.lost_rate_limit + self.lost_ring_full
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} events shown, {} not matching the filter, {} missed (rate_limit {}, ring_full {})",
+            self.shown,
+            self.filtered,
+            self.missed(),
+            self.lost_rate_limit,
+            self.lost_ring_full
+        )
+    }
+}
+
+/// What a run watches for and how long.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub selection: Selection,
+    /// A pcap-filter expression; empty: every event the kernel selected.
+    pub filter: String,
+    pub count: Option<u64>,
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Monitor(#[from] MonitorError),
+    #[error("reading the monitor maps: {0}")]
+    Maps(#[from] MapsError),
+    #[error("{0}")]
+    Sink(#[source] std::io::Error),
+}
+
+/// Runs a monitor of `instance` until `run.count` events, `run.duration`, or `stop` says so,
+/// handing each event that passes the filter to `sink`. `attached` is called once the kernel
+/// writes events (with the slot), so that a caller can say so before traffic is sent.
+pub fn run(
+    instance: &Instance,
+    run: &Run,
+    stop: &dyn Fn() -> bool,
+    attached: &mut dyn FnMut(u32),
+    sink: &mut dyn FnMut(&Event) -> std::io::Result<()>,
+) -> Result<Outcome, RunError> {
+    let filter = (!run.filter.trim().is_empty())
+        .then(|| Filter::new(&run.filter))
+        .transpose()?;
+    let mut mon = Monitor::attach(instance, &run.selection)?;
+    attached(mon.slot());
+    let started = Instant::now();
+    let mut out = Outcome::default();
+    while !stop() && run.count.is_none_or(|c| out.shown < c) {
+        let wait = match run.duration {
+            Some(d) => match d.checked_sub(started.elapsed()) {
+                Some(left) => left.min(Duration::from_millis(250)),
+                None => break,
+            },
+            None => Duration::from_millis(250),
+        };
+        let Some(ev) = mon.next(wait)? else {
+            continue;
+        };
+        if filter.as_ref().is_some_and(|f| !f.matches(&ev.data)) {
+            out.filtered += 1;
+            continue;
+        }
+        out.shown += 1;
+        sink(&ev).map_err(RunError::Sink)?;
+    }
+    let lost = mon.lost()?;
+    out.lost_rate_limit = lost.rate_limit;
+    out.lost_ring_full = lost.ring_full;
+    Ok(out)
+}

@@ -502,3 +502,155 @@ fn egress_events_four_monitors_and_a_killed_one_leaves_nothing() {
     again.finish(Duration::from_secs(10));
     assert_eq!(maps().iface(ext).unwrap().monitors, 0);
 }
+
+/// `trafgen`'s configuration for one UDP frame from the partner to a port no rule opens.
+fn trafgen_conf(remote_mac: [u8; 6], edge_mac: [u8; 6]) -> String {
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    format!(
+        "{{\n  eth(da={}, sa={}),\n  ipv4(saddr={}, daddr={}, ttl=64),\n  udp(sp=40000, dp={FORBIDDEN_UDP}),\n  fill(0x5a, 18)\n}}\n",
+        mac(edge_mac),
+        mac(remote_mac),
+        PARTNER_V4,
+        EDGE_EXT_V4
+    )
+}
+
+fn dropped_no_rule(text: &str) -> f64 {
+    metric(
+        text,
+        "edge_classifier_dropped_packets_total",
+        &[("reason", "no_rule"), ("interface", EDGE_EXT)],
+    )
+    .unwrap_or(0.0)
+}
+
+fn lost_metric(text: &str) -> f64 {
+    ["rate_limit", "ring_full"]
+        .iter()
+        .map(|r| {
+            metric(
+                text,
+                "edge_classifier_monitor_events_lost_total",
+                &[("reason", r)],
+            )
+            .unwrap_or_else(|| panic!("no monitor loss series {r} in {text}"))
+        })
+        .sum()
+}
+
+/// A flood of 1,000,000 frames (trafgen, bounded in frames and by a 60 s timeout) with a
+/// monitor attached: the daemon answers /metrics throughout, the data plane drops every flood
+/// frame that reached it, and what the monitor did not get is exactly what the loss counters
+/// (its own summary and the metric) say it missed.
+#[test]
+fn a_flood_with_a_monitor_attached_is_dropped_and_its_losses_counted() {
+    const FLOOD: u64 = 1_000_000;
+    let lab = Lab::create("monf").expect("lab");
+    let instance = format!("monf{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let _daemon = start_on_ext0(&lab.edge, &instance, None);
+    let dir = TempDir::new("monflood");
+    let conf = dir.0.join("flood.cfg");
+    std::fs::write(
+        &conf,
+        trafgen_conf(mac(&lab.remote, "wan0").unwrap(), mac(&lab.edge, EDGE_EXT).unwrap()),
+    )
+    .unwrap();
+    let pcap = dir.0.join("flood.pcap");
+    let before = http_get(&lab.edge, METRICS, "/metrics".to_string());
+    let mon = start_monitor(
+        &lab.edge,
+        &[
+            "--instance", &instance, "--reason", "no_rule", "--iface", EDGE_EXT, "--write",
+            &pcap.display().to_string(), "--duration", "40",
+        ],
+    );
+
+    let started = Instant::now();
+    let conf_s = conf.display().to_string();
+    let trafgen = std::thread::spawn({
+        let ns = lab.remote.clone();
+        move || {
+            in_ns(&ns, "timeout")
+                .args(["60", "taskset", "-c", "1", "trafgen", "--dev", "wan0", "--conf"])
+                .args([&conf_s, "--num", &FLOOD.to_string(), "--cpus", "1", "--qdisc-path"])
+                .output()
+                .expect("trafgen")
+        }
+    });
+    // The daemon answers while the flood runs.
+    let mut slowest = Duration::ZERO;
+    while !trafgen.is_finished() {
+        let t = Instant::now();
+        let text = http_get(&lab.edge, METRICS, "/metrics".to_string());
+        assert!(text.contains("edge_classifier_monitors 1"), "{text}");
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = trafgen.join().unwrap();
+    let flood_time = started.elapsed();
+    assert!(
+        out.status.success(),
+        "trafgen: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(slowest < Duration::from_secs(2), "/metrics took {slowest:?} during the flood");
+
+    // Every flood frame that reached ext0 was dropped, and only there was no other.
+    let after = http_get(&lab.edge, METRICS, "/metrics".to_string());
+    let dropped = (dropped_no_rule(&after) - dropped_no_rule(&before)) as u64;
+    let veth_lost = veth_drops(&lab.remote, "wan0") + veth_drops(&lab.edge, EDGE_EXT);
+    assert_eq!(
+        dropped + veth_lost,
+        FLOOD,
+        "trafgen sent {FLOOD}; XDP dropped {dropped}, the veth pair lost {veth_lost}"
+    );
+
+    unsafe { libc::kill(mon.proc.pid(), libc::SIGINT) };
+    let (_, err) = mon.finish(Duration::from_secs(20));
+    let mut reader =
+        pcap_file::pcap::PcapReader::new(std::fs::File::open(&pcap).unwrap()).unwrap();
+    let mut received = 0u64;
+    while let Some(p) = reader.next_packet() {
+        p.expect("pcap record");
+        received += 1;
+    }
+    let summary = err
+        .iter()
+        .find(|l| l.contains("events shown"))
+        .unwrap_or_else(|| panic!("no summary: {err:?}"));
+    // "… N not matching the filter, M missed (rate_limit …, ring_full …)".
+    let missed: u64 = summary
+        .split(", ")
+        .find_map(|p| p.split_once(" missed").and_then(|(n, _)| n.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no missed count in {summary}"));
+    assert!(summary.starts_with(&format!("monitor: {received} events shown")), "{summary}");
+    assert_eq!(missed, dropped - received, "missed = sent - received: {summary}");
+    let lost = lost_metric(&http_get(&lab.edge, METRICS, "/metrics".to_string()))
+        - lost_metric(&before);
+    assert_eq!(lost as u64, missed, "the metric counts the same losses");
+    // The rate limit held: at most 10,000 events a second (all CPUs), plus a window's slack.
+    let secs = flood_time.as_secs_f64().ceil() as u64 + 1;
+    assert!(received <= 10_000 * secs, "{received} events in {flood_time:?}");
+    assert!(received > 0, "the monitor saw the flood");
+    eprintln!(
+        "flood: {FLOOD} frames in {flood_time:?}, {dropped} dropped by XDP, {veth_lost} lost on the veth pair; monitor received {received}, missed {missed}; /metrics at worst {slowest:?}"
+    );
+}
+
+/// Frames the veth driver dropped on `dev` (its peer's ring full), from its statistics.
+fn veth_drops(ns: &str, dev: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-s", "-j", "link", "show", "dev", dev])
+        .output()
+        .expect("ip -s link");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    let s = &v[0]["stats64"];
+    s["tx"]["dropped"].as_u64().unwrap_or(0) + s["rx"]["dropped"].as_u64().unwrap_or(0)
+}

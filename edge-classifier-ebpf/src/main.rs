@@ -24,38 +24,15 @@ use edge_classifier_common::{IFACE_SLOTS, layout, reason};
 use maps::*;
 use parse::{Frame, Malformed};
 
-/// The binding of the interface a frame is on: (counter block and monitor slots, role bit);
-/// block 0 is unbound. See [`Bound`].
+/// The binding of the interface a frame is on: (counter block, role bit, monitor slots
+/// watching it); block 0 is unbound.
 #[inline(always)]
-fn binding(ifindex: u32) -> (Bound, u32) {
+fn binding(ifindex: u32) -> (u32, u32, u32) {
     match IFACES.get(ifindex % IFACE_SLOTS) {
         Some(iface) if iface.ifindex == ifindex && iface.block != 0 => {
-            (Bound::of(iface), iface.role_mask)
+            (iface.block, iface.role_mask, iface.monitors)
         }
-        _ => (Bound(0), 0),
-    }
-}
-
-/// An interface's counter block (low word) and the monitor slots watching it (high word),
-/// loaded as the one word they are in `IfaceInfo`: the value the entry point keeps across
-/// `classify` is then one register or stack slot, as it was before monitors existed (the
-/// frames of the call chain share the verifier's 512 bytes, and the entry point's is most).
-#[derive(Clone, Copy)]
-struct Bound(u64);
-
-impl Bound {
-    #[inline(always)]
-    fn of(iface: &edge_classifier_common::IfaceInfo) -> Bound {
-        // `block` and `monitors` are adjacent, 8-aligned (`IfaceInfo`'s asserts).
-        Bound(unsafe { *(&iface.block as *const u32).cast::<u64>() })
-    }
-    #[inline(always)]
-    fn block(self) -> u32 {
-        self.0 as u32
-    }
-    #[inline(always)]
-    fn monitors(self) -> u32 {
-        (self.0 >> 32) as u32
+        _ => (0, 0, 0),
     }
 }
 
@@ -76,21 +53,47 @@ fn active_buffer() -> u32 {
 
 #[xdp]
 pub fn edge_classifier(ctx: XdpContext) -> u32 {
-    let (bound, role_mask) = binding(ctx.ingress_ifindex() as u32);
-    let verdict = if bound.block() == 0 {
+    let (block, role_mask, monitors) = binding(ctx.ingress_ifindex() as u32);
+    // The unbound case returns on its own path (as LLVM laid it out before monitors), so that
+    // the test below costs the common path one load and a branch, and nothing more.
+    if block == 0 {
+        return action(ingress(&ctx, 0, 0));
+    }
+    if monitors != 0 {
+        // A monitor watches this NIC: the frame goes to the copy of this program that also
+        // writes events (`MONITOR_XDP`), so that this one carries nothing of them but this
+        // test. A tail call keeps the stack frames apart; one that fails (the slot not filled
+        // yet) falls through to classify here without an event.
+        unsafe { MONITOR_XDP.tail_call(&ctx, 0) };
+    }
+    action(ingress(&ctx, block, role_mask))
+}
+
+/// `edge_classifier` with events: what the frames of a monitored NIC run (tail-called).
+#[xdp]
+pub fn edge_classifier_monitored(ctx: XdpContext) -> u32 {
+    let (block, role_mask, monitors) = binding(ctx.ingress_ifindex() as u32);
+    let verdict = ingress(&ctx, block, role_mask);
+    if monitors != 0 {
+        monitor::xdp_event(&ctx, monitors, verdict.pass, verdict.counter);
+    }
+    action(verdict)
+}
+
+/// Classifies and counts one frame on ingress.
+#[inline(always)]
+fn ingress(ctx: &XdpContext, block: u32, role_mask: u32) -> Verdict {
+    let verdict = if block == 0 {
         Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
     } else {
-        classify(&ctx, active_word(), role_mask)
+        classify(ctx, active_word(), role_mask)
     };
-    count(bound.block(), verdict.counter, 1, Frame::len(&ctx));
-    // A monitor is attached to this NIC: the one test the common path carries for events.
-    if bound.monitors() != 0 {
-        monitor::xdp_event(
-            &ctx,
-            bound.monitors(),
-            monitor::word(verdict.pass, verdict.counter),
-        );
-    }
+    count(block, verdict.counter, 1, Frame::len(ctx));
+    verdict
+}
+
+#[inline(always)]
+fn action(verdict: Verdict) -> u32 {
     if verdict.pass {
         xdp_action::XDP_PASS
     } else {
@@ -105,8 +108,33 @@ const EGRESS_PULL: u32 = 14 + 8 + 40 + 512 + 20;
 #[classifier]
 pub fn edge_egress(ctx: TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (bound, role_mask) = binding(ifindex);
-    let (block, monitors) = (bound.block(), bound.monitors());
+    let (block, role_mask, monitors) = binding(ifindex);
+    if block == 0 {
+        return tc_action(egress(&ctx, 0, 0));
+    }
+    if monitors != 0 {
+        // As on ingress: the monitored copy, `MONITOR_TC`, writes the events.
+        unsafe { MONITOR_TC.tail_call(&ctx, 0) };
+    }
+    let verdict = egress(&ctx, block, role_mask);
+    tc_action(verdict)
+}
+
+/// `edge_egress` with events (tail-called for the frames of a monitored NIC).
+#[classifier]
+pub fn edge_egress_monitored(ctx: TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (block, role_mask, monitors) = binding(ifindex);
+    let verdict = egress(&ctx, block, role_mask);
+    if monitors != 0 {
+        monitor::tc_event(&ctx, ifindex, monitors, verdict.pass, verdict.counter);
+    }
+    tc_action(verdict)
+}
+
+/// Records and counts one frame on egress.
+#[inline(always)]
+fn egress(ctx: &TcContext, block: u32, role_mask: u32) -> Verdict {
     // A GSO skb is many frames on the wire; count them as such.
     let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1);
     let verdict = if block == 0 {
@@ -119,7 +147,7 @@ pub fn edge_egress(ctx: TcContext) -> i32 {
         }
         let active = active_buffer();
         match POLICY.get(active) {
-            Some(policy) => match try_egress(&ctx, active, role_mask, policy) {
+            Some(policy) => match try_egress(ctx, active, role_mask, policy) {
                 Ok(v) => v,
                 // Egress is the Edge's own traffic: what it cannot parse is not ours to stop.
                 Err(Malformed) => Verdict::pass(reason::PASS_EGRESS_UNTRACKED),
@@ -127,15 +155,12 @@ pub fn edge_egress(ctx: TcContext) -> i32 {
             None => Verdict::pass(reason::PASS_EGRESS_UNTRACKED),
         }
     };
-    count(block, verdict.counter, segs as u64, Frame::len(&ctx));
-    if monitors != 0 {
-        monitor::tc_event(
-            &ctx,
-            ifindex,
-            monitors,
-            monitor::word(verdict.pass, verdict.counter),
-        );
-    }
+    count(block, verdict.counter, segs as u64, Frame::len(ctx));
+    verdict
+}
+
+#[inline(always)]
+fn tc_action(verdict: Verdict) -> i32 {
     if verdict.pass {
         // Let any later tc program have its say; with none, the frame is sent.
         TC_ACT_UNSPEC

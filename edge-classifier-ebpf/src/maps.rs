@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use edge_classifier_common::{
     BUFFERS, BufferRecord, Counter, DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState,
@@ -127,3 +127,10 @@ pub(crate) static MONITOR_RING_1: RingBuf = RingBuf::with_byte_size(MONITOR_RING
 pub(crate) static MONITOR_RING_2: RingBuf = RingBuf::with_byte_size(MONITOR_RING_BYTES, 0);
 #[map]
 pub(crate) static MONITOR_RING_3: RingBuf = RingBuf::with_byte_size(MONITOR_RING_BYTES, 0);
+/// The programs that also write events (`edge_classifier_monitored`, `edge_egress_monitored`),
+/// tail-called for the frames of a monitored NIC; the loader fills them. One each: a program
+/// array holds programs of one type.
+#[map]
+pub(crate) static MONITOR_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+pub(crate) static MONITOR_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -29,26 +29,31 @@ pub(crate) fn word(pass: bool, counter: u32) -> u64 {
 
 /// Ingress: the frame as XDP sees it.
 #[inline(never)]
-pub(crate) fn xdp_event(ctx: &XdpContext, monitors: u32, verdict: u64) {
+pub(crate) fn xdp_event(ctx: &XdpContext, monitors: u32, pass: bool, counter: u32) {
     // Read again rather than kept from the entry point: a value live across `classify` costs
     // its frame a slot, and the frames of the call chain share 512 bytes.
     let ifindex = ctx.ingress_ifindex() as u32;
     let len = (ctx.data_end() - ctx.data()) as u32;
     let raw = ctx.ctx;
-    emit(ifindex, monitors, verdict, len, 0, |buf, n| unsafe {
-        bpf_xdp_load_bytes(raw.cast(), 0, buf, n)
-    });
+    emit(
+        ifindex,
+        monitors,
+        word(pass, counter),
+        len,
+        0,
+        |buf, n| unsafe { bpf_xdp_load_bytes(raw.cast(), 0, buf, n) },
+    );
 }
 
 /// Egress: the skb as TC sees it (its length is that of the whole skb, GSO segments included).
 #[inline(never)]
-pub(crate) fn tc_event(ctx: &TcContext, ifindex: u32, monitors: u32, verdict: u64) {
+pub(crate) fn tc_event(ctx: &TcContext, ifindex: u32, monitors: u32, pass: bool, counter: u32) {
     let len = ctx.len();
     let raw = ctx.skb.skb;
     emit(
         ifindex,
         monitors,
-        verdict,
+        word(pass, counter),
         len,
         EVENT_EGRESS,
         |buf, n| unsafe { bpf_skb_load_bytes(raw.cast(), 0, buf, n) },

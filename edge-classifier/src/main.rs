@@ -50,7 +50,8 @@ enum Command {
         /// XDP mode: native with a fallback to generic (auto), or exactly one.
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
-        /// Where to serve Prometheus `/metrics` (and `/snapshot` for `stats`).
+        /// Where to serve Prometheus `/metrics` (and `/snapshot` for `stats`, and `/events`: live
+        /// drop events as JSON lines, the selection of `monitor` as query parameters).
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
         metrics: String,
         /// Name of this classifier instance (its pin directory and state file).

@@ -602,9 +602,9 @@ pub struct Run {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Monitor(#[from] MonitorError),
+    Monitor(#[from] Box<MonitorError>),
     #[error("reading the monitor maps: {0}")]
-    Maps(#[from] MapsError),
+    Maps(#[from] Box<MapsError>),
     #[error("{0}")]
     Sink(#[source] std::io::Error),
 }
@@ -621,8 +621,9 @@ pub fn run(
 ) -> Result<Outcome, RunError> {
     let filter = (!run.filter.trim().is_empty())
         .then(|| Filter::new(&run.filter))
-        .transpose()?;
-    let mut mon = Monitor::attach(instance, &run.selection)?;
+        .transpose()
+        .map_err(Box::new)?;
+    let mut mon = Monitor::attach(instance, &run.selection).map_err(Box::new)?;
     attached(mon.slot());
     let started = Instant::now();
     let mut out = Outcome::default();
@@ -634,7 +635,7 @@ pub fn run(
             },
             None => Duration::from_millis(250),
         };
-        let Some(ev) = mon.next(wait)? else {
+        let Some(ev) = mon.next(wait).map_err(Box::new)? else {
             continue;
         };
         if filter.as_ref().is_some_and(|f| !f.matches(&ev.data)) {
@@ -644,7 +645,7 @@ pub fn run(
         out.shown += 1;
         sink(&ev).map_err(RunError::Sink)?;
     }
-    let lost = mon.lost()?;
+    let lost = mon.lost().map_err(Box::new)?;
     out.lost_rate_limit = lost.rate_limit;
     out.lost_ring_full = lost.ring_full;
     Ok(out)

@@ -107,7 +107,7 @@ maps! {
 }
 
 /// The ring buffers of the monitor slots, by slot. Pinned with the maps, but no `Maps` handle
-/// holds them: each is read by the one monitor that holds its slot (`crate::monitor`).
+/// holds them: each is read by the one monitor that holds its slot (the `monitor` module).
 pub const MONITOR_RINGS: [&str; MONITOR_SLOTS as usize] = [
     "MONITOR_RING_0",
     "MONITOR_RING_1",

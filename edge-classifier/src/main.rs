@@ -198,6 +198,10 @@ enum Command {
     /// missed. Reads the instance's pinned maps: works whether or not the daemon runs (root).
     /// Up to 4 monitors at once; one that ends, even killed, leaves nothing running.
     ///
+    /// The daemon serves the same events as JSON lines on its --metrics address: `/events`,
+    /// with these options as query parameters (reason, rule, iface, verdict, filter, count,
+    /// duration, rate).
+    ///
     /// Examples: monitor --reason no_rule 'src net 203.0.113.0/24 and tcp port 5061';
     /// monitor --iface ext0 --verdict all --write /tmp/ext0.pcap --duration 60
     Monitor {
@@ -229,8 +233,10 @@ enum Command {
         /// Stop after S seconds.
         #[arg(long, value_name = "S")]
         duration: Option<f64>,
-        /// Events per second the kernel may write for this monitor (all CPUs together).
-        #[arg(long, value_name = "N", default_value_t = edge_classifier_common::monitor::MONITOR_DEFAULT_RATE)]
+        /// Events per second the kernel may write for this monitor (all CPUs together, each
+        /// CPU its share).
+        #[arg(long, value_name = "N", default_value_t = edge_classifier_common::monitor::MONITOR_DEFAULT_RATE,
+              value_parser = clap::value_parser!(u32).range(1..))]
         rate: u32,
         /// pcap-filter expression, e.g. `src net 203.0.113.0/24 and tcp port 5061`.
         #[arg(value_name = "FILTER", trailing_var_arg = true)]

@@ -1,8 +1,10 @@
 //! `edge-classifier monitor` against the real programs on the namespace lab: frames the
 //! remote host sends that the catalogue does not allow appear exactly (5-tuple, reason, count),
 //! in JSON lines and in a pcap that tshark reads with the sent bytes; a pcap-filter selects
-//! exactly its frames; egress verdicts come from the TC program; several monitors run at once,
-//! a fifth is refused, and one killed with SIGKILL leaves nothing behind. Root.
+//! exactly its frames; egress verdicts come from the TC program and a rule selects its frames;
+//! several monitors run at once, a fifth is refused, and one killed with SIGKILL leaves nothing
+//! behind; /events streams the same with the daemon up, `monitor` reads the pins with it down;
+//! a bounded flood is dropped and every event missed is counted. Root.
 
 mod common;
 
@@ -398,7 +400,7 @@ fn ifindex_of(ns: &str, dev: &str) -> u32 {
 }
 
 #[test]
-fn egress_events_four_monitors_and_a_killed_one_leaves_nothing() {
+fn egress_and_rule_events_four_monitors_and_a_killed_one_leaves_nothing() {
     let lab = Lab::create("mon2").expect("lab");
     let instance = format!("mon2{}", std::process::id());
     let _stop = Stop(instance.clone());
@@ -425,7 +427,24 @@ fn egress_events_four_monitors_and_a_killed_one_leaves_nothing() {
             "20",
         ],
     );
-    let others: Vec<Mon> = (0..3)
+    // The allowed SYN itself, selected by its rule in the kernel.
+    let by_rule = start_monitor(
+        &lab.edge,
+        &[
+            "--instance",
+            &instance,
+            "--json",
+            "--verdict",
+            "pass",
+            "--rule",
+            "public-im-sip-in",
+            "--count",
+            "1",
+            "--duration",
+            "20",
+        ],
+    );
+    let others: Vec<Mon> = (0..2)
         .map(|_| start_monitor(&lab.edge, &["--instance", &instance, "--duration", "60"]))
         .collect();
     assert_eq!(
@@ -468,8 +487,16 @@ fn egress_events_four_monitors_and_a_killed_one_leaves_nothing() {
     assert_eq!(v["protocol"], "tcp", "{v}");
     assert_eq!(v["sport"], 5061, "{v}");
     assert_eq!(v["dst"], PARTNER_V4.to_string(), "{v}");
-    // Its slot's bit went with it.
-    assert_eq!(maps().iface(ext).unwrap().monitors.count_ones(), 3);
+    let (lines, _) = by_rule.finish(Duration::from_secs(20));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["direction"], "in", "{v}");
+    assert_eq!(v["verdict"], "pass", "{v}");
+    assert_eq!(v["rule"], "public-im-sip-in", "{v}");
+    assert_eq!(v["dport"], 5061, "{v}");
+    assert_eq!(v["src"], PARTNER_V4.to_string(), "{v}");
+    // Their slots' bits went with them.
+    assert_eq!(maps().iface(ext).unwrap().monitors.count_ones(), 2);
 
     // SIGKILL: no chance to clean up. Once the lease passes, the programs clear the bit at the
     // next frame and write nothing more for it; the slot is free for the next monitor.
@@ -488,7 +515,7 @@ fn egress_events_four_monitors_and_a_killed_one_leaves_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         maps().iface(ext).unwrap().monitors.count_ones(),
-        2,
+        1,
         "the killed monitor's bit is cleared by the program itself"
     );
     drop(killed);

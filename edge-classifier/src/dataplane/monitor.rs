@@ -650,3 +650,84 @@ pub fn run(
     out.lost_ring_full = lost.ring_full;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_label_selects_every_reason_of_that_name() {
+        let bits = reason_bits(&["no_rule".to_string(), "icmp".to_string()]).unwrap();
+        let want =
+            (1 << reason::DROP_NO_RULE) | (1 << reason::PASS_ICMP) | (1 << reason::DROP_ICMP);
+        assert_eq!(bits, want);
+        let e = reason_bits(&["nope".to_string()]).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown reason `nope`") && e.contains("not_established"),
+            "{e}"
+        );
+    }
+
+    fn udp6_truncated() -> Vec<u8> {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv6(
+                [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+                [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10],
+                64,
+            )
+            .udp(5060, 9999)
+            .write(&mut f, &[0u8; 600])
+            .unwrap();
+        f.truncate(256);
+        f
+    }
+
+    #[test]
+    fn an_event_reads_as_a_line_and_as_json_even_cut_at_256_bytes() {
+        let ev = Event {
+            time: SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_529_889_512_204),
+            iface: "ext0".to_string(),
+            ifindex: 7,
+            egress: false,
+            pass: false,
+            kind: "reason",
+            name: "no_rule".to_string(),
+            len: 662,
+            data: udp6_truncated(),
+        };
+        assert_eq!(
+            ev.line(),
+            "2025-11-30T19:11:29.512204Z ext0 in drop reason:no_rule udp [2001:db8::5]:5060 -> [2001:db8::10]:9999 len 662"
+        );
+        let j = ev.json();
+        assert_eq!(j["reason"], "no_rule");
+        assert_eq!(j["rule"], serde_json::Value::Null);
+        assert_eq!(j["protocol"], "udp");
+        assert_eq!(j["src"], "2001:db8::5");
+        assert_eq!(j["dport"], 9999);
+        assert_eq!(j["len"], 662);
+        assert_eq!(j["caplen"], 256);
+    }
+
+    #[test]
+    fn a_frame_that_is_not_ethernet_ip_says_what_it_is() {
+        assert_eq!(summarize(&[0u8; 5]).protocol, "malformed");
+        let mut lldp = vec![0u8; 60];
+        lldp[12] = 0x88;
+        lldp[13] = 0xcc;
+        assert_eq!(summarize(&lldp).protocol, "ethertype-0x88cc");
+    }
+
+    #[test]
+    fn the_filter_is_libpcap_s() {
+        let f = Filter::new("udp dst port 9999 and src net 2001:db8::/64").unwrap();
+        assert!(f.matches(&udp6_truncated()));
+        assert!(!Filter::new("tcp").unwrap().matches(&udp6_truncated()));
+        let e = Filter::new("port banana")
+            .err()
+            .expect("a bad expression")
+            .to_string();
+        assert!(e.starts_with("filter `port banana`"), "{e}");
+    }
+}

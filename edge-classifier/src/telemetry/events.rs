@@ -57,7 +57,12 @@ pub fn parse_query(query: &str) -> Result<Run, String> {
             "filter" => run.filter = v,
             "count" => run.count = Some(number("count")? as u64),
             "duration" => run.duration = Some(Duration::from_secs_f64(number("duration")?)),
-            "rate" => run.selection.rate = number("rate")? as u32,
+            "rate" => {
+                run.selection.rate = number("rate")? as u32;
+                if run.selection.rate == 0 {
+                    return Err("rate: at least 1 event a second".to_string());
+                }
+            }
             _ => {
                 return Err(format!(
                     "unknown parameter `{k}`: expected reason, rule, iface, verdict, filter, count, duration or rate"

@@ -4,9 +4,10 @@
 //! A monitor claims one of [`MONITOR_SLOTS`] slots, writes its selection into
 //! `MONITOR_CONFIG[slot]` and sets the slot's bit in the `monitors` word of each `IFACES` entry
 //! it watches. The programs test that word (already loaded with the binding) and only then
-//! enter the event path. The lease is a `CLOCK_MONOTONIC` deadline the monitor moves on every
-//! second: a monitor that dies (even by SIGKILL) stops costing anything once it passes, since
-//! the event path then clears the slot's bit itself.
+//! enter the event path. The lease: the monitor bumps `renewals` every second, and the event
+//! path, which notes on each CPU when it last saw the count change (in jiffies, which the
+//! verifier inlines: no helper call), clears the slot's bit itself once it has not changed for
+//! `lease_ticks`. So a monitor that dies, even by SIGKILL, stops costing anything.
 
 /// Monitors that can run at once per instance; each has a ring buffer of its own (a ring has
 /// one consumer position).
@@ -19,10 +20,10 @@ pub const MONITOR_RULES: usize = 8;
 pub const MONITOR_RING_BYTES: u32 = 1 << 20;
 /// Events per second a monitor gets unless it asks otherwise (all CPUs together).
 pub const MONITOR_DEFAULT_RATE: u32 = 10_000;
-/// How long a lease lasts after the monitor last renewed it.
-pub const MONITOR_LEASE_NS: u64 = 3_000_000_000;
+/// How long a lease lasts after the monitor last renewed it, in seconds.
+pub const MONITOR_LEASE_SECONDS: u64 = 3;
 
-/// `MonitorConfig::flags`: the verdicts the monitor wants.
+/// `MonitorConfig::flags`: the verdicts the monitor wants; 0 is a free slot.
 pub const MONITOR_DROP: u32 = 1 << 0;
 pub const MONITOR_PASS: u32 = 1 << 1;
 
@@ -40,8 +41,9 @@ pub const LOST_REASONS: [&str; 2] = ["rate_limit", "ring_full"];
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MonitorConfig {
-    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`) until which the slot is live; 0: free.
-    pub lease_ns: u64,
+    /// Bumped by the monitor every second, and by each monitor that takes the slot (so that no
+    /// two holders share a value).
+    pub renewals: u64,
     /// `MONITOR_DROP` / `MONITOR_PASS`.
     pub flags: u32,
     /// Reasons selected, one bit per reason index; with `rules` empty and this 0, every counter.
@@ -52,6 +54,8 @@ pub struct MonitorConfig {
     pub rules_len: u32,
     /// Counters (`layout::rule_counter(slot)`) of the rules selected.
     pub rules: [u32; MONITOR_RULES],
+    /// Jiffies `renewals` may stay unchanged before the slot is taken for dead.
+    pub lease_ticks: u64,
 }
 
 /// Per CPU and slot: the rate limiter's window and the events not delivered.
@@ -62,6 +66,9 @@ pub struct MonitorCpu {
     pub in_window: u64,
     /// Indexed by `LOST_*`; never reset, a monitor reads the difference.
     pub lost: [u64; 2],
+    /// The slot's `renewals` as this CPU last saw it, and when it saw it change (jiffies).
+    pub seen_renewals: u64,
+    pub renewed_at: u64,
 }
 
 /// One frame, as the programs hand it to a monitor.
@@ -91,8 +98,8 @@ mod pod {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<MonitorConfig>() == 8 + 16 + 4 * MONITOR_RULES);
-    assert!(core::mem::size_of::<MonitorCpu>() == 32);
+    assert!(core::mem::size_of::<MonitorConfig>() == 8 + 16 + 4 * MONITOR_RULES + 8);
+    assert!(core::mem::size_of::<MonitorCpu>() == 48);
     assert!(core::mem::size_of::<MonitorEvent>() == 32 + MONITOR_SNAPLEN);
     assert!(MONITOR_RING_BYTES.is_power_of_two());
 };

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_ktime_get_ns,
+        bpf_jiffies64, bpf_ktime_get_ns,
         generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     },
     maps::RingBuf,
@@ -69,7 +69,6 @@ fn emit(
     flags: u32,
     copy: impl Fn(*mut core::ffi::c_void, u32) -> i64,
 ) {
-    let now = unsafe { bpf_ktime_get_ns() };
     let pass = verdict >> 32 != 0;
     let counter = verdict as u32;
     let flags = flags | if pass { EVENT_PASS } else { 0 };
@@ -78,7 +77,6 @@ fn emit(
         slot(
             0,
             &MONITOR_RING_0,
-            now,
             ifindex,
             pass,
             counter,
@@ -91,7 +89,6 @@ fn emit(
         slot(
             1,
             &MONITOR_RING_1,
-            now,
             ifindex,
             pass,
             counter,
@@ -104,7 +101,6 @@ fn emit(
         slot(
             2,
             &MONITOR_RING_2,
-            now,
             ifindex,
             pass,
             counter,
@@ -117,7 +113,6 @@ fn emit(
         slot(
             3,
             &MONITOR_RING_3,
-            now,
             ifindex,
             pass,
             counter,
@@ -133,7 +128,6 @@ fn emit(
 fn slot(
     slot: u32,
     ring: &RingBuf,
-    now: u64,
     ifindex: u32,
     pass: bool,
     counter: u32,
@@ -144,9 +138,19 @@ fn slot(
     let Some(conf) = MONITOR_CONFIG.get(slot) else {
         return;
     };
-    if conf.lease_ns < now {
-        // The monitor is gone (or late): stop spending anything on it on this NIC. A monitor
-        // that renews its lease sets the bit again.
+    let Some(cpu) = MONITOR_CPU.get_ptr_mut(slot) else {
+        return;
+    };
+    // Per-CPU: this CPU's alone, so plain stores are enough.
+    let cpu = unsafe { &mut *cpu };
+    // The lease, on every frame of a watched NIC: jiffies cost no helper call.
+    let jiffies = unsafe { bpf_jiffies64() };
+    if conf.renewals != cpu.seen_renewals {
+        cpu.seen_renewals = conf.renewals;
+        cpu.renewed_at = jiffies;
+    } else if conf.flags == 0 || jiffies.wrapping_sub(cpu.renewed_at) > conf.lease_ticks {
+        // The monitor is gone (or has let go): stop spending anything on it on this NIC. A
+        // monitor that renews its lease sets the bit again.
         if let Some(iface) = IFACES.get_ptr_mut(ifindex % IFACE_SLOTS) {
             unsafe {
                 if (*iface).ifindex == ifindex {
@@ -160,11 +164,8 @@ fn slot(
     if conf.flags & want == 0 || !selected(conf.reasons, &conf.rules, conf.rules_len, counter) {
         return;
     }
-    let Some(cpu) = MONITOR_CPU.get_ptr_mut(slot) else {
-        return;
-    };
-    // Per-CPU: this CPU's alone, so plain stores are enough.
-    let cpu = unsafe { &mut *cpu };
+    // The clock for the event and the rate limit: a helper call, so only for a selected frame.
+    let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(cpu.window_start_ns) >= 1_000_000_000 {
         cpu.window_start_ns = now;
         cpu.in_window = 0;

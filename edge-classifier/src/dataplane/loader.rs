@@ -374,6 +374,19 @@ impl Classifier {
         &mut self.maps
     }
 
+    /// The ring buffer of monitor slot `slot` (the bench reads it to time delivered events).
+    pub fn monitor_ring(
+        &mut self,
+        slot: u32,
+    ) -> Result<aya::maps::RingBuf<&mut aya::maps::MapData>, MapsError> {
+        let name = MONITOR_RINGS[slot as usize];
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .expect("the object has the monitor rings");
+        aya::maps::RingBuf::try_from(map).map_err(|source| MapsError { map: name, source })
+    }
+
     /// Replaces what the exporter and `bind` consider the running rules (after a reload that
     /// another process made, or one this process made through [`Maps::swap_in`]).
     pub fn set_compiled(&mut self, compiled: Compiled) {

@@ -21,7 +21,7 @@ use aya::maps::{Map, MapData, RingBuf};
 use edge_classifier_common::{
     RULE_COUNTER_BASE,
     monitor::{
-        EVENT_EGRESS, EVENT_PASS, MONITOR_DROP, MONITOR_LEASE_NS, MONITOR_PASS, MONITOR_RULES,
+        EVENT_EGRESS, EVENT_PASS, MONITOR_DROP, MONITOR_LEASE_SECONDS, MONITOR_PASS, MONITOR_RULES,
         MONITOR_SLOTS, MonitorConfig, MonitorEvent,
     },
     reason,
@@ -171,8 +171,12 @@ pub fn reason_bits(labels: &[String]) -> Result<u32, MonitorError> {
 }
 
 /// A slot lock file: held (flock) for as long as its monitor runs.
+fn slot_lock_path(instance: &Instance, slot: u32) -> std::path::PathBuf {
+    Path::new(STATE_ROOT).join(format!("{}.monitor-{slot}.lock", instance.name))
+}
+
 fn slot_lock(instance: &Instance, slot: u32) -> Result<Option<File>, MonitorError> {
-    let path = Path::new(STATE_ROOT).join(format!("{}.monitor-{slot}.lock", instance.name));
+    let path = slot_lock_path(instance, slot);
     let f = File::create(&path).map_err(|e| MonitorError::Io(path.display().to_string(), e))?;
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Ok(None);
@@ -273,7 +277,10 @@ impl Monitor {
         while ring.next().is_some() {}
 
         let lost_base = maps.monitor_lost(slot).map_err(maps_err)?;
-        config.lease_ns = (clock_ns(libc::CLOCK_MONOTONIC) as u64) + MONITOR_LEASE_NS;
+        // A count no earlier holder of the slot had: the programs see the lease renewed.
+        let before = maps.monitor_config(slot).map_err(maps_err)?;
+        config.renewals = before.renewals.wrapping_add(1);
+        config.lease_ticks = MONITOR_LEASE_SECONDS * crate::compile::ticks_per_second();
         maps.set_monitor_config(slot, config).map_err(maps_err)?;
         let mut m = Monitor {
             maps,
@@ -307,7 +314,7 @@ impl Monitor {
     /// Moves the lease on, and sets the slot's bits again (a daemon that rebound a NIC, or the
     /// programs racing a previous holder's expiry, may have cleared one).
     fn renew(&mut self) -> Result<(), MapsError> {
-        self.config.lease_ns = (clock_ns(libc::CLOCK_MONOTONIC) as u64) + MONITOR_LEASE_NS;
+        self.config.renewals = self.config.renewals.wrapping_add(1);
         self.maps.set_monitor_config(self.slot, self.config)?;
         self.set_bits(true)?;
         self.renewed = Instant::now();
@@ -396,9 +403,15 @@ impl Drop for Monitor {
     fn drop(&mut self) {
         // Bits first: the programs stop calling in before the lease says the slot is free.
         let _ = self.set_bits(false);
-        let _ = self
-            .maps
-            .set_monitor_config(self.slot, MonitorConfig::default());
+        // Free (no verdict wanted), with a count of its own: a frame that still finds a bit
+        // clears it.
+        let _ = self.maps.set_monitor_config(
+            self.slot,
+            MonitorConfig {
+                renewals: self.config.renewals.wrapping_add(1),
+                ..Default::default()
+            },
+        );
     }
 }
 
@@ -413,16 +426,16 @@ pub fn lost_total(maps: &Maps) -> Result<Lost, MapsError> {
     Ok(out)
 }
 
-/// Monitor slots with a live lease.
-pub fn attached(maps: &Maps) -> Result<u32, MapsError> {
-    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-    let mut n = 0;
-    for slot in 0..MONITOR_SLOTS {
-        if maps.monitor_config(slot)?.lease_ns >= now {
-            n += 1;
-        }
-    }
-    Ok(n)
+/// Monitor slots of `instance` held now (their lock is taken: a monitor runs).
+pub fn attached(instance: &Instance) -> u32 {
+    (0..MONITOR_SLOTS)
+        .filter(|slot| {
+            let Ok(f) = File::open(slot_lock_path(instance, *slot)) else {
+                return false;
+            };
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+        })
+        .count() as u32
 }
 
 /// A compiled pcap-filter expression (libpcap), run on an event's bytes.

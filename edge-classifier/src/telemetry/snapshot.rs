@@ -140,13 +140,23 @@ impl Snapshot {
                 mode: b.mode.map(|m| m.to_string()),
             })
             .collect();
-        Ok(Snapshot::read_maps(
+        let snap = Snapshot::read_maps(
             classifier.maps(),
             classifier.compiled(),
             &bound,
             catalogue,
             reloads,
-        )?)
+        )?;
+        Ok(match classifier.instance() {
+            Some(i) => snap.with_instance(i),
+            None => snap,
+        })
+    }
+
+    /// The snapshot with what only the instance knows: the monitors attached to it.
+    pub fn with_instance(mut self, instance: &crate::instance::Instance) -> Snapshot {
+        self.monitors.attached = crate::monitor::attached(instance);
+        self
     }
 
     /// Reads every counter from the maps alone: what `status` and `stats --instance` do with the
@@ -218,7 +228,8 @@ impl Snapshot {
         let flows = maps.flow_stats()?;
         let lost = crate::monitor::lost_total(maps)?;
         let monitors = MonitorStats {
-            attached: crate::monitor::attached(maps)?,
+            // Monitors are known by their slot locks, which an instance has (`with_instance`).
+            attached: 0,
             lost_rate_limit: lost.rate_limit,
             lost_ring_full: lost.ring_full,
         };

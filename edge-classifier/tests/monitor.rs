@@ -537,6 +537,13 @@ fn egress_and_rule_events_four_monitors_and_a_killed_one_leaves_nothing() {
     let again = start_monitor(&lab.edge, &["--instance", &instance, "--duration", "1"]);
     again.finish(Duration::from_secs(10));
     assert_eq!(maps().iface(ext).unwrap().monitors, 0);
+
+    // `stop` takes the slots' lock files with the rest of the instance.
+    let slot0 = Instance::new(&instance).unwrap().monitor_lock(0);
+    assert!(slot0.exists(), "{} was made", slot0.display());
+    let (ok, _, err) = cli(&["stop", "--instance", &instance]);
+    assert!(ok, "stop: {err}");
+    assert!(!slot0.exists(), "{} outlived stop", slot0.display());
 }
 
 /// `trafgen`'s configuration for one UDP frame from the partner to a port no rule opens.

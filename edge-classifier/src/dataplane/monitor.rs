@@ -13,7 +13,6 @@ use std::{
     collections::HashMap,
     fs::File,
     os::fd::{AsFd as _, AsRawFd as _},
-    path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -171,12 +170,8 @@ pub fn reason_bits(labels: &[String]) -> Result<u32, MonitorError> {
 }
 
 /// A slot lock file: held (flock) for as long as its monitor runs.
-fn slot_lock_path(instance: &Instance, slot: u32) -> std::path::PathBuf {
-    Path::new(STATE_ROOT).join(format!("{}.monitor-{slot}.lock", instance.name))
-}
-
 fn slot_lock(instance: &Instance, slot: u32) -> Result<Option<File>, MonitorError> {
-    let path = slot_lock_path(instance, slot);
+    let path = instance.monitor_lock(slot);
     let f = File::create(&path).map_err(|e| MonitorError::Io(path.display().to_string(), e))?;
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Ok(None);
@@ -430,7 +425,7 @@ pub fn lost_total(maps: &Maps) -> Result<Lost, MapsError> {
 pub fn attached(instance: &Instance) -> u32 {
     (0..MONITOR_SLOTS)
         .filter(|slot| {
-            let Ok(f) = File::open(slot_lock_path(instance, *slot)) else {
+            let Ok(f) = File::open(instance.monitor_lock(*slot)) else {
                 return false;
             };
             unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }

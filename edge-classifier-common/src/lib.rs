@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod layout;
+pub mod monitor;
 
 /// Rule tables are double-buffered: userspace fills the inactive half, then flips [`ACTIVE`].
 pub const BUFFERS: u32 = 2;

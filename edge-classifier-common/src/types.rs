@@ -39,6 +39,10 @@ pub struct IfaceInfo {
     pub role_mask: u32,
     /// Counter block index (1..MAX_IFACES).
     pub block: u32,
+    /// Bit `1 << slot` for each monitor slot watching this NIC (`monitor.rs`): the one word
+    /// the programs test before they spend anything on events. Beside `block`, at an 8-aligned
+    /// offset: the programs load both as one word.
+    pub monitors: u32,
     /// `IFACE_MODE_*`: the XDP mode it was attached in, so an instance rebuilt from its pins
     /// adopts it in the same mode. The programs do not read it.
     pub mode: u32,
@@ -375,7 +379,9 @@ const _: () = {
             == 8 + 4 * LOCALS_V4 + 8 * LOCALS_V4 + 16 * LOCALS_V6 + 8 * LOCALS_V6
     );
     assert!(core::mem::size_of::<FlowState>() == 24);
-    assert!(core::mem::size_of::<IfaceInfo>() == 16);
+    assert!(core::mem::size_of::<IfaceInfo>() == 20);
+    assert!(core::mem::offset_of!(IfaceInfo, block) == 8);
+    assert!(core::mem::offset_of!(IfaceInfo, monitors) == 12);
     assert!(core::mem::size_of::<BufferRecord>() == 8 + 8 + 32 + 8 + 8);
     assert!(core::mem::size_of::<InstanceRecord>() == 24);
     assert!(core::mem::size_of::<PortEntry>() == 16 + 32);

@@ -11,6 +11,7 @@ mod addr;
 mod classify;
 mod flow;
 mod maps;
+mod monitor;
 mod parse;
 
 use aya_ebpf::{
@@ -23,14 +24,15 @@ use edge_classifier_common::{IFACE_SLOTS, layout, reason};
 use maps::*;
 use parse::{Frame, Malformed};
 
-/// The binding of the interface a frame is on: (counter block, role bit); block 0 is unbound.
+/// The binding of the interface a frame is on: (counter block, role bit, monitor slots
+/// watching it); block 0 is unbound.
 #[inline(always)]
-fn binding(ifindex: u32) -> (u32, u32) {
+fn binding(ifindex: u32) -> (u32, u32, u32) {
     match IFACES.get(ifindex % IFACE_SLOTS) {
         Some(iface) if iface.ifindex == ifindex && iface.block != 0 => {
-            (iface.block, iface.role_mask)
+            (iface.block, iface.role_mask, iface.monitors)
         }
-        _ => (0, 0),
+        _ => (0, 0, 0),
     }
 }
 
@@ -51,13 +53,47 @@ fn active_buffer() -> u32 {
 
 #[xdp]
 pub fn edge_classifier(ctx: XdpContext) -> u32 {
-    let (block, role_mask) = binding(ctx.ingress_ifindex() as u32);
+    let (block, role_mask, monitors) = binding(ctx.ingress_ifindex() as u32);
+    // The unbound case returns on its own path (as LLVM laid it out before monitors), so that
+    // the test below costs the common path one load and a branch, and nothing more.
+    if block == 0 {
+        return action(ingress(&ctx, 0, 0));
+    }
+    if monitors != 0 {
+        // A monitor watches this NIC: the frame goes to the copy of this program that also
+        // writes events (`MONITOR_XDP`), so that this one carries nothing of them but this
+        // test. A tail call keeps the stack frames apart; one that fails (the slot not filled
+        // yet) falls through to classify here without an event.
+        unsafe { MONITOR_XDP.tail_call(&ctx, 0) };
+    }
+    action(ingress(&ctx, block, role_mask))
+}
+
+/// `edge_classifier` with events: what the frames of a monitored NIC run (tail-called).
+#[xdp]
+pub fn edge_classifier_monitored(ctx: XdpContext) -> u32 {
+    let (block, role_mask, monitors) = binding(ctx.ingress_ifindex() as u32);
+    let verdict = ingress(&ctx, block, role_mask);
+    if monitors != 0 {
+        monitor::xdp_event(&ctx, monitors, verdict.pass, verdict.counter);
+    }
+    action(verdict)
+}
+
+/// Classifies and counts one frame on ingress.
+#[inline(always)]
+fn ingress(ctx: &XdpContext, block: u32, role_mask: u32) -> Verdict {
     let verdict = if block == 0 {
         Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
     } else {
-        classify(&ctx, active_word(), role_mask)
+        classify(ctx, active_word(), role_mask)
     };
-    count(block, verdict.counter, 1, Frame::len(&ctx));
+    count(block, verdict.counter, 1, Frame::len(ctx));
+    verdict
+}
+
+#[inline(always)]
+fn action(verdict: Verdict) -> u32 {
     if verdict.pass {
         xdp_action::XDP_PASS
     } else {
@@ -72,7 +108,33 @@ const EGRESS_PULL: u32 = 14 + 8 + 40 + 512 + 20;
 #[classifier]
 pub fn edge_egress(ctx: TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (block, role_mask) = binding(ifindex);
+    let (block, role_mask, monitors) = binding(ifindex);
+    if block == 0 {
+        return tc_action(egress(&ctx, 0, 0));
+    }
+    if monitors != 0 {
+        // As on ingress: the monitored copy, `MONITOR_TC`, writes the events.
+        unsafe { MONITOR_TC.tail_call(&ctx, 0) };
+    }
+    let verdict = egress(&ctx, block, role_mask);
+    tc_action(verdict)
+}
+
+/// `edge_egress` with events (tail-called for the frames of a monitored NIC).
+#[classifier]
+pub fn edge_egress_monitored(ctx: TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (block, role_mask, monitors) = binding(ifindex);
+    let verdict = egress(&ctx, block, role_mask);
+    if monitors != 0 {
+        monitor::tc_event(&ctx, ifindex, monitors, verdict.pass, verdict.counter);
+    }
+    tc_action(verdict)
+}
+
+/// Records and counts one frame on egress.
+#[inline(always)]
+fn egress(ctx: &TcContext, block: u32, role_mask: u32) -> Verdict {
     // A GSO skb is many frames on the wire; count them as such.
     let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1);
     let verdict = if block == 0 {
@@ -85,7 +147,7 @@ pub fn edge_egress(ctx: TcContext) -> i32 {
         }
         let active = active_buffer();
         match POLICY.get(active) {
-            Some(policy) => match try_egress(&ctx, active, role_mask, policy) {
+            Some(policy) => match try_egress(ctx, active, role_mask, policy) {
                 Ok(v) => v,
                 // Egress is the Edge's own traffic: what it cannot parse is not ours to stop.
                 Err(Malformed) => Verdict::pass(reason::PASS_EGRESS_UNTRACKED),
@@ -93,7 +155,12 @@ pub fn edge_egress(ctx: TcContext) -> i32 {
             None => Verdict::pass(reason::PASS_EGRESS_UNTRACKED),
         }
     };
-    count(block, verdict.counter, segs as u64, Frame::len(&ctx));
+    count(block, verdict.counter, segs as u64, Frame::len(ctx));
+    verdict
+}
+
+#[inline(always)]
+fn tc_action(verdict: Verdict) -> i32 {
     if verdict.pass {
         // Let any later tc program have its say; with none, the frame is sent.
         TC_ACT_UNSPEC

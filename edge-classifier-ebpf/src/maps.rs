@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use edge_classifier_common::{
     BUFFERS, BufferRecord, Counter, DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState,
@@ -13,6 +13,7 @@ use edge_classifier_common::{
     MAX_PREFIXES, PORT_ENTRIES, PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS,
     RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
     StrideBlock, TRANSPORTS, flow_stat,
+    monitor::{MONITOR_RING_BYTES, MONITOR_SLOTS, MonitorConfig, MonitorCpu},
 };
 
 use crate::{
@@ -109,3 +110,27 @@ pub(crate) static REPLY_CACHE_V6: PerCpuArray<CachedReply<5>> =
 /// Per CPU, what the full parser hands back to the entry point (`classify::full`).
 #[map]
 pub(crate) static FULL_PARSE: PerCpuArray<Protected> = PerCpuArray::with_max_entries(1, 0);
+/// Per monitor slot, what that monitor asks for and its lease (`monitor.rs`).
+#[map]
+pub(crate) static MONITOR_CONFIG: Array<MonitorConfig> = Array::with_max_entries(MONITOR_SLOTS, 0);
+/// Per CPU and monitor slot: the rate limiter's window and the events not delivered.
+#[map]
+pub(crate) static MONITOR_CPU: PerCpuArray<MonitorCpu> =
+    PerCpuArray::with_max_entries(MONITOR_SLOTS, 0);
+/// One ring buffer per monitor slot: a ring has one consumer position, so monitors cannot
+/// share one. Four statics rather than a map of maps: aya-ebpf 0.2 has no map-in-map.
+#[map]
+pub(crate) static MONITOR_RING_0: RingBuf = RingBuf::with_byte_size(MONITOR_RING_BYTES, 0);
+#[map]
+pub(crate) static MONITOR_RING_1: RingBuf = RingBuf::with_byte_size(MONITOR_RING_BYTES, 0);
+#[map]
+pub(crate) static MONITOR_RING_2: RingBuf = RingBuf::with_byte_size(MONITOR_RING_BYTES, 0);
+#[map]
+pub(crate) static MONITOR_RING_3: RingBuf = RingBuf::with_byte_size(MONITOR_RING_BYTES, 0);
+/// The programs that also write events (`edge_classifier_monitored`, `edge_egress_monitored`),
+/// tail-called for the frames of a monitored NIC; the loader fills them. One each: a program
+/// array holds programs of one type.
+#[map]
+pub(crate) static MONITOR_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+pub(crate) static MONITOR_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);

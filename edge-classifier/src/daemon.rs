@@ -419,7 +419,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "serving metrics on http://{}/metrics",
         listener.local_addr()?
     );
-    let server = tokio::spawn(metrics::serve(listener, snapshot));
+    let server = tokio::spawn(metrics::serve(
+        listener,
+        snapshot,
+        Some(args.instance.clone()),
+    ));
     let dns = tokio::spawn(follow_dns(args.instance.clone(), running_rx, dns_status));
     let output = Output::start();
     notify_ready(&specs, &daemon.lock().expect("lock").catalogue, &output);

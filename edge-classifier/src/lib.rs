@@ -32,7 +32,7 @@ pub mod resolve;
 pub mod telemetry;
 
 pub use compile::stride;
-pub use dataplane::{loader, maps, nic_addrs};
+pub use dataplane::{loader, maps, monitor, nic_addrs};
 pub use instance::{lifecycle, status};
 pub use offline::{capture, explain, reference, replay};
 pub use telemetry::{logging, metrics, report, snapshot};

@@ -50,7 +50,8 @@ enum Command {
         /// XDP mode: native with a fallback to generic (auto), or exactly one.
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
-        /// Where to serve Prometheus `/metrics` (and `/snapshot` for `stats`).
+        /// Where to serve Prometheus `/metrics` (and `/snapshot` for `stats`, and `/events`: live
+        /// drop events as JSON lines, the selection of `monitor` as query parameters).
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
         metrics: String,
         /// Name of this classifier instance (its pin directory and state file).
@@ -185,6 +186,61 @@ enum Command {
         /// The catalogue text instance NAME is running (from its state).
         #[arg(long, value_name = "NAME")]
         instance: Option<String>,
+    },
+    /// Show the frames the classifier drops (or passes), live, from the programs themselves:
+    /// XDP runs before every packet tap, so tcpdump never sees a dropped frame.
+    ///
+    /// One line per frame: time, NIC, in/out, verdict, rule or reason, protocol, source and
+    /// destination address:port, length. Reason, rule, NIC and verdict are selected in the
+    /// kernel; FILTER (a pcap-filter expression, as tcpdump takes) is applied here by libpcap
+    /// to the frame's first 256 bytes. The kernel writes at most --rate events a second; what
+    /// it could not deliver is counted, and the summary at the end (stderr) says how many were
+    /// missed. Reads the instance's pinned maps: works whether or not the daemon runs (root).
+    /// Up to 4 monitors at once; one that ends, even killed, leaves nothing running.
+    ///
+    /// The daemon serves the same events as JSON lines on its --metrics address: `/events`,
+    /// with these options as query parameters (reason, rule, iface, verdict, filter, count,
+    /// duration, rate).
+    ///
+    /// Examples: monitor --reason no_rule 'src net 203.0.113.0/24 and tcp port 5061';
+    /// monitor --iface ext0 --verdict all --write /tmp/ext0.pcap --duration 60
+    Monitor {
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+        /// Only frames counted under this reason (no_rule, not_established, unprotected,
+        /// malformed, fragment, icmp, …); repeatable.
+        #[arg(long, value_name = "R")]
+        reason: Vec<String>,
+        /// Only frames counted under this rule id of the running catalogue; repeatable (8 at
+        /// most). With --reason: frames either selects.
+        #[arg(long, value_name = "ID")]
+        rule: Vec<String>,
+        /// Only frames on this bound NIC; repeatable. Without it, every bound NIC.
+        #[arg(long = "iface", value_name = "NIC")]
+        iface: Vec<String>,
+        #[arg(long, value_enum, default_value = "drop")]
+        verdict: edge_classifier::monitor::Verdicts,
+        /// Write the frames to this pcap file (original length recorded, up to 256 bytes of
+        /// each) instead of printing them.
+        #[arg(long, value_name = "FILE.pcap")]
+        write: Option<PathBuf>,
+        /// One JSON object per line.
+        #[arg(long, conflicts_with = "write")]
+        json: bool,
+        /// Stop after N frames (that pass FILTER).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after S seconds.
+        #[arg(long, value_name = "S")]
+        duration: Option<f64>,
+        /// Events per second the kernel may write for this monitor (all CPUs together, each
+        /// CPU its share).
+        #[arg(long, value_name = "N", default_value_t = edge_classifier_common::monitor::MONITOR_DEFAULT_RATE,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        rate: u32,
+        /// pcap-filter expression, e.g. `src net 203.0.113.0/24 and tcp port 5061`.
+        #[arg(value_name = "FILTER", trailing_var_arg = true)]
+        filter: Vec<String>,
     },
     /// Show an instance from its pins and state, whether or not its daemon runs: per NIC the
     /// role, XDP mode, program and whether the link is live; the daemon; the running catalogue;
@@ -346,6 +402,38 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Monitor {
+            instance,
+            reason,
+            rule,
+            iface,
+            verdict,
+            write,
+            json,
+            count,
+            duration,
+            rate,
+            filter,
+        } => {
+            let run = edge_classifier::monitor::Run {
+                selection: edge_classifier::monitor::Selection {
+                    reasons: reason,
+                    rules: rule,
+                    ifaces: iface,
+                    verdicts: verdict,
+                    rate,
+                },
+                filter: filter.join(" "),
+                count,
+                duration: duration.map(Duration::from_secs_f64),
+            };
+            let out = match write {
+                Some(path) => MonitorOut::Pcap(path),
+                None if json => MonitorOut::Json,
+                None => MonitorOut::Lines,
+            };
+            monitor(&Instance::new(&instance)?, &run, out)
+        }
         Command::Stats {
             metrics,
             instance,
@@ -359,6 +447,95 @@ fn main() -> anyhow::Result<()> {
             stats(&from, watch, count)
         }
     }
+}
+
+enum MonitorOut {
+    Lines,
+    Json,
+    Pcap(PathBuf),
+}
+
+/// Set by SIGINT/SIGTERM: `monitor` ends as if its count were reached, and says what it missed.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn stop(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn monitor(
+    instance: &Instance,
+    run: &edge_classifier::monitor::Run,
+    out: MonitorOut,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::sync::atomic::Ordering;
+
+    unsafe {
+        libc::signal(libc::SIGINT, stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, stop as *const () as libc::sighandler_t);
+    }
+    let mut pcap = match &out {
+        MonitorOut::Pcap(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            Some(
+                pcap_file::pcap::PcapWriter::with_header(
+                    std::io::BufWriter::new(file),
+                    pcap_file::pcap::PcapHeader {
+                        // Records hold at most 256 bytes, but the header says 65535: readers
+                        // built on pcap-file (`replay` among them) refuse a record whose
+                        // length on the wire exceeds the header's snaplen.
+                        snaplen: 65535,
+                        ts_resolution: pcap_file::TsResolution::NanoSecond,
+                        ..Default::default()
+                    },
+                )
+                .with_context(|| format!("writing {}", path.display()))?,
+            )
+        }
+        _ => None,
+    };
+    let stdout = std::io::stdout();
+    let mut stdout = stdout.lock();
+    let outcome = edge_classifier::monitor::run(
+        instance,
+        run,
+        &|| STOP.load(Ordering::Relaxed),
+        // On stderr, so that stdout holds events alone; a script waits for this line to send.
+        &mut |slot| {
+            eprintln!(
+                "monitor: attached to instance {} (slot {slot})",
+                instance.name
+            )
+        },
+        &mut |ev| {
+            match (&out, pcap.as_mut()) {
+                (_, Some(w)) => {
+                    let ts = ev
+                        .time
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    w.write_packet(&pcap_file::pcap::PcapPacket::new(
+                        ts,
+                        ev.len.max(ev.data.len() as u32),
+                        &ev.data,
+                    ))
+                    .map_err(std::io::Error::other)?;
+                }
+                (MonitorOut::Json, None) => writeln!(stdout, "{}", ev.json())?,
+                (_, None) => writeln!(stdout, "{}", ev.line())?,
+            }
+            stdout.flush()
+        },
+    )?;
+    if let Some(w) = pcap {
+        w.into_writer()
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .context("writing the pcap")?;
+    }
+    eprintln!("monitor: {outcome}");
+    Ok(())
 }
 
 /// `catalogue`: a profile (the embedded default without one), or the text instance `name` runs.

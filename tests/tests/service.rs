@@ -38,9 +38,11 @@ fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A pristine bookworm root with systemd, made once per target dir.
+/// A pristine bookworm root with systemd and the package's dependencies (libpcap0.8, which
+/// `monitor` links; dpkg installs no dependency), made once per target dir. The name changes
+/// with what it includes, so that a root made before is not taken for it.
 fn root_cache() -> PathBuf {
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bookworm-systemd");
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bookworm-systemd-libpcap");
     if cache.join("lib/systemd/systemd").exists() {
         return cache;
     }
@@ -50,7 +52,7 @@ fn root_cache() -> PathBuf {
     sh(Command::new("debootstrap")
         .args([
             "--variant=minbase",
-            "--include=systemd,systemd-sysv,dbus,iproute2",
+            "--include=systemd,systemd-sysv,dbus,iproute2,libpcap0.8",
             "bookworm",
         ])
         .arg(&tmp)

@@ -17,7 +17,10 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Debian packages the build and the tests use besides LLVM: `ip` and `nsenter` for the
 /// namespace lab, the Prometheus server and promtool for the observability test, lintian for
-/// the package, debootstrap and systemd-nspawn to boot the package's unit in a container.
+/// the package, debootstrap and systemd-nspawn to boot the package's unit in a container;
+/// libpcap's headers and library, which `monitor` links for its pcap-filter expressions (the
+/// package then depends on libpcap0.8), and for the monitor test tshark, which reads the pcap it
+/// writes, and trafgen (netsniff-ng), which floods it.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -27,6 +30,9 @@ const PACKAGES: &[&str] = &[
     "debootstrap",
     "systemd-container",
     "python3-venv",
+    "libpcap-dev",
+    "tshark",
+    "netsniff-ng",
 ];
 
 /// A virtualenv this setup owns, for Python tools Debian bookworm does not package at the

@@ -11,7 +11,7 @@ use std::{
 pub use aya::programs::XdpMode;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::MapError,
+    maps::{MapError, ProgramArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
@@ -25,7 +25,7 @@ use crate::maps::IfaceStats;
 use crate::{
     compile::Compiled,
     instance::{BoundIface, Instance},
-    maps::{MAP_NAMES, Maps, MapsError},
+    maps::{MAP_NAMES, MONITOR_RINGS, Maps, MapsError},
 };
 
 /// The XDP program, as built by build.rs from `edge-classifier-ebpf`.
@@ -34,6 +34,11 @@ pub static EBPF_OBJECT: &[u8] =
 pub const PROGRAM_NAME: &str = "edge_classifier";
 /// The TC egress program that records outbound flows.
 pub const EGRESS_PROGRAM_NAME: &str = "edge_egress";
+/// The copies of both that also write monitor events, tail-called for a monitored NIC's frames.
+pub const MONITORED_PROGRAM_NAME: &str = "edge_classifier_monitored";
+pub const MONITORED_EGRESS_PROGRAM_NAME: &str = "edge_egress_monitored";
+/// The program arrays the entry points tail-call them through.
+pub const MONITOR_PROGRAM_ARRAYS: [&str; 2] = ["MONITOR_XDP", "MONITOR_TC"];
 /// An empty XDP_PASS program (`xdp_pass`): the floor benchmarks measure against.
 pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
 
@@ -308,8 +313,17 @@ impl Classifier {
         for table in crate::maps::FLOW_TABLES {
             loader.map_max_entries(table, compiled.flow_capacity);
         }
+        // The monitor rings are pinned too, so that `monitor` finds them without the daemon,
+        // and the program arrays, whose entries the kernel clears when no file holds them.
         let pins: Vec<(&str, std::path::PathBuf)> = instance
-            .map(|i| MAP_NAMES.iter().map(|n| (*n, i.map_pin(n))).collect())
+            .map(|i| {
+                MAP_NAMES
+                    .iter()
+                    .chain(MONITOR_RINGS.iter())
+                    .chain(MONITOR_PROGRAM_ARRAYS.iter())
+                    .map(|n| (*n, i.map_pin(n)))
+                    .collect()
+            })
             .unwrap_or_default();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -337,6 +351,7 @@ impl Classifier {
             .try_into()
             .map_err(LoadError::Program)?;
         verified("TC egress", egress.load())?;
+        fill_monitor_programs(&mut ebpf)?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -357,6 +372,19 @@ impl Classifier {
 
     pub fn maps_mut(&mut self) -> &mut Maps {
         &mut self.maps
+    }
+
+    /// The ring buffer of monitor slot `slot` (the bench reads it to time delivered events).
+    pub fn monitor_ring(
+        &mut self,
+        slot: u32,
+    ) -> Result<aya::maps::RingBuf<&mut aya::maps::MapData>, MapsError> {
+        let name = MONITOR_RINGS[slot as usize];
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .expect("the object has the monitor rings");
+        aya::maps::RingBuf::try_from(map).map_err(|source| MapsError { map: name, source })
     }
 
     /// Replaces what the exporter and `bind` consider the running rules (after a reload that
@@ -437,6 +465,8 @@ impl Classifier {
             block,
             // Recorded once attached (`Maps::set_iface_mode`).
             mode: 0,
+            // Kept from the entry by `set_iface` when the NIC is the same (a monitor runs).
+            monitors: 0,
         })?;
         self.bindings.push(Binding {
             name: name.to_string(),
@@ -891,6 +921,42 @@ impl Classifier {
     pub fn instance(&self) -> Option<&Instance> {
         self.instance.as_ref()
     }
+}
+
+/// Loads the programs that write monitor events and puts them where the entry points
+/// tail-call them. A pinned array an earlier run filled gets this run's programs.
+fn fill_monitor_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let xdp: &mut Xdp = ebpf
+        .program_mut(MONITORED_PROGRAM_NAME)
+        .expect("the object has the monitored XDP program")
+        .try_into()
+        .map_err(LoadError::Program)?;
+    verified("monitored XDP", xdp.load())?;
+    let xdp_fd = xdp
+        .fd()
+        .and_then(|f| f.try_clone().map_err(ProgramError::from))
+        .map_err(LoadError::Program)?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(MONITORED_EGRESS_PROGRAM_NAME)
+        .expect("the object has the monitored egress program")
+        .try_into()
+        .map_err(LoadError::Program)?;
+    verified("monitored TC egress", tc.load())?;
+    let tc_fd = tc
+        .fd()
+        .and_then(|f| f.try_clone().map_err(ProgramError::from))
+        .map_err(LoadError::Program)?;
+    for (name, fd) in MONITOR_PROGRAM_ARRAYS.iter().zip([xdp_fd, tc_fd]) {
+        let map = ebpf
+            .map_mut(name)
+            .expect("the object has the program arrays");
+        let mut array =
+            ProgramArray::try_from(map).map_err(|source| MapsError { map: name, source })?;
+        array
+            .set(0, &fd, 0)
+            .map_err(|source| MapsError { map: name, source })?;
+    }
+    Ok(())
 }
 
 fn pin_err(iface: &str, path: &std::path::Path, e: impl std::error::Error) -> LoadError {

@@ -14,7 +14,9 @@ use edge_classifier_common::{
     BUFFERS, BufferRecord, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo,
     InstanceRecord, Locals, Lpm4, Lpm6, MAX_IFACES, PORT_SPACE, PolicyEntry, PortEntry,
     RECORD_CHUNK, RECORD_CHUNKS, RECORD_COMPLETE, RECORD_SETTLED, RECORD_WRITING, RuleClass,
-    Small4, Small6, StrideBlock, TRACKED_SLOT, TRANSPORTS, flow_stat, layout, reason,
+    Small4, Small6, StrideBlock, TRACKED_SLOT, TRANSPORTS, flow_stat, layout,
+    monitor::{MONITOR_SLOTS, MonitorConfig, MonitorCpu},
+    reason,
 };
 use ipnet::IpNet;
 
@@ -100,7 +102,18 @@ maps! {
     "RECORD" => record: Array<MapData, BufferRecord>, Array;
     "RECORD_TEXT" => record_text: HashMap<MapData, u32, [u8; RECORD_CHUNK]>, HashMap;
     "INSTANCE_RECORD" => instance_record: Array<MapData, InstanceRecord>, Array;
+    "MONITOR_CONFIG" => monitor_config: Array<MapData, MonitorConfig>, Array;
+    "MONITOR_CPU" => monitor_cpu: PerCpuArray<MapData, MonitorCpu>, PerCpuArray;
 }
+
+/// The ring buffers of the monitor slots, by slot. Pinned with the maps, but no `Maps` handle
+/// holds them: each is read by the one monitor that holds its slot (the `monitor` module).
+pub const MONITOR_RINGS: [&str; MONITOR_SLOTS as usize] = [
+    "MONITOR_RING_0",
+    "MONITOR_RING_1",
+    "MONITOR_RING_2",
+    "MONITOR_RING_3",
+];
 
 #[derive(Debug, thiserror::Error)]
 #[error("map {map}: {source}")]
@@ -355,10 +368,66 @@ impl Maps {
         Ok(())
     }
 
-    pub fn set_iface(&mut self, info: IfaceInfo) -> Result<(), MapsError> {
+    /// Writes a binding. The monitor slots watching the NIC stay as they are (they are the
+    /// monitors' to set, `set_iface_monitors`), unless the slot held another NIC.
+    pub fn set_iface(&mut self, mut info: IfaceInfo) -> Result<(), MapsError> {
+        let old = self.iface(info.ifindex)?;
+        info.monitors = if old.ifindex == info.ifindex {
+            old.monitors
+        } else {
+            0
+        };
         let a = &mut self.ifaces;
         a.set(info.ifindex % IFACE_SLOTS, info, 0)
             .map_err(err("IFACES"))
+    }
+
+    /// Sets or clears monitor slot `slot`'s bit on NIC `ifindex`; false when it is not bound.
+    pub fn set_iface_monitor(
+        &mut self,
+        ifindex: u32,
+        slot: u32,
+        on: bool,
+    ) -> Result<bool, MapsError> {
+        let mut info = self.iface(ifindex)?;
+        if info.ifindex != ifindex || info.block == 0 {
+            return Ok(false);
+        }
+        let bit = 1u32 << slot;
+        let want = if on {
+            info.monitors | bit
+        } else {
+            info.monitors & !bit
+        };
+        if want != info.monitors {
+            info.monitors = want;
+            let a = &mut self.ifaces;
+            a.set(ifindex % IFACE_SLOTS, info, 0)
+                .map_err(err("IFACES"))?;
+        }
+        Ok(true)
+    }
+
+    pub fn monitor_config(&self, slot: u32) -> Result<MonitorConfig, MapsError> {
+        let a = &self.monitor_config;
+        a.get(&slot, 0).map_err(err("MONITOR_CONFIG"))
+    }
+
+    pub fn set_monitor_config(&mut self, slot: u32, c: MonitorConfig) -> Result<(), MapsError> {
+        let a = &mut self.monitor_config;
+        a.set(slot, c, 0).map_err(err("MONITOR_CONFIG"))
+    }
+
+    /// Events a monitor slot did not deliver, by `LOST_*`, summed over CPUs.
+    pub fn monitor_lost(&self, slot: u32) -> Result<[u64; 2], MapsError> {
+        let a = &self.monitor_cpu;
+        let per_cpu = a.get(&slot, 0).map_err(err("MONITOR_CPU"))?;
+        let mut out = [0u64; 2];
+        for c in per_cpu.iter() {
+            out[0] += c.lost[0];
+            out[1] += c.lost[1];
+        }
+        Ok(out)
     }
 
     /// Makes `IFACE_ADDRS_V4/V6` hold exactly `addrs` (address → ifindex): new ones are added

@@ -2,4 +2,5 @@
 //! the NIC addresses the daemon keeps in the kernel.
 pub mod loader;
 pub mod maps;
+pub mod monitor;
 pub mod nic_addrs;

@@ -27,7 +27,7 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/edge-classifier";
 pub const STATE_ROOT: &str = "/run/edge-classifier";
 pub const DEFAULT_INSTANCE: &str = "default";
 /// Bumped whenever map layouts change: pins of another layout are not adopted.
-pub const LAYOUT: u32 = 4;
+pub const LAYOUT: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -261,6 +261,10 @@ impl Instance {
     }
     fn lock_file(&self) -> PathBuf {
         Path::new(STATE_ROOT).join(format!("{}.lock", self.name))
+    }
+    /// Held (flock) by the monitor that has slot `slot` (`monitor`), for as long as it runs.
+    pub fn monitor_lock(&self, slot: u32) -> PathBuf {
+        Path::new(STATE_ROOT).join(format!("{}.monitor-{slot}.lock", self.name))
     }
     fn pid_file(&self) -> PathBuf {
         Path::new(STATE_ROOT).join(format!("{}.pid", self.name))
@@ -510,7 +514,12 @@ impl Instance {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        for f in [self.state_file(), self.pid_file(), self.lock_file()] {
+        let monitor_locks =
+            (0..edge_classifier_common::monitor::MONITOR_SLOTS).map(|slot| self.monitor_lock(slot));
+        for f in [self.state_file(), self.pid_file(), self.lock_file()]
+            .into_iter()
+            .chain(monitor_locks)
+        {
             match std::fs::remove_file(&f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -190,7 +190,11 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
                 digest: cat.digest.clone(),
                 rules: cat.rules.len(),
             };
-            Some(Snapshot::read_maps(maps, c, &bound, info, reloads).map_err(maps_err)?)
+            Some(
+                Snapshot::read_maps(maps, c, &bound, info, reloads)
+                    .map_err(maps_err)?
+                    .with_instance(instance),
+            )
         }
         _ => None,
     };

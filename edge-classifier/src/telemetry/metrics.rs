@@ -81,6 +81,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
     families.extend(flow_families(&s.flows));
     families.extend(instance_families(s));
     families.extend(dns_families(&s.dns));
+    families.extend(monitor_families(&s.monitors));
     let families: Vec<MetricFamily> = families.into_iter().map(|f| f.0).collect();
     let mut out = Vec::new();
     TextEncoder::new().encode(&families, &mut out)?;
@@ -173,6 +174,26 @@ fn interface_families(s: &Snapshot) -> Vec<Family> {
         passed_bytes,
         attached,
         protected,
+    ]
+}
+
+/// The monitors attached and the events they missed.
+fn monitor_families(m: &crate::snapshot::MonitorStats) -> Vec<Family> {
+    let mut lost = Family::counter(
+        "edge_classifier_monitor_events_lost_total",
+        "Events for monitors (`edge-classifier monitor`, /events) the kernel did not deliver: over the monitor's rate limit, or its ring buffer full.",
+    );
+    lost.push(&[("reason", "rate_limit")], m.lost_rate_limit as f64)
+        .push(&[("reason", "ring_full")], m.lost_ring_full as f64);
+    vec![
+        one(
+            Family::gauge(
+                "edge_classifier_monitors",
+                "Monitor slots in use (of 4): each costs the data plane an event per frame it selects.",
+            ),
+            m.attached as f64,
+        ),
+        lost,
     ]
 }
 
@@ -365,16 +386,28 @@ async fn snapshot(State(f): State<SnapshotFn>) -> Response {
 }
 
 async fn index() -> &'static str {
-    "edge-classifier: /metrics (Prometheus), /snapshot (JSON for `edge-classifier stats`)\n"
+    "edge-classifier: /metrics (Prometheus), /snapshot (JSON for `edge-classifier stats`), /events (live drop events as JSON lines, the selection of `edge-classifier monitor` as query parameters)\n"
 }
 
-/// Serves `/metrics` and `/snapshot` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, f: SnapshotFn) -> std::io::Result<()> {
-    let app = Router::new()
+/// Serves `/metrics`, `/snapshot` and, for `instance`, `/events` on `listener` until the task
+/// is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    f: SnapshotFn,
+    instance: Option<crate::instance::Instance>,
+) -> std::io::Result<()> {
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/snapshot", get(snapshot))
         .route("/", get(index))
         .with_state(f);
+    if let Some(instance) = instance {
+        app = app.merge(
+            Router::new()
+                .route("/events", get(crate::telemetry::events::stream))
+                .with_state(instance),
+        );
+    }
     axum::serve(listener, app).await
 }
 

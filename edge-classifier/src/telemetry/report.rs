@@ -50,6 +50,14 @@ pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
         "reloads: {} succeeded, {} failed",
         s.reloads.succeeded, s.reloads.failed
     );
+    let m = &s.monitors;
+    if m.attached > 0 || m.lost_rate_limit + m.lost_ring_full > 0 {
+        let _ = writeln!(
+            out,
+            "monitors: {} attached; events missed: {} over the rate limit, {} ring full",
+            m.attached, m.lost_rate_limit, m.lost_ring_full
+        );
+    }
     out
 }
 

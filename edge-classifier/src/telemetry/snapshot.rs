@@ -30,6 +30,18 @@ pub struct Snapshot {
     /// The sets' DNS names (`[sets.NAME] domains`, `hosts`) as the daemon resolves them.
     #[serde(default)]
     pub dns: Vec<NameStatus>,
+    /// The monitors (`edge-classifier monitor`, `/events`) and the events they missed.
+    #[serde(default)]
+    pub monitors: MonitorStats,
+}
+
+/// Monitor slots in use and the events the kernel could not deliver to them, every slot
+/// together, since the maps were created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorStats {
+    pub attached: u32,
+    pub lost_rate_limit: u64,
+    pub lost_ring_full: u64,
 }
 
 /// One name of one set as `status`, the logs and `/metrics` report it.
@@ -128,13 +140,23 @@ impl Snapshot {
                 mode: b.mode.map(|m| m.to_string()),
             })
             .collect();
-        Ok(Snapshot::read_maps(
+        let snap = Snapshot::read_maps(
             classifier.maps(),
             classifier.compiled(),
             &bound,
             catalogue,
             reloads,
-        )?)
+        )?;
+        Ok(match classifier.instance() {
+            Some(i) => snap.with_instance(i),
+            None => snap,
+        })
+    }
+
+    /// The snapshot with what only the instance knows: the monitors attached to it.
+    pub fn with_instance(mut self, instance: &crate::instance::Instance) -> Snapshot {
+        self.monitors.attached = crate::monitor::attached(instance);
+        self
     }
 
     /// Reads every counter from the maps alone: what `status` and `stats --instance` do with the
@@ -204,6 +226,13 @@ impl Snapshot {
             });
         }
         let flows = maps.flow_stats()?;
+        let lost = crate::monitor::lost_total(maps)?;
+        let monitors = MonitorStats {
+            // Monitors are known by their slot locks, which an instance has (`with_instance`).
+            attached: 0,
+            lost_rate_limit: lost.rate_limit,
+            lost_ring_full: lost.ring_full,
+        };
         Ok(Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             taken: unix_now(),
@@ -213,6 +242,7 @@ impl Snapshot {
             interfaces,
             flows,
             dns: Vec::new(),
+            monitors,
         })
     }
 }

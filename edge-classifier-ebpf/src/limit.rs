@@ -1,0 +1,215 @@
+//! Limits on new flows: a limited rule's new flows (a TCP SYN, a UDP datagram of a flow it has
+//! not admitted yet) take a token from their source prefix's bucket, then from the rule's total
+//! one. Established flows never get here: TCP frames other than a bare SYN are not new, a UDP
+//! flow once admitted is recorded in `ADMITTED`, and replies to the Edge's own flows are
+//! decided by the flow table before any limit.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
+use edge_classifier_common::{
+    Bucket, BucketKey, Budget, POLICY_DEFAULT_PASS, RuleLimit, TRANSPORT_UDP, layout, limit_stat,
+    reason,
+};
+
+use crate::{
+    addr::set_bits,
+    classify::{Policy, Verdict},
+    maps::{ADMITTED, BUCKETS, LIMIT_SCRATCH, LIMIT_STATS, LIMITED, LIMITS},
+    parse::Addr,
+};
+
+/// What the limit needs of a frame, written by the caller into the per-CPU `LIMIT_SCRATCH`
+/// for `admit`: on the stack it would sit in the entry point's frame, and the frames of the
+/// call chain must fit the verifier's 512 bytes together. Plain words: an `Addr` enum handed
+/// through memory gave LLVM an undefined register the verifier refuses.
+#[repr(C)]
+pub(crate) struct NewFlow {
+    pub(crate) word: u32,
+    pub(crate) slot: u32,
+    pub(crate) transport: u32,
+    pub(crate) is_v6: u32,
+    /// The frame's source and destination ports (the flow's remote and Edge-side port).
+    pub(crate) sport: u32,
+    pub(crate) dport: u32,
+    /// Address words as `parse::Ip` holds them (IPv4 in the low half of the first).
+    pub(crate) src: [u64; 2],
+    pub(crate) dst: [u64; 2],
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // Token buckets refill per tick: at HZ 250 a 4 ms step, finer than any rate a catalogue
+    // may give per source, and the verifier inlines this helper to one load.
+    unsafe { bpf_jiffies64() }
+}
+
+#[inline(always)]
+fn stat(index: u32) {
+    if let Some(c) = LIMIT_STATS.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer.
+        unsafe { *c += 1 };
+    }
+}
+
+/// `LIMIT_SCRATCH`: the query and the keys `admit` builds, in map memory rather than on the
+/// stack (map helpers take a map value as a key).
+#[repr(C)]
+pub(crate) struct Scratch {
+    pub(crate) q: NewFlow,
+    /// The admitted UDP flow's `FlowKey`, as words.
+    flow: [u64; 5],
+    key: BucketKey,
+}
+
+/// Takes one flow's cost from the bucket at `key`, made full on first use. Buckets are shared
+/// by the CPUs without a lock: two CPUs updating one bucket at once may lose one's update,
+/// which admits a flow more, never fewer.
+#[inline(always)]
+fn take(key: &BucketKey, budget: &Budget, now: u64) -> bool {
+    if let Some(b) = BUCKETS.get_ptr_mut(key) {
+        let b = unsafe { &mut *b };
+        // Another CPU may have stamped a later tick: no time has passed for us.
+        let elapsed = now.saturating_sub(b.stamp);
+        let mut tokens = if elapsed >= budget.fill_ticks {
+            budget.cap
+        } else {
+            let t = b.tokens + elapsed * budget.refill;
+            if t > budget.cap { budget.cap } else { t }
+        };
+        let ok = tokens >= budget.cost;
+        if ok {
+            tokens -= budget.cost;
+        }
+        if elapsed != 0 || ok {
+            b.tokens = tokens;
+            if b.stamp < now {
+                b.stamp = now;
+            }
+        }
+        ok
+    } else {
+        let fresh = Bucket {
+            tokens: budget.cap.saturating_sub(budget.cost),
+            stamp: now,
+        };
+        // Another CPU may have made it meanwhile: then its bucket stands, and this flow is
+        // admitted as the first of a full bucket would be.
+        if BUCKETS.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
+            stat(limit_stat::BUCKET_CREATED);
+        }
+        budget.cap >= budget.cost
+    }
+}
+
+/// The limit's verdict on a new flow of a limited rule: the rule's own when admitted,
+/// `rate_limited` (counted per rule in `LIMITED`) when over a budget. Out of line: only limited
+/// rules' new flows pay for the call. The verdict comes back as one word (`Verdict::word`), in
+/// a register.
+#[inline(never)]
+pub(crate) fn admit() -> u64 {
+    // Written by the caller on this CPU just before the call.
+    let Some(s) = LIMIT_SCRATCH.get_ptr_mut(0) else {
+        return Verdict::drop(reason::DROP_MALFORMED).word();
+    };
+    let s = unsafe { &mut *s };
+    let f = &s.q;
+    let admitted = Verdict::rule(f.slot).word();
+    let Some(limit) = LIMITS.get(layout::limit(f.word & 1, f.slot)) else {
+        return admitted;
+    };
+    if check(s, limit) {
+        return admitted;
+    }
+    let f = &s.q;
+    if let Some(c) = LIMITED.get_ptr_mut(f.slot) {
+        // Per-CPU slot: no other writer.
+        unsafe { *c += 1 };
+    }
+    if Policy(f.word & 1).flags() & POLICY_DEFAULT_PASS != 0 {
+        // Monitor mode drops nothing a rule decides: counted as what it would have been.
+        Verdict::pass(reason::PASS_MONITOR_RATE_LIMITED).word()
+    } else {
+        Verdict::drop(reason::DROP_RATE_LIMITED).word()
+    }
+}
+
+#[inline(always)]
+fn check(s: &mut Scratch, limit: &RuleLimit) -> bool {
+    let now = now();
+    let f = &s.q;
+    let udp = f.transport == TRANSPORT_UDP;
+    // The admitted flow's `FlowKey`, Edge side first as in the flow table: local, remote,
+    // local_port, remote_port, transport (u8), family (u8); IPv4 in the first 4 bytes.
+    let ports = f.dport as u64 | (f.sport as u64) << 16 | (f.transport as u64 & 0xff) << 32;
+    s.flow = if f.is_v6 != 0 {
+        [f.dst[0], f.dst[1], f.src[0], f.src[1], ports | 6 << 40]
+    } else {
+        [
+            f.dst[0] & 0xffff_ffff,
+            0,
+            f.src[0] & 0xffff_ffff,
+            0,
+            ports | 4 << 40,
+        ]
+    };
+    let flow: &edge_classifier_common::FlowKey =
+        unsafe { &*(s.flow.as_ptr() as *const edge_classifier_common::FlowKey) };
+    let f = &s.q;
+    if udp && let Some(seen) = ADMITTED.get_ptr_mut(flow) {
+        let seen = unsafe { &mut *seen };
+        let idle = match Policy(f.word & 1).entry() {
+            Some(p) => p.udp_idle_ticks,
+            None => 0,
+        };
+        if now.saturating_sub(*seen) <= idle {
+            if *seen < now {
+                *seen = now;
+            }
+            return true;
+        }
+    }
+    let src = if f.is_v6 != 0 {
+        Addr::V6(f.src)
+    } else {
+        Addr::V4(f.src[0] as u32)
+    };
+    if limit.exempt_mask != 0 && set_bits(f.word & 1, &src) & limit.exempt_mask != 0 {
+        stat(limit_stat::EXEMPT);
+        return true;
+    }
+    if limit.per_source.cost != 0 {
+        let (family, addr) = if f.is_v6 == 0 {
+            (4, [f.src[0] & limit.mask_v4, 0])
+        } else {
+            (
+                6,
+                [f.src[0] & limit.mask_v6[0], f.src[1] & limit.mask_v6[1]],
+            )
+        };
+        s.key = BucketKey {
+            slot: f.slot,
+            generation: limit.generation,
+            family,
+            addr,
+        };
+        if !take(&s.key, &limit.per_source, now) {
+            return false;
+        }
+    }
+    // The total is asked only once the source's own budget admits the flow: a source over its
+    // limit does not spend the rule's total.
+    if limit.total.cost != 0 {
+        s.key = BucketKey {
+            slot: s.q.slot,
+            generation: limit.generation,
+            family: 0,
+            addr: [0, 0],
+        };
+        if !take(&s.key, &limit.total, now) {
+            return false;
+        }
+    }
+    if udp && ADMITTED.insert(flow, now, 0).is_ok() {
+        stat(limit_stat::ADMITTED);
+    }
+    true
+}

@@ -282,6 +282,23 @@ pub struct BucketKey {
     pub addr: [u64; 2],
 }
 
+/// The key of a UDP flow a limited rule admitted (`ADMITTED`): the rule, the peer's address and
+/// both ports. The Edge's own address is left out: a rule's flows from one peer port to one
+/// Edge port are one flow to the limit whichever of the Edge's addresses they reach, and the
+/// key stays four words the program builds from registers.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AdmittedKey {
+    pub slot: u32,
+    /// 4 or 6.
+    pub family: u32,
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub _pad: u32,
+    /// As in [`BucketKey::addr`], unmasked.
+    pub remote: [u64; 2],
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
@@ -430,6 +447,7 @@ mod pod {
     unsafe impl aya::Pod for RuleLimit {}
     unsafe impl aya::Pod for BucketKey {}
     unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for AdmittedKey {}
 }
 
 // Padding would leak uninitialised bytes into map values and break byte-wise comparisons.
@@ -458,4 +476,5 @@ const _: () = {
     assert!(core::mem::size_of::<RuleLimit>() == 8 + 8 + 8 + 16 + 32 + 32);
     assert!(core::mem::size_of::<BucketKey>() == 32);
     assert!(core::mem::size_of::<Bucket>() == 16);
+    assert!(core::mem::size_of::<AdmittedKey>() == 32);
 };

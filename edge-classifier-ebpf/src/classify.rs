@@ -11,8 +11,7 @@ use edge_classifier_common::{
 
 use crate::{
     addr::{Remote, local_bits},
-    flow,
-    limit::{self, NewFlow},
+    flow, limit,
     maps::*,
     parse::{
         self, Addr, Fragment, Ip, L3, L4, L4_ICMP, L4_SHORT_FRAGMENT, L4_TCP, L4_UDP, Malformed,
@@ -237,14 +236,18 @@ fn decide(l3: &Ip, l4: L4, local_bits: u64, word: u32, role_mask: u32) -> Verdic
     if let Some(entry) = dentry
         && entry.inbound != 0
     {
-        if entry.inbound_single != 0 {
+        // One copy of the limit's gate for both ways a rule is found.
+        let rule = if entry.inbound_single != 0 {
             let rule = &entry.inbound_rule;
             if rule_matches(rule, local_bits, &mut remote, role_mask) {
-                return inbound(rule, word, l3, transport, tcp_flags, sport, dport);
+                Some(rule)
+            } else {
+                None
             }
-        } else if let Some(rule) =
+        } else {
             match_class_rule(active, entry.inbound, local_bits, &mut remote, role_mask)
-        {
+        };
+        if let Some(rule) = rule {
             return inbound(rule, word, l3, transport, tcp_flags, sport, dport);
         }
     }
@@ -306,22 +309,20 @@ fn inbound(
 ) -> Verdict {
     if rule.flags & RULE_LIMITED != 0
         && (transport == TRANSPORT_UDP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
-        && let Some(s) = LIMIT_SCRATCH.get_ptr_mut(0)
     {
-        // Per-CPU: this frame's alone until `admit` has read it.
-        unsafe {
-            (*s).q = NewFlow {
-                word,
-                slot: rule.slot,
-                transport,
-                is_v6: l3.is_v6 as u32,
-                sport: sport as u32,
-                dport: dport as u32,
-                src: l3.src,
-                dst: l3.dst,
-            }
-        };
-        return Verdict::of_word(limit::admit());
+        // Rare beside the frames of rules without a limit: LLVM keeps the registers this
+        // call needs spilled here rather than on every path.
+        core::hint::cold_path();
+        let ports = sport as u64
+            | (dport as u64) << 16
+            | (transport as u64) << 32
+            | (l3.is_v6 as u64) << 40;
+        return Verdict::of_word(limit::admit(
+            word as u64 | (rule.slot as u64) << 32,
+            ports,
+            l3.src[0],
+            l3.src[1],
+        ));
     }
     Verdict::rule(rule.slot)
 }

@@ -6,8 +6,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use edge_classifier_common::{
-    Bucket, BucketKey, Budget, POLICY_DEFAULT_PASS, RuleLimit, TRANSPORT_UDP, layout, limit_stat,
-    reason,
+    AdmittedKey, Bucket, BucketKey, Budget, POLICY_DEFAULT_PASS, RuleLimit, TRANSPORT_UDP, layout,
+    limit_stat, reason,
 };
 
 use crate::{
@@ -17,22 +17,17 @@ use crate::{
     parse::Addr,
 };
 
-/// What the limit needs of a frame, written by the caller into the per-CPU `LIMIT_SCRATCH`
-/// for `admit`: on the stack it would sit in the entry point's frame, and the frames of the
-/// call chain must fit the verifier's 512 bytes together. Plain words: an `Addr` enum handed
-/// through memory gave LLVM an undefined register the verifier refuses.
+/// What the limit needs of a frame, as `admit` takes it in registers.
 #[repr(C)]
-pub(crate) struct NewFlow {
-    pub(crate) word: u32,
-    pub(crate) slot: u32,
-    pub(crate) transport: u32,
-    pub(crate) is_v6: u32,
-    /// The frame's source and destination ports (the flow's remote and Edge-side port).
-    pub(crate) sport: u32,
-    pub(crate) dport: u32,
-    /// Address words as `parse::Ip` holds them (IPv4 in the low half of the first).
-    pub(crate) src: [u64; 2],
-    pub(crate) dst: [u64; 2],
+struct NewFlow {
+    word: u32,
+    slot: u32,
+    transport: u32,
+    is_v6: u32,
+    sport: u32,
+    dport: u32,
+    /// The source address words as `parse::Ip` holds them (IPv4 in the low half of the first).
+    src: [u64; 2],
 }
 
 #[inline(always)]
@@ -50,13 +45,12 @@ fn stat(index: u32) {
     }
 }
 
-/// `LIMIT_SCRATCH`: the query and the keys `admit` builds, in map memory rather than on the
-/// stack (map helpers take a map value as a key).
+/// `LIMIT_SCRATCH`: the keys `admit` builds, in map memory rather than on the stack (map
+/// helpers take a map value as a key; the frames of the call chain must fit the verifier's 512
+/// bytes together).
 #[repr(C)]
 pub(crate) struct Scratch {
-    pub(crate) q: NewFlow,
-    /// The admitted UDP flow's `FlowKey`, as words.
-    flow: [u64; 5],
+    flow: AdmittedKey,
     key: BucketKey,
 }
 
@@ -104,22 +98,34 @@ fn take(key: &BucketKey, budget: &Budget, now: u64) -> bool {
 /// `rate_limited` (counted per rule in `LIMITED`) when over a budget. Out of line: only limited
 /// rules' new flows pay for the call. The verdict comes back as one word (`Verdict::word`), in
 /// a register.
+///
+/// The frame comes in four words, so that the caller only packs registers: `word_slot` is the
+/// `ACTIVE` word and the rule slot above it; `ports` the source port, the destination port
+/// above it, then the transport (bits 32..40) and 1 for IPv6 (bit 40); `src0`, `src1` the
+/// source address words.
 #[inline(never)]
-pub(crate) fn admit() -> u64 {
-    // Written by the caller on this CPU just before the call.
-    let Some(s) = LIMIT_SCRATCH.get_ptr_mut(0) else {
-        return Verdict::drop(reason::DROP_MALFORMED).word();
+pub(crate) fn admit(word_slot: u64, ports: u64, src0: u64, src1: u64) -> u64 {
+    let f = NewFlow {
+        word: word_slot as u32,
+        slot: (word_slot >> 32) as u32,
+        transport: (ports >> 32) as u32 & 0xff,
+        is_v6: (ports >> 40) as u32 & 1,
+        sport: ports as u32 & 0xffff,
+        dport: (ports >> 16) as u32 & 0xffff,
+        src: [src0, src1],
     };
-    let s = unsafe { &mut *s };
-    let f = &s.q;
+    let f = &f;
     let admitted = Verdict::rule(f.slot).word();
     let Some(limit) = LIMITS.get(layout::limit(f.word & 1, f.slot)) else {
         return admitted;
     };
-    if check(s, limit) {
+    let Some(s) = LIMIT_SCRATCH.get_ptr_mut(0) else {
+        return admitted;
+    };
+    // Per-CPU: this frame's alone.
+    if check(f, unsafe { &mut *s }, limit) {
         return admitted;
     }
-    let f = &s.q;
     if let Some(c) = LIMITED.get_ptr_mut(f.slot) {
         // Per-CPU slot: no other writer.
         unsafe { *c += 1 };
@@ -133,27 +139,18 @@ pub(crate) fn admit() -> u64 {
 }
 
 #[inline(always)]
-fn check(s: &mut Scratch, limit: &RuleLimit) -> bool {
+fn check(f: &NewFlow, s: &mut Scratch, limit: &RuleLimit) -> bool {
     let now = now();
-    let f = &s.q;
     let udp = f.transport == TRANSPORT_UDP;
-    // The admitted flow's `FlowKey`, Edge side first as in the flow table: local, remote,
-    // local_port, remote_port, transport (u8), family (u8); IPv4 in the first 4 bytes.
-    let ports = f.dport as u64 | (f.sport as u64) << 16 | (f.transport as u64 & 0xff) << 32;
-    s.flow = if f.is_v6 != 0 {
-        [f.dst[0], f.dst[1], f.src[0], f.src[1], ports | 6 << 40]
-    } else {
-        [
-            f.dst[0] & 0xffff_ffff,
-            0,
-            f.src[0] & 0xffff_ffff,
-            0,
-            ports | 4 << 40,
-        ]
+    s.flow = AdmittedKey {
+        slot: f.slot,
+        family: if f.is_v6 != 0 { 6 } else { 4 },
+        remote_port: f.sport as u16,
+        local_port: f.dport as u16,
+        _pad: 0,
+        remote: f.src,
     };
-    let flow: &edge_classifier_common::FlowKey =
-        unsafe { &*(s.flow.as_ptr() as *const edge_classifier_common::FlowKey) };
-    let f = &s.q;
+    let flow = &s.flow;
     if udp && let Some(seen) = ADMITTED.get_ptr_mut(flow) {
         let seen = unsafe { &mut *seen };
         let idle = match Policy(f.word & 1).entry() {
@@ -199,7 +196,7 @@ fn check(s: &mut Scratch, limit: &RuleLimit) -> bool {
     // limit does not spend the rule's total.
     if limit.total.cost != 0 {
         s.key = BucketKey {
-            slot: s.q.slot,
+            slot: f.slot,
             generation: limit.generation,
             family: 0,
             addr: [0, 0],

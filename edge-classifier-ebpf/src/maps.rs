@@ -8,12 +8,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use edge_classifier_common::{
-    ADMITTED_FLOWS, BUFFERS, Bucket, BucketKey, BufferRecord, Counter, DEFAULT_FLOW_CAPACITY,
-    FlowKey, FlowKey4, FlowState, IFACE_ADDRS_MAX, IFACE_SLOTS, IfaceInfo, InstanceRecord,
-    LIMIT_BUCKETS, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, MAX_RULES, PORT_ENTRIES,
-    PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS, RuleClass, RuleLimit,
-    STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6, StrideBlock,
-    TRANSPORTS, flow_stat, limit_stat,
+    ADMITTED_FLOWS, AdmittedKey, BUFFERS, Bucket, BucketKey, BufferRecord, Counter,
+    DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState, IFACE_ADDRS_MAX, IFACE_SLOTS, IfaceInfo,
+    InstanceRecord, LIMIT_BUCKETS, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, MAX_RULES,
+    PORT_ENTRIES, PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS, RuleClass,
+    RuleLimit, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
+    StrideBlock, TRANSPORTS, flow_stat, limit_stat,
 };
 
 use crate::{
@@ -118,10 +118,10 @@ pub(crate) static LIMITS: Array<RuleLimit> = Array::with_max_entries(BUFFERS * M
 #[map]
 pub(crate) static BUCKETS: LruHashMap<BucketKey, Bucket> =
     LruHashMap::with_max_entries(LIMIT_BUCKETS, 0);
-/// UDP flows a limited rule admitted (`FlowKey` → `bpf_jiffies64` last seen): their later
+/// UDP flows a limited rule admitted (`AdmittedKey` → `bpf_jiffies64` last seen): their later
 /// datagrams are not new flows.
 #[map]
-pub(crate) static ADMITTED: LruHashMap<FlowKey, u64> =
+pub(crate) static ADMITTED: LruHashMap<AdmittedKey, u64> =
     LruHashMap::with_max_entries(ADMITTED_FLOWS, 0);
 /// Per CPU, per rule slot: new flows dropped (or, in monitor mode, passed) over a limit.
 #[map]

@@ -11,11 +11,11 @@ use aya::{
     },
 };
 use edge_classifier_common::{
-    BUFFERS, Bucket, BucketKey, BufferRecord, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS,
-    IfaceInfo, InstanceRecord, LIMIT_BUCKETS, Locals, Lpm4, Lpm6, MAX_IFACES, PORT_SPACE,
-    PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS, RECORD_COMPLETE, RECORD_SETTLED,
-    RECORD_WRITING, RuleClass, RuleLimit, Small4, Small6, StrideBlock, TRACKED_SLOT, TRANSPORTS,
-    flow_stat, layout, limit_stat, reason,
+    AdmittedKey, BUFFERS, Bucket, BucketKey, BufferRecord, Counter, FlowKey, FlowKey4, FlowState,
+    IFACE_SLOTS, IfaceInfo, InstanceRecord, LIMIT_BUCKETS, Locals, Lpm4, Lpm6, MAX_IFACES,
+    PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS, RECORD_COMPLETE,
+    RECORD_SETTLED, RECORD_WRITING, RuleClass, RuleLimit, Small4, Small6, StrideBlock,
+    TRACKED_SLOT, TRANSPORTS, flow_stat, layout, limit_stat, reason,
 };
 use ipnet::IpNet;
 
@@ -103,7 +103,7 @@ maps! {
     "INSTANCE_RECORD" => instance_record: Array<MapData, InstanceRecord>, Array;
     "LIMITS" => limits: Array<MapData, RuleLimit>, Array;
     "BUCKETS" => buckets: HashMap<MapData, BucketKey, Bucket>, LruHashMap;
-    "ADMITTED" => admitted: HashMap<MapData, FlowKey, u64>, LruHashMap;
+    "ADMITTED" => admitted: HashMap<MapData, AdmittedKey, u64>, LruHashMap;
     "LIMITED" => limited: PerCpuArray<MapData, u64>, PerCpuArray;
     "LIMIT_STATS" => limit_stats: PerCpuArray<MapData, u64>, PerCpuArray;
 }

@@ -8,8 +8,8 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use edge_classifier_common::{
-    Bucket, BucketKey, Budget, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState,
-    MAX_CANDIDATES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
+    AdmittedKey, Bucket, BucketKey, Budget, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey,
+    FlowState, MAX_CANDIDATES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
     POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS,
     PolicyEntry, RULE_LIMITED, RuleLimit, SET_ANY, SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP,
     TRANSPORT_UDP, layout, reason,
@@ -65,7 +65,7 @@ pub struct FlowTable {
     pub flows: HashMap<FlowKey, FlowState>,
     pub buckets: HashMap<BucketKey, Bucket>,
     /// Admitted UDP flow → tick last seen.
-    pub admitted: HashMap<FlowKey, u64>,
+    pub admitted: HashMap<AdmittedKey, u64>,
 }
 
 // The parser. The protocol knowledge (field positions, header lengths, which field chains to
@@ -528,7 +528,7 @@ impl<'a> Reference<'a> {
         slot: u32,
         src: &Addr,
         transport: u32,
-        flow: FlowKey,
+        flow: AdmittedKey,
         state: &mut FlowTable,
         now: u64,
     ) -> bool {
@@ -699,7 +699,29 @@ impl<'a> Reference<'a> {
             // the rule has not admitted (or whose admission idled out).
             let new_flow = transport == TRANSPORT_UDP || tcp_flags & 0x12 == 0x02;
             if new_flow && let Some(limit) = self.limit_of(dentry.inbound, slot) {
-                let key = flow_key(transport, &ip.dst, &ip.src, dport, sport);
+                let (family, remote) = match &ip.src {
+                    Addr::V4(a) => {
+                        let mut w = [0u8; 8];
+                        w[..4].copy_from_slice(a);
+                        (4, [u64::from_ne_bytes(w), 0])
+                    }
+                    Addr::V6(a) => (
+                        6,
+                        [
+                            u64::from_ne_bytes(a[..8].try_into().expect("8 bytes")),
+                            u64::from_ne_bytes(a[8..].try_into().expect("8 bytes")),
+                        ],
+                    ),
+                };
+                // The peer and both ports under the rule; the Edge's address is not in it.
+                let key = AdmittedKey {
+                    slot,
+                    family,
+                    remote_port: sport,
+                    local_port: dport,
+                    _pad: 0,
+                    remote,
+                };
                 if !self.admits(&limit, slot, &ip.src, transport, key, flows, now) {
                     return Ok(if policy.flags & POLICY_DEFAULT_PASS != 0 {
                         Verdict::pass(reason::PASS_MONITOR_RATE_LIMITED)

@@ -448,3 +448,59 @@ fn a_reload_that_changes_the_limit_starts_fresh_buckets_and_one_that_keeps_it_ke
         );
     }
 }
+
+/// What `/metrics` and `stats` show of a limit: the refused new flows per rule, the sources
+/// held back now, the bucket table; and nothing of it without a limit.
+#[test]
+fn the_snapshot_and_metrics_show_limited_flows_sources_and_buckets() {
+    use edge_classifier::{
+        metrics::render,
+        snapshot::{CatalogueInfo, Snapshot},
+    };
+    let info = || CatalogueInfo {
+        source: "t".into(),
+        digest: "0".repeat(64),
+        rules: 10,
+    };
+    let mut b = Both::new(&limited(r#"{ per_source = "1/h", burst = 1 }"#, ""));
+    let dst = IpAddr::V4(EXT4);
+    for src in ["192.0.2.1", "192.0.2.2"] {
+        b.expect("first", &tcp(v4(src), 1, dst, 443), Expected::Rule(P3));
+        b.expect(
+            "limited",
+            &tcp(v4(src), 2, dst, 443),
+            drop_reason("rate_limited"),
+        );
+    }
+    b.expect(
+        "third source, first SYN",
+        &tcp(v4("192.0.2.3"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    let s = Snapshot::read(&b.h.classifier, info(), Default::default()).unwrap();
+    let l = &s.limits;
+    assert_eq!(l.rules.len(), 1, "{l:?}");
+    assert_eq!(l.rules[0].id, P3);
+    assert_eq!(l.rules[0].limited, 2);
+    // All three buckets are empty (burst 1, one flow an hour): each source is held back now.
+    assert_eq!(l.rules[0].limited_sources, 3, "{l:?}");
+    assert_eq!((l.buckets, l.buckets_evicted), (3, 0));
+    let text = render(&s).unwrap();
+    for line in [
+        "edge_classifier_rate_limited_packets_total{rule=\"client-sip-tls-in\"} 2",
+        "edge_classifier_rate_limited_sources{rule=\"client-sip-tls-in\"} 3",
+        "edge_classifier_limit_buckets 3",
+        "edge_classifier_limit_buckets_capacity 131072",
+        "edge_classifier_dropped_packets_total{reason=\"rate_limited\",interface=\"lo\"} 2",
+    ] {
+        assert!(text.contains(line), "no `{line}` in\n{text}");
+    }
+    let plain = Both::new(&edge_classifier::catalogue::Catalogue::default_catalogue());
+    let s = Snapshot::read(&plain.h.classifier, info(), Default::default()).unwrap();
+    assert!(s.limits.rules.is_empty());
+    assert!(
+        !render(&s)
+            .unwrap()
+            .contains("edge_classifier_limit_buckets")
+    );
+}

@@ -260,9 +260,9 @@ pub fn xdp_program(ifindex: u32) -> io::Result<Option<XdpProgram>> {
 /// The kernel's own SYN-cookie setting (`net.ipv4.tcp_syncookies`, per network namespace), read
 /// when `run` starts: a warning unless it is 1. The limits at XDP bound the SYNs a flood gets
 /// through; those must not fill a listener's queue and lock out the partners, which the kernel's
-/// cookies prevent when a queue overflows (1). A SYN proxy at XDP is not possible without
-/// netfilter (`tests/syncookies.rs`), so the kernel's cookies are the Edge's SYN protection
-/// behind the limits.
+/// cookies prevent when a queue overflows (1). A listener completes a cookie made at XDP only
+/// while it sent cookies itself lately (`tests/syncookies.rs`), so the Edge has no SYN proxy at
+/// XDP and the kernel's cookies are its SYN protection behind the limits.
 pub fn syncookie_warning() -> Option<String> {
     let value = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_syncookies").ok();
     syncookie_advice(value.as_deref().map(str::trim))

@@ -266,6 +266,10 @@ pub struct RuleLimit {
     pub mask_v6: [u64; 2],
     pub per_source: Budget,
     pub total: Budget,
+    /// Set bits of sources with a budget of their own (`own_budget`): they share `own` instead
+    /// of the per-source and total budgets, so a flood from elsewhere never spends it.
+    pub own_mask: u64,
+    pub own: Budget,
 }
 
 /// The key of a token bucket (`BUCKETS`): a rule's source prefix, or (`family` 0, address 0)
@@ -275,7 +279,7 @@ pub struct RuleLimit {
 pub struct BucketKey {
     pub slot: u32,
     pub generation: u32,
-    /// 4, 6, or 0 for the total.
+    /// 4, 6, or 0 for the total, 1 for the own budget of the `own_budget` sets.
     pub family: u64,
     /// The source prefix: IPv4 in the low 4 bytes of the first word (address bytes in
     /// order), IPv6 in both.
@@ -473,7 +477,7 @@ const _: () = {
     assert!(core::mem::size_of::<Lpm4>() == 8);
     assert!(core::mem::size_of::<Lpm6>() == 20);
     assert!(core::mem::size_of::<Budget>() == 32);
-    assert!(core::mem::size_of::<RuleLimit>() == 8 + 8 + 8 + 16 + 32 + 32);
+    assert!(core::mem::size_of::<RuleLimit>() == 8 + 8 + 8 + 16 + 32 + 32 + 8 + 32);
     assert!(core::mem::size_of::<BucketKey>() == 32);
     assert!(core::mem::size_of::<Bucket>() == 16);
     assert!(core::mem::size_of::<AdmittedKey>() == 32);

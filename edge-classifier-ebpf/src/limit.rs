@@ -94,6 +94,44 @@ fn take(key: &BucketKey, budget: &Budget, now: u64) -> bool {
     }
 }
 
+/// The per-source budget, then the rule's total: whether both admit the flow.
+#[inline(always)]
+fn shared(f: &NewFlow, key: &mut BucketKey, limit: &RuleLimit, now: u64) -> bool {
+    if limit.per_source.cost != 0 {
+        let (family, addr) = if f.is_v6 == 0 {
+            (4, [f.src[0] & limit.mask_v4, 0])
+        } else {
+            (
+                6,
+                [f.src[0] & limit.mask_v6[0], f.src[1] & limit.mask_v6[1]],
+            )
+        };
+        *key = BucketKey {
+            slot: f.slot,
+            generation: limit.generation,
+            family,
+            addr,
+        };
+        if !take(key, &limit.per_source, now) {
+            return false;
+        }
+    }
+    // The total is asked only once the source's own budget admits the flow: a source over its
+    // limit does not spend the rule's total.
+    if limit.total.cost != 0 {
+        *key = BucketKey {
+            slot: f.slot,
+            generation: limit.generation,
+            family: 0,
+            addr: [0, 0],
+        };
+        if !take(key, &limit.total, now) {
+            return false;
+        }
+    }
+    true
+}
+
 /// The limit's verdict on a new flow of a limited rule: the rule's own when admitted,
 /// `rate_limited` (counted per rule in `LIMITED`) when over a budget. Out of line: only limited
 /// rules' new flows pay for the call. The verdict comes back as one word (`Verdict::word`), in
@@ -169,41 +207,30 @@ fn check(f: &NewFlow, s: &mut Scratch, limit: &RuleLimit) -> bool {
     } else {
         Addr::V4(f.src[0] as u32)
     };
-    if limit.exempt_mask != 0 && set_bits(f.word & 1, &src) & limit.exempt_mask != 0 {
+    let sets = limit.exempt_mask | limit.own_mask;
+    let bits = if sets != 0 {
+        set_bits(f.word & 1, &src) & sets
+    } else {
+        0
+    };
+    if bits & limit.exempt_mask != 0 {
         stat(limit_stat::EXEMPT);
         return true;
     }
-    if limit.per_source.cost != 0 {
-        let (family, addr) = if f.is_v6 == 0 {
-            (4, [f.src[0] & limit.mask_v4, 0])
-        } else {
-            (
-                6,
-                [f.src[0] & limit.mask_v6[0], f.src[1] & limit.mask_v6[1]],
-            )
-        };
+    if bits & limit.own_mask != 0 {
+        // A set with a budget of its own: its sources share it, and neither the per-source nor
+        // the rule's total budget applies to them.
         s.key = BucketKey {
             slot: f.slot,
             generation: limit.generation,
-            family,
-            addr,
-        };
-        if !take(&s.key, &limit.per_source, now) {
-            return false;
-        }
-    }
-    // The total is asked only once the source's own budget admits the flow: a source over its
-    // limit does not spend the rule's total.
-    if limit.total.cost != 0 {
-        s.key = BucketKey {
-            slot: f.slot,
-            generation: limit.generation,
-            family: 0,
+            family: 1,
             addr: [0, 0],
         };
-        if !take(&s.key, &limit.total, now) {
+        if !take(&s.key, &limit.own, now) {
             return false;
         }
+    } else if !shared(f, &mut s.key, limit, now) {
+        return false;
     }
     if udp && ADMITTED.insert(flow, now, 0).is_ok() {
         stat(limit_stat::ADMITTED);

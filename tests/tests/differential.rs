@@ -589,7 +589,8 @@ fn agree_with_large(mut c: Checker, seed: u64, name: &str) {
 /// Limits on new flows: the kernel's token buckets and admitted UDP flows against the
 /// reference's, frame by frame. One flow an hour refills nothing within the run, so the buckets'
 /// contents do not depend on the clock the reference is given: bursts, the total after the
-/// source's budget, /24 and /48 source prefixes, exempt partners, admitted UDP flows.
+/// source's budget, /24 and /48 source prefixes, exempt partners, partners with a budget of
+/// their own, admitted UDP flows.
 #[test]
 fn kernel_and_reference_agree_on_limits() {
     let h = Harness::edited_default(
@@ -605,7 +606,7 @@ fn kernel_and_reference_agree_on_limits() {
             ),
             (
                 "id = \"xmpp-federation-in\"",
-                "id = \"xmpp-federation-in\"\nlimit = { total = \"1/h\", total_burst = 25 }",
+                "id = \"xmpp-federation-in\"\nlimit = { total = \"1/h\", total_burst = 25, own_budget = { sets = [\"public_im_partners\"], rate = \"1/h\", burst = 4 } }",
             ),
         ],
     );
@@ -627,6 +628,9 @@ fn kernel_and_reference_agree_on_limits() {
         }
         for sport in [50000, 50000, 50001, 50000, 50002, 50001] {
             c.check(&udp(src, sport, dst, 3478));
+        }
+        for port in 0..6 {
+            c.check(&tcp_segment(src, 41000 + port, dst, 5269, SYN));
         }
     }
     let mut rng = Rng(0x0bad_cafe_f00d_0020);

@@ -264,6 +264,47 @@ fn exempt_partners_are_never_limited() {
 }
 
 #[test]
+fn a_set_with_its_own_budget_neither_spends_nor_is_spent_by_the_others() {
+    let mut b = Both::new(&limited(
+        r#"{ per_source = "1/h", burst = 1, total = "1/h", total_burst = 2, own_budget = { sets = ["public_im_partners"], rate = "1/h", burst = 3 } }"#,
+        "",
+    ));
+    let dst = IpAddr::V4(EXT4);
+    let partner = IpAddr::V4(PARTNER4);
+    // The partner set's budget: 3 new flows from one partner address, where the per-source
+    // budget would have allowed 1.
+    for port in 0..3 {
+        b.expect(
+            &format!("partner SYN {port}"),
+            &tcp(partner, 40000 + port, dst, 443),
+            Expected::Rule(P3),
+        );
+    }
+    b.expect(
+        "partner SYN beyond its set's budget",
+        &tcp(partner, 40003, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    // Everyone else: the total of 2 is whole, the partners took none of it.
+    b.expect(
+        "stranger A",
+        &tcp(v4("192.0.2.1"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "stranger B",
+        &tcp(v4("192.0.2.2"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "stranger C: the total is spent",
+        &tcp(v4("192.0.2.3"), 1, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    assert_eq!(b.limited(P3), 2);
+}
+
+#[test]
 fn an_admitted_udp_flow_is_not_new_and_another_flow_of_the_source_is() {
     let mut b = Both::new(&limited("", r#"{ per_source = "1/h", burst = 1 }"#));
     let client = v4("192.0.2.77");

@@ -278,6 +278,18 @@ struct RawLimit {
     prefix_v6: Option<Spanned<i64>>,
     #[serde(default)]
     exempt: Vec<Spanned<String>>,
+    #[serde(default)]
+    own_budget: Option<Spanned<RawOwnBudget>>,
+}
+
+/// `own_budget = { sets = ["public_im_partners"], rate = "200/s", burst = 400 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOwnBudget {
+    sets: Vec<Spanned<String>>,
+    rate: Spanned<String>,
+    #[serde(default)]
+    burst: Option<Spanned<i64>>,
 }
 
 /// A rate of new flows: `count` per `seconds`, and the burst a bucket holds.
@@ -310,6 +322,14 @@ pub struct Limit {
     pub prefix_v6: u8,
     /// Sets whose sources are never limited (federation partners).
     pub exempt: Vec<String>,
+    /// Sets whose sources share a budget of their own instead of the per-source and total ones.
+    pub own_budget: Option<OwnBudget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OwnBudget {
+    pub sets: Vec<String>,
+    pub rate: Rate,
 }
 
 impl fmt::Display for Limit {
@@ -326,6 +346,9 @@ impl fmt::Display for Limit {
         }
         if !self.exempt.is_empty() {
             parts.push(format!("exempt: {}", self.exempt.join(", ")));
+        }
+        if let Some(o) = &self.own_budget {
+            parts.push(format!("own budget of {}: {}", o.sets.join(", "), o.rate));
         }
         write!(f, "{}", parts.join("; "))
     }
@@ -1200,20 +1223,54 @@ fn parse_limit(
     };
     let prefix_v4 = prefix(l.prefix_v4, "prefix_v4", 32, DEFAULT_LIMIT_PREFIX_V4);
     let prefix_v6 = prefix(l.prefix_v6, "prefix_v6", 128, DEFAULT_LIMIT_PREFIX_V6);
-    let mut exempt = Vec::new();
-    for s in l.exempt {
-        let Some(name) = src.check(s.span(), known_set(sets, s.get_ref(), "exempt")) else {
-            continue;
-        };
-        if name == ANY {
-            src.error(
-                s.span(),
-                "`any` cannot be exempt: that is no limit at all; name the partners' sets",
-            );
-            continue;
+    let named = |src: &mut Located, list: Vec<Spanned<String>>, what: &str| {
+        let mut out: Vec<String> = Vec::new();
+        for s in list {
+            let Some(name) = src.check(s.span(), known_set(sets, s.get_ref(), what)) else {
+                continue;
+            };
+            if name == ANY {
+                src.error(
+                    s.span(),
+                    format!(
+                        "`any` cannot be {what}: that is no limit at all; name the partners' sets"
+                    ),
+                );
+                continue;
+            }
+            out.push(name);
         }
-        exempt.push(name);
-    }
+        out
+    };
+    let exempt = named(src, l.exempt, "exempt");
+    let own_budget = match l.own_budget {
+        None => None,
+        Some(o) => {
+            let o = o.into_inner();
+            let own_sets = named(src, o.sets, "given an own budget");
+            for set in &own_sets {
+                if exempt.contains(set) {
+                    src.error(
+                        span.clone(),
+                        format!("set `{set}` is both exempt and given an own budget: name it in one of them"),
+                    );
+                }
+            }
+            let rate = src
+                .check(o.rate.span(), rate("own_budget.rate", o.rate.get_ref()))
+                .and_then(|(count, seconds)| {
+                    burst(src, o.burst, "own_budget.burst", count).map(|burst| Rate {
+                        count,
+                        seconds,
+                        burst,
+                    })
+                });
+            rate.map(|rate| OwnBudget {
+                sets: own_sets,
+                rate,
+            })
+        }
+    };
     if src.errors.len() == errors_before && per_source.is_none() && total.is_none() {
         src.error(
             span,
@@ -1229,6 +1286,7 @@ fn parse_limit(
         prefix_v4,
         prefix_v6,
         exempt,
+        own_budget,
     })
 }
 
@@ -1934,6 +1992,20 @@ edge = ["198.51.100.10/32"]
             limited(r#"{ total = "100/h", total_burst = 7 }"#).total,
             Some(rate(100, 3600, 7))
         );
+        let l = limited(
+            r#"{ total = "100/s", own_budget = { sets = ["partners"], rate = "200/s", burst = 400 } }"#,
+        );
+        assert_eq!(
+            l.own_budget,
+            Some(OwnBudget {
+                sets: vec!["partners".into()],
+                rate: rate(200, 1, 400)
+            })
+        );
+        assert_eq!(
+            l.to_string(),
+            "total: 100/s burst 100; own budget of partners: 200/s burst 400"
+        );
     }
 
     #[test]
@@ -1972,6 +2044,16 @@ edge = ["198.51.100.10/32"]
                 .starts_with("14:41: unknown exempt set `partner`"),
         );
         assert!(limited(r#"{ per_sauce = "1/s" }"#).contains("unknown field `per_sauce`"));
+        assert_eq!(
+            limited(r#"{ total = "1/s", own_budget = { sets = ["edge"], rate = "1/x" } }"#),
+            r#"14:65: invalid rate `1/x` for limit.own_budget.rate: expected new flows per second, minute or hour, such as "20/s", "600/m" or "1000/h""#
+        );
+        assert_eq!(
+            limited(
+                r#"{ total = "1/s", exempt = ["edge"], own_budget = { sets = ["edge"], rate = "1/s" } }"#
+            ),
+            "14:9: set `edge` is both exempt and given an own budget: name it in one of them"
+        );
         let outbound = rule("port = 443\nlimit = { total = \"1/s\" }")
             .replace("direction = \"inbound\"", "direction = \"outbound\"");
         assert_eq!(

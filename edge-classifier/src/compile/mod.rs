@@ -516,6 +516,13 @@ pub fn rule_limit(
         ],
         per_source: budget(&l.per_source),
         total: budget(&l.total),
+        own_mask: l.own_budget.as_ref().map_or(0, |o| {
+            o.sets
+                .iter()
+                .map(|s| set_bit[s.as_str()])
+                .fold(0, |a, b| a | b)
+        }),
+        own: budget(&l.own_budget.as_ref().map(|o| o.rate)),
     };
     // FNV-1a over the id and the limit as the program reads it: the same rule with the same
     // limit keeps its buckets across reloads; any change starts new ones.
@@ -530,11 +537,18 @@ pub fn rule_limit(
 /// The bytes of a limit's numbers, for its generation hash.
 fn limit_bytes(e: &RuleLimit) -> impl Iterator<Item = u8> {
     let b = |x: &edge_classifier_common::Budget| [x.cost, x.refill, x.cap, x.fill_ticks];
-    [e.exempt_mask, e.mask_v4, e.mask_v6[0], e.mask_v6[1]]
-        .into_iter()
-        .chain(b(&e.per_source))
-        .chain(b(&e.total))
-        .flat_map(u64::to_le_bytes)
+    [
+        e.exempt_mask,
+        e.mask_v4,
+        e.mask_v6[0],
+        e.mask_v6[1],
+        e.own_mask,
+    ]
+    .into_iter()
+    .chain(b(&e.per_source))
+    .chain(b(&e.total))
+    .chain(b(&e.own))
+    .flat_map(u64::to_le_bytes)
 }
 
 /// The rules on one (transport, kind) port line, in file order.
@@ -845,6 +859,7 @@ mod tests {
             prefix_v4: 24,
             prefix_v6: 48,
             exempt: vec!["partners".into()],
+            own_budget: None,
         };
         let bits: HashMap<&str, u64> = [("partners", 1u64 << 5)].into();
         let e = rule_limit("r", &limit, &bits, 250);

@@ -540,7 +540,8 @@ impl<'a> Reference<'a> {
             *seen = (*seen).max(now);
             return true;
         }
-        if self.sets.bits(src) & limit.exempt_mask != 0 {
+        let bits = self.sets.bits(src);
+        if bits & limit.exempt_mask != 0 {
             return true;
         }
         let take = |state: &mut FlowTable, key: BucketKey, b: &Budget| -> bool {
@@ -561,6 +562,22 @@ impl<'a> Reference<'a> {
                 false
             }
         };
+        // The sets with a budget of their own share it, and no other budget applies to them.
+        if bits & limit.own_mask != 0 {
+            let key = BucketKey {
+                slot,
+                generation: limit.generation,
+                family: 1,
+                addr: [0, 0],
+            };
+            if !take(state, key, &limit.own) {
+                return false;
+            }
+            if udp {
+                state.admitted.insert(flow, now);
+            }
+            return true;
+        }
         if limit.per_source.cost != 0 {
             let (family, addr) = match src {
                 Addr::V4(a) => {

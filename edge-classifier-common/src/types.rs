@@ -298,7 +298,9 @@ pub struct AdmittedKey {
     pub family: u32,
     pub remote_port: u16,
     pub local_port: u16,
-    pub _pad: u32,
+    /// The rule's `RuleLimit::generation`: a new rule on a reused slot, or a changed limit,
+    /// does not inherit the flows admitted before.
+    pub generation: u32,
     /// As in [`BucketKey::addr`], unmasked.
     pub remote: [u64; 2],
 }

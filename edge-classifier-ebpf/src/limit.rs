@@ -185,7 +185,7 @@ fn check(f: &NewFlow, s: &mut Scratch, limit: &RuleLimit) -> bool {
         family: if f.is_v6 != 0 { 6 } else { 4 },
         remote_port: f.sport as u16,
         local_port: f.dport as u16,
-        _pad: 0,
+        generation: limit.generation,
         remote: f.src,
     };
     let flow = &s.flow;

@@ -545,3 +545,75 @@ fn the_snapshot_and_metrics_show_limited_flows_sources_and_buckets() {
             .contains("edge_classifier_limit_buckets")
     );
 }
+
+/// A slot freed by a removed rule and given to a new one later starts its rate-limited count
+/// at 0, as its frame counters do.
+#[test]
+fn a_new_rule_on_a_reused_slot_starts_with_no_limited_flows() {
+    let mut h = Harness::new(
+        &limited(r#"{ per_source = "1/h", burst = 1 }"#, ""),
+        "external",
+    );
+    let client = v4("192.0.2.77");
+    let dst = IpAddr::V4(EXT4);
+    h.expect(
+        "first",
+        &tcp(client, 1, dst, 443),
+        XDP_PASS,
+        &Expected::Rule(P3),
+    );
+    h.expect(
+        "limited",
+        &tcp(client, 2, dst, 443),
+        XDP_DROP,
+        &drop_reason("rate_limited"),
+    );
+    let old_slot = h.classifier.compiled().rule_slot(P3);
+    assert_eq!(h.classifier.maps().limited(&[old_slot]).unwrap(), [1]);
+    let mut held: [Option<edge_classifier::compile::Compiled>; 2] = [None, None];
+    held[h.classifier.maps().active().unwrap() as usize] = Some(h.classifier.compiled().clone());
+    let mut reload = |h: &mut Harness, text: &str| {
+        let cat = edge_classifier::catalogue::Catalogue::parse("t.toml", text).unwrap();
+        let next = compile_with(&cat, &h.classifier.compiled().assignments).unwrap();
+        let running = h.classifier.compiled().clone();
+        let target = 1 - h.classifier.maps().active().unwrap() as usize;
+        let holds = held[target].as_ref().map_or(Holds::Empty, Holds::Compiled);
+        h.classifier
+            .maps_mut()
+            .swap_in(&next, holds, Some(&running))
+            .unwrap();
+        h.classifier
+            .maps_mut()
+            .activate(target as u32, &next)
+            .unwrap();
+        held[target] = Some(next.clone());
+        h.classifier.set_compiled(next);
+    };
+    let default = edge_classifier::catalogue::DEFAULT_CATALOGUE;
+    // P3 removed, then a new rule on 443 under another id: it gets P3's old slot.
+    let without = default.replacen(
+        "id = \"client-sip-tls-in\"",
+        "id = \"client-sip-tls-in-old\"",
+        1,
+    );
+    let start = without
+        .find("[[rule]]\nid = \"client-sip-tls-in-old\"")
+        .unwrap();
+    let end = start + 9 + without[start + 9..].find("[[rule]]").unwrap();
+    let mut removed = without.clone();
+    removed.replace_range(start..end, "");
+    reload(&mut h, &removed);
+    let renamed = default.replacen(
+        "id = \"client-sip-tls-in\"",
+        "id = \"client-sip-tls-in-2\"\nlimit = { per_source = \"1/h\", burst = 1 }",
+        1,
+    );
+    reload(&mut h, &renamed);
+    let new_slot = h.classifier.compiled().rule_slot("client-sip-tls-in-2");
+    assert_eq!(new_slot, old_slot, "the test needs the slot reused");
+    assert_eq!(
+        h.classifier.maps().limited(&[new_slot]).unwrap(),
+        [0],
+        "the new rule inherited the old one's rate-limited count"
+    );
+}

@@ -476,7 +476,8 @@ impl Maps {
         })
     }
 
-    /// Zeroes the counters of `slots` in every block: a slot given to a new rule starts at 0.
+    /// Zeroes the counters of `slots` in every block, and their rate-limited counts: a slot given
+    /// to a new rule starts at 0.
     pub fn zero_slots(&mut self, slots: &BTreeSet<u32>) -> Result<(), MapsError> {
         if slots.is_empty() {
             return Ok(());
@@ -500,6 +501,16 @@ impl Maps {
                     .set(layout::stats(block, layout::rule_counter(*slot)), zero, 0)
                     .map_err(err("STATS"))?;
             }
+        }
+        // The new flows a limit refused, per slot (not per interface).
+        for slot in slots {
+            let zero = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| {
+                err("LIMITED")(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "per-cpu values",
+                    io_error: e,
+                }))
+            })?;
+            self.limited.set(*slot, zero, 0).map_err(err("LIMITED"))?;
         }
         Ok(())
     }

@@ -736,7 +736,7 @@ impl<'a> Reference<'a> {
                     family,
                     remote_port: sport,
                     local_port: dport,
-                    _pad: 0,
+                    generation: limit.generation,
                     remote,
                 };
                 if !self.admits(&limit, slot, &ip.src, transport, key, flows, now) {

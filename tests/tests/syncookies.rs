@@ -2,15 +2,17 @@
 //! (`bpf_tcp_raw_gen_syncookie_ipv4`, what an XDP SYN proxy puts in its SYN-ACK) be completed by
 //! the kernel's own listener, without netfilter's SYNPROXY?
 //!
-//! A listener on the Edge's 198.51.100.10:5061 with `net.ipv4.tcp_syncookies = 2` (cookies for
-//! every SYN). The probe program (`syncookie_probe`, BPF_PROG_TEST_RUN) makes the cookie for a
+//! A listener on the Edge's 198.51.100.10:5061, first with `net.ipv4.tcp_syncookies = 1` (the
+//! default: cookies once a listener's queue overflows), then 2 (cookies for every SYN). The
+//! probe program (`syncookie_probe`, BPF_PROG_TEST_RUN) makes the cookie for a
 //! SYN the listener never sees, as a SYN proxy at XDP would; the client's ACK carrying it is
 //! sent from the remote host with a raw socket. Found here (Linux 6.18):
 //!
 //! - a listener that has not sent a cookie itself in the last two minutes refuses the ACK
 //!   (`cookie_v4_check` → `cookie_tcp_check` gives up while `tcp_synq_no_recent_overflow`):
 //!   an Edge that answers every SYN at XDP starves its listeners of the SYNs that would keep
-//!   that stamp fresh, and the handshakes it proxies fail;
+//!   that stamp fresh, and the handshakes it proxies fail; with `tcp_syncookies = 1` a listener
+//!   whose queue does not overflow never sends a cookie, so real SYNs reaching it do not help;
 //! - once one real SYN has reached the listener (with `tcp_syncookies = 2` it answered with a
 //!   cookie and stamped the listener), the same kind of ACK is accepted: the XDP cookie and the
 //!   kernel's share the secret.
@@ -117,12 +119,16 @@ fn cookie_counters(lab: &Lab) -> (u64, u64, u64) {
 #[test]
 fn a_cookie_made_at_xdp_is_completed_by_the_listener_only_after_it_sent_cookies_itself() {
     let lab = Lab::create("sc").expect("lab");
-    let sysctl = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", Lab::netns_path(&lab.edge)))
-        .args(["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])
-        .status()
-        .expect("sysctl");
-    assert!(sysctl.success());
+    let syncookies = |value: u8| {
+        let sysctl = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", Lab::netns_path(&lab.edge)))
+            .args(["sysctl", "-qw", &format!("net.ipv4.tcp_syncookies={value}")])
+            .status()
+            .expect("sysctl");
+        assert!(sysctl.success());
+    };
+    // The kernel's default, and what `run` asks for: cookies only when a queue overflows.
+    syncookies(1);
     let listener = in_netns(&lab.edge, || {
         let l = TcpListener::bind(SocketAddr::new(IpAddr::V4(EDGE), PORT))?;
         l.set_nonblocking(true)?;
@@ -172,24 +178,54 @@ fn a_cookie_made_at_xdp_is_completed_by_the_listener_only_after_it_sent_cookies_
         "a listener that sent no cookie accepted an XDP cookie"
     );
 
-    // 2. One real SYN reaches the listener: with tcp_syncookies = 2 it answers with a cookie of
+    let connect = || {
+        let stream = in_netns(&lab.remote, || {
+            Ok(TcpStream::connect_timeout(
+                &SocketAddr::new(IpAddr::V4(EDGE), PORT),
+                Duration::from_secs(2),
+            )?)
+        })
+        .expect("a real connect");
+        assert!(accepted(&listener, Duration::from_secs(2)).is_some());
+        drop(stream);
+    };
+
+    // 2. With tcp_syncookies = 1 a real SYN gets an ordinary SYN-ACK (the queue is far from
+    // full): the listener sends no cookie, and still refuses the XDP cookie. An XDP SYN proxy
+    // in front of listeners whose queues never overflow (the point of having one) never works.
+    connect();
+    let plain = cookie_counters(&lab);
+    assert_eq!(plain.0, after.0, "no cookie under tcp_syncookies = 1");
+    let isn = 1_500_000;
+    let cookie = xdp_cookie(&mut probe, &frame(&lab, 40003, isn, None));
+    raw.send(&frame(&lab, 40003, isn, Some(cookie))).unwrap();
+    let still = accepted(&listener, Duration::from_secs(2));
+    eprintln!(
+        "tcp_syncookies = 1, after a real connect: XDP cookie ACK {}; {after:?} -> {:?}",
+        if still.is_some() {
+            "accepted"
+        } else {
+            "refused"
+        },
+        cookie_counters(&lab)
+    );
+    assert_eq!(
+        still, None,
+        "the listener accepted an XDP cookie under tcp_syncookies = 1"
+    );
+
+    // 3. One real SYN reaches the listener with tcp_syncookies = 2: it answers with a cookie of
     // its own, which stamps it.
-    let stream = in_netns(&lab.remote, || {
-        Ok(TcpStream::connect_timeout(
-            &SocketAddr::new(IpAddr::V4(EDGE), PORT),
-            Duration::from_secs(2),
-        )?)
-    })
-    .expect("a real connect");
-    assert!(accepted(&listener, Duration::from_secs(2)).is_some());
-    drop(stream);
+    syncookies(2);
+    let after = cookie_counters(&lab);
+    connect();
     let stamped = cookie_counters(&lab);
     assert!(
         stamped.0 > after.0,
         "the listener sent no cookie of its own: {after:?} -> {stamped:?}"
     );
 
-    // 3. Now the same kind of ACK, for a SYN the listener never saw, completes.
+    // 4. Now the same kind of ACK, for a SYN the listener never saw, completes.
     let isn = 2_000_000;
     let cookie = xdp_cookie(&mut probe, &frame(&lab, 40002, isn, None));
     raw.send(&frame(&lab, 40002, isn, Some(cookie))).unwrap();

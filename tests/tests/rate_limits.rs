@@ -536,6 +536,13 @@ fn the_snapshot_and_metrics_show_limited_flows_sources_and_buckets() {
     ] {
         assert!(text.contains(line), "no `{line}` in\n{text}");
     }
+    let table = edge_classifier::report::snapshot_table(&s, None);
+    for line in [
+        "limit of client-sip-tls-in (per source /32 /64: 1/h burst 1): 2 new flows refused, 3 sources limited now",
+        "limit buckets: 3 of 131072, 0 evicted;",
+    ] {
+        assert!(table.contains(line), "no `{line}` in\n{table}");
+    }
     let plain = Both::new(&edge_classifier::catalogue::Catalogue::default_catalogue());
     let s = Snapshot::read(&plain.h.classifier, info(), Default::default()).unwrap();
     assert!(s.limits.rules.is_empty());

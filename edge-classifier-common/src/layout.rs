@@ -43,6 +43,12 @@ pub const fn rule_counter(slot: u32) -> u32 {
     RULE_COUNTER_BASE + slot
 }
 
+/// `LIMITS[buffer][slot]`: a limited rule's budgets, by counter slot.
+#[inline(always)]
+pub const fn limit(buffer: u32, slot: u32) -> u32 {
+    buffer * crate::MAX_RULES + slot
+}
+
 /// `STRIDE4_TOP[buffer][top 16 bits]`.
 #[inline(always)]
 pub const fn stride_top(buffer: u32, top: u32) -> u32 {

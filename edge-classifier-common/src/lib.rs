@@ -78,6 +78,17 @@ pub const TRACKED_SLOT: u32 = u32::MAX;
 
 /// Rule flags (`RuleMatch::flags`).
 pub const RULE_OUTBOUND: u32 = 1 << 0;
+/// The rule has a `limit` on new flows (`LIMITS[buffer][slot]`): the one test a rule without
+/// one pays.
+pub const RULE_LIMITED: u32 = 1 << 1;
+
+/// Entries of the token-bucket table (`BUCKETS`), shared by every limited rule: a source
+/// prefix's bucket, or a rule's total one. Beyond it the least recently used bucket is evicted
+/// (a source coming back starts with a full bucket).
+pub const LIMIT_BUCKETS: u32 = 131_072;
+/// Entries of the table of UDP flows a limited rule admitted (`ADMITTED`): their later
+/// datagrams are not new flows.
+pub const ADMITTED_FLOWS: u32 = 65_536;
 
 pub mod reason;
 mod types;

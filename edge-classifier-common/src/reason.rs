@@ -36,7 +36,12 @@ pub const PASS_DHCP_CLIENT: u32 = 22;
 pub const PASS_EGRESS_TRACKED: u32 = 23;
 /// A reply to a flow recorded by `PASS_EGRESS_TRACKED`.
 pub const PASS_TRACKED_REPLY: u32 = 24;
-pub const COUNT: u32 = 25;
+/// A new flow (a TCP SYN, a UDP datagram of a flow not yet admitted) of a rule with a `limit`,
+/// over its source prefix's or the rule's budget. Per rule in `LIMITED` too.
+pub const DROP_RATE_LIMITED: u32 = 25;
+/// Monitor mode: a new flow that would have been dropped as `rate_limited`.
+pub const PASS_MONITOR_RATE_LIMITED: u32 = 26;
+pub const COUNT: u32 = 27;
 
 /// Label values, indexed by reason; `true` where the reason is a drop.
 pub const NAMES: [(&str, bool); COUNT as usize] = [
@@ -65,4 +70,6 @@ pub const NAMES: [(&str, bool); COUNT as usize] = [
     ("dhcp_client", false),
     ("egress_tracked", false),
     ("tracked_reply", false),
+    ("rate_limited", true),
+    ("monitor_rate_limited", false),
 ];

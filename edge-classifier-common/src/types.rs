@@ -238,6 +238,97 @@ pub mod flow_stat {
     pub const COUNT: u32 = 3;
 }
 
+/// A token bucket's parameters, in whole-number units: a new flow costs `cost` units, every
+/// tick (`bpf_jiffies64`) adds `refill`, a bucket holds at most `cap`. For `N` flows per
+/// `P` seconds at HZ ticks a second: `cost = P * HZ`, `refill = N`, `cap = burst * cost`, so the
+/// rate is exact with no division in the kernel. `cost` 0: no such budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Budget {
+    pub cost: u64,
+    pub refill: u64,
+    pub cap: u64,
+    /// Ticks that fill an empty bucket (`ceil(cap / refill)`): a longer pause just fills it, so
+    /// `elapsed * refill` never overflows.
+    pub fill_ticks: u64,
+}
+
+/// A limited rule's budgets (`LIMITS[buffer][slot]`); read only for rules with `RULE_LIMITED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleLimit {
+    /// Set bits of sources that are never limited (the `exempt` sets).
+    pub exempt_mask: u64,
+    /// Part of every bucket key of the rule: a hash of its id and budgets, so a reload that
+    /// changes the limit starts fresh buckets rather than trusting ones filled under the old
+    /// one (those age out of the LRU), and one that keeps it keeps them.
+    pub generation: u32,
+    pub _pad: u32,
+    /// The source prefix of a bucket, as masks over the address words as the program holds
+    /// them (native order): IPv4 one word, IPv6 the two 64-bit words.
+    pub mask_v4: u64,
+    pub mask_v6: [u64; 2],
+    pub per_source: Budget,
+    pub total: Budget,
+    /// Set bits of sources with a budget of their own (`own_budget`): they share `own` instead
+    /// of the per-source and total budgets, so a flood from elsewhere never spends it.
+    pub own_mask: u64,
+    pub own: Budget,
+}
+
+/// The key of a token bucket (`BUCKETS`): a rule's source prefix, or (`family` 0, address 0)
+/// the rule's total budget.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    pub slot: u32,
+    pub generation: u32,
+    /// 4, 6, or 0 for the total, 1 for the own budget of the `own_budget` sets.
+    pub family: u64,
+    /// The source prefix: IPv4 in the low 4 bytes of the first word (address bytes in
+    /// order), IPv6 in both.
+    pub addr: [u64; 2],
+}
+
+/// The key of a UDP flow a limited rule admitted (`ADMITTED`): the rule, the peer's address and
+/// both ports. The Edge's own address is left out: a rule's flows from one peer port to one
+/// Edge port are one flow to the limit whichever of the Edge's addresses they reach, and the
+/// key stays four words the program builds from registers.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AdmittedKey {
+    pub slot: u32,
+    /// 4 or 6.
+    pub family: u32,
+    pub remote_port: u16,
+    pub local_port: u16,
+    /// The rule's `RuleLimit::generation`: a new rule on a reused slot, or a changed limit,
+    /// does not inherit the flows admitted before.
+    pub generation: u32,
+    /// As in [`BucketKey::addr`], unmasked.
+    pub remote: [u64; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    /// Units left (see [`Budget`]).
+    pub tokens: u64,
+    /// `bpf_jiffies64` when `tokens` was last brought up to date.
+    pub stamp: u64,
+}
+
+/// Limit events (`LIMIT_STATS` index, per CPU). Bucket evictions are `created - present`.
+pub mod limit_stat {
+    /// A bucket made for a source prefix or a rule's total.
+    pub const BUCKET_CREATED: u32 = 0;
+    /// A UDP flow admitted by a limited rule recorded, so its later datagrams are not new.
+    pub const ADMITTED: u32 = 1;
+    /// A new flow of an exempt source, passed without a token.
+    pub const EXEMPT: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
 /// LPM key data for IPv4: the buffer byte first, so one trie holds both halves. The three zero
 /// bytes after it are part of every prefix ([`LPM_BUFFER_BITS`]); they put the address on a
 /// 4-byte boundary of the key, where the program may store it as one word.
@@ -363,6 +454,10 @@ mod pod {
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for BufferRecord {}
     unsafe impl aya::Pod for InstanceRecord {}
+    unsafe impl aya::Pod for RuleLimit {}
+    unsafe impl aya::Pod for BucketKey {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for AdmittedKey {}
 }
 
 // Padding would leak uninitialised bytes into map values and break byte-wise comparisons.
@@ -389,4 +484,9 @@ const _: () = {
     assert!(core::mem::size_of::<RuleClass>() == 8 + 32 * MAX_CANDIDATES);
     assert!(core::mem::size_of::<Lpm4>() == 8);
     assert!(core::mem::size_of::<Lpm6>() == 20);
+    assert!(core::mem::size_of::<Budget>() == 32);
+    assert!(core::mem::size_of::<RuleLimit>() == 8 + 8 + 8 + 16 + 32 + 32 + 8 + 32);
+    assert!(core::mem::size_of::<BucketKey>() == 32);
+    assert!(core::mem::size_of::<Bucket>() == 16);
+    assert!(core::mem::size_of::<AdmittedKey>() == 32);
 };

@@ -5,17 +5,17 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use edge_classifier_common::{
     DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, RuleMatch, SET_ANY,
+    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, RULE_LIMITED, RuleMatch, SET_ANY,
     SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
 };
 
 use crate::{
     addr::{Remote, local_bits},
-    flow,
+    flow, limit,
     maps::*,
     parse::{
         self, Addr, Fragment, Ip, L3, L4, L4_ICMP, L4_SHORT_FRAGMENT, L4_TCP, L4_UDP, Malformed,
-        Quick,
+        Quick, TCP_ACK, TCP_SYN,
     },
 };
 
@@ -43,6 +43,18 @@ impl Verdict {
         Self {
             pass: true,
             counter: layout::rule_counter(slot),
+        }
+    }
+    /// One word, to come back from a subprogram in a register.
+    #[inline(always)]
+    pub(crate) fn word(self) -> u64 {
+        (self.pass as u64) << 32 | self.counter as u64
+    }
+    #[inline(always)]
+    fn of_word(w: u64) -> Self {
+        Self {
+            pass: w >> 32 != 0,
+            counter: w as u32,
         }
     }
 }
@@ -119,15 +131,12 @@ impl FullVerdict {
 
     #[inline(always)]
     fn of(v: Verdict) -> FullVerdict {
-        FullVerdict((v.pass as u64) << 32 | v.counter as u64)
+        FullVerdict(v.word())
     }
 
     #[inline(always)]
     fn verdict(self) -> Option<Verdict> {
-        (self.0 != u64::MAX).then_some(Verdict {
-            pass: self.0 >> 32 != 0,
-            counter: self.0 as u32,
-        })
+        (self.0 != u64::MAX).then_some(Verdict::of_word(self.0))
     }
 }
 
@@ -227,15 +236,19 @@ fn decide(l3: &Ip, l4: L4, local_bits: u64, word: u32, role_mask: u32) -> Verdic
     if let Some(entry) = dentry
         && entry.inbound != 0
     {
-        if entry.inbound_single != 0 {
+        // One copy of the limit's gate for both ways a rule is found.
+        let rule = if entry.inbound_single != 0 {
             let rule = &entry.inbound_rule;
             if rule_matches(rule, local_bits, &mut remote, role_mask) {
-                return Verdict::rule(rule.slot);
+                Some(rule)
+            } else {
+                None
             }
-        } else if let Some(slot) =
-            match_class(active, entry.inbound, local_bits, &mut remote, role_mask)
-        {
-            return Verdict::rule(slot);
+        } else {
+            match_class_rule(active, entry.inbound, local_bits, &mut remote, role_mask)
+        };
+        if let Some(rule) = rule {
+            return inbound(rule, word, l3, transport, tcp_flags, sport, dport);
         }
     }
     // A frame from an outbound rule's remote service port, or to its local port range, claims to
@@ -279,6 +292,39 @@ fn decide(l3: &Ip, l4: L4, local_bits: u64, word: u32, role_mask: u32) -> Verdic
     } else {
         Verdict::drop(reason::DROP_NOT_ESTABLISHED)
     }
+}
+
+/// A frame an inbound rule allows: the rule's, unless the rule has a limit and this is a new
+/// flow (a bare SYN; any UDP datagram, which the limit looks up among the flows it admitted).
+/// A rule without a limit pays the one flag test.
+#[inline(always)]
+fn inbound(
+    rule: &RuleMatch,
+    word: u32,
+    l3: &Ip,
+    transport: u32,
+    tcp_flags: u8,
+    sport: u16,
+    dport: u16,
+) -> Verdict {
+    if rule.flags & RULE_LIMITED != 0
+        && (transport == TRANSPORT_UDP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+    {
+        // Rare beside the frames of rules without a limit: LLVM keeps the registers this
+        // call needs spilled here rather than on every path.
+        core::hint::cold_path();
+        let ports = sport as u64
+            | (dport as u64) << 16
+            | (transport as u64) << 32
+            | (l3.is_v6 as u64) << 40;
+        return Verdict::of_word(limit::admit(
+            word as u64 | (rule.slot as u64) << 32,
+            ports,
+            l3.src[0],
+            l3.src[1],
+        ));
+    }
+    Verdict::rule(rule.slot)
 }
 
 /// A frame that is neither IP nor ARP.
@@ -474,6 +520,18 @@ pub(crate) fn match_class(
     remote: &mut Remote,
     role_mask: u32,
 ) -> Option<u32> {
+    match_class_rule(active, class, local_bits, remote, role_mask).map(|r| r.slot)
+}
+
+/// The first rule of `class` that covers the frame, as the map holds it.
+#[inline(always)]
+fn match_class_rule(
+    active: u32,
+    class: u32,
+    local_bits: u64,
+    remote: &mut Remote,
+    role_mask: u32,
+) -> Option<&'static RuleMatch> {
     let class = CLASSES.get(layout::class(active, class))?;
     let n = class.count as usize;
     for i in 0..MAX_CANDIDATES {
@@ -482,7 +540,7 @@ pub(crate) fn match_class(
         }
         let rule = &class.rules[i];
         if rule_matches(rule, local_bits, remote, role_mask) {
-            return Some(rule.slot);
+            return Some(rule);
         }
     }
     None

@@ -10,6 +10,7 @@
 mod addr;
 mod classify;
 mod flow;
+mod limit;
 mod maps;
 mod monitor;
 mod parse;

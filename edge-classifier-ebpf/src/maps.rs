@@ -8,17 +8,19 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use edge_classifier_common::{
-    BUFFERS, BufferRecord, Counter, DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState,
-    IFACE_ADDRS_MAX, IFACE_SLOTS, IfaceInfo, InstanceRecord, Locals, Lpm4, Lpm6, MAX_CLASSES,
-    MAX_PREFIXES, PORT_ENTRIES, PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS,
-    RuleClass, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
-    StrideBlock, TRANSPORTS, flow_stat,
+    ADMITTED_FLOWS, AdmittedKey, BUFFERS, Bucket, BucketKey, BufferRecord, Counter,
+    DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState, IFACE_ADDRS_MAX, IFACE_SLOTS, IfaceInfo,
+    InstanceRecord, LIMIT_BUCKETS, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, MAX_RULES,
+    PORT_ENTRIES, PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS, RuleClass,
+    RuleLimit, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
+    StrideBlock, TRANSPORTS, flow_stat, limit_stat,
     monitor::{MONITOR_RING_BYTES, MONITOR_SLOTS, MonitorConfig, MonitorCpu},
 };
 
 use crate::{
     classify::Protected,
     flow::{CachedReply, REPLY_CACHE_SLOTS},
+    limit::Scratch,
 };
 
 /// The active rule buffer (bit 0) and a generation that every flip and flow purge changes.
@@ -134,3 +136,25 @@ pub(crate) static MONITOR_RING_3: RingBuf = RingBuf::with_byte_size(MONITOR_RING
 pub(crate) static MONITOR_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 pub(crate) static MONITOR_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// Per buffer and rule slot, a limited rule's budgets and exempt sets (`RuleLimit`).
+#[map]
+pub(crate) static LIMITS: Array<RuleLimit> = Array::with_max_entries(BUFFERS * MAX_RULES, 0);
+/// Token buckets of limited rules: per (rule, source prefix) and per rule in total.
+#[map]
+pub(crate) static BUCKETS: LruHashMap<BucketKey, Bucket> =
+    LruHashMap::with_max_entries(LIMIT_BUCKETS, 0);
+/// UDP flows a limited rule admitted (`AdmittedKey` → `bpf_jiffies64` last seen): their later
+/// datagrams are not new flows.
+#[map]
+pub(crate) static ADMITTED: LruHashMap<AdmittedKey, u64> =
+    LruHashMap::with_max_entries(ADMITTED_FLOWS, 0);
+/// Per CPU, per rule slot: new flows dropped (or, in monitor mode, passed) over a limit.
+#[map]
+pub(crate) static LIMITED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+/// Per CPU: buckets made, UDP flows admitted, exempt new flows (`limit_stat`).
+#[map]
+pub(crate) static LIMIT_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(limit_stat::COUNT, 0);
+/// Per CPU, a limited rule's new flow and the keys its limit looks up (`limit::admit`).
+#[map]
+pub(crate) static LIMIT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

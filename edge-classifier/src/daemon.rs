@@ -400,6 +400,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             log::warn!("{nic}: {w}");
         }
     }
+    if let Some(w) = edge_classifier::nic_addrs::syncookie_warning() {
+        log::warn!("{w}");
+    }
     // The NICs' own addresses are in the kernel before the service says it is ready, and are
     // followed from then on.
     daemon

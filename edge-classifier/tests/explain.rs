@@ -299,3 +299,45 @@ fn explain_instance_answers_with_the_running_catalogue() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A rule's limit on new flows is shown with the rule that decides (`limit`), in text and JSON.
+#[test]
+fn explain_shows_the_deciding_rules_limit() {
+    let dir = TempDir::new("explain-limit");
+    let path = dir.0.join("limited.toml");
+    let text = edge_classifier::catalogue::DEFAULT_CATALOGUE.replacen(
+        "id = \"client-sip-tls-in\"",
+        "id = \"client-sip-tls-in\"\nlimit = { per_source = \"20/s\", burst = 40, total = \"5000/s\", exempt = [\"public_im_partners\"] }",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let cat = path.to_str().unwrap();
+    let (code, out, err) = explain(&[
+        "--catalogue",
+        cat,
+        "tcp",
+        "198.51.100.1:40000",
+        "198.51.100.10:443",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("pass: rule client-sip-tls-in, seed row P3 (inbound tcp 443)\nlimit on new flows: per source /32 /64: 20/s burst 40; total: 5000/s burst 5000; exempt: public_im_partners; beyond it a new flow drops as rate_limited"),
+        "{out}"
+    );
+    let (_, out, _) = explain(&[
+        "--json",
+        "--catalogue",
+        cat,
+        "tcp",
+        "198.51.100.1:40000",
+        "198.51.100.10:443",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["limit"],
+        "per source /32 /64: 20/s burst 40; total: 5000/s burst 5000; exempt: public_im_partners"
+    );
+    // A rule without a limit shows none.
+    let (_, out, _) = explain(&["tcp", "203.0.113.5:40000", "198.51.100.10:5061"]);
+    assert!(!out.contains("limit on new flows"), "{out}");
+}

@@ -207,7 +207,12 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
         &catalogue,
         format!(
             "{}\n[sets.dns_partners]\nhosts = [\"sip.partner.example\"]\n\n[dns]\nservers = [\"127.0.0.1\"]\ntimeout = 1\n",
-            edge_classifier::catalogue::DEFAULT_CATALOGUE
+            // A limit on P3, so that the limits' series the dashboard and alerts read exist.
+            edge_classifier::catalogue::DEFAULT_CATALOGUE.replacen(
+                "id = \"client-sip-tls-in\"",
+                "id = \"client-sip-tls-in\"\nlimit = { per_source = \"20/s\", burst = 40 }",
+                1
+            )
         ),
     )
     .unwrap();
@@ -415,7 +420,7 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_alert_query_returns_d
             rule_exprs.push((name, r["query"].as_str().unwrap().to_string()));
         }
     }
-    assert_eq!(rule_exprs.len(), 12, "rules loaded: {rule_exprs:?}");
+    assert_eq!(rule_exprs.len(), 13, "rules loaded: {rule_exprs:?}");
     for (name, expr) in &rule_exprs {
         query(&lab.edge, expr);
         for metric in metric_names(expr) {

@@ -70,6 +70,11 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
         )?)
     })
     .expect("seg6_enabled in the lab");
+    // No SYN cookies in the Edge's namespace: the daemon must say to turn them on.
+    in_netns(&lab.edge, || {
+        Ok(std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "0")?)
+    })
+    .expect("tcp_syncookies in the lab");
     // The daemon as systemd runs it: output to the journal (JOURNAL_STREAM), started from the
     // catalogue's directory with a relative path.
     let mut child = in_ns(&lab.edge, BIN)
@@ -109,6 +114,11 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     wait_for("serving metrics", &|l| l.contains("serving metrics"));
     wait_for("the seg6_enabled warning", &|l| {
         l.starts_with("<4>") && l.contains("ext0") && l.contains("seg6_enabled is on")
+    });
+    wait_for("the tcp_syncookies warning", &|l| {
+        l.starts_with("<4>")
+            && l.contains("net.ipv4.tcp_syncookies is 0")
+            && l.contains("set it to 1")
     });
 
     let (code, st) = status_json(&lab.edge, &instance);

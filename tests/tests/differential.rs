@@ -586,6 +586,75 @@ fn agree_with_large(mut c: Checker, seed: u64, name: &str) {
     c.finish(name);
 }
 
+/// Limits on new flows: the kernel's token buckets and admitted UDP flows against the
+/// reference's, frame by frame. One flow an hour refills nothing within the run, so the buckets'
+/// contents do not depend on the clock the reference is given: bursts, the total after the
+/// source's budget, /24 and /48 source prefixes, exempt partners, partners with a budget of
+/// their own, admitted UDP flows.
+#[test]
+fn kernel_and_reference_agree_on_limits() {
+    let h = Harness::edited_default(
+        "external",
+        &[
+            (
+                "id = \"client-sip-tls-in\"",
+                "id = \"client-sip-tls-in\"\nlimit = { per_source = \"1/h\", burst = 3, total = \"1/h\", total_burst = 40 }",
+            ),
+            (
+                "id = \"messenger-stun-in\"",
+                "id = \"messenger-stun-in\"\nlimit = { per_source = \"1/h\", burst = 2, prefix_v4 = 24, prefix_v6 = 48, exempt = [\"public_im_partners\"] }",
+            ),
+            (
+                "id = \"xmpp-federation-in\"",
+                "id = \"xmpp-federation-in\"\nlimit = { total = \"1/h\", total_burst = 25, own_budget = { sets = [\"public_im_partners\"], rate = \"1/h\", burst = 4 } }",
+            ),
+        ],
+    );
+    let mut c = Checker::with(h);
+    // Each source past its burst, then the segments of connections that are not new flows
+    // (they must pass), and UDP flows admitted and new.
+    let [a4, a6] = addresses();
+    for (src, dst) in [
+        (a4[2], a4[0]),
+        (a4[9], a4[0]),
+        (a6[2], a6[0]),
+        (a6[7], a6[0]),
+    ] {
+        for port in 0..5 {
+            c.check(&tcp_segment(src, 40000 + port, dst, 443, SYN));
+        }
+        for flags in [SYN | ACK, ACK, FIN | ACK, RST, RST | ACK] {
+            c.check(&tcp_segment(src, 40000, dst, 443, flags));
+        }
+        for sport in [50000, 50000, 50001, 50000, 50002, 50001] {
+            c.check(&udp(src, sport, dst, 3478));
+        }
+        for port in 0..6 {
+            c.check(&tcp_segment(src, 41000 + port, dst, 5269, SYN));
+        }
+    }
+    let mut rng = Rng(0x0bad_cafe_f00d_0020);
+    let base = structured(&mut rng);
+    for f in &base {
+        c.check(f);
+    }
+    while c.checked < 20_000 {
+        let i = rng.below(base.len());
+        let f = mutate(&mut rng, &base[i]);
+        c.check(&f);
+    }
+    let seen = c.seen.clone();
+    c.finish("limits");
+    for want in [
+        "drop rate_limited",
+        "rule client-sip-tls-in",
+        "rule messenger-stun-in",
+        "rule xmpp-federation-in",
+    ] {
+        assert!(seen.contains(want), "no frame reached `{want}`: {seen:?}");
+    }
+}
+
 #[test]
 fn kernel_and_reference_agree_with_a_large_catalogue() {
     let c = Checker::with(large_catalogue(false));

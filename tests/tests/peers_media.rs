@@ -20,70 +20,12 @@ use std::{
 use edge_classifier_common::reason;
 use edge_classifier_lab::{
     Listeners, Tap, Tuple, count,
-    peers::{self, Counters, Daemon, EXT, PeerLab},
+    peers::{self, Counters, EXT, PeerLab},
     udp_send,
 };
 
 /// How long a tap is read after the last frame.
 const QUIET: Duration = Duration::from_millis(300);
-
-fn turnserver(lab: &PeerLab, ns: &str, name: &str, ip: IpAddr) -> Daemon {
-    let dir = lab.subdir(name).expect("dir");
-    let ip = ip.to_string();
-    let mut d = lab
-        .spawn(
-            ns,
-            name,
-            "turnserver",
-            &[
-                "-n",
-                "--listening-ip",
-                &ip,
-                "--listening-port",
-                "3478",
-                "--relay-ip",
-                &ip,
-                "--min-port",
-                "50000",
-                "--max-port",
-                "59999",
-                "--no-tls",
-                "--no-dtls",
-                "--no-cli",
-                "--simple-log",
-                "--log-file",
-                "stdout",
-                "--pidfile",
-                &dir.join("pid").display().to_string(),
-                "--db",
-                &dir.join("turndb.sqlite").display().to_string(),
-            ],
-        )
-        .expect("turnserver");
-    lab.wait_listening(ns, true, 3478, &mut d);
-    d
-}
-
-/// `turnutils_stunclient` in `ns` asking `server`: the reflexive address it got.
-fn stun(lab: &PeerLab, ns: &str, server: IpAddr) -> Result<String, String> {
-    let o = lab
-        .run(
-            ns,
-            Duration::from_secs(5),
-            "turnutils_stunclient",
-            &["-p", "3478", &server.to_string()],
-        )
-        .expect("turnutils_stunclient");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    match out.lines().find(|l| l.contains("UDP reflexive addr:")) {
-        Some(l) if o.status.success() => Ok(l.to_string()),
-        _ => Err(format!(
-            "{}: {out}{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        )),
-    }
-}
 
 #[test]
 fn stun_with_coturn_both_ways_and_tcp_media_from_the_edge_range() {
@@ -116,13 +58,14 @@ fn stun_with_coturn_both_ways_and_tcp_media_from_the_edge_range() {
         assert!(drops() > dropped, "the forged datagram counts as a drop");
     }
 
-    let edge_turn = turnserver(&lab, &lab.edge, "coturn-edge", edge_ip);
-    let stranger_turn = turnserver(&lab, &lab.stranger, "coturn-stranger", stranger_ip);
+    let edge_turn = lab.turnserver(&lab.edge, "coturn-edge", edge_ip);
+    let stranger_turn = lab.turnserver(&lab.stranger, "coturn-stranger", stranger_ip);
 
     // P6: the stranger asks the Edge's coturn.
     let tap = Tap::open(&lab.edge, EXT).expect("tap").record();
     let p6 = c.rule(EXT, "messenger-stun-in");
-    let got = stun(&lab, &lab.stranger, edge_ip)
+    let got = lab
+        .stun(&lab.stranger, edge_ip)
         .unwrap_or_else(|e| panic!("P6: {e}\n{}", edge_turn.printed()));
     assert!(got.contains(&format!("{stranger_ip}:")), "P6: {got}");
     let seen = tap.finish(QUIET).expect("tap");
@@ -147,7 +90,8 @@ fn stun_with_coturn_both_ways_and_tcp_media_from_the_edge_range() {
     // P5: the Edge asks the stranger's coturn.
     let tap = Tap::open(&lab.edge, EXT).expect("tap").record();
     let p5 = c.rule(EXT, "messenger-stun-out");
-    let got = stun(&lab, &lab.edge, stranger_ip)
+    let got = lab
+        .stun(&lab.edge, stranger_ip)
         .unwrap_or_else(|e| panic!("P5: {e}\n{}", stranger_turn.printed()));
     assert!(got.contains(&format!("{edge_ip}:")), "P5: {got}");
     let seen = tap.finish(QUIET).expect("tap");

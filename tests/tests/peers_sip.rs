@@ -22,7 +22,6 @@
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -30,95 +29,13 @@ use edge_classifier::{compile::compile_with, loader::Classifier, maps::Holds};
 use edge_classifier_common::reason;
 use edge_classifier_lab::{
     Listeners, RawSender, Recorded, Tap, Tuple, mac,
-    peers::{self, Counters, Daemon, EXT, EdgeInstance, PeerLab},
+    peers::{self, Counters, EXT, EdgeInstance, PeerLab},
     tcp_exchange, tuple,
 };
 
 const EDGE: IpAddr = IpAddr::V4(peers::EDGE_EXT);
 const PARTNER: IpAddr = IpAddr::V4(peers::PARTNER);
 const STRANGER: IpAddr = IpAddr::V4(peers::STRANGER);
-
-/// One Kamailio: answers OPTIONS, MESSAGE and REGISTER for its own domain; forwards what comes
-/// from its loopback (sipp) to another domain over TLS, to the target of that domain's
-/// `_sipfederationtls._tcp` SRV record, or to `host:443` for a client registration.
-const KAMAILIO_CFG: &str = r#"#!KAMAILIO
-debug=2
-log_stderror=yes
-children=2
-tcp_children=2
-auto_aliases=no
-dns_try_naptr=no
-tcp_connect_timeout=2
-listen=udp:127.0.0.1:5060
-listen=tls:@IP@:5061
-@EXTRA_LISTEN@
-alias=@DOMAIN@
-alias=sip.@DOMAIN@
-enable_tls=yes
-tcp_connection_lifetime=3600
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "tls.so"
-loadmodule "pv.so"
-loadmodule "xlog.so"
-loadmodule "textops.so"
-loadmodule "siputils.so"
-loadmodule "maxfwd.so"
-loadmodule "ipops.so"
-loadmodule "usrloc.so"
-loadmodule "registrar.so"
-modparam("tls", "config", "@TLS_CFG@")
-modparam("tm", "fr_timer", 4000)
-request_route {
-    xlog("L_NOTICE", "request $rm $ru from $proto:$si:$sp\n");
-    if (!mf_process_maxfwd_header("10")) { sl_send_reply("483", "Too Many Hops"); exit; }
-    if (is_method("ACK")) { exit; }
-    if ($rd == "@DOMAIN@" || $rd == "sip.@DOMAIN@" || $rd == "@IP@") {
-        if (is_method("REGISTER")) { save("location"); exit; }
-        sl_send_reply("200", "OK");
-        exit;
-    }
-    if ($si != "127.0.0.1") { sl_send_reply("403", "Not Relaying"); exit; }
-    $var(srv) = "_sipfederationtls._tcp." + $rd;
-    if (srv_query("$var(srv)", "fed") < 1 || $srvquery(fed=>count) < 1) {
-        xlog("L_ERR", "no SRV $var(srv)\n");
-        sl_send_reply("404", "No SRV");
-        exit;
-    }
-    $du = "sip:" + $srvquery(fed=>target[0]) + ":" + $srvquery(fed=>port[0]) + ";transport=tls";
-    xlog("L_NOTICE", "relaying $rm to $du\n");
-    force_send_socket(tls:@IP@:5061);
-    if (!t_relay()) { sl_reply_error(); }
-}
-"#;
-
-const TLS_CFG: &str = "[server:default]
-method = TLSv1.2+
-verify_certificate = yes
-require_certificate = yes
-private_key = @KEY@
-certificate = @CERT@
-ca_list = @CA@
-
-[client:default]
-method = TLSv1.2+
-verify_certificate = yes
-require_certificate = yes
-private_key = @KEY@
-certificate = @CERT@
-ca_list = @CA@
-";
-
-/// Clients on 443 (P3) bring no certificate.
-const TLS_CFG_443: &str = "
-[server:@IP@:443]
-method = TLSv1.2+
-verify_certificate = no
-require_certificate = no
-private_key = @KEY@
-certificate = @CERT@
-ca_list = @CA@
-";
 
 /// An OPTIONS and then a MESSAGE to bob@[service], each expecting 200.
 const SIPP_OPTIONS_MESSAGE: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
@@ -152,73 +69,6 @@ hello over federation
 <recv response="200"/>
 </scenario>
 "#;
-
-fn fill(template: &str, vars: &[(&str, &str)]) -> String {
-    let mut t = template.to_string();
-    for (k, v) in vars {
-        t = t.replace(k, v);
-    }
-    t
-}
-
-/// A Kamailio for `name` (`edge`, `partner`, `stranger`) on `ip` in `ns`, taking sipp's
-/// requests on UDP `127.0.0.1:5060`, with a certificate of the lab's CA for `sip.NAME.example`.
-fn kamailio(lab: &PeerLab, ns: &str, name: &str, ip: IpAddr) -> Daemon {
-    let dir = lab.subdir(&format!("kamailio-{name}")).expect("dir");
-    let domain = format!("{name}.example");
-    let cert = lab
-        .cert(name, &[&format!("sip.{domain}"), &domain], &[ip])
-        .expect("certificate");
-    let ip = ip.to_string();
-    let show = |p: &Path| p.display().to_string();
-    let (cert_s, key_s, ca_s) = (show(&cert.cert), show(&cert.key), show(&lab.ca));
-    let tls_path = dir.join("tls.cfg");
-    let tls_s = show(&tls_path);
-    let vars = [
-        ("@IP@", ip.as_str()),
-        ("@DOMAIN@", domain.as_str()),
-        ("@TLS_CFG@", tls_s.as_str()),
-        ("@CERT@", cert_s.as_str()),
-        ("@KEY@", key_s.as_str()),
-        ("@CA@", ca_s.as_str()),
-    ];
-    let (listen, tls443) = if name == "edge" {
-        (format!("listen=tls:{ip}:443"), fill(TLS_CFG_443, &vars))
-    } else {
-        (String::new(), String::new())
-    };
-    let cfg = dir.join("kamailio.cfg");
-    fs::write(
-        &cfg,
-        fill(KAMAILIO_CFG, &vars).replace("@EXTRA_LISTEN@", &listen),
-    )
-    .expect("kamailio.cfg");
-    fs::write(&tls_path, fill(TLS_CFG, &vars) + &tls443).expect("tls.cfg");
-    let mut d = lab
-        .spawn(
-            ns,
-            &format!("kamailio-{name}"),
-            "kamailio",
-            &[
-                "-DD",
-                "-E",
-                "-f",
-                &show(&cfg),
-                "-Y",
-                &show(&dir),
-                "-P",
-                &show(&dir.join("pid")),
-                "-m",
-                "32",
-                "-M",
-                "4",
-            ],
-        )
-        .expect("kamailio");
-    lab.wait_listening(ns, false, 5061, &mut d);
-    lab.wait_listening(ns, true, 5060, &mut d);
-    d
-}
 
 /// sipp on `ns`'s loopback running `scenario` once against the Kamailio there, with
 /// `[service]` = `service`. `Ok` when every step got its 200.
@@ -397,9 +247,9 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     }
 
     // In a cell: it is killed and started again below, while the closures here read its log.
-    let edge = std::cell::RefCell::new(kamailio(&lab, &lab.edge, "edge", EDGE));
-    let partner = kamailio(&lab, &lab.partner, "partner", PARTNER);
-    let stranger = kamailio(&lab, &lab.stranger, "stranger", STRANGER);
+    let edge = std::cell::RefCell::new(lab.kamailio(&lab.edge, "edge", EDGE));
+    let partner = lab.kamailio(&lab.partner, "partner", PARTNER);
+    let stranger = lab.kamailio(&lab.stranger, "stranger", STRANGER);
     let logs = || {
         format!(
             "--- edge\n{}\n--- partner\n{}\n--- stranger\n{}\n--- dnsmasq\n{}",
@@ -648,7 +498,7 @@ fn sip_federation_over_mutual_tls_with_kamailio_and_sipp() {
     // started again opens new connections to the partner and the stranger, and the partner's
     // Kamailio, whose connection to the Edge the Edge's kernel closed, connects again.
     edge.borrow_mut().kill();
-    let restarted = kamailio(&lab, &lab.edge, "edge", EDGE);
+    let restarted = lab.kamailio(&lab.edge, "edge", EDGE);
     *edge.borrow_mut() = restarted;
     exchange(
         &stats,

@@ -55,7 +55,9 @@ const PYTHON_TOOLS: &[(&str, &str)] = &[
 /// dnsmasq as the partner's DNS server, bind9 as the authoritative server whose records the
 /// DNS-fed address sets follow (TTLs, SERVFAIL from a zone that fails to load, NXDOMAIN, 1,000
 /// SRV records: `tests/tests/dns_sets.rs`), slixmpp for the XMPP clients, openssl for the test
-/// CA, and dig. Installed with the daemons kept from starting on this host ([`ensure_daemons`]).
+/// CA, dig, and netsniff-ng's trafgen for the flood the peers must get through
+/// (`tests/tests/flood.rs`). Installed with the daemons kept from starting on this host
+/// ([`ensure_daemons`]).
 const PEER_PACKAGES: &[&str] = &[
     "prosody",
     "lua-dbi-sqlite3",
@@ -71,6 +73,7 @@ const PEER_PACKAGES: &[&str] = &[
     "python3-slixmpp",
     "openssl",
     "bind9-dnsutils",
+    "netsniff-ng",
 ];
 
 /// What `cargo xtask bench` compares against and floods with: xdp-filter, trafgen, nftables,

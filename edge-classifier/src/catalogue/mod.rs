@@ -253,8 +253,133 @@ struct RawRule {
     /// one shadows is still reported, since no acknowledgement makes it match.
     #[serde(default)]
     overlaps: Vec<Spanned<String>>,
+    /// `limit = { per_source = "20/s", burst = 40, total = "5000/s" }`: new flows of an inbound
+    /// rule, per source prefix and in total.
+    #[serde(default)]
+    limit: Option<Spanned<RawLimit>>,
     #[serde(default)]
     note: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    #[serde(default)]
+    per_source: Option<Spanned<String>>,
+    #[serde(default)]
+    burst: Option<Spanned<i64>>,
+    #[serde(default)]
+    total: Option<Spanned<String>>,
+    #[serde(default)]
+    total_burst: Option<Spanned<i64>>,
+    #[serde(default)]
+    prefix_v4: Option<Spanned<i64>>,
+    #[serde(default)]
+    prefix_v6: Option<Spanned<i64>>,
+    #[serde(default)]
+    exempt: Vec<Spanned<String>>,
+    #[serde(default)]
+    own_budget: Option<Spanned<RawOwnBudget>>,
+}
+
+/// `own_budget = { sets = ["public_im_partners"], rate = "200/s", burst = 400 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOwnBudget {
+    sets: Vec<Spanned<String>>,
+    rate: Spanned<String>,
+    #[serde(default)]
+    burst: Option<Spanned<i64>>,
+}
+
+/// A rate of new flows: `count` per `seconds`, and the burst a bucket holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rate {
+    pub count: u32,
+    pub seconds: u32,
+    pub burst: u32,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.seconds {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit} burst {}", self.count, self.burst)
+    }
+}
+
+/// A rule's limit on new flows (a TCP SYN, a UDP datagram of a flow not yet admitted).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Limit {
+    /// Per source prefix (`prefix_v4`, `prefix_v6` bits).
+    pub per_source: Option<Rate>,
+    /// All sources together.
+    pub total: Option<Rate>,
+    pub prefix_v4: u8,
+    pub prefix_v6: u8,
+    /// Sets whose sources are never limited (federation partners).
+    pub exempt: Vec<String>,
+    /// Sets whose sources share a budget of their own instead of the per-source and total ones.
+    pub own_budget: Option<OwnBudget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OwnBudget {
+    pub sets: Vec<String>,
+    pub rate: Rate,
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(r) = &self.per_source {
+            parts.push(format!(
+                "per source /{} /{}: {r}",
+                self.prefix_v4, self.prefix_v6
+            ));
+        }
+        if let Some(r) = &self.total {
+            parts.push(format!("total: {r}"));
+        }
+        if !self.exempt.is_empty() {
+            parts.push(format!("exempt: {}", self.exempt.join(", ")));
+        }
+        if let Some(o) = &self.own_budget {
+            parts.push(format!("own budget of {}: {}", o.sets.join(", "), o.rate));
+        }
+        write!(f, "{}", parts.join("; "))
+    }
+}
+
+/// Bounds of a limit's numbers: a million new flows a second is beyond what one Edge accepts.
+pub const MAX_LIMIT_RATE: u32 = 1_000_000;
+pub const DEFAULT_LIMIT_PREFIX_V4: u8 = 32;
+pub const DEFAULT_LIMIT_PREFIX_V6: u8 = 64;
+
+/// `"20/s"`, `"600/m"`, `"1000/h"`: a count of new flows per second, minute or hour.
+fn rate(key: &str, text: &str) -> Result<(u32, u32), String> {
+    let bad = || {
+        format!(
+            "invalid rate `{text}` for limit.{key}: expected new flows per second, minute or hour, such as \"20/s\", \"600/m\" or \"1000/h\""
+        )
+    };
+    let (n, unit) = text.trim().split_once('/').ok_or_else(bad)?;
+    let seconds = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(bad()),
+    };
+    let n: i64 = n.trim().parse().map_err(|_| bad())?;
+    let count = in_range(n, MAX_LIMIT_RATE).ok_or_else(|| {
+        format!(
+            "limit.{key} = \"{text}\" is out of range: expected 1 to {MAX_LIMIT_RATE} new flows"
+        )
+    })?;
+    Ok((count, seconds))
 }
 
 /// Which port of a flow a rule's port range names.
@@ -282,6 +407,8 @@ pub struct Rule {
     pub note: String,
     /// Earlier rules this one overlaps on purpose (`overlaps`): no warning for those pairs.
     pub overlaps: Vec<String>,
+    /// A limit on new flows (inbound rules only).
+    pub limit: Option<Limit>,
     /// Where the rule starts in the source, for warnings.
     pub location: Location,
 }
@@ -997,6 +1124,7 @@ fn parse_rule(
             None
         }
     };
+    let limit = r.limit.and_then(|l| parse_limit(src, l, r.direction, sets));
     let (Some(local), Some(remote), Some((ports, port_side))) = (local, remote, ports) else {
         return None;
     };
@@ -1017,7 +1145,148 @@ fn parse_rule(
         interface: iface.clone(),
         note: r.note,
         overlaps,
+        limit,
         location: src.location(r.id.span().start),
+    })
+}
+
+/// A rule's `limit`; `None` with each error recorded.
+fn parse_limit(
+    src: &mut Located,
+    raw: Spanned<RawLimit>,
+    direction: Direction,
+    sets: &Sets,
+) -> Option<Limit> {
+    let span = raw.span();
+    let l = raw.into_inner();
+    let errors_before = src.errors.len();
+    if direction == Direction::Outbound {
+        src.error(
+            span.clone(),
+            "`limit` is for inbound rules: it limits the new flows peers open to the Edge",
+        );
+        return None;
+    }
+    let burst = |src: &mut Located, b: Option<Spanned<i64>>, key: &str, count: u32| match b {
+        None => Some(count),
+        Some(b) => src.check(
+            b.span(),
+            in_range(*b.get_ref(), MAX_LIMIT_RATE).ok_or_else(|| {
+                format!(
+                    "limit.{key} = {} is out of range: expected 1 to {MAX_LIMIT_RATE} new flows",
+                    b.get_ref()
+                )
+            }),
+        ),
+    };
+    let budget = |src: &mut Located,
+                  r: Option<Spanned<String>>,
+                  b: Option<Spanned<i64>>,
+                  key: &str,
+                  burst_key: &str| {
+        match r {
+            None => {
+                if let Some(b) = b {
+                    src.error(
+                        b.span(),
+                        format!("limit.{burst_key} without limit.{key}: give the rate it is the burst of"),
+                    );
+                }
+                None
+            }
+            Some(r) => {
+                let (count, seconds) = src.check(r.span(), rate(key, r.get_ref()))?;
+                let burst = burst(src, b, burst_key, count)?;
+                Some(Rate {
+                    count,
+                    seconds,
+                    burst,
+                })
+            }
+        }
+    };
+    let per_source = budget(src, l.per_source, l.burst, "per_source", "burst");
+    let total = budget(src, l.total, l.total_burst, "total", "total_burst");
+    let mut prefix = |p: Option<Spanned<i64>>, key: &str, max: u8, default: u8| match p {
+        None => default,
+        Some(p) => src
+            .check(
+                p.span(),
+                in_range(*p.get_ref(), max.into()).ok_or_else(|| {
+                    format!(
+                        "limit.{key} = {} is out of range: expected a prefix length of 1 to {max}",
+                        p.get_ref()
+                    )
+                }),
+            )
+            .map_or(default, |n| n as u8),
+    };
+    let prefix_v4 = prefix(l.prefix_v4, "prefix_v4", 32, DEFAULT_LIMIT_PREFIX_V4);
+    let prefix_v6 = prefix(l.prefix_v6, "prefix_v6", 128, DEFAULT_LIMIT_PREFIX_V6);
+    let named = |src: &mut Located, list: Vec<Spanned<String>>, what: &str| {
+        let mut out: Vec<String> = Vec::new();
+        for s in list {
+            let Some(name) = src.check(s.span(), known_set(sets, s.get_ref(), what)) else {
+                continue;
+            };
+            if name == ANY {
+                src.error(
+                    s.span(),
+                    format!(
+                        "`any` cannot be {what}: that is no limit at all; name the partners' sets"
+                    ),
+                );
+                continue;
+            }
+            out.push(name);
+        }
+        out
+    };
+    let exempt = named(src, l.exempt, "exempt");
+    let own_budget = match l.own_budget {
+        None => None,
+        Some(o) => {
+            let o = o.into_inner();
+            let own_sets = named(src, o.sets, "given an own budget");
+            for set in &own_sets {
+                if exempt.contains(set) {
+                    src.error(
+                        span.clone(),
+                        format!("set `{set}` is both exempt and given an own budget: name it in one of them"),
+                    );
+                }
+            }
+            let rate = src
+                .check(o.rate.span(), rate("own_budget.rate", o.rate.get_ref()))
+                .and_then(|(count, seconds)| {
+                    burst(src, o.burst, "own_budget.burst", count).map(|burst| Rate {
+                        count,
+                        seconds,
+                        burst,
+                    })
+                });
+            rate.map(|rate| OwnBudget {
+                sets: own_sets,
+                rate,
+            })
+        }
+    };
+    if src.errors.len() == errors_before && per_source.is_none() && total.is_none() {
+        src.error(
+            span,
+            "a limit needs `per_source` or `total` (or both), such as { per_source = \"20/s\", burst = 40, total = \"5000/s\" }",
+        );
+    }
+    if src.errors.len() > errors_before {
+        return None;
+    }
+    Some(Limit {
+        per_source,
+        total,
+        prefix_v4,
+        prefix_v6,
+        exempt,
+        own_budget,
     })
 }
 
@@ -1683,6 +1952,113 @@ edge = ["198.51.100.10/32"]
         assert_eq!(
             error(&rule("port = true")),
             "13:8: invalid port true: expected a port (5061) or a range (\"50000-59999\")"
+        );
+    }
+
+    #[test]
+    fn a_limit_parses_with_defaults_and_shows_itself() {
+        let limited = |limit: &str| {
+            let text = rule(&format!("port = 443\nlimit = {limit}"));
+            let text = text.replace("[sets]\n", "[sets]\npartners = [\"203.0.113.0/24\"]\n");
+            Catalogue::parse("t.toml", &text)
+                .unwrap_or_else(|e| panic!("{limit}: {e}"))
+                .rules[0]
+                .limit
+                .clone()
+                .expect("a limit")
+        };
+        let l = limited(r#"{ per_source = "20/s", burst = 40, total = "5000/s" }"#);
+        let rate = |count, seconds, burst| Rate {
+            count,
+            seconds,
+            burst,
+        };
+        assert_eq!(l.per_source, Some(rate(20, 1, 40)));
+        // A total's burst defaults to one period's worth.
+        assert_eq!(l.total, Some(rate(5000, 1, 5000)));
+        assert_eq!((l.prefix_v4, l.prefix_v6), (32, 64));
+        assert_eq!(
+            l.to_string(),
+            "per source /32 /64: 20/s burst 40; total: 5000/s burst 5000"
+        );
+        let l = limited(
+            r#"{ per_source = "600/m", prefix_v4 = 24, prefix_v6 = 48, exempt = ["partners"] }"#,
+        );
+        assert_eq!(l.per_source, Some(rate(600, 60, 600)));
+        assert_eq!(l.total, None);
+        assert_eq!((l.prefix_v4, l.prefix_v6), (24, 48));
+        assert_eq!(l.exempt, vec!["partners".to_string()]);
+        assert_eq!(
+            limited(r#"{ total = "100/h", total_burst = 7 }"#).total,
+            Some(rate(100, 3600, 7))
+        );
+        let l = limited(
+            r#"{ total = "100/s", own_budget = { sets = ["partners"], rate = "200/s", burst = 400 } }"#,
+        );
+        assert_eq!(
+            l.own_budget,
+            Some(OwnBudget {
+                sets: vec!["partners".into()],
+                rate: rate(200, 1, 400)
+            })
+        );
+        assert_eq!(
+            l.to_string(),
+            "total: 100/s burst 100; own budget of partners: 200/s burst 400"
+        );
+    }
+
+    #[test]
+    fn limit_errors_name_line_column_and_what_was_expected() {
+        let limited = |limit: &str| error(&rule(&format!("port = 443\nlimit = {limit}")));
+        assert_eq!(
+            limited(r#"{ per_source = "20/x" }"#),
+            r#"14:24: invalid rate `20/x` for limit.per_source: expected new flows per second, minute or hour, such as "20/s", "600/m" or "1000/h""#
+        );
+        assert_eq!(
+            limited(r#"{ total = "0/s" }"#),
+            r#"14:19: limit.total = "0/s" is out of range: expected 1 to 1000000 new flows"#
+        );
+        assert_eq!(
+            limited(r#"{ per_source = "1/s", burst = 0 }"#),
+            "14:39: limit.burst = 0 is out of range: expected 1 to 1000000 new flows"
+        );
+        assert_eq!(
+            limited(r#"{ burst = 4 }"#),
+            "14:19: limit.burst without limit.per_source: give the rate it is the burst of"
+        );
+        assert_eq!(
+            limited(r#"{ exempt = [] }"#),
+            r#"14:9: a limit needs `per_source` or `total` (or both), such as { per_source = "20/s", burst = 40, total = "5000/s" }"#
+        );
+        assert_eq!(
+            limited(r#"{ per_source = "1/s", prefix_v4 = 33 }"#),
+            "14:43: limit.prefix_v4 = 33 is out of range: expected a prefix length of 1 to 32"
+        );
+        assert_eq!(
+            limited(r#"{ per_source = "1/s", exempt = ["any"] }"#),
+            "14:41: `any` cannot be exempt: that is no limit at all; name the partners' sets"
+        );
+        assert!(
+            limited(r#"{ per_source = "1/s", exempt = ["partner"] }"#)
+                .starts_with("14:41: unknown exempt set `partner`"),
+        );
+        assert!(limited(r#"{ per_sauce = "1/s" }"#).contains("unknown field `per_sauce`"));
+        assert_eq!(
+            limited(r#"{ total = "1/s", own_budget = { sets = ["edge"], rate = "1/x" } }"#),
+            r#"14:65: invalid rate `1/x` for limit.own_budget.rate: expected new flows per second, minute or hour, such as "20/s", "600/m" or "1000/h""#
+        );
+        assert_eq!(
+            limited(
+                r#"{ total = "1/s", exempt = ["edge"], own_budget = { sets = ["edge"], rate = "1/s" } }"#
+            ),
+            "14:9: set `edge` is both exempt and given an own budget: name it in one of them"
+        );
+        let outbound = rule("port = 443\nlimit = { total = \"1/s\" }")
+            .replace("direction = \"inbound\"", "direction = \"outbound\"");
+        assert_eq!(
+            error(&outbound),
+            "14:9: `limit` is for inbound rules: it limits the new flows peers open to the Edge"
         );
     }
 

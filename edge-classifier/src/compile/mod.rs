@@ -11,8 +11,8 @@ use edge_classifier_common::{
     FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES,
     MAX_RULES_PER_CATALOGUE, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
     POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS,
-    PORT_SPACE, PortEntry, RULE_OUTBOUND, RuleClass, RuleMatch, SET_ANY, SET_PROTECTED,
-    TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
+    PORT_SPACE, PortEntry, RULE_LIMITED, RULE_OUTBOUND, RuleClass, RuleLimit, RuleMatch, SET_ANY,
+    SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
 };
 use ipnet::IpNet;
 
@@ -105,6 +105,14 @@ pub struct CompiledRule {
     /// Counter slot.
     pub slot: u32,
     pub matcher: RuleMatch,
+    /// The rule's limit on new flows, as the catalogue gives it and as `LIMITS` holds it.
+    pub limit: Option<CompiledLimit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledLimit {
+    pub limit: crate::catalogue::Limit,
+    pub entry: RuleLimit,
 }
 
 /// The contents of one buffer of the rule maps.
@@ -425,16 +433,24 @@ fn compile_rules(
         .iter()
         .map(|r| {
             let slot = assignments.slots[&r.id];
+            let limit = r.limit.as_ref().map(|l| CompiledLimit {
+                limit: l.clone(),
+                entry: rule_limit(&r.id, l, set_bit, ticks_per_second()),
+            });
+            let mut flags = if r.direction == Direction::Outbound {
+                RULE_OUTBOUND
+            } else {
+                0
+            };
+            if limit.is_some() {
+                flags |= RULE_LIMITED;
+            }
             let matcher = RuleMatch {
                 local_mask: mask_of(&r.local),
                 remote_mask: mask_of(&r.remote),
                 slot,
                 role_mask: 1 << assignments.roles[&r.interface],
-                flags: if r.direction == Direction::Outbound {
-                    RULE_OUTBOUND
-                } else {
-                    0
-                },
+                flags,
                 _pad: 0,
             };
             CompiledRule {
@@ -446,9 +462,93 @@ fn compile_rules(
                 interface: r.interface.clone(),
                 slot,
                 matcher,
+                limit,
             }
         })
         .collect()
+}
+
+/// A rule's limit as the program reads it: budgets in kernel ticks at `hz`, source prefixes
+/// as masks over the address words, exempt sets as bits.
+pub fn rule_limit(
+    id: &str,
+    l: &crate::catalogue::Limit,
+    set_bit: &HashMap<&str, u64>,
+    hz: u64,
+) -> RuleLimit {
+    let budget = |r: &Option<crate::catalogue::Rate>| match r {
+        None => edge_classifier_common::Budget::default(),
+        Some(r) => {
+            let cost = u64::from(r.seconds) * hz;
+            let refill = u64::from(r.count);
+            let cap = u64::from(r.burst) * cost;
+            edge_classifier_common::Budget {
+                cost,
+                refill,
+                cap,
+                fill_ticks: cap.div_ceil(refill),
+            }
+        }
+    };
+    let v4 = std::net::Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - u32::from(l.prefix_v4))
+            .unwrap_or(0),
+    );
+    let v6 = std::net::Ipv6Addr::from(
+        u128::MAX
+            .checked_shl(128 - u32::from(l.prefix_v6))
+            .unwrap_or(0),
+    )
+    .octets();
+    let mut entry = RuleLimit {
+        exempt_mask: l
+            .exempt
+            .iter()
+            .map(|s| set_bit[s.as_str()])
+            .fold(0, |a, b| a | b),
+        generation: 0,
+        _pad: 0,
+        mask_v4: u64::from(u32::from_ne_bytes(v4.octets())),
+        mask_v6: [
+            u64::from_ne_bytes(v6[..8].try_into().expect("8 bytes")),
+            u64::from_ne_bytes(v6[8..].try_into().expect("8 bytes")),
+        ],
+        per_source: budget(&l.per_source),
+        total: budget(&l.total),
+        own_mask: l.own_budget.as_ref().map_or(0, |o| {
+            o.sets
+                .iter()
+                .map(|s| set_bit[s.as_str()])
+                .fold(0, |a, b| a | b)
+        }),
+        own: budget(&l.own_budget.as_ref().map(|o| o.rate)),
+    };
+    // FNV-1a over the id and the limit as the program reads it: the same rule with the same
+    // limit keeps its buckets across reloads; any change starts new ones.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes().chain(limit_bytes(&entry)) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    entry.generation = h;
+    entry
+}
+
+/// The bytes of a limit's numbers, for its generation hash.
+fn limit_bytes(e: &RuleLimit) -> impl Iterator<Item = u8> {
+    let b = |x: &edge_classifier_common::Budget| [x.cost, x.refill, x.cap, x.fill_ticks];
+    [
+        e.exempt_mask,
+        e.mask_v4,
+        e.mask_v6[0],
+        e.mask_v6[1],
+        e.own_mask,
+    ]
+    .into_iter()
+    .chain(b(&e.per_source))
+    .chain(b(&e.total))
+    .chain(b(&e.own))
+    .flat_map(u64::to_le_bytes)
 }
 
 /// The rules on one (transport, kind) port line, in file order.
@@ -741,6 +841,58 @@ pub fn ticks_per_second() -> u64 {
 mod tests {
     use super::*;
     use crate::catalogue::Catalogue;
+
+    #[test]
+    fn a_limit_becomes_whole_number_budgets_masks_and_a_generation() {
+        use crate::catalogue::{Limit, Rate};
+        let limit = Limit {
+            per_source: Some(Rate {
+                count: 20,
+                seconds: 1,
+                burst: 40,
+            }),
+            total: Some(Rate {
+                count: 100,
+                seconds: 60,
+                burst: 100,
+            }),
+            prefix_v4: 24,
+            prefix_v6: 48,
+            exempt: vec!["partners".into()],
+            own_budget: None,
+        };
+        let bits: HashMap<&str, u64> = [("partners", 1u64 << 5)].into();
+        let e = rule_limit("r", &limit, &bits, 250);
+        // 20 a second at HZ 250: a flow costs 250 units, a tick adds 20, 40 flows fill it.
+        assert_eq!(
+            (e.per_source.cost, e.per_source.refill, e.per_source.cap),
+            (250, 20, 40 * 250)
+        );
+        assert_eq!(e.per_source.fill_ticks, 500);
+        // 100 a minute: 60 s of ticks a flow, 100 units a tick.
+        assert_eq!(
+            (
+                e.total.cost,
+                e.total.refill,
+                e.total.cap,
+                e.total.fill_ticks
+            ),
+            (15_000, 100, 1_500_000, 15_000)
+        );
+        assert_eq!(e.exempt_mask, 1 << 5);
+        assert_eq!(
+            e.mask_v4.to_ne_bytes()[..4],
+            [255, 255, 255, 0],
+            "the mask over the address bytes as the program loads them"
+        );
+        let m6: Vec<u8> = e.mask_v6.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(m6, [[0xff; 6].as_slice(), &[0; 10]].concat());
+        assert_eq!(rule_limit("r", &limit, &bits, 250).generation, e.generation);
+        let mut wider = limit.clone();
+        wider.prefix_v4 = 16;
+        assert_ne!(rule_limit("r", &wider, &bits, 250).generation, e.generation);
+        assert_ne!(rule_limit("s", &limit, &bits, 250).generation, e.generation);
+    }
 
     #[test]
     fn default_catalogue_compiles_with_every_seed_row() {

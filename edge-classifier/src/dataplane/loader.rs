@@ -41,6 +41,10 @@ pub const MONITORED_EGRESS_PROGRAM_NAME: &str = "edge_egress_monitored";
 pub const MONITOR_PROGRAM_ARRAYS: [&str; 2] = ["MONITOR_XDP", "MONITOR_TC"];
 /// An empty XDP_PASS program (`xdp_pass`): the floor benchmarks measure against.
 pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
+/// `syncookie_probe`: the SYN cookie `bpf_tcp_raw_gen_syncookie_ipv4` makes for a SYN, for the
+/// test of whether the kernel's listener completes cookies made at XDP (`tests/syncookies.rs`).
+pub static SYNCOOKIE_PROBE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/syncookie-probe"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -11,10 +11,11 @@ use aya::{
     },
 };
 use edge_classifier_common::{
-    BUFFERS, BufferRecord, Counter, FlowKey, FlowKey4, FlowState, IFACE_SLOTS, IfaceInfo,
-    InstanceRecord, Locals, Lpm4, Lpm6, MAX_IFACES, PORT_SPACE, PolicyEntry, PortEntry,
-    RECORD_CHUNK, RECORD_CHUNKS, RECORD_COMPLETE, RECORD_SETTLED, RECORD_WRITING, RuleClass,
-    Small4, Small6, StrideBlock, TRACKED_SLOT, TRANSPORTS, flow_stat, layout,
+    AdmittedKey, BUFFERS, Bucket, BucketKey, BufferRecord, Counter, FlowKey, FlowKey4, FlowState,
+    IFACE_SLOTS, IfaceInfo, InstanceRecord, LIMIT_BUCKETS, Locals, Lpm4, Lpm6, MAX_IFACES,
+    PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS, RECORD_COMPLETE,
+    RECORD_SETTLED, RECORD_WRITING, RuleClass, RuleLimit, Small4, Small6, StrideBlock,
+    TRACKED_SLOT, TRANSPORTS, flow_stat, layout, limit_stat,
     monitor::{MONITOR_SLOTS, MonitorConfig, MonitorCpu},
     reason,
 };
@@ -104,6 +105,11 @@ maps! {
     "INSTANCE_RECORD" => instance_record: Array<MapData, InstanceRecord>, Array;
     "MONITOR_CONFIG" => monitor_config: Array<MapData, MonitorConfig>, Array;
     "MONITOR_CPU" => monitor_cpu: PerCpuArray<MapData, MonitorCpu>, PerCpuArray;
+    "LIMITS" => limits: Array<MapData, RuleLimit>, Array;
+    "BUCKETS" => buckets: HashMap<MapData, BucketKey, Bucket>, LruHashMap;
+    "ADMITTED" => admitted: HashMap<MapData, AdmittedKey, u64>, LruHashMap;
+    "LIMITED" => limited: PerCpuArray<MapData, u64>, PerCpuArray;
+    "LIMIT_STATS" => limit_stats: PerCpuArray<MapData, u64>, PerCpuArray;
 }
 
 /// The ring buffers of the monitor slots, by slot. Pinned with the maps, but no `Maps` handle
@@ -150,6 +156,41 @@ pub struct FlowStats {
     pub insert_failed: u64,
     /// Flows pushed out by the LRU to make room: neither expired nor present.
     pub evicted: u64,
+}
+
+/// The limits' token-bucket table, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitStats {
+    pub capacity: u32,
+    /// Buckets held now (source prefixes and rules' totals).
+    pub present: u64,
+    pub created: u64,
+    /// Buckets the LRU pushed out to make room: `created - present`.
+    pub evicted: u64,
+    /// UDP flows limited rules admitted, and those recorded now.
+    pub admitted: u64,
+    pub admitted_present: u64,
+    /// New flows from exempt sets, passed without a token.
+    pub exempt: u64,
+    /// Per rule slot, the source prefixes whose bucket is empty now.
+    pub limited_sources: StdHashMap<u32, u64>,
+}
+
+/// `bpf_jiffies64` as userspace estimates it: jiffies start at `INITIAL_JIFFIES` (5 minutes of
+/// ticks before the 32-bit wrap) and advance with the coarse monotonic clock. The estimate runs
+/// a fraction of a second ahead of the kernel's count (60 ticks at HZ 250 after 8 hours
+/// here), so a bucket is read a little fuller than it is: a source is reported as limited only
+/// while it clearly is.
+fn jiffies() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    let hz = crate::compile::ticks_per_second();
+    let initial = u64::from((-(300 * hz as i64)) as u32);
+    initial + ts.tv_sec as u64 * hz + ts.tv_nsec as u64 * hz / 1_000_000_000
 }
 
 /// One recorded outbound flow.
@@ -504,7 +545,8 @@ impl Maps {
         })
     }
 
-    /// Zeroes the counters of `slots` in every block: a slot given to a new rule starts at 0.
+    /// Zeroes the counters of `slots` in every block, and their rate-limited counts: a slot given
+    /// to a new rule starts at 0.
     pub fn zero_slots(&mut self, slots: &BTreeSet<u32>) -> Result<(), MapsError> {
         if slots.is_empty() {
             return Ok(());
@@ -528,6 +570,16 @@ impl Maps {
                     .set(layout::stats(block, layout::rule_counter(*slot)), zero, 0)
                     .map_err(err("STATS"))?;
             }
+        }
+        // The new flows a limit refused, per slot (not per interface).
+        for slot in slots {
+            let zero = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| {
+                err("LIMITED")(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "per-cpu values",
+                    io_error: e,
+                }))
+            })?;
+            self.limited.set(*slot, zero, 0).map_err(err("LIMITED"))?;
         }
         Ok(())
     }
@@ -715,7 +767,91 @@ impl Maps {
                 }
             }
         }
+        self.write_limits(buffer, new)?;
         self.write_tries(buffer, new, old)
+    }
+
+    /// Writes the limited rules' budgets. Only rules flagged `RULE_LIMITED` in this buffer are
+    /// read, so an entry a rule no longer needs is harmless; it is zeroed all the same.
+    fn write_limits(&mut self, buffer: u32, new: &Compiled) -> Result<(), MapsError> {
+        let limits = &mut self.limits;
+        for r in &new.rules {
+            let entry = r.limit.as_ref().map_or(RuleLimit::default(), |l| l.entry);
+            let index = layout::limit(buffer, r.slot);
+            if limits.get(&index, 0).map_err(err("LIMITS"))? != entry {
+                limits.set(index, entry, 0).map_err(err("LIMITS"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every token bucket (a walk of the table: for inspection and tests, not the hot path).
+    pub fn buckets(&self) -> Vec<(BucketKey, Bucket)> {
+        self.buckets.iter().map_while(Result::ok).collect()
+    }
+
+    /// Writes a token bucket as the program would (for tests: a bucket primed with an older
+    /// stamp shows the refill without waiting for the clock).
+    pub fn set_bucket(&mut self, key: &BucketKey, bucket: &Bucket) -> Result<(), MapsError> {
+        self.buckets.insert(key, bucket, 0).map_err(err("BUCKETS"))
+    }
+
+    /// New flows each rule slot's limit refused, summed over CPUs, in the order of `slots`.
+    pub fn limited(&self, slots: &[u32]) -> Result<Vec<u64>, MapsError> {
+        slots
+            .iter()
+            .map(|s| Ok(self.limited.get(s, 0).map_err(err("LIMITED"))?.iter().sum()))
+            .collect()
+    }
+
+    /// The token-bucket table: occupancy, evictions, and per rule slot the source prefixes
+    /// whose bucket is empty now (sources being limited).
+    pub fn limit_stats(&self, limits: &[(u32, RuleLimit)]) -> Result<LimitStats, MapsError> {
+        let read = |i: u32| -> Result<u64, MapsError> {
+            Ok(self
+                .limit_stats
+                .get(&i, 0)
+                .map_err(err("LIMIT_STATS"))?
+                .iter()
+                .sum())
+        };
+        let now = jiffies();
+        let mut present = 0u64;
+        let mut empty: StdHashMap<u32, u64> = StdHashMap::new();
+        // Entries may vanish while we walk; a failed step just ends the walk.
+        for (key, bucket) in self.buckets.iter().map_while(Result::ok) {
+            present += 1;
+            if key.family == 0 {
+                continue;
+            }
+            let Some((_, l)) = limits
+                .iter()
+                .find(|(s, l)| *s == key.slot && l.generation == key.generation)
+            else {
+                continue;
+            };
+            let b = &l.per_source;
+            let elapsed = now.saturating_sub(bucket.stamp);
+            let tokens = if elapsed >= b.fill_ticks {
+                b.cap
+            } else {
+                (bucket.tokens + elapsed * b.refill).min(b.cap)
+            };
+            if tokens < b.cost {
+                *empty.entry(key.slot).or_default() += 1;
+            }
+        }
+        let created = read(limit_stat::BUCKET_CREATED)?;
+        Ok(LimitStats {
+            capacity: LIMIT_BUCKETS,
+            present,
+            created,
+            evicted: created.saturating_sub(present),
+            admitted: read(limit_stat::ADMITTED)?,
+            admitted_present: self.admitted.keys().map_while(Result::ok).count() as u64,
+            exempt: read(limit_stat::EXEMPT)?,
+            limited_sources: empty,
+        })
     }
 
     /// Writes a buffer's prefixes into the LPM tries: what a buffer's trie holds is always

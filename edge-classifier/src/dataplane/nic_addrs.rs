@@ -257,6 +257,36 @@ pub fn xdp_program(ifindex: u32) -> io::Result<Option<XdpProgram>> {
     Ok(Some(XdpProgram { id, mode }))
 }
 
+/// The kernel's own SYN-cookie setting (`net.ipv4.tcp_syncookies`, per network namespace), read
+/// when `run` starts: a warning unless it is 1. The limits at XDP bound the SYNs a flood gets
+/// through; those must not fill a listener's queue and lock out the partners, which the kernel's
+/// cookies prevent when a queue overflows (1). A listener completes a cookie made at XDP only
+/// while it sent cookies itself lately (`tests/syncookies.rs`), so the Edge has no SYN proxy at
+/// XDP and the kernel's cookies are its SYN protection behind the limits.
+pub fn syncookie_warning() -> Option<String> {
+    let value = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_syncookies").ok();
+    syncookie_advice(value.as_deref().map(str::trim))
+}
+
+/// The advice for a `tcp_syncookies` value as the file reads (`None`: no such file).
+pub fn syncookie_advice(value: Option<&str>) -> Option<String> {
+    match value {
+        Some("1") => None,
+        Some("0") => Some(
+            "net.ipv4.tcp_syncookies is 0: a SYN flood within the limits can fill a listener's queue, and the kernel then drops every new SYN, partners' too; set it to 1".to_string(),
+        ),
+        Some("2") => Some(
+            "net.ipv4.tcp_syncookies is 2: every connection gets a SYN cookie, which drops its TCP options (window scaling, SACK) unless the client sends timestamps; set it to 1 (cookies only when a listener's queue overflows)".to_string(),
+        ),
+        Some(other) => Some(format!(
+            "net.ipv4.tcp_syncookies is {other}: expected 1 (SYN cookies when a listener's queue overflows)"
+        )),
+        None => Some(
+            "net.ipv4.tcp_syncookies cannot be read (a kernel without CONFIG_SYN_COOKIES?): a SYN flood within the limits can fill a listener's queue and lock out partners".to_string(),
+        ),
+    }
+}
+
 /// Kernel settings under which a frame's IP destination is not where it is delivered: the data
 /// plane classifies a routing header or an IPv4 source route on the destination in the header,
 /// which Linux only honours with these on. One warning each, naming the sysctl to turn off.
@@ -279,4 +309,23 @@ pub fn routing_warnings(nic: &str) -> Vec<String> {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::syncookie_advice;
+
+    #[test]
+    fn only_tcp_syncookies_1_goes_without_a_warning() {
+        assert_eq!(syncookie_advice(Some("1")), None);
+        for (value, says) in [
+            (Some("0"), "is 0"),
+            (Some("2"), "every connection gets a SYN cookie"),
+            (Some("3"), "expected 1"),
+            (None, "cannot be read"),
+        ] {
+            let w = syncookie_advice(value).unwrap_or_else(|| panic!("{value:?}: no warning"));
+            assert!(w.contains(says), "{value:?}: {w}");
+        }
+    }
 }

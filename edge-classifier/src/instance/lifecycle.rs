@@ -292,6 +292,12 @@ fn repair_pins(instance: &Instance) -> Result<()> {
         "IFACE_ADDRS_V4",
         "IFACE_ADDRS_V6",
         "INSTANCE_RECORD",
+        // Token buckets start full again, admitted UDP flows are new once more: a burst's
+        // worth of new flows more, nothing opened that a limit-free rule would not open.
+        "BUCKETS",
+        "ADMITTED",
+        "LIMITED",
+        "LIMIT_STATS",
     ];
     if missing.iter().any(|m| !HARMLESS.contains(m)) {
         maps.begin_buffer(0)?;

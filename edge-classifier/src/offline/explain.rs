@@ -104,6 +104,10 @@ pub struct Explanation {
     /// domain or host, and the records that led to it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub from_dns: Vec<String>,
+    /// The deciding rule's limit on new flows: this frame, the first of its source, is within
+    /// it; beyond the limit such frames drop as `rate_limited`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
 }
 
 fn display<S: serde::Serializer>(p: &Probe, s: S) -> Result<S::Ok, S::Error> {
@@ -189,6 +193,15 @@ pub fn explain(
         }
         Way::Out => reference.egress(&f, role_mask, &mut flows, 0),
     };
+    let limit = match verdict.counted {
+        Counted::Rule(slot) => compiled
+            .rules
+            .iter()
+            .find(|r| r.slot == slot)
+            .and_then(|r| r.limit.as_ref())
+            .map(|l| l.limit.to_string()),
+        Counted::Reason(_) => None,
+    };
     let (rule, reason_name, why) = match verdict.counted {
         Counted::Rule(slot) => (
             compiled.rules.iter().find(|r| r.slot == slot).map(|r| {
@@ -221,6 +234,7 @@ pub fn explain(
         near_miss,
         established,
         from_dns: Vec::new(),
+        limit,
     })
 }
 
@@ -358,6 +372,12 @@ fn why(r: u32) -> &'static str {
         reason::PASS_TRACKED_REPLY => {
             "it answers a flow the Edge opened outside the rules (policy.egress = \"track\")"
         }
+        reason::DROP_RATE_LIMITED => {
+            "a new flow of a rule with a limit, over its source's or the rule's total budget"
+        }
+        reason::PASS_MONITOR_RATE_LIMITED => {
+            "a new flow over its rule's limit, passed because policy.default is pass (monitor mode)"
+        }
         _ => "",
     }
 }
@@ -413,6 +433,12 @@ impl fmt::Display for Explanation {
                 n.rule,
                 n.covers,
                 n.differs.join(" and ")
+            )?;
+        }
+        if let Some(l) = &self.limit {
+            write!(
+                f,
+                "\nlimit on new flows: {l}; beyond it a new flow drops as rate_limited"
             )?;
         }
         for line in &self.from_dns {

@@ -8,10 +8,11 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use edge_classifier_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey, FlowState, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
-    POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, SET_ANY, SET_PROTECTED,
-    TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
+    AdmittedKey, Bucket, BucketKey, Budget, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FlowKey,
+    FlowState, MAX_CANDIDATES, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
+    POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS,
+    PolicyEntry, RULE_LIMITED, RuleLimit, SET_ANY, SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP,
+    TRANSPORT_UDP, layout, reason,
 };
 use etherparse::{
     EtherType, Ethernet2Slice, IpAuthHeaderSlice, IpNumber, Ipv4HeaderSlice,
@@ -57,10 +58,14 @@ impl Verdict {
     }
 }
 
-/// The outbound flow table as the reference sees it, fed explicitly.
+/// The outbound flow table as the reference sees it, fed explicitly; and the limits' state:
+/// token buckets and the UDP flows limited rules admitted.
 #[derive(Debug, Clone, Default)]
 pub struct FlowTable {
     pub flows: HashMap<FlowKey, FlowState>,
+    pub buckets: HashMap<BucketKey, Bucket>,
+    /// Admitted UDP flow → tick last seen.
+    pub admitted: HashMap<AdmittedKey, u64>,
 }
 
 // The parser. The protocol knowledge (field positions, header lengths, which field chains to
@@ -498,6 +503,123 @@ impl<'a> Reference<'a> {
             .map(|r| r.slot)
     }
 
+    /// The limit of the rule at `slot` in `class`, when its flag says it has one.
+    fn limit_of(&self, class: u32, slot: u32) -> Option<RuleLimit> {
+        let class = self.compiled.classes.get(class as usize)?;
+        let rule = class.rules.iter().find(|r| r.slot == slot)?;
+        if rule.flags & RULE_LIMITED == 0 {
+            return None;
+        }
+        self.compiled
+            .rules
+            .iter()
+            .find(|r| r.slot == slot)
+            .and_then(|r| r.limit.as_ref())
+            .map(|l| l.entry)
+    }
+
+    /// Whether a limited rule admits a new flow at tick `now`: an admitted UDP flow still
+    /// live, an exempt source, or a token from the source prefix's bucket and then from the
+    /// rule's total one. A bucket seen for the first time is full.
+    #[allow(clippy::too_many_arguments)]
+    fn admits(
+        &self,
+        limit: &RuleLimit,
+        slot: u32,
+        src: &Addr,
+        transport: u32,
+        flow: AdmittedKey,
+        state: &mut FlowTable,
+        now: u64,
+    ) -> bool {
+        let udp = transport == TRANSPORT_UDP;
+        if udp
+            && let Some(seen) = state.admitted.get_mut(&flow)
+            && now.saturating_sub(*seen) <= self.policy().udp_idle_ticks
+        {
+            *seen = (*seen).max(now);
+            return true;
+        }
+        let bits = self.sets.bits(src);
+        if bits & limit.exempt_mask != 0 {
+            return true;
+        }
+        let take = |state: &mut FlowTable, key: BucketKey, b: &Budget| -> bool {
+            let bucket = state.buckets.entry(key).or_insert(Bucket {
+                tokens: b.cap,
+                stamp: now,
+            });
+            // Refilled by whole ticks at `refill` units each, never above the cap.
+            let elapsed = now.saturating_sub(bucket.stamp);
+            let tokens = (u128::from(bucket.tokens) + u128::from(elapsed) * u128::from(b.refill))
+                .min(u128::from(b.cap)) as u64;
+            bucket.stamp = bucket.stamp.max(now);
+            if tokens >= b.cost {
+                bucket.tokens = tokens - b.cost;
+                true
+            } else {
+                bucket.tokens = tokens;
+                false
+            }
+        };
+        // The sets with a budget of their own share it, and no other budget applies to them.
+        if bits & limit.own_mask != 0 {
+            let key = BucketKey {
+                slot,
+                generation: limit.generation,
+                family: 1,
+                addr: [0, 0],
+            };
+            if !take(state, key, &limit.own) {
+                return false;
+            }
+            if udp {
+                state.admitted.insert(flow, now);
+            }
+            return true;
+        }
+        if limit.per_source.cost != 0 {
+            let (family, addr) = match src {
+                Addr::V4(a) => {
+                    let masked = u32::from_be_bytes(*a)
+                        & u32::from_be_bytes(u32::to_ne_bytes(limit.mask_v4 as u32));
+                    let mut word = [0u8; 8];
+                    word[..4].copy_from_slice(&masked.to_be_bytes());
+                    (4, [u64::from_ne_bytes(word), 0])
+                }
+                Addr::V6(a) => {
+                    let w0 = u64::from_ne_bytes(a[..8].try_into().expect("8 bytes"));
+                    let w1 = u64::from_ne_bytes(a[8..].try_into().expect("8 bytes"));
+                    (6, [w0 & limit.mask_v6[0], w1 & limit.mask_v6[1]])
+                }
+            };
+            let key = BucketKey {
+                slot,
+                generation: limit.generation,
+                family,
+                addr,
+            };
+            if !take(state, key, &limit.per_source) {
+                return false;
+            }
+        }
+        if limit.total.cost != 0 {
+            let key = BucketKey {
+                slot,
+                generation: limit.generation,
+                family: 0,
+                addr: [0, 0],
+            };
+            if !take(state, key, &limit.total) {
+                return false;
+            }
+        }
+        if udp {
+            state.admitted.insert(flow, now);
+        }
+        true
+    }
+
     /// A frame arriving on a NIC of `role_mask` (XDP ingress). Flow lookups refresh `flows` the
     /// way the kernel does; `now` is the kernel's jiffies (`bpf_jiffies64`).
     pub fn ingress(
@@ -590,6 +712,41 @@ impl<'a> Reference<'a> {
         if dentry.inbound != 0
             && let Some(slot) = self.match_class(dentry.inbound, local_bits, &ip.src, role_mask)
         {
+            // A new flow of a limited rule: a SYN without ACK, or a UDP datagram of a flow
+            // the rule has not admitted (or whose admission idled out).
+            let new_flow = transport == TRANSPORT_UDP || tcp_flags & 0x12 == 0x02;
+            if new_flow && let Some(limit) = self.limit_of(dentry.inbound, slot) {
+                let (family, remote) = match &ip.src {
+                    Addr::V4(a) => {
+                        let mut w = [0u8; 8];
+                        w[..4].copy_from_slice(a);
+                        (4, [u64::from_ne_bytes(w), 0])
+                    }
+                    Addr::V6(a) => (
+                        6,
+                        [
+                            u64::from_ne_bytes(a[..8].try_into().expect("8 bytes")),
+                            u64::from_ne_bytes(a[8..].try_into().expect("8 bytes")),
+                        ],
+                    ),
+                };
+                // The peer and both ports under the rule; the Edge's address is not in it.
+                let key = AdmittedKey {
+                    slot,
+                    family,
+                    remote_port: sport,
+                    local_port: dport,
+                    generation: limit.generation,
+                    remote,
+                };
+                if !self.admits(&limit, slot, &ip.src, transport, key, flows, now) {
+                    return Ok(if policy.flags & POLICY_DEFAULT_PASS != 0 {
+                        Verdict::pass(reason::PASS_MONITOR_RATE_LIMITED)
+                    } else {
+                        Verdict::drop(reason::DROP_RATE_LIMITED)
+                    });
+                }
+            }
             return Ok(Verdict::rule(slot));
         }
         let reply_from = self.port_entry(transport, sport).reply_from;

@@ -79,6 +79,7 @@ fn kernel_release() -> String {
 pub fn render(s: &Snapshot) -> prometheus::Result<String> {
     let mut families = interface_families(s);
     families.extend(flow_families(&s.flows));
+    families.extend(limit_families(&s.limits));
     families.extend(instance_families(s));
     families.extend(dns_families(&s.dns));
     families.extend(monitor_families(&s.monitors));
@@ -245,6 +246,65 @@ fn flow_families(f: &crate::maps::FlowStats) -> Vec<Family> {
         ),
     ]);
     families
+}
+
+/// The limits on new flows: per limited rule, the frames refused and the sources held back
+/// now; the token-bucket table. Present only while a rule has a limit.
+fn limit_families(l: &crate::snapshot::Limits) -> Vec<Family> {
+    if l.rules.is_empty() {
+        return Vec::new();
+    }
+    let mut limited = Family::counter(
+        "edge_classifier_rate_limited_packets_total",
+        "New flows (TCP SYN, UDP datagrams of a flow not yet admitted) over a rule's limit, dropped as rate_limited (passed in monitor mode), by rule.",
+    );
+    let mut sources = Family::gauge(
+        "edge_classifier_rate_limited_sources",
+        "Source prefixes whose token bucket for the rule is empty now: the sources being limited.",
+    );
+    for r in &l.rules {
+        limited.push(&[("rule", r.id.as_str())], r.limited as f64);
+        sources.push(&[("rule", r.id.as_str())], r.limited_sources as f64);
+    }
+    vec![
+        limited,
+        sources,
+        one(
+            Family::gauge(
+                "edge_classifier_limit_buckets",
+                "Token buckets held now (per source prefix and per rule's total).",
+            ),
+            l.buckets as f64,
+        ),
+        one(
+            Family::gauge(
+                "edge_classifier_limit_buckets_capacity",
+                "Token buckets the table holds before it evicts the least recently used (a source evicted starts again with a full bucket).",
+            ),
+            f64::from(l.bucket_capacity),
+        ),
+        one(
+            Family::counter(
+                "edge_classifier_limit_buckets_evicted_total",
+                "Token buckets pushed out of the full table (least recently used first).",
+            ),
+            l.buckets_evicted as f64,
+        ),
+        one(
+            Family::gauge(
+                "edge_classifier_limit_admitted_udp_flows",
+                "UDP flows limited rules admitted and remember now (their later datagrams are not new flows).",
+            ),
+            l.admitted_udp_flows_present as f64,
+        ),
+        one(
+            Family::counter(
+                "edge_classifier_limit_exempt_total",
+                "New flows from a limit's exempt sets, passed without a token.",
+            ),
+            l.exempt as f64,
+        ),
+    ]
 }
 
 /// Per set and DNS name: addresses in force, last success, failures by kind, staleness. Every

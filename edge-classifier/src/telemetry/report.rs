@@ -12,6 +12,32 @@ pub fn flows(s: &FlowStats) -> String {
     )
 }
 
+/// The limits on new flows: a line per limited rule and one for the bucket table; nothing when
+/// no rule has a limit.
+pub fn limits(l: &crate::snapshot::Limits) -> String {
+    let mut out = String::new();
+    for r in &l.rules {
+        let _ = writeln!(
+            out,
+            "limit of {} ({}): {} new flows refused, {} sources limited now",
+            r.id, r.limit, r.limited, r.limited_sources
+        );
+    }
+    if !l.rules.is_empty() {
+        let _ = writeln!(
+            out,
+            "limit buckets: {} of {}, {} evicted; {} UDP flows admitted ({} remembered), {} exempt new flows",
+            l.buckets,
+            l.bucket_capacity,
+            l.buckets_evicted,
+            l.admitted_udp_flows,
+            l.admitted_udp_flows_present,
+            l.exempt
+        );
+    }
+    out
+}
+
 /// `edge-classifier stats`: a snapshot as tables; with the previous snapshot, per-second rates.
 pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
     let mut out = String::new();
@@ -45,6 +71,7 @@ pub fn snapshot_table(s: &Snapshot, prev: Option<&Snapshot>) -> String {
     reasons_table(&mut out, s, &rates);
     let _ = writeln!(out);
     out.push_str(&flows(&s.flows));
+    out.push_str(&limits(&s.limits));
     let _ = writeln!(
         out,
         "reloads: {} succeeded, {} failed",

@@ -33,6 +33,9 @@ pub struct Snapshot {
     /// The monitors (`edge-classifier monitor`, `/events`) and the events they missed.
     #[serde(default)]
     pub monitors: MonitorStats,
+    /// Rules with a `limit`, and the token-bucket table.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// Monitor slots in use and the events the kernel could not deliver to them, every slot
@@ -42,6 +45,32 @@ pub struct MonitorStats {
     pub attached: u32,
     pub lost_rate_limit: u64,
     pub lost_ring_full: u64,
+}
+
+/// The limits on new flows: per limited rule, what was refused and how many sources are held
+/// back now; the bucket table's occupancy and evictions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub rules: Vec<LimitedRule>,
+    pub bucket_capacity: u32,
+    pub buckets: u64,
+    pub buckets_evicted: u64,
+    /// UDP flows limited rules admitted, in all and recorded now.
+    pub admitted_udp_flows: u64,
+    pub admitted_udp_flows_present: u64,
+    /// New flows from exempt sets, passed without a token.
+    pub exempt: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitedRule {
+    pub id: String,
+    /// The limit as the catalogue gives it.
+    pub limit: String,
+    /// New flows over the limit (dropped, or passed in monitor mode), on every interface.
+    pub limited: u64,
+    /// Source prefixes whose bucket is empty now.
+    pub limited_sources: u64,
 }
 
 /// One name of one set as `status`, the logs and `/metrics` report it.
@@ -233,6 +262,7 @@ impl Snapshot {
             lost_rate_limit: lost.rate_limit,
             lost_ring_full: lost.ring_full,
         };
+        let limits = read_limits(maps, compiled)?;
         Ok(Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             taken: unix_now(),
@@ -243,6 +273,41 @@ impl Snapshot {
             flows,
             dns: Vec::new(),
             monitors,
+            limits,
         })
     }
+}
+
+/// The limits' counters; the bucket table is walked only when a rule has a limit.
+fn read_limits(maps: &Maps, compiled: &Compiled) -> Result<Limits, MapsError> {
+    let limited: Vec<_> = compiled
+        .rules
+        .iter()
+        .filter_map(|r| r.limit.as_ref().map(|l| (r, l)))
+        .collect();
+    if limited.is_empty() {
+        return Ok(Limits::default());
+    }
+    let slots: Vec<u32> = limited.iter().map(|(r, _)| r.slot).collect();
+    let counts = maps.limited(&slots)?;
+    let entries: Vec<_> = limited.iter().map(|(r, l)| (r.slot, l.entry)).collect();
+    let t = maps.limit_stats(&entries)?;
+    Ok(Limits {
+        rules: limited
+            .iter()
+            .zip(counts)
+            .map(|((r, l), n)| LimitedRule {
+                id: r.id.clone(),
+                limit: l.limit.to_string(),
+                limited: n,
+                limited_sources: t.limited_sources.get(&r.slot).copied().unwrap_or(0),
+            })
+            .collect(),
+        bucket_capacity: t.capacity,
+        buckets: t.present,
+        buckets_evicted: t.evicted,
+        admitted_udp_flows: t.admitted,
+        admitted_udp_flows_present: t.admitted_present,
+        exempt: t.exempt,
+    })
 }

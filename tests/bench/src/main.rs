@@ -345,6 +345,52 @@ fn other_replies() -> Vec<MixFrame> {
     ]
 }
 
+/// New flows of rules with a `limit` (role "limited": the external NIC of `limited_catalogue`),
+/// timed beside the mix: TestRun repeats one frame, so each is the steady state of its path.
+fn limited_frames() -> Vec<MixFrame> {
+    let edge = ext("198.51.100.10");
+    let client = ext("198.51.100.1");
+    vec![
+        frame(
+            "P3 SYN under a limit (source and total bucket, admitted)",
+            tcp(client, 40000, edge, 443),
+            "limited",
+            true,
+        ),
+        frame(
+            "X1 SYN over a limit (dropped as rate_limited)",
+            tcp(client, 40000, edge, 5269),
+            "limited",
+            false,
+        ),
+        frame(
+            "P6 UDP of an admitted flow under a limit",
+            udp(client, 40000, edge, 3478),
+            "limited",
+            true,
+        ),
+    ]
+}
+
+/// The default catalogue with limits: P3 and P6 so high that the repeated frame is always
+/// admitted, X1 one flow an hour so that it is always refused.
+fn limited_catalogue() -> Catalogue {
+    let mut text = DEFAULT_CATALOGUE.to_string();
+    for (id, limit) in [
+        (
+            "client-sip-tls-in",
+            r#"{ per_source = "1000000/s", burst = 1000000, total = "1000000/s" }"#,
+        ),
+        ("xmpp-federation-in", r#"{ per_source = "1/h", burst = 1 }"#),
+        ("messenger-stun-in", r#"{ per_source = "1/h", burst = 1 }"#),
+    ] {
+        let from = format!("id = \"{id}\"");
+        assert!(text.contains(&from), "default catalogue has rule {id}");
+        text = text.replacen(&from, &format!("{from}\nlimit = {limit}"), 1);
+    }
+    Catalogue::parse("limited.toml", &text).expect("the limited catalogue parses")
+}
+
 /// The harness bound to the NIC role a frame arrives on.
 fn harness<'a>(
     f: &MixFrame,
@@ -432,6 +478,8 @@ fn paths(
 struct PerFrame {
     rows: Vec<Row>,
     replies: Vec<Row>,
+    /// New flows of rules with a `limit`.
+    limited: Vec<Row>,
 }
 
 /// The per-frame table's header and rows (the caller adds any summary row).
@@ -507,7 +555,33 @@ fn per_frame(repeat: u32) -> anyhow::Result<PerFrame> {
     };
     let rows = time(mix())?;
     let replies = time(other_replies())?;
-    Ok(PerFrame { rows, replies })
+    // The limited frames on a harness of their own, timed the same way.
+    let mut lim_h = Harness::new(&limited_catalogue(), "external");
+    let frames = limited_frames();
+    let traced = paths(&frames, &mut lim_h, &mut int_h)?;
+    let mut samples = vec![(Vec::new(), Vec::new()); frames.len()];
+    for round in 0..=RUNS {
+        eprintln!("per-frame (limited): round {round} of {RUNS}");
+        for (f, (ours, base)) in frames.iter().zip(samples.iter_mut()) {
+            let o = ns_per_frame(lim_h.classifier.program(), &f.frame, repeat);
+            let b = ns_per_frame(&*fp, &f.frame, repeat);
+            if round > 0 {
+                ours.push(o);
+                base.push(b);
+            }
+        }
+    }
+    let limited = frames
+        .iter()
+        .zip(samples)
+        .zip(traced)
+        .map(|((f, (ours, base)), path)| (f.name, Stat::of(ours), Stat::of(base), None, path))
+        .collect();
+    Ok(PerFrame {
+        rows,
+        replies,
+        limited,
+    })
 }
 
 /// Cost of the P1 frame (which needs both address lookups) with `prefixes` partner prefixes
@@ -989,13 +1063,21 @@ fn print_paths() -> anyhow::Result<()> {
     let mut ext_h = Harness::default_catalogue("external");
     let mut int_h = Harness::default_catalogue("internal");
     open_flows(&mut ext_h);
-    for frames in [mix(), other_replies()] {
+    let mut lim_h = Harness::new(&limited_catalogue(), "external");
+    for (frames, limited) in [
+        (mix(), false),
+        (other_replies(), false),
+        (limited_frames(), true),
+    ] {
+        let ext_h = if limited { &mut lim_h } else { &mut ext_h };
         for f in &frames {
             let want = if f.pass { XDP_PASS } else { XDP_DROP };
-            let h = harness(f, &mut ext_h, &mut int_h);
+            let h = harness(f, ext_h, &mut int_h);
+            // The first of a flow is admitted; the steady state is what the repeats see.
+            h.run(&f.frame);
             assert_eq!(h.run(&f.frame), want, "{}: verdict", f.name);
         }
-        let traced = paths(&frames, &mut ext_h, &mut int_h)?;
+        let traced = paths(&frames, ext_h, &mut int_h)?;
         for (f, t) in frames.iter().zip(&traced) {
             let lookups: Vec<String> = t.lookups.iter().map(|(m, n)| format!("{m}×{n}")).collect();
             println!("{:>5}  {:<60} {}", t.insns, f.name, lookups.join(" "));
@@ -1151,6 +1233,11 @@ fn main() -> anyhow::Result<()> {
         "The mix has an allowed frame of each inbound seed row and one reply of an outbound flow. TestRun repeats one frame, so a reply hits the per-CPU reply cache after the first repetition of each tick. The replies of the other outbound rows, an IPv6 reply, a FIN reply (which always goes to the flow table, as a flow's first reply of a tick does), the answer to the Edge's own DNS query (`egress = \"track\"`) and a denied datagram from a port the Edge sent tracked traffic to (a flow lookup that misses) are timed here, outside the mix:\n"
     )?;
     per_frame_table(&mut md, &pf.replies)?;
+    writeln!(
+        md,
+        "\nNew flows of rules with a `limit` (the default catalogue with limits on P3, X1 and P6): a SYN that takes a token from its source's and the rule's total bucket, a SYN refused (`rate_limited`), a datagram of a UDP flow the limit admitted. A frame of a rule without a limit pays one flag test (the mix above):\n"
+    )?;
+    per_frame_table(&mut md, &pf.limited)?;
     writeln!(md)?;
     plot_per_frame(&out_dir.join("per-frame.svg"), &pf)?;
 

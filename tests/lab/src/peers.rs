@@ -795,3 +795,219 @@ pub use classifier::Counters;
 pub fn xdp_attached(ns: &str, dev: &str) -> bool {
     crate::xdp_prog(ns, dev).is_some()
 }
+
+// The real servers an Edge's peers run, shared by the peer tests.
+
+/// One Kamailio: answers OPTIONS, MESSAGE and REGISTER for its own domain; forwards what comes
+/// from its loopback (sipp) to another domain over TLS, to the target of that domain's
+/// `_sipfederationtls._tcp` SRV record, or to `host:443` for a client registration.
+const KAMAILIO_CFG: &str = r#"#!KAMAILIO
+debug=2
+log_stderror=yes
+children=2
+tcp_children=2
+auto_aliases=no
+dns_try_naptr=no
+tcp_connect_timeout=2
+listen=udp:127.0.0.1:5060
+listen=tls:@IP@:5061
+@EXTRA_LISTEN@
+alias=@DOMAIN@
+alias=sip.@DOMAIN@
+enable_tls=yes
+tcp_connection_lifetime=3600
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "tls.so"
+loadmodule "pv.so"
+loadmodule "xlog.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "maxfwd.so"
+loadmodule "ipops.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+modparam("tls", "config", "@TLS_CFG@")
+modparam("tm", "fr_timer", 4000)
+request_route {
+    xlog("L_NOTICE", "request $rm $ru from $proto:$si:$sp\n");
+    if (!mf_process_maxfwd_header("10")) { sl_send_reply("483", "Too Many Hops"); exit; }
+    if (is_method("ACK")) { exit; }
+    if ($rd == "@DOMAIN@" || $rd == "sip.@DOMAIN@" || $rd == "@IP@") {
+        if (is_method("REGISTER")) { save("location"); exit; }
+        sl_send_reply("200", "OK");
+        exit;
+    }
+    if ($si != "127.0.0.1") { sl_send_reply("403", "Not Relaying"); exit; }
+    $var(srv) = "_sipfederationtls._tcp." + $rd;
+    if (srv_query("$var(srv)", "fed") < 1 || $srvquery(fed=>count) < 1) {
+        xlog("L_ERR", "no SRV $var(srv)\n");
+        sl_send_reply("404", "No SRV");
+        exit;
+    }
+    $du = "sip:" + $srvquery(fed=>target[0]) + ":" + $srvquery(fed=>port[0]) + ";transport=tls";
+    xlog("L_NOTICE", "relaying $rm to $du\n");
+    force_send_socket(tls:@IP@:5061);
+    if (!t_relay()) { sl_reply_error(); }
+}
+"#;
+
+const TLS_CFG: &str = "[server:default]
+method = TLSv1.2+
+verify_certificate = yes
+require_certificate = yes
+private_key = @KEY@
+certificate = @CERT@
+ca_list = @CA@
+
+[client:default]
+method = TLSv1.2+
+verify_certificate = yes
+require_certificate = yes
+private_key = @KEY@
+certificate = @CERT@
+ca_list = @CA@
+";
+
+/// Clients on 443 (P3) bring no certificate.
+const TLS_CFG_443: &str = "
+[server:@IP@:443]
+method = TLSv1.2+
+verify_certificate = no
+require_certificate = no
+private_key = @KEY@
+certificate = @CERT@
+ca_list = @CA@
+";
+
+pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut t = template.to_string();
+    for (k, v) in vars {
+        t = t.replace(k, v);
+    }
+    t
+}
+
+impl PeerLab {
+    /// A Kamailio for `name` (`edge`, `partner`, `stranger`) on `ip` in `ns`, taking sipp's
+    /// requests on UDP `127.0.0.1:5060`, with a certificate of the lab's CA for `sip.NAME.example`.
+    pub fn kamailio(&self, ns: &str, name: &str, ip: IpAddr) -> Daemon {
+        let lab = self;
+        let dir = lab.subdir(&format!("kamailio-{name}")).expect("dir");
+        let domain = format!("{name}.example");
+        let cert = lab
+            .cert(name, &[&format!("sip.{domain}"), &domain], &[ip])
+            .expect("certificate");
+        let ip = ip.to_string();
+        let show = |p: &Path| p.display().to_string();
+        let (cert_s, key_s, ca_s) = (show(&cert.cert), show(&cert.key), show(&lab.ca));
+        let tls_path = dir.join("tls.cfg");
+        let tls_s = show(&tls_path);
+        let vars = [
+            ("@IP@", ip.as_str()),
+            ("@DOMAIN@", domain.as_str()),
+            ("@TLS_CFG@", tls_s.as_str()),
+            ("@CERT@", cert_s.as_str()),
+            ("@KEY@", key_s.as_str()),
+            ("@CA@", ca_s.as_str()),
+        ];
+        let (listen, tls443) = if name == "edge" {
+            (format!("listen=tls:{ip}:443"), fill(TLS_CFG_443, &vars))
+        } else {
+            (String::new(), String::new())
+        };
+        let cfg = dir.join("kamailio.cfg");
+        std::fs::write(
+            &cfg,
+            fill(KAMAILIO_CFG, &vars).replace("@EXTRA_LISTEN@", &listen),
+        )
+        .expect("kamailio.cfg");
+        std::fs::write(&tls_path, fill(TLS_CFG, &vars) + &tls443).expect("tls.cfg");
+        let mut d = lab
+            .spawn(
+                ns,
+                &format!("kamailio-{name}"),
+                "kamailio",
+                &[
+                    "-DD",
+                    "-E",
+                    "-f",
+                    &show(&cfg),
+                    "-Y",
+                    &show(&dir),
+                    "-P",
+                    &show(&dir.join("pid")),
+                    "-m",
+                    "32",
+                    "-M",
+                    "4",
+                ],
+            )
+            .expect("kamailio");
+        lab.wait_listening(ns, false, 5061, &mut d);
+        lab.wait_listening(ns, true, 5060, &mut d);
+        d
+    }
+
+    /// coturn (`turnserver`) for `name` on `ip`:3478 in `ns`, UDP and TCP, relaying from
+    /// 50000-59999, no TLS.
+    pub fn turnserver(&self, ns: &str, name: &str, ip: IpAddr) -> Daemon {
+        let lab = self;
+        let dir = lab.subdir(name).expect("dir");
+        let ip = ip.to_string();
+        let mut d = lab
+            .spawn(
+                ns,
+                name,
+                "turnserver",
+                &[
+                    "-n",
+                    "--listening-ip",
+                    &ip,
+                    "--listening-port",
+                    "3478",
+                    "--relay-ip",
+                    &ip,
+                    "--min-port",
+                    "50000",
+                    "--max-port",
+                    "59999",
+                    "--no-tls",
+                    "--no-dtls",
+                    "--no-cli",
+                    "--simple-log",
+                    "--log-file",
+                    "stdout",
+                    "--pidfile",
+                    &dir.join("pid").display().to_string(),
+                    "--db",
+                    &dir.join("turndb.sqlite").display().to_string(),
+                ],
+            )
+            .expect("turnserver");
+        lab.wait_listening(ns, true, 3478, &mut d);
+        d
+    }
+
+    /// `turnutils_stunclient` in `ns` asking `server`: the reflexive address it got.
+    pub fn stun(&self, ns: &str, server: IpAddr) -> Result<String, String> {
+        let lab = self;
+        let o = lab
+            .run(
+                ns,
+                Duration::from_secs(5),
+                "turnutils_stunclient",
+                &["-p", "3478", &server.to_string()],
+            )
+            .expect("turnutils_stunclient");
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        match out.lines().find(|l| l.contains("UDP reflexive addr:")) {
+            Some(l) if o.status.success() => Ok(l.to_string()),
+            _ => Err(format!(
+                "{}: {out}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            )),
+        }
+    }
+}

@@ -1,0 +1,626 @@
+//! Limits on new flows in the kernel (BPF_PROG_TEST_RUN), each frame also through the reference
+//! classifier with the same state: SYNs beyond a source's burst drop as `rate_limited`, counted
+//! per rule; segments of admitted connections, other sources, exempt partners and admitted UDP
+//! flows pass; the total budget; the refill (a bucket primed with an older stamp through the
+//! map, since BPF_PROG_TEST_RUN cannot move jiffies); monitor mode; a reload that changes the
+//! limit starts fresh buckets, one that keeps it keeps them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use edge_classifier::{
+    compile::compile_with,
+    maps::Holds,
+    reference::{Counted, FlowTable, Reference},
+};
+use edge_classifier_common::reason;
+use edge_classifier_tests::*;
+
+const EXT4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::EDGE_EXT_V4);
+const EXT6: Ipv6Addr = edge_classifier_lab::v6_of(edge_classifier_lab::EDGE_EXT_V6);
+const PARTNER4: Ipv4Addr = edge_classifier_lab::v4_of(edge_classifier_lab::PARTNER_V4);
+
+fn v4(a: &str) -> IpAddr {
+    a.parse().unwrap()
+}
+
+/// The default catalogue with `limit` on the client SIP rule (P3, TCP 443 from anyone) and
+/// `stun` on the inbound STUN rule (UDP 3478 from anyone).
+fn limited(limit: &str, stun: &str) -> edge_classifier::catalogue::Catalogue {
+    let mut edits = vec![];
+    let p3 = format!("id = \"client-sip-tls-in\"\nlimit = {limit}");
+    let stun_line = format!("id = \"messenger-stun-in\"\nlimit = {stun}");
+    if !limit.is_empty() {
+        edits.push(("id = \"client-sip-tls-in\"", p3.as_str()));
+    }
+    if !stun.is_empty() {
+        edits.push(("id = \"messenger-stun-in\"", stun_line.as_str()));
+    }
+    edited_default_catalogue(&edits)
+}
+
+/// The kernel's jiffies (`bpf_jiffies64`), the clock the reference is given.
+fn jiffies() -> u64 {
+    std::fs::read_to_string("/proc/timer_list")
+        .expect("/proc/timer_list")
+        .lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))
+        .and_then(|j| j.trim().parse().ok())
+        .expect("a jiffies line")
+}
+
+/// The kernel program and the reference, fed the same frames.
+struct Both {
+    h: Harness,
+    state: FlowTable,
+}
+
+impl Both {
+    fn new(cat: &edge_classifier::catalogue::Catalogue) -> Both {
+        Both {
+            h: Harness::new(cat, "external"),
+            state: FlowTable::default(),
+        }
+    }
+
+    /// One frame: the kernel's verdict and counter as expected, and the reference's the same.
+    fn expect(&mut self, name: &str, frame: &[u8], counted: Expected) {
+        let pass = match &counted {
+            Expected::Rule(_) => true,
+            Expected::Reason(_, drop) => !drop,
+        };
+        let action = if pass { XDP_PASS } else { XDP_DROP };
+        self.h.expect(name, frame, action, &counted);
+        let compiled = self.h.classifier.compiled().clone();
+        let role = compiled.role_mask(&self.h.binding.role).expect("role");
+        let v = Reference::new(&compiled).ingress(frame, role, &mut self.state, jiffies());
+        let got = match v.counted {
+            Counted::Rule(slot) => {
+                let id = &compiled.rules.iter().find(|r| r.slot == slot).unwrap().id;
+                format!("rule {id}")
+            }
+            Counted::Reason(r) => {
+                let (n, d) = reason::NAMES[r as usize];
+                Expected::Reason(n, d).to_string()
+            }
+        };
+        assert_eq!(got, counted.to_string(), "{name}: the reference classifier");
+        assert_eq!(v.pass, pass, "{name}: the reference's verdict");
+    }
+
+    fn slot(&self, id: &str) -> u32 {
+        self.h.classifier.compiled().rule_slot(id)
+    }
+
+    /// New flows the kernel counted as over the limit of rule `id`.
+    fn limited(&self, id: &str) -> u64 {
+        self.h.classifier.maps().limited(&[self.slot(id)]).unwrap()[0]
+    }
+}
+
+trait SlotOf {
+    fn rule_slot(&self, id: &str) -> u32;
+}
+
+impl SlotOf for edge_classifier::compile::Compiled {
+    fn rule_slot(&self, id: &str) -> u32 {
+        self.rules
+            .iter()
+            .find(|r| r.id == id)
+            .unwrap_or_else(|| panic!("no rule {id}"))
+            .slot
+    }
+}
+
+const P3: &str = "client-sip-tls-in";
+const STUN: &str = "messenger-stun-in";
+
+#[test]
+fn syns_beyond_a_sources_burst_drop_as_rate_limited_and_established_segments_pass() {
+    // One flow an hour refills nothing during the test: the burst alone decides.
+    let mut b = Both::new(&limited(r#"{ per_source = "1/h", burst = 3 }"#, ""));
+    let client = v4("192.0.2.77");
+    let dst = IpAddr::V4(EXT4);
+    for port in 0..3 {
+        b.expect(
+            &format!("SYN {port} within the burst"),
+            &tcp(client, 40000 + port, dst, 443),
+            Expected::Rule(P3),
+        );
+    }
+    b.expect(
+        "SYN beyond the burst",
+        &tcp(client, 40003, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    assert_eq!(b.limited(P3), 1, "counted against the rule");
+    // Segments of admitted connections are not new flows.
+    b.expect(
+        "ACK of an admitted connection",
+        &tcp_segment(client, 40000, dst, 443, ACK),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "FIN|ACK",
+        &tcp_segment(client, 40001, dst, 443, FIN | ACK),
+        Expected::Rule(P3),
+    );
+    // Another /32 has a bucket of its own; /32 is the default prefix.
+    b.expect(
+        "SYN from the neighbour address",
+        &tcp(v4("192.0.2.78"), 40000, dst, 443),
+        Expected::Rule(P3),
+    );
+    // IPv6 sources share a /64.
+    let a = IpAddr::V6("2001:db8:999::1".parse().unwrap());
+    let same64 = IpAddr::V6("2001:db8:999::2:1".parse().unwrap());
+    let other64 = IpAddr::V6("2001:db8:999:1::1".parse().unwrap());
+    let dst6 = IpAddr::V6(EXT6);
+    for port in 0..3 {
+        b.expect(
+            &format!("IPv6 SYN {port}"),
+            &tcp(if port == 1 { same64 } else { a }, 40000 + port, dst6, 443),
+            Expected::Rule(P3),
+        );
+    }
+    b.expect(
+        "IPv6 SYN from the same /64",
+        &tcp(same64, 41000, dst6, 443),
+        drop_reason("rate_limited"),
+    );
+    b.expect(
+        "IPv6 SYN from the next /64",
+        &tcp(other64, 41000, dst6, 443),
+        Expected::Rule(P3),
+    );
+    assert_eq!(b.limited(P3), 2);
+    // A rule without a limit is not touched.
+    b.expect(
+        "partner SYN to 5061",
+        &tcp(IpAddr::V4(PARTNER4), 40000, dst, 5061),
+        Expected::Rule("public-im-sip-in"),
+    );
+    assert_eq!(b.limited("public-im-sip-in"), 0);
+}
+
+#[test]
+fn the_source_prefix_is_configurable() {
+    let mut b = Both::new(&limited(
+        r#"{ per_source = "1/h", burst = 1, prefix_v4 = 24 }"#,
+        "",
+    ));
+    let dst = IpAddr::V4(EXT4);
+    b.expect(
+        "first of the /24",
+        &tcp(v4("192.0.2.1"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "second address of the /24",
+        &tcp(v4("192.0.2.200"), 1, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    b.expect(
+        "next /24",
+        &tcp(v4("192.0.3.1"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+}
+
+#[test]
+fn the_total_budget_is_spent_only_by_admitted_sources() {
+    let mut b = Both::new(&limited(
+        r#"{ per_source = "1/h", burst = 1, total = "1/h", total_burst = 2 }"#,
+        "",
+    ));
+    let dst = IpAddr::V4(EXT4);
+    b.expect(
+        "source A",
+        &tcp(v4("192.0.2.1"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    // A's second SYN is refused by its own bucket and does not spend the total.
+    b.expect(
+        "source A again",
+        &tcp(v4("192.0.2.1"), 2, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    b.expect(
+        "source B",
+        &tcp(v4("192.0.2.2"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "source C: the total is spent",
+        &tcp(v4("192.0.2.3"), 1, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    assert_eq!(b.limited(P3), 2);
+}
+
+#[test]
+fn exempt_partners_are_never_limited() {
+    let mut b = Both::new(&limited(
+        r#"{ per_source = "1/h", burst = 1, total = "1/h", total_burst = 1, exempt = ["public_im_partners"] }"#,
+        "",
+    ));
+    let dst = IpAddr::V4(EXT4);
+    b.expect(
+        "a stranger",
+        &tcp(v4("192.0.2.1"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "another stranger: the total is spent",
+        &tcp(v4("192.0.2.2"), 1, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    for port in 0..20 {
+        b.expect(
+            &format!("partner SYN {port}"),
+            &tcp(IpAddr::V4(PARTNER4), 40000 + port, dst, 443),
+            Expected::Rule(P3),
+        );
+    }
+}
+
+#[test]
+fn a_set_with_its_own_budget_neither_spends_nor_is_spent_by_the_others() {
+    let mut b = Both::new(&limited(
+        r#"{ per_source = "1/h", burst = 1, total = "1/h", total_burst = 2, own_budget = { sets = ["public_im_partners"], rate = "1/h", burst = 3 } }"#,
+        "",
+    ));
+    let dst = IpAddr::V4(EXT4);
+    let partner = IpAddr::V4(PARTNER4);
+    // The partner set's budget: 3 new flows from one partner address, where the per-source
+    // budget would have allowed 1.
+    for port in 0..3 {
+        b.expect(
+            &format!("partner SYN {port}"),
+            &tcp(partner, 40000 + port, dst, 443),
+            Expected::Rule(P3),
+        );
+    }
+    b.expect(
+        "partner SYN beyond its set's budget",
+        &tcp(partner, 40003, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    // Everyone else: the total of 2 is whole, the partners took none of it.
+    b.expect(
+        "stranger A",
+        &tcp(v4("192.0.2.1"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "stranger B",
+        &tcp(v4("192.0.2.2"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "stranger C: the total is spent",
+        &tcp(v4("192.0.2.3"), 1, dst, 443),
+        drop_reason("rate_limited"),
+    );
+    assert_eq!(b.limited(P3), 2);
+}
+
+#[test]
+fn an_admitted_udp_flow_is_not_new_and_another_flow_of_the_source_is() {
+    let mut b = Both::new(&limited("", r#"{ per_source = "1/h", burst = 1 }"#));
+    let client = v4("192.0.2.77");
+    let dst = IpAddr::V4(EXT4);
+    b.expect(
+        "first datagram",
+        &udp(client, 50000, dst, 3478),
+        Expected::Rule(STUN),
+    );
+    for i in 0..5 {
+        b.expect(
+            &format!("datagram {i} of the admitted flow"),
+            &udp(client, 50000, dst, 3478),
+            Expected::Rule(STUN),
+        );
+    }
+    b.expect(
+        "a second flow of the source",
+        &udp(client, 50001, dst, 3478),
+        drop_reason("rate_limited"),
+    );
+    assert_eq!(b.limited(STUN), 1);
+}
+
+#[test]
+fn an_empty_bucket_refills_with_time() {
+    // 2 flows a second, burst 1: one token takes HZ/2 ticks.
+    let mut b = Both::new(&limited(r#"{ per_source = "2/s", burst = 1 }"#, ""));
+    let client = v4("192.0.2.77");
+    let dst = IpAddr::V4(EXT4);
+    b.expect("first SYN", &tcp(client, 1, dst, 443), Expected::Rule(P3));
+    // The test may cross a tick here, but half a second it does not.
+    b.h.expect(
+        "second SYN",
+        &tcp(client, 2, dst, 443),
+        XDP_DROP,
+        &drop_reason("rate_limited"),
+    );
+    let slot = b.slot(P3);
+    let (key, bucket) =
+        b.h.classifier
+            .maps()
+            .buckets()
+            .into_iter()
+            .find(|(k, _)| k.slot == slot && k.family == 4)
+            .expect("the source's bucket");
+    let limit =
+        b.h.classifier
+            .compiled()
+            .rules
+            .iter()
+            .find(|r| r.id == P3)
+            .unwrap();
+    let budget = limit.limit.as_ref().unwrap().entry.per_source;
+    assert!(
+        bucket.tokens + budget.refill * jiffies().saturating_sub(bucket.stamp) < budget.cost,
+        "the bucket is empty: {bucket:?} of {budget:?}"
+    );
+    // As if a token's worth of ticks had passed since the bucket was last brought up to date.
+    let ticks = budget.cost.div_ceil(budget.refill);
+    let primed = edge_classifier_common::Bucket {
+        tokens: 0,
+        stamp: jiffies() - ticks,
+    };
+    b.h.classifier.maps_mut().set_bucket(&key, &primed).unwrap();
+    b.h.expect(
+        "SYN after the refill",
+        &tcp(client, 3, dst, 443),
+        XDP_PASS,
+        &Expected::Rule(P3),
+    );
+    b.h.expect(
+        "and the bucket is empty again",
+        &tcp(client, 4, dst, 443),
+        XDP_DROP,
+        &drop_reason("rate_limited"),
+    );
+    assert_eq!(b.limited(P3), 2);
+}
+
+#[test]
+fn monitor_mode_passes_what_the_limit_would_drop() {
+    let mut cat = limited(r#"{ per_source = "1/h", burst = 1 }"#, "");
+    cat.policy.default = edge_classifier::catalogue::Action::Pass;
+    let mut b = Both::new(&cat);
+    let dst = IpAddr::V4(EXT4);
+    b.expect(
+        "first",
+        &tcp(v4("192.0.2.1"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "over the limit",
+        &tcp(v4("192.0.2.1"), 2, dst, 443),
+        pass_reason("monitor_rate_limited"),
+    );
+    assert_eq!(b.limited(P3), 1, "counted as limited all the same");
+}
+
+#[test]
+fn a_reload_that_changes_the_limit_starts_fresh_buckets_and_one_that_keeps_it_keeps_them() {
+    let one = limited(r#"{ per_source = "1/h", burst = 1 }"#, "");
+    let mut h = Harness::new(&one, "external");
+    let client = v4("192.0.2.77");
+    let dst = IpAddr::V4(EXT4);
+    h.expect(
+        "first",
+        &tcp(client, 1, dst, 443),
+        XDP_PASS,
+        &Expected::Rule(P3),
+    );
+    h.expect(
+        "limited",
+        &tcp(client, 2, dst, 443),
+        XDP_DROP,
+        &drop_reason("rate_limited"),
+    );
+    let mut held: [Option<edge_classifier::compile::Compiled>; 2] = [None, None];
+    held[h.classifier.maps().active().unwrap() as usize] = Some(h.classifier.compiled().clone());
+    let mut reload = |h: &mut Harness, cat: &edge_classifier::catalogue::Catalogue| {
+        let next = compile_with(cat, &h.classifier.compiled().assignments).unwrap();
+        let running = h.classifier.compiled().clone();
+        let target = 1 - h.classifier.maps().active().unwrap() as usize;
+        let holds = held[target].as_ref().map_or(Holds::Empty, Holds::Compiled);
+        h.classifier
+            .maps_mut()
+            .swap_in(&next, holds, Some(&running))
+            .unwrap();
+        held[target] = Some(next.clone());
+        h.classifier.set_compiled(next);
+    };
+    // The same limit (another rule's note changed): the empty bucket stands.
+    let same = edited_default_catalogue(&[
+        (
+            "id = \"client-sip-tls-in\"",
+            "id = \"client-sip-tls-in\"\nlimit = { per_source = \"1/h\", burst = 1 }",
+        ),
+        (
+            "Internal Edge interface IP.",
+            "Internal Edge interface address.",
+        ),
+    ]);
+    reload(&mut h, &same);
+    h.expect(
+        "same limit: still limited",
+        &tcp(client, 3, dst, 443),
+        XDP_DROP,
+        &drop_reason("rate_limited"),
+    );
+    // A larger burst: a new budget, fresh buckets.
+    let two = limited(r#"{ per_source = "1/h", burst = 2 }"#, "");
+    reload(&mut h, &two);
+    h.expect(
+        "new limit: a fresh bucket",
+        &tcp(client, 4, dst, 443),
+        XDP_PASS,
+        &Expected::Rule(P3),
+    );
+    h.expect(
+        "its second token",
+        &tcp(client, 5, dst, 443),
+        XDP_PASS,
+        &Expected::Rule(P3),
+    );
+    h.expect(
+        "and then limited",
+        &tcp(client, 6, dst, 443),
+        XDP_DROP,
+        &drop_reason("rate_limited"),
+    );
+    // The limit removed: nothing is limited.
+    reload(
+        &mut h,
+        &edge_classifier::catalogue::Catalogue::default_catalogue(),
+    );
+    for port in 7..12 {
+        h.expect(
+            "no limit",
+            &tcp(client, port, dst, 443),
+            XDP_PASS,
+            &Expected::Rule(P3),
+        );
+    }
+}
+
+/// What `/metrics` and `stats` show of a limit: the refused new flows per rule, the sources
+/// held back now, the bucket table; and nothing of it without a limit.
+#[test]
+fn the_snapshot_and_metrics_show_limited_flows_sources_and_buckets() {
+    use edge_classifier::{
+        metrics::render,
+        snapshot::{CatalogueInfo, Snapshot},
+    };
+    let info = || CatalogueInfo {
+        source: "t".into(),
+        digest: "0".repeat(64),
+        rules: 10,
+    };
+    let mut b = Both::new(&limited(r#"{ per_source = "1/h", burst = 1 }"#, ""));
+    let dst = IpAddr::V4(EXT4);
+    for src in ["192.0.2.1", "192.0.2.2"] {
+        b.expect("first", &tcp(v4(src), 1, dst, 443), Expected::Rule(P3));
+        b.expect(
+            "limited",
+            &tcp(v4(src), 2, dst, 443),
+            drop_reason("rate_limited"),
+        );
+    }
+    b.expect(
+        "third source, first SYN",
+        &tcp(v4("192.0.2.3"), 1, dst, 443),
+        Expected::Rule(P3),
+    );
+    let s = Snapshot::read(&b.h.classifier, info(), Default::default()).unwrap();
+    let l = &s.limits;
+    assert_eq!(l.rules.len(), 1, "{l:?}");
+    assert_eq!(l.rules[0].id, P3);
+    assert_eq!(l.rules[0].limited, 2);
+    // All three buckets are empty (burst 1, one flow an hour): each source is held back now.
+    assert_eq!(l.rules[0].limited_sources, 3, "{l:?}");
+    assert_eq!((l.buckets, l.buckets_evicted), (3, 0));
+    let text = render(&s).unwrap();
+    for line in [
+        "edge_classifier_rate_limited_packets_total{rule=\"client-sip-tls-in\"} 2",
+        "edge_classifier_rate_limited_sources{rule=\"client-sip-tls-in\"} 3",
+        "edge_classifier_limit_buckets 3",
+        "edge_classifier_limit_buckets_capacity 131072",
+        "edge_classifier_dropped_packets_total{reason=\"rate_limited\",interface=\"lo\"} 2",
+    ] {
+        assert!(text.contains(line), "no `{line}` in\n{text}");
+    }
+    let table = edge_classifier::report::snapshot_table(&s, None);
+    for line in [
+        "limit of client-sip-tls-in (per source /32 /64: 1/h burst 1): 2 new flows refused, 3 sources limited now",
+        "limit buckets: 3 of 131072, 0 evicted;",
+    ] {
+        assert!(table.contains(line), "no `{line}` in\n{table}");
+    }
+    let plain = Both::new(&edge_classifier::catalogue::Catalogue::default_catalogue());
+    let s = Snapshot::read(&plain.h.classifier, info(), Default::default()).unwrap();
+    assert!(s.limits.rules.is_empty());
+    assert!(
+        !render(&s)
+            .unwrap()
+            .contains("edge_classifier_limit_buckets")
+    );
+}
+
+/// A slot freed by a removed rule and given to a new one later starts its rate-limited count
+/// at 0, as its frame counters do.
+#[test]
+fn a_new_rule_on_a_reused_slot_starts_with_no_limited_flows() {
+    let mut h = Harness::new(
+        &limited(r#"{ per_source = "1/h", burst = 1 }"#, ""),
+        "external",
+    );
+    let client = v4("192.0.2.77");
+    let dst = IpAddr::V4(EXT4);
+    h.expect(
+        "first",
+        &tcp(client, 1, dst, 443),
+        XDP_PASS,
+        &Expected::Rule(P3),
+    );
+    h.expect(
+        "limited",
+        &tcp(client, 2, dst, 443),
+        XDP_DROP,
+        &drop_reason("rate_limited"),
+    );
+    let old_slot = h.classifier.compiled().rule_slot(P3);
+    assert_eq!(h.classifier.maps().limited(&[old_slot]).unwrap(), [1]);
+    let mut held: [Option<edge_classifier::compile::Compiled>; 2] = [None, None];
+    held[h.classifier.maps().active().unwrap() as usize] = Some(h.classifier.compiled().clone());
+    let mut reload = |h: &mut Harness, text: &str| {
+        let cat = edge_classifier::catalogue::Catalogue::parse("t.toml", text).unwrap();
+        let next = compile_with(&cat, &h.classifier.compiled().assignments).unwrap();
+        let running = h.classifier.compiled().clone();
+        let target = 1 - h.classifier.maps().active().unwrap() as usize;
+        let holds = held[target].as_ref().map_or(Holds::Empty, Holds::Compiled);
+        h.classifier
+            .maps_mut()
+            .swap_in(&next, holds, Some(&running))
+            .unwrap();
+        h.classifier
+            .maps_mut()
+            .activate(target as u32, &next)
+            .unwrap();
+        held[target] = Some(next.clone());
+        h.classifier.set_compiled(next);
+    };
+    let default = edge_classifier::catalogue::DEFAULT_CATALOGUE;
+    // P3 removed, then a new rule on 443 under another id: it gets P3's old slot.
+    let without = default.replacen(
+        "id = \"client-sip-tls-in\"",
+        "id = \"client-sip-tls-in-old\"",
+        1,
+    );
+    let start = without
+        .find("[[rule]]\nid = \"client-sip-tls-in-old\"")
+        .unwrap();
+    let end = start + 9 + without[start + 9..].find("[[rule]]").unwrap();
+    let mut removed = without.clone();
+    removed.replace_range(start..end, "");
+    reload(&mut h, &removed);
+    let renamed = default.replacen(
+        "id = \"client-sip-tls-in\"",
+        "id = \"client-sip-tls-in-2\"\nlimit = { per_source = \"1/h\", burst = 1 }",
+        1,
+    );
+    reload(&mut h, &renamed);
+    let new_slot = h.classifier.compiled().rule_slot("client-sip-tls-in-2");
+    assert_eq!(new_slot, old_slot, "the test needs the slot reused");
+    assert_eq!(
+        h.classifier.maps().limited(&[new_slot]).unwrap(),
+        [0],
+        "the new rule inherited the old one's rate-limited count"
+    );
+}

@@ -5,8 +5,8 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use edge_classifier_common::{
     DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, RULE_LIMITED, RuleMatch, SET_ANY,
-    SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
+    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, RULE_LIMITED, RULE_SYN_PROXY,
+    RuleMatch, SET_ANY, SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
 };
 
 use crate::{
@@ -15,11 +15,18 @@ use crate::{
     maps::*,
     parse::{
         self, Addr, Fragment, Ip, L3, L4, L4_ICMP, L4_SHORT_FRAGMENT, L4_TCP, L4_UDP, Malformed,
-        Quick, TCP_ACK, TCP_SYN,
+        Quick, TCP_ACK, TCP_RST, TCP_SYN,
     },
 };
 
-/// Whether a frame passes and which counter (reason or rule) records it.
+/// A `Verdict::counter` mark: the SYN proxy answers this SYN (`synproxy::finish`, which needs
+/// the context); the rule slot is in the bits below.
+pub(crate) const PROXY_ANSWER: u32 = 1 << 31;
+/// A mark: this ACK of a `syn_proxy` rule is checked for a SYN cookie if no socket knows it.
+pub(crate) const PROXY_ACK: u32 = 1 << 30;
+
+/// Whether a frame passes and which counter (reason or rule) records it. A pass counted as
+/// `TX_SYN_COOKIE` is sent back (XDP_TX).
 #[derive(Clone, Copy)]
 pub(crate) struct Verdict {
     pub(crate) pass: bool,
@@ -51,7 +58,7 @@ impl Verdict {
         (self.pass as u64) << 32 | self.counter as u64
     }
     #[inline(always)]
-    fn of_word(w: u64) -> Self {
+    pub(crate) fn of_word(w: u64) -> Self {
         Self {
             pass: w >> 32 != 0,
             counter: w as u32,
@@ -307,22 +314,35 @@ fn inbound(
     sport: u16,
     dport: u16,
 ) -> Verdict {
-    if rule.flags & RULE_LIMITED != 0
-        && (transport == TRANSPORT_UDP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
-    {
-        // Rare beside the frames of rules without a limit: LLVM keeps the registers this
-        // call needs spilled here rather than on every path.
-        core::hint::cold_path();
-        let ports = sport as u64
-            | (dport as u64) << 16
-            | (transport as u64) << 32
-            | (l3.is_v6 as u64) << 40;
-        return Verdict::of_word(limit::admit(
-            word as u64 | (rule.slot as u64) << 32,
-            ports,
-            l3.src[0],
-            l3.src[1],
-        ));
+    if rule.flags & RULE_LIMITED != 0 {
+        if transport == TRANSPORT_UDP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // Rare beside the frames of rules without a limit: LLVM keeps the registers this
+            // call needs spilled here rather than on every path.
+            core::hint::cold_path();
+            let ports = sport as u64
+                | (dport as u64) << 16
+                | (transport as u64) << 32
+                | (l3.is_v6 as u64) << 40;
+            return Verdict::of_word(limit::admit(
+                word as u64 | (rule.slot as u64) << 32,
+                ports,
+                l3.src[0],
+                l3.src[1],
+            ));
+        }
+        // An ACK (no SYN, no RST) of a `syn_proxy` rule while its proxy answers SYNs may
+        // complete a handshake the proxy answered: the entry point looks for its socket and
+        // checks its cookie. Otherwise (no proxy, or idle) the rule's, with no socket lookup.
+        if rule.flags & RULE_SYN_PROXY != 0
+            && transport == TRANSPORT_TCP
+            && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+            && limit::proxy_active(rule.slot)
+        {
+            return Verdict {
+                pass: true,
+                counter: PROXY_ACK | rule.slot,
+            };
+        }
     }
     Verdict::rule(rule.slot)
 }

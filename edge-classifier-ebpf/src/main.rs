@@ -13,13 +13,14 @@ mod flow;
 mod limit;
 mod maps;
 mod parse;
+mod synproxy;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use classify::{Verdict, classify, try_egress};
+use classify::{PROXY_ACK, PROXY_ANSWER, Verdict, classify, try_egress};
 use edge_classifier_common::{IFACE_SLOTS, layout, reason};
 use maps::*;
 use parse::{Frame, Malformed};
@@ -53,14 +54,28 @@ fn active_buffer() -> u32 {
 #[xdp]
 pub fn edge_classifier(ctx: XdpContext) -> u32 {
     let (block, role_mask) = binding(ctx.ingress_ifindex() as u32);
-    let verdict = if block == 0 {
+    let mut verdict = if block == 0 {
         Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
     } else {
         classify(&ctx, active_word(), role_mask)
     };
-    count(block, verdict.counter, 1, Frame::len(&ctx));
+    let len;
+    if verdict.counter & (PROXY_ANSWER | PROXY_ACK) != 0 {
+        // Only `syn_proxy` rules' frames, and their ACKs only while the proxy answers SYNs.
+        core::hint::cold_path();
+        // The frame as received is counted: the SYN-ACK made of it may be shorter.
+        len = Frame::len(&ctx);
+        verdict = Verdict::of_word(synproxy::finish(&ctx, verdict.counter));
+    } else {
+        len = Frame::len(&ctx);
+    }
+    count(block, verdict.counter, 1, len);
     if verdict.pass {
-        xdp_action::XDP_PASS
+        if verdict.counter == reason::TX_SYN_COOKIE {
+            xdp_action::XDP_TX
+        } else {
+            xdp_action::XDP_PASS
+        }
     } else {
         xdp_action::XDP_DROP
     }

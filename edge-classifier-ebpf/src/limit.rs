@@ -268,11 +268,7 @@ fn proxy(slot: u32, is_v6: u32, ticks: u64, admitted: u64) -> u64 {
     if st.active_until < now + ticks {
         st.active_until = now + 2 * ticks;
     }
-    Verdict {
-        pass: true,
-        counter: PROXY_ANSWER | slot,
-    }
-    .word()
+    Verdict::proxy(PROXY_ANSWER | slot).word()
 }
 
 /// Whether the rule's proxy answered a SYN lately, so that its ACKs of no socket are checked.

@@ -16,11 +16,11 @@ mod parse;
 mod synproxy;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use classify::{PROXY_ACK, PROXY_ANSWER, Verdict, classify, try_egress};
+use classify::{Verdict, classify, try_egress};
 use edge_classifier_common::{IFACE_SLOTS, layout, reason};
 use maps::*;
 use parse::{Frame, Malformed};
@@ -54,31 +54,14 @@ fn active_buffer() -> u32 {
 #[xdp]
 pub fn edge_classifier(ctx: XdpContext) -> u32 {
     let (block, role_mask) = binding(ctx.ingress_ifindex() as u32);
-    let mut verdict = if block == 0 {
+    let verdict = if block == 0 {
         Verdict::pass(reason::PASS_UNBOUND_INTERFACE)
     } else {
         classify(&ctx, active_word(), role_mask)
     };
-    let len;
-    if verdict.counter & (PROXY_ANSWER | PROXY_ACK) != 0 {
-        // Only `syn_proxy` rules' frames, and their ACKs only while the proxy answers SYNs.
-        core::hint::cold_path();
-        // The frame as received is counted: the SYN-ACK made of it may be shorter.
-        len = Frame::len(&ctx);
-        verdict = Verdict::of_word(synproxy::finish(&ctx, verdict.counter));
-    } else {
-        len = Frame::len(&ctx);
-    }
-    count(block, verdict.counter, 1, len);
-    if verdict.pass {
-        if verdict.counter == reason::TX_SYN_COOKIE {
-            xdp_action::XDP_TX
-        } else {
-            xdp_action::XDP_PASS
-        }
-    } else {
-        xdp_action::XDP_DROP
-    }
+    // `syn_cookie` counts the SYN-ACK's bytes: the frame is trimmed to its headers by then.
+    count(block, verdict.counter, 1, Frame::len(&ctx));
+    verdict.action
 }
 
 /// Bytes pulled into the linear area so the parser can read up to the ports of a frame with two
@@ -110,7 +93,7 @@ pub fn edge_egress(ctx: TcContext) -> i32 {
         }
     };
     count(block, verdict.counter, segs as u64, Frame::len(&ctx));
-    if verdict.pass {
+    if verdict.passes() {
         // Let any later tc program have its say; with none, the frame is sent.
         TC_ACT_UNSPEC
     } else {

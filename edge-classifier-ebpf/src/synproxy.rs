@@ -138,7 +138,7 @@ pub(crate) fn finish(ctx: &XdpContext, counter: u32) -> u64 {
             // Per-CPU slot: no other writer.
             unsafe { *c += 1 };
         }
-        Verdict::pass(reason::TX_SYN_COOKIE).word()
+        Verdict::tx(reason::TX_SYN_COOKIE).word()
     } else {
         // Not answered: dropped over the budget as it would be without the proxy.
         if let Some(c) = LIMITED.get_ptr_mut(slot) {

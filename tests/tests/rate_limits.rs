@@ -754,8 +754,8 @@ fn check_syn_ack(name: &str, syn: &[u8], out: &[u8]) -> u32 {
 }
 
 impl Both {
-    /// A SYN the proxy answers: XDP_TX, a proper SYN-ACK, counted as `syn_cookie` (the SYN's
-    /// bytes), the reference agreeing; the cookie.
+    /// A SYN the proxy answers: XDP_TX, a proper SYN-ACK, counted as `syn_cookie` (the
+    /// SYN-ACK's bytes), the reference agreeing; the cookie.
     fn expect_syn_ack(&mut self, name: &str, syn: &[u8]) -> u32 {
         let before = self.h.stats();
         let mut out = vec![0u8; 256];
@@ -779,8 +779,8 @@ impl Both {
                 after.reasons[i].packets - before.reasons[i].packets,
                 after.reasons[i].bytes - before.reasons[i].bytes
             ),
-            (1, syn.len() as u64),
-            "{name}: counted as syn_cookie"
+            (1, out.len() as u64),
+            "{name}: counted as syn_cookie (the SYN-ACK's bytes)"
         );
         let compiled = self.h.classifier.compiled().clone();
         let role = compiled.role_mask(&self.h.binding.role).expect("role");

@@ -81,6 +81,9 @@ pub const RULE_OUTBOUND: u32 = 1 << 0;
 /// The rule has a `limit` on new flows (`LIMITS[buffer][slot]`): the one test a rule without
 /// one pays.
 pub const RULE_LIMITED: u32 = 1 << 1;
+/// The rule's limit has `syn_proxy`: over its budget a SYN is answered from XDP with a SYN
+/// cookie, and while that goes on the rule's bare ACKs of no connection are checked for one.
+pub const RULE_SYN_PROXY: u32 = 1 << 2;
 
 /// Entries of the token-bucket table (`BUCKETS`), shared by every limited rule: a source
 /// prefix's bucket, or a rule's total one. Beyond it the least recently used bucket is evicted

@@ -41,7 +41,15 @@ pub const PASS_TRACKED_REPLY: u32 = 24;
 pub const DROP_RATE_LIMITED: u32 = 25;
 /// Monitor mode: a new flow that would have been dropped as `rate_limited`.
 pub const PASS_MONITOR_RATE_LIMITED: u32 = 26;
-pub const COUNT: u32 = 27;
+/// A SYN over a `syn_proxy` rule's budget, answered from XDP with a SYN-ACK carrying a SYN
+/// cookie (XDP_TX): it never reaches the stack. Per rule in `SYN_PROXIED` too.
+pub const TX_SYN_COOKIE: u32 = 27;
+/// The ACK of no connection carrying a valid SYN cookie, while the rule's proxy is answering:
+/// passed to the listener, which completes the handshake from the cookie.
+pub const PASS_SYN_COOKIE_ACK: u32 = 28;
+/// The ACK of no connection with an invalid cookie, while the rule's proxy is answering.
+pub const DROP_SYN_COOKIE_INVALID: u32 = 29;
+pub const COUNT: u32 = 30;
 
 /// Label values, indexed by reason; `true` where the reason is a drop.
 pub const NAMES: [(&str, bool); COUNT as usize] = [
@@ -72,4 +80,7 @@ pub const NAMES: [(&str, bool); COUNT as usize] = [
     ("tracked_reply", false),
     ("rate_limited", true),
     ("monitor_rate_limited", false),
+    ("syn_cookie", false),
+    ("syn_cookie_ack", false),
+    ("syn_cookie_invalid", true),
 ];

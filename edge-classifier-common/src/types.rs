@@ -263,7 +263,10 @@ pub struct RuleLimit {
     /// changes the limit starts fresh buckets rather than trusting ones filled under the old
     /// one (those age out of the LRU), and one that keeps it keeps them.
     pub generation: u32,
-    pub _pad: u32,
+    /// `syn_proxy`: the ticks (`bpf_jiffies64`) between the SYNs let through to the listener
+    /// while the proxy answers the rest, so that it keeps sending cookies of its own (the
+    /// kernel accepts cookie ACKs only then); 0 without a proxy.
+    pub syn_proxy_ticks: u32,
     /// The source prefix of a bucket, as masks over the address words as the program holds
     /// them (native order): IPv4 one word, IPv6 the two 64-bit words.
     pub mask_v4: u64,
@@ -316,6 +319,20 @@ pub struct Bucket {
     pub tokens: u64,
     /// `bpf_jiffies64` when `tokens` was last brought up to date.
     pub stamp: u64,
+}
+
+/// A `syn_proxy` rule's state (`SYN_PROXY[slot]`, shared by the CPUs; a lost update between
+/// two CPUs costs a second SYN let through or a stamp a tick early).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyState {
+    /// `bpf_jiffies64` until which the rule's ACKs of no connection are checked for a cookie:
+    /// set forward whenever the proxy answers a SYN.
+    pub active_until: u64,
+    /// When a SYN over the budget was last let through to the listener, per family (an IPv4
+    /// and an IPv6 listener are stamped apart).
+    pub syn_passed_v4: u64,
+    pub syn_passed_v6: u64,
 }
 
 /// Limit events (`LIMIT_STATS` index, per CPU). Bucket evictions are `created - present`.
@@ -458,11 +475,13 @@ mod pod {
     unsafe impl aya::Pod for BucketKey {}
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for AdmittedKey {}
+    unsafe impl aya::Pod for ProxyState {}
 }
 
 // Padding would leak uninitialised bytes into map values and break byte-wise comparisons.
 const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<ProxyState>() == 24);
     assert!(core::mem::size_of::<PolicyEntry>() == 96);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowKey4>() == 16);

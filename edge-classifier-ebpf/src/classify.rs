@@ -1,12 +1,15 @@
 //! The decision: a parsed frame, its addresses' set bits and the port tables give the rule or
 //! the reason that decides it, on ingress (XDP) and on egress (TC).
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    programs::{TcContext, XdpContext},
+};
 use edge_classifier_common::{
     DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, MAX_CANDIDATES, POLICY_DEFAULT_PASS,
     POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS, POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED,
-    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, RULE_LIMITED, RuleMatch, SET_ANY,
-    SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
+    POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS, PolicyEntry, RULE_LIMITED, RULE_SYN_PROXY,
+    RuleMatch, SET_ANY, SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, layout, reason,
 };
 
 use crate::{
@@ -15,45 +18,77 @@ use crate::{
     maps::*,
     parse::{
         self, Addr, Fragment, Ip, L3, L4, L4_ICMP, L4_SHORT_FRAGMENT, L4_TCP, L4_UDP, Malformed,
-        Quick, TCP_ACK, TCP_SYN,
+        Quick, TCP_ACK, TCP_RST, TCP_SYN,
     },
+    synproxy,
 };
 
-/// Whether a frame passes and which counter (reason or rule) records it.
+/// `Verdict::action` of a frame the SYN proxy finishes in the entry point
+/// (`synproxy::finish`, which needs the context), with `PROXY_ANSWER` or `PROXY_ACK` and the
+/// rule slot in `counter`. Not an XDP action: the entry point turns it into one.
+pub(crate) const PROXY: u32 = 7;
+/// `counter` of a `PROXY` verdict: the SYN proxy answers this SYN (a mark `limit::admit`
+/// puts on it).
+pub(crate) const PROXY_ANSWER: u32 = 1 << 31;
+/// `counter` of a `PROXY` verdict: this ACK of a `syn_proxy` rule is checked for a SYN cookie
+/// if no socket knows it.
+pub(crate) const PROXY_ACK: u32 = 1 << 30;
+
+/// What becomes of a frame (its XDP action: `XDP_DROP`, `XDP_PASS`, `XDP_TX` for the SYN
+/// proxy's SYN-ACK; or `PROXY`) and which counter (reason or rule) records it. The action is
+/// kept as the program returns it, so that the entry point returns it as it is.
 #[derive(Clone, Copy)]
 pub(crate) struct Verdict {
-    pub(crate) pass: bool,
+    pub(crate) action: u32,
     pub(crate) counter: u32,
 }
 
 impl Verdict {
     pub(crate) const fn pass(reason: u32) -> Self {
         Self {
-            pass: true,
+            action: xdp_action::XDP_PASS,
             counter: reason,
         }
     }
     pub(crate) const fn drop(reason: u32) -> Self {
         Self {
-            pass: false,
+            action: xdp_action::XDP_DROP,
+            counter: reason,
+        }
+    }
+    /// Sent back out of the NIC it came in on (the SYN proxy's SYN-ACK).
+    pub(crate) const fn tx(reason: u32) -> Self {
+        Self {
+            action: xdp_action::XDP_TX,
             counter: reason,
         }
     }
     pub(crate) const fn rule(slot: u32) -> Self {
         Self {
-            pass: true,
+            action: xdp_action::XDP_PASS,
             counter: layout::rule_counter(slot),
         }
+    }
+    pub(crate) const fn proxy(counter: u32) -> Self {
+        Self {
+            action: PROXY,
+            counter,
+        }
+    }
+    /// Whether the frame goes on to the stack (or out, on egress).
+    #[inline(always)]
+    pub(crate) fn passes(self) -> bool {
+        self.action != xdp_action::XDP_DROP
     }
     /// One word, to come back from a subprogram in a register.
     #[inline(always)]
     pub(crate) fn word(self) -> u64 {
-        (self.pass as u64) << 32 | self.counter as u64
+        (self.action as u64) << 32 | self.counter as u64
     }
     #[inline(always)]
-    fn of_word(w: u64) -> Self {
+    pub(crate) fn of_word(w: u64) -> Self {
         Self {
-            pass: w >> 32 != 0,
+            action: (w >> 32) as u32,
             counter: w as u32,
         }
     }
@@ -108,7 +143,14 @@ pub(crate) fn classify(ctx: &XdpContext, word: u32, role_mask: u32) -> Verdict {
             )
         }
     };
-    decide(&l3, l4, local_bits, word, role_mask)
+    let v = decide(&l3, l4, local_bits, word, role_mask);
+    if v.action == PROXY {
+        // Only `syn_proxy` rules' SYNs over the budget, and their ACKs while the proxy
+        // answers: finished here, where the context is, after `decide` has returned.
+        core::hint::cold_path();
+        return Verdict::of_word(synproxy::finish(ctx, v.counter));
+    }
+    v
 }
 
 /// What the full parser leaves to `decide`, handed back through a per-CPU map (`FULL_PARSE`):
@@ -307,22 +349,32 @@ fn inbound(
     sport: u16,
     dport: u16,
 ) -> Verdict {
-    if rule.flags & RULE_LIMITED != 0
-        && (transport == TRANSPORT_UDP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
-    {
-        // Rare beside the frames of rules without a limit: LLVM keeps the registers this
-        // call needs spilled here rather than on every path.
-        core::hint::cold_path();
-        let ports = sport as u64
-            | (dport as u64) << 16
-            | (transport as u64) << 32
-            | (l3.is_v6 as u64) << 40;
-        return Verdict::of_word(limit::admit(
-            word as u64 | (rule.slot as u64) << 32,
-            ports,
-            l3.src[0],
-            l3.src[1],
-        ));
+    if rule.flags & RULE_LIMITED != 0 {
+        if transport == TRANSPORT_UDP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // Rare beside the frames of rules without a limit: LLVM keeps the registers this
+            // call needs spilled here rather than on every path.
+            core::hint::cold_path();
+            let ports = sport as u64
+                | (dport as u64) << 16
+                | (transport as u64) << 32
+                | (l3.is_v6 as u64) << 40;
+            return Verdict::of_word(limit::admit(
+                word as u64 | (rule.slot as u64) << 32,
+                ports,
+                l3.src[0],
+                l3.src[1],
+            ));
+        }
+        // An ACK (no SYN, no RST) of a `syn_proxy` rule while its proxy answers SYNs may
+        // complete a handshake the proxy answered: the entry point looks for its socket and
+        // checks its cookie. Otherwise (no proxy, or idle) the rule's, with no socket lookup.
+        if rule.flags & RULE_SYN_PROXY != 0
+            && transport == TRANSPORT_TCP
+            && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+            && limit::proxy_active(rule.slot)
+        {
+            return Verdict::proxy(PROXY_ACK | rule.slot);
+        }
     }
     Verdict::rule(rule.slot)
 }

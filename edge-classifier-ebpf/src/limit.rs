@@ -6,14 +6,14 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use edge_classifier_common::{
-    AdmittedKey, Bucket, BucketKey, Budget, POLICY_DEFAULT_PASS, RuleLimit, TRANSPORT_UDP, layout,
-    limit_stat, reason,
+    AdmittedKey, Bucket, BucketKey, Budget, POLICY_DEFAULT_PASS, RuleLimit, TRANSPORT_TCP,
+    TRANSPORT_UDP, layout, limit_stat, reason,
 };
 
 use crate::{
     addr::set_bits,
-    classify::{Policy, Verdict},
-    maps::{ADMITTED, BUCKETS, LIMIT_SCRATCH, LIMIT_STATS, LIMITED, LIMITS},
+    classify::{PROXY_ANSWER, Policy, Verdict},
+    maps::{ADMITTED, BUCKETS, LIMIT_SCRATCH, LIMIT_STATS, LIMITED, LIMITS, SYN_PROXY},
     parse::Addr,
 };
 
@@ -164,11 +164,15 @@ pub(crate) fn admit(word_slot: u64, ports: u64, src0: u64, src1: u64) -> u64 {
     if check(f, unsafe { &mut *s }, limit) {
         return admitted;
     }
+    let monitor = Policy(f.word & 1).flags() & POLICY_DEFAULT_PASS != 0;
+    if limit.syn_proxy_ticks != 0 && f.transport == TRANSPORT_TCP && !monitor {
+        return proxy(f.slot, f.is_v6, limit.syn_proxy_ticks as u64, admitted);
+    }
     if let Some(c) = LIMITED.get_ptr_mut(f.slot) {
         // Per-CPU slot: no other writer.
         unsafe { *c += 1 };
     }
-    if Policy(f.word & 1).flags() & POLICY_DEFAULT_PASS != 0 {
+    if monitor {
         // Monitor mode drops nothing a rule decides: counted as what it would have been.
         Verdict::pass(reason::PASS_MONITOR_RATE_LIMITED).word()
     } else {
@@ -236,4 +240,42 @@ fn check(f: &NewFlow, s: &mut Scratch, limit: &RuleLimit) -> bool {
         stat(limit_stat::ADMITTED);
     }
     true
+}
+
+/// A SYN over a `syn_proxy` rule's budget: answered from XDP (`synproxy::finish`), except one
+/// every `ticks` per address family that goes through to the listener, which answers it with a cookie of its own
+/// (`tcp_syncookies = 2`): the kernel accepts a cookie's ACK only from a listener that sent a
+/// cookie itself in the last two minutes (`tcp_synq_no_recent_overflow`).
+#[inline(always)]
+fn proxy(slot: u32, is_v6: u32, ticks: u64, admitted: u64) -> u64 {
+    let now = now();
+    let Some(st) = SYN_PROXY.get_ptr_mut(slot) else {
+        return admitted;
+    };
+    // Shared by the CPUs: a lost update lets a second SYN through or moves a stamp a tick.
+    let st = unsafe { &mut *st };
+    let passed = if is_v6 != 0 {
+        &mut st.syn_passed_v6
+    } else {
+        &mut st.syn_passed_v4
+    };
+    if now.saturating_sub(*passed) >= ticks {
+        *passed = now;
+        return admitted;
+    }
+    // The ACKs are checked for twice the pass-through interval after the last SYN answered;
+    // written only when it moves by half that, so a flood does not bounce the line each SYN.
+    if st.active_until < now + ticks {
+        st.active_until = now + 2 * ticks;
+    }
+    Verdict::proxy(PROXY_ANSWER | slot).word()
+}
+
+/// Whether the rule's proxy answered a SYN lately, so that its ACKs of no socket are checked.
+#[inline(always)]
+pub(crate) fn proxy_active(slot: u32) -> bool {
+    match SYN_PROXY.get(slot) {
+        Some(st) => st.active_until > now(),
+        None => false,
+    }
 }

@@ -14,9 +14,10 @@ mod limit;
 mod maps;
 mod monitor;
 mod parse;
+mod synproxy;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -58,7 +59,7 @@ pub fn edge_classifier(ctx: XdpContext) -> u32 {
     // The unbound case returns on its own path (as LLVM laid it out before monitors), so that
     // the test below costs the common path one load and a branch, and nothing more.
     if block == 0 {
-        return action(ingress(&ctx, 0, 0));
+        return ingress(&ctx, 0, 0).action;
     }
     if monitors != 0 {
         // A monitor watches this NIC: the frame goes to the copy of this program that also
@@ -67,7 +68,7 @@ pub fn edge_classifier(ctx: XdpContext) -> u32 {
         // yet) falls through to classify here without an event.
         unsafe { MONITOR_XDP.tail_call(&ctx, 0) };
     }
-    action(ingress(&ctx, block, role_mask))
+    ingress(&ctx, block, role_mask).action
 }
 
 /// `edge_classifier` with events: what the frames of a monitored NIC run (tail-called).
@@ -76,9 +77,9 @@ pub fn edge_classifier_monitored(ctx: XdpContext) -> u32 {
     let (block, role_mask, monitors) = binding(ctx.ingress_ifindex() as u32);
     let verdict = ingress(&ctx, block, role_mask);
     if monitors != 0 {
-        monitor::xdp_event(&ctx, monitors, verdict.pass, verdict.counter);
+        monitor::xdp_event(&ctx, monitors, verdict.passes(), verdict.counter);
     }
-    action(verdict)
+    verdict.action
 }
 
 /// Classifies and counts one frame on ingress.
@@ -89,17 +90,9 @@ fn ingress(ctx: &XdpContext, block: u32, role_mask: u32) -> Verdict {
     } else {
         classify(ctx, active_word(), role_mask)
     };
+    // `syn_cookie` counts the SYN-ACK's bytes: the frame is trimmed to its headers by then.
     count(block, verdict.counter, 1, Frame::len(ctx));
     verdict
-}
-
-#[inline(always)]
-fn action(verdict: Verdict) -> u32 {
-    if verdict.pass {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
 }
 
 /// Bytes pulled into the linear area so the parser can read up to the ports of a frame with two
@@ -128,7 +121,7 @@ pub fn edge_egress_monitored(ctx: TcContext) -> i32 {
     let (block, role_mask, monitors) = binding(ifindex);
     let verdict = egress(&ctx, block, role_mask);
     if monitors != 0 {
-        monitor::tc_event(&ctx, ifindex, monitors, verdict.pass, verdict.counter);
+        monitor::tc_event(&ctx, ifindex, monitors, verdict.passes(), verdict.counter);
     }
     tc_action(verdict)
 }
@@ -162,7 +155,7 @@ fn egress(ctx: &TcContext, block: u32, role_mask: u32) -> Verdict {
 
 #[inline(always)]
 fn tc_action(verdict: Verdict) -> i32 {
-    if verdict.pass {
+    if verdict.passes() {
         // Let any later tc program have its say; with none, the frame is sent.
         TC_ACT_UNSPEC
     } else {

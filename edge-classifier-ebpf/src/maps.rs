@@ -11,8 +11,8 @@ use edge_classifier_common::{
     ADMITTED_FLOWS, AdmittedKey, BUFFERS, Bucket, BucketKey, BufferRecord, Counter,
     DEFAULT_FLOW_CAPACITY, FlowKey, FlowKey4, FlowState, IFACE_ADDRS_MAX, IFACE_SLOTS, IfaceInfo,
     InstanceRecord, LIMIT_BUCKETS, Locals, Lpm4, Lpm6, MAX_CLASSES, MAX_PREFIXES, MAX_RULES,
-    PORT_ENTRIES, PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS, RuleClass,
-    RuleLimit, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
+    PORT_ENTRIES, PORT_SPACE, PolicyEntry, PortEntry, ProxyState, RECORD_CHUNK, RECORD_CHUNKS,
+    RuleClass, RuleLimit, STATS_ENTRIES, STRIDE_BLOCKS, STRIDE_LEAVES, STRIDE_TOP, Small4, Small6,
     StrideBlock, TRANSPORTS, flow_stat, limit_stat,
     monitor::{MONITOR_RING_BYTES, MONITOR_SLOTS, MonitorConfig, MonitorCpu},
 };
@@ -158,3 +158,10 @@ pub(crate) static LIMIT_STATS: PerCpuArray<u64> =
 /// Per CPU, a limited rule's new flow and the keys its limit looks up (`limit::admit`).
 #[map]
 pub(crate) static LIMIT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Per rule slot, a `syn_proxy` rule's state: answering SYNs until when, and when a SYN over
+/// the budget last went through to the listener (`ProxyState`).
+#[map]
+pub(crate) static SYN_PROXY: Array<ProxyState> = Array::with_max_entries(MAX_RULES, 0);
+/// Per CPU, per rule slot: SYNs over the budget answered from XDP with a SYN cookie.
+#[map]
+pub(crate) static SYN_PROXIED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RULES, 0);

@@ -400,7 +400,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             log::warn!("{nic}: {w}");
         }
     }
-    if let Some(w) = edge_classifier::nic_addrs::syncookie_warning() {
+    if let Some(w) = edge_classifier::nic_addrs::syncookie_warning(
+        started
+            .state
+            .active()
+            .and_then(|l| l.compile().ok())
+            .is_some_and(|(_, c)| c.has_syn_proxy()),
+    ) {
         log::warn!("{w}");
     }
     // The NICs' own addresses are in the kernel before the service says it is ready, and are

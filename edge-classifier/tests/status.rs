@@ -124,6 +124,12 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     let (code, st) = status_json(&lab.edge, &instance);
     assert_eq!(code, 0, "protected: {st:#}");
     assert_eq!(st["protected"], true);
+    assert!(
+        st["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("net.ipv4.tcp_syncookies is 0")),
+        "status shows the tcp_syncookies warning: {st:#}"
+    );
     assert_eq!(st["daemon"]["running"], true, "{st:#}");
     assert_eq!(st["daemon"]["pid"], daemon.pid());
     let source = dir.join("edge.toml").display().to_string();
@@ -417,4 +423,79 @@ fn the_nics_own_addresses_are_protected_and_followed_as_they_change() {
         "no connection to 22 completed while the addresses were the Edge's"
     );
     drop(lab);
+}
+
+/// A catalogue with `limit.syn_proxy` needs `net.ipv4.tcp_syncookies = 2`: `run` warns at 1 (the
+/// kernel's default, which the advice without a proxy asks for), `status` shows it while it
+/// stays so and no longer once it is 2.
+#[test]
+fn a_catalogue_with_a_syn_proxy_asks_for_tcp_syncookies_2() {
+    let lab = Lab::create("stp").expect("lab");
+    let instance = format!("stp{}", std::process::id());
+    let _stop = Stop(instance.clone());
+    let dir = std::env::temp_dir().join(format!("ec-status-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = DEFAULT_CATALOGUE.replacen(
+        "id = \"client-sip-tls-in\"",
+        "id = \"client-sip-tls-in\"\nlimit = { per_source = \"20/s\", syn_proxy = true }",
+        1,
+    );
+    std::fs::write(dir.join("edge.toml"), text).unwrap();
+    let syncookies = |v: &'static str| {
+        in_netns(&lab.edge, move || {
+            Ok(std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", v)?)
+        })
+        .expect("tcp_syncookies in the lab")
+    };
+    syncookies("1");
+    let mut child = in_ns(&lab.edge, BIN)
+        .args(["run", "--instance", &instance, "--metrics", METRICS])
+        .args(["--catalogue", "edge.toml", "--iface", "ext0=external"])
+        .current_dir(&dir)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    let _daemon = Process(child, "edge-classifier");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let warned = |l: &String| {
+        l.contains("net.ipv4.tcp_syncookies is 1 but a rule has limit.syn_proxy")
+            && l.contains("set it to 2")
+    };
+    while Instant::now() < deadline && !lines.lock().unwrap().iter().any(warned) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lines.lock().unwrap().iter().any(warned),
+        "run warns that the proxy needs tcp_syncookies = 2: {:#?}",
+        lines.lock().unwrap()
+    );
+    let (_, st) = status_json(&lab.edge, &instance);
+    assert!(
+        st["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("limit.syn_proxy")),
+        "status shows it: {st:#}"
+    );
+    let (_, text, _) = cli_in(&lab.edge, &dir, &["status", "--instance", &instance]);
+    assert!(
+        text.contains("WARNING: net.ipv4.tcp_syncookies is 1 but a rule has limit.syn_proxy"),
+        "{text}"
+    );
+    syncookies("2");
+    let (_, st) = status_json(&lab.edge, &instance);
+    assert_eq!(st["warnings"], serde_json::json!([]), "{st:#}");
 }

@@ -624,3 +624,326 @@ fn a_new_rule_on_a_reused_slot_starts_with_no_limited_flows() {
         "the new rule inherited the old one's rate-limited count"
     );
 }
+
+/// XDP_TX, as BPF_PROG_TEST_RUN returns it.
+const XDP_TX: u32 = 3;
+
+/// A SYN as a Linux client sends it: MSS 1460, SACK permitted, timestamps, window scale (a
+/// 40-byte TCP header), sequence number 1000.
+fn syn_with_options(src: IpAddr, sport: u16, dst: IpAddr) -> Vec<u8> {
+    use etherparse::TcpOptionElement::*;
+    let ip = PacketBuilder::ethernet2(SRC_MAC, DST_MAC);
+    let ip = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ip.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ip.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!(),
+    };
+    let b = ip
+        .tcp(sport, 443, 1000, 64240)
+        .syn()
+        .options(&[
+            MaximumSegmentSize(1460),
+            SelectiveAcknowledgementPermitted,
+            Timestamp(12345, 0),
+            Noop,
+            WindowScale(7),
+        ])
+        .unwrap();
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).unwrap();
+    out
+}
+
+use aya::programs::TestRun as _;
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+/// Ones' complement sum of 16-bit words.
+fn sum16(b: &[u8]) -> u32 {
+    b.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn folds_to_ffff(mut s: u32) -> bool {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s == 0xffff
+}
+
+/// Checks that `out` is the SYN-ACK answering `syn` (MACs, addresses and ports swapped, SYN|ACK,
+/// the SYN's sequence number plus one acknowledged, an MSS option when the SYN had options,
+/// valid IPv4 and TCP checksums) and returns its sequence number, the cookie.
+fn check_syn_ack(name: &str, syn: &[u8], out: &[u8]) -> u32 {
+    let s = SlicedPacket::from_ethernet(syn).unwrap();
+    let a = SlicedPacket::from_ethernet(out)
+        .unwrap_or_else(|e| panic!("{name}: the SYN-ACK does not parse: {e}; {}", hex(out)));
+    let (se, ae) = (s.link.unwrap(), a.link.unwrap());
+    let (se, ae) = match (se, ae) {
+        (etherparse::LinkSlice::Ethernet2(x), etherparse::LinkSlice::Ethernet2(y)) => (x, y),
+        _ => panic!("{name}: not Ethernet"),
+    };
+    assert_eq!(
+        (ae.source(), ae.destination()),
+        (se.destination(), se.source()),
+        "{name}: MACs swapped"
+    );
+    if syn[12..14] == [0x81, 0x00] {
+        assert_eq!(out[12..16], syn[12..16], "{name}: the VLAN tag kept");
+    }
+    let (TransportSlice::Tcp(st), TransportSlice::Tcp(at)) =
+        (s.transport.unwrap(), a.transport.unwrap())
+    else {
+        panic!("{name}: not TCP");
+    };
+    assert_eq!(
+        (at.source_port(), at.destination_port()),
+        (st.destination_port(), st.source_port()),
+        "{name}: ports swapped"
+    );
+    assert!(
+        at.syn() && at.ack() && !at.rst() && !at.fin() && !at.psh(),
+        "{name}: SYN|ACK"
+    );
+    assert_eq!(at.acknowledgment_number(), st.sequence_number() + 1);
+    let opts: Vec<_> = at.options_iterator().map(|o| o.unwrap()).collect();
+    if st.data_offset() > 5 {
+        assert!(
+            matches!(
+                opts.first(),
+                Some(etherparse::TcpOptionElement::MaximumSegmentSize(m)) if *m > 0
+            ),
+            "{name}: an MSS option, got {opts:?}"
+        );
+    }
+    assert!(at.payload().is_empty(), "{name}: no payload");
+    let tcp_bytes = at.slice();
+    let pseudo = match (s.net.as_ref().unwrap(), a.net.as_ref().unwrap()) {
+        (NetSlice::Ipv4(si), NetSlice::Ipv4(ai)) => {
+            let (sh, ah) = (si.header(), ai.header());
+            assert_eq!(
+                (ah.source(), ah.destination()),
+                (sh.destination(), sh.source()),
+                "{name}: addresses swapped"
+            );
+            assert!(
+                folds_to_ffff(sum16(ah.slice())),
+                "{name}: IPv4 header checksum"
+            );
+            assert_eq!(usize::from(ah.total_len()), 20 + tcp_bytes.len());
+            sum16(&ah.source()) + sum16(&ah.destination())
+        }
+        (NetSlice::Ipv6(si), NetSlice::Ipv6(ai)) => {
+            let (sh, ah) = (si.header(), ai.header());
+            assert_eq!(
+                (ah.source(), ah.destination()),
+                (sh.destination(), sh.source()),
+                "{name}: addresses swapped"
+            );
+            assert_eq!(usize::from(ah.payload_length()), tcp_bytes.len());
+            sum16(&ah.source()) + sum16(&ah.destination())
+        }
+        _ => panic!("{name}: families differ"),
+    };
+    assert!(
+        folds_to_ffff(pseudo + 6 + tcp_bytes.len() as u32 + sum16(tcp_bytes)),
+        "{name}: TCP checksum; {}",
+        hex(out)
+    );
+    at.sequence_number()
+}
+
+impl Both {
+    /// A SYN the proxy answers: XDP_TX, a proper SYN-ACK, counted as `syn_cookie` (the
+    /// SYN-ACK's bytes), the reference agreeing; the cookie.
+    fn expect_syn_ack(&mut self, name: &str, syn: &[u8]) -> u32 {
+        let before = self.h.stats();
+        let mut out = vec![0u8; 256];
+        let r = self
+            .h
+            .classifier
+            .program()
+            .test_run(aya::programs::TestRunOptions {
+                data_in: Some(syn),
+                data_out: Some(&mut out),
+                ..aya::programs::TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        let after = self.h.stats();
+        assert_eq!(r.return_value, XDP_TX, "{name}: XDP_TX");
+        out.truncate(r.data_size_out as usize);
+        let cookie = check_syn_ack(name, syn, &out);
+        let i = reason::TX_SYN_COOKIE as usize;
+        assert_eq!(
+            (
+                after.reasons[i].packets - before.reasons[i].packets,
+                after.reasons[i].bytes - before.reasons[i].bytes
+            ),
+            (1, out.len() as u64),
+            "{name}: counted as syn_cookie (the SYN-ACK's bytes)"
+        );
+        let compiled = self.h.classifier.compiled().clone();
+        let role = compiled.role_mask(&self.h.binding.role).expect("role");
+        let v = Reference::new(&compiled).ingress(syn, role, &mut self.state, jiffies());
+        assert_eq!(
+            (v.pass, v.counted),
+            (true, Counted::Reason(reason::TX_SYN_COOKIE)),
+            "{name}: the reference"
+        );
+        cookie
+    }
+
+    fn syn_proxied(&self, id: &str) -> u64 {
+        self.h
+            .classifier
+            .maps()
+            .syn_proxied(&[self.slot(id)])
+            .unwrap()[0]
+    }
+}
+
+#[test]
+fn a_syn_proxy_rule_answers_syns_over_the_budget_with_a_cookie_and_checks_the_acks() {
+    let mut b = Both::new(&limited(
+        r#"{ per_source = "1/h", burst = 1, syn_proxy = true }"#,
+        "",
+    ));
+    let client = v4("192.0.2.77");
+    let dst = IpAddr::V4(EXT4);
+    b.expect(
+        "SYN within the budget",
+        &tcp(client, 40000, dst, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "the first SYN over the budget goes through to the listener (its stamp)",
+        &tcp(client, 40001, dst, 443),
+        Expected::Rule(P3),
+    );
+    let syn = syn_with_options(client, 40002, dst);
+    let cookie = b.expect_syn_ack("IPv4 SYN with options", &syn);
+    b.expect_syn_ack("IPv4 SYN without options", &tcp(client, 40003, dst, 443));
+    b.expect_syn_ack(
+        "VLAN-tagged SYN",
+        &with_vlans(&syn_with_options(client, 40004, dst), &[(0x8100, 7)]),
+    );
+    assert_eq!(b.syn_proxied(P3), 3, "counted per rule");
+    assert_eq!(b.limited(P3), 0, "nothing dropped as rate_limited");
+    // A SYN of a shape the proxy does not answer drops over the budget as before.
+    b.expect(
+        "IPv4 SYN with IP options",
+        &tcp_with(
+            ipv4_options([192, 0, 2, 77], EXT4.octets(), &[1, 1, 1, 1]),
+            40005,
+            443,
+            &[],
+        ),
+        drop_reason("rate_limited"),
+    );
+    assert_eq!(b.limited(P3), 1);
+
+    // IPv6: budgets per /64 and a pass-through of its own.
+    let c6 = IpAddr::V6("2001:db8:999::1".parse().unwrap());
+    let dst6 = IpAddr::V6(EXT6);
+    b.expect(
+        "IPv6 SYN within the budget",
+        &tcp(c6, 40000, dst6, 443),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "IPv6 pass-through",
+        &tcp(c6, 40001, dst6, 443),
+        Expected::Rule(P3),
+    );
+    b.expect_syn_ack("IPv6 SYN with options", &syn_with_options(c6, 40002, dst6));
+
+    // The ACKs, while the proxy is active (no socket holds these tuples in the test's
+    // namespace): the cookie's ACK passes, a wrong one drops. The reference cannot know the
+    // kernel's secret and is not asked (see `reference::syn_proxy`).
+    let ack = |sport: u16, ack: u32| {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+            .ipv4([192, 0, 2, 77], EXT4.octets(), 64)
+            .tcp(sport, 443, 1001, 502)
+            .ack(ack)
+            .write(&mut out, &[])
+            .unwrap();
+        out
+    };
+    b.h.expect(
+        "the ACK carrying the cookie",
+        &ack(40002, cookie.wrapping_add(1)),
+        XDP_PASS,
+        &pass_reason("syn_cookie_ack"),
+    );
+    b.h.expect(
+        "an ACK with a wrong cookie",
+        &ack(40002, cookie.wrapping_add(2)),
+        XDP_DROP,
+        &drop_reason("syn_cookie_invalid"),
+    );
+    b.h.expect(
+        "the cookie's ACK from another port",
+        &ack(40009, cookie.wrapping_add(1)),
+        XDP_DROP,
+        &drop_reason("syn_cookie_invalid"),
+    );
+    // An RST, or a rule without the proxy, is never checked.
+    b.expect(
+        "RST|ACK",
+        &tcp_segment(client, 40002, dst, 443, RST | ACK),
+        Expected::Rule(P3),
+    );
+    b.expect(
+        "partner ACK to 5061",
+        &tcp_segment(IpAddr::V4(PARTNER4), 40000, dst, 5061, ACK),
+        Expected::Rule("public-im-sip-in"),
+    );
+
+    // Per rule in the snapshot, /metrics and stats.
+    use edge_classifier::{
+        metrics::render,
+        snapshot::{CatalogueInfo, Snapshot},
+    };
+    let info = CatalogueInfo {
+        source: "t".into(),
+        digest: "0".repeat(64),
+        rules: 10,
+    };
+    let s = Snapshot::read(&b.h.classifier, info, Default::default()).unwrap();
+    assert_eq!(s.limits.rules[0].syn_cookies, Some(4), "{:?}", s.limits);
+    let text = render(&s).unwrap();
+    for line in [
+        "edge_classifier_syn_cookies_sent_total{rule=\"client-sip-tls-in\"} 4",
+        "edge_classifier_passed_packets_total{reason=\"syn_cookie\",interface=\"lo\"} 4",
+        "edge_classifier_passed_packets_total{reason=\"syn_cookie_ack\",interface=\"lo\"} 1",
+        "edge_classifier_dropped_packets_total{reason=\"syn_cookie_invalid\",interface=\"lo\"} 2",
+    ] {
+        assert!(text.contains(line), "no `{line}` in\n{text}");
+    }
+    let table = edge_classifier::report::snapshot_table(&s, None);
+    let line = "limit of client-sip-tls-in (per source /32 /64: 1/h burst 1; SYN proxy over the budget (SYN cookies from XDP)): 1 new flows refused, 2 sources limited now, 4 SYNs answered with a SYN cookie";
+    assert!(table.contains(line), "no `{line}` in\n{table}");
+}
+
+#[test]
+fn monitor_mode_does_not_proxy() {
+    let mut b = Both::new(&edited_default_catalogue(&[
+        ("default = \"drop\"", "default = \"pass\""),
+        (
+            "id = \"client-sip-tls-in\"",
+            "id = \"client-sip-tls-in\"\nlimit = { per_source = \"1/h\", burst = 1, syn_proxy = true }",
+        ),
+    ]));
+    let client = v4("192.0.2.77");
+    let dst = IpAddr::V4(EXT4);
+    b.expect("within", &tcp(client, 40000, dst, 443), Expected::Rule(P3));
+    for port in 40001..40004 {
+        b.expect(
+            "over the budget in monitor mode",
+            &tcp(client, port, dst, 443),
+            pass_reason("monitor_rate_limited"),
+        );
+    }
+    assert_eq!(b.syn_proxied(P3), 0);
+}

@@ -18,10 +18,9 @@
 //!   kernel's share the secret.
 //!
 //! So an XDP SYN proxy works only while some SYNs keep reaching each listener (at least one
-//! every two minutes) and `tcp_syncookies = 2`; the kernel's `bpf_sk_assign_tcp_reqsk()` kfunc
-//! (6.9+, from TC ingress) is the supported way to hand over a validated cookie. The Edge leaves
-//! SYN floods to the limits at XDP and the kernel's own cookies (`tcp_syncookies = 1`, checked
-//! by `run`).
+//! every two minutes) and `tcp_syncookies = 2`: the Edge's (`limit.syn_proxy`,
+//! `tests/syn_proxy.rs`) lets one SYN over the budget per rule and family through every 30 s,
+//! and `run` asks for 2 when a rule has it (1 otherwise).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},

@@ -280,6 +280,8 @@ struct RawLimit {
     exempt: Vec<Spanned<String>>,
     #[serde(default)]
     own_budget: Option<Spanned<RawOwnBudget>>,
+    #[serde(default)]
+    syn_proxy: Option<Spanned<bool>>,
 }
 
 /// `own_budget = { sets = ["public_im_partners"], rate = "200/s", burst = 400 }`.
@@ -324,6 +326,9 @@ pub struct Limit {
     pub exempt: Vec<String>,
     /// Sets whose sources share a budget of their own instead of the per-source and total ones.
     pub own_budget: Option<OwnBudget>,
+    /// A SYN over the budget is answered from XDP with a SYN cookie instead of dropped; only
+    /// ACKs with a valid cookie reach the listener (TCP rules; `tcp_syncookies = 2`).
+    pub syn_proxy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -349,6 +354,9 @@ impl fmt::Display for Limit {
         }
         if let Some(o) = &self.own_budget {
             parts.push(format!("own budget of {}: {}", o.sets.join(", "), o.rate));
+        }
+        if self.syn_proxy {
+            parts.push("SYN proxy over the budget (SYN cookies from XDP)".to_owned());
         }
         write!(f, "{}", parts.join("; "))
     }
@@ -1124,7 +1132,9 @@ fn parse_rule(
             None
         }
     };
-    let limit = r.limit.and_then(|l| parse_limit(src, l, r.direction, sets));
+    let limit = r
+        .limit
+        .and_then(|l| parse_limit(src, l, r.direction, r.transport, sets));
     let (Some(local), Some(remote), Some((ports, port_side))) = (local, remote, ports) else {
         return None;
     };
@@ -1155,6 +1165,7 @@ fn parse_limit(
     src: &mut Located,
     raw: Spanned<RawLimit>,
     direction: Direction,
+    transport: Transport,
     sets: &Sets,
 ) -> Option<Limit> {
     let span = raw.span();
@@ -1271,6 +1282,18 @@ fn parse_limit(
             })
         }
     };
+    let syn_proxy = match l.syn_proxy {
+        Some(p) if *p.get_ref() => {
+            if transport == Transport::Udp {
+                src.error(
+                    p.span(),
+                    "limit.syn_proxy is for TCP rules: it answers SYNs with SYN cookies",
+                );
+            }
+            true
+        }
+        _ => false,
+    };
     if src.errors.len() == errors_before && per_source.is_none() && total.is_none() {
         src.error(
             span,
@@ -1287,6 +1310,7 @@ fn parse_limit(
         prefix_v6,
         exempt,
         own_budget,
+        syn_proxy,
     })
 }
 
@@ -2006,6 +2030,14 @@ edge = ["198.51.100.10/32"]
             l.to_string(),
             "total: 100/s burst 100; own budget of partners: 200/s burst 400"
         );
+        assert!(!l.syn_proxy);
+        let l = limited(r#"{ per_source = "20/s", syn_proxy = true }"#);
+        assert!(l.syn_proxy);
+        assert_eq!(
+            l.to_string(),
+            "per source /32 /64: 20/s burst 20; SYN proxy over the budget (SYN cookies from XDP)"
+        );
+        assert!(!limited(r#"{ per_source = "20/s", syn_proxy = false }"#).syn_proxy);
     }
 
     #[test]
@@ -2053,6 +2085,24 @@ edge = ["198.51.100.10/32"]
                 r#"{ total = "1/s", exempt = ["edge"], own_budget = { sets = ["edge"], rate = "1/s" } }"#
             ),
             "14:9: set `edge` is both exempt and given an own budget: name it in one of them"
+        );
+        assert!(
+            limited(r#"{ total = "1/s", syn_proxy = "yes" }"#)
+                .starts_with("14:38: invalid type: string \"yes\", expected a boolean"),
+            "{}",
+            limited(r#"{ total = "1/s", syn_proxy = "yes" }"#)
+        );
+        let udp = rule("port = 3478\nlimit = { total = \"1/s\", syn_proxy = true }")
+            .replace("transport = \"tcp\"", "transport = \"udp\"");
+        assert_eq!(
+            error(&udp),
+            "14:38: limit.syn_proxy is for TCP rules: it answers SYNs with SYN cookies"
+        );
+        let outbound = rule("port = 443\nlimit = { total = \"1/s\", syn_proxy = true }")
+            .replace("direction = \"inbound\"", "direction = \"outbound\"");
+        assert_eq!(
+            error(&outbound),
+            "14:9: `limit` is for inbound rules: it limits the new flows peers open to the Edge"
         );
         let outbound = rule("port = 443\nlimit = { total = \"1/s\" }")
             .replace("direction = \"inbound\"", "direction = \"outbound\"");

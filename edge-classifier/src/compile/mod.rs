@@ -11,8 +11,9 @@ use edge_classifier_common::{
     FIRST_NAMED_SET_BIT, MAX_CANDIDATES, MAX_CLASSES, MAX_PREFIXES_PER_BUFFER, MAX_RULES,
     MAX_RULES_PER_CATALOGUE, POLICY_DEFAULT_PASS, POLICY_DROP_EGRESS, POLICY_PASS_FRAGMENTS,
     POLICY_PASS_NON_IP, POLICY_PASS_UNPROTECTED, POLICY_PROTECT_IFACE_ADDRS, POLICY_TRACK_EGRESS,
-    PORT_SPACE, PortEntry, RULE_LIMITED, RULE_OUTBOUND, RuleClass, RuleLimit, RuleMatch, SET_ANY,
-    SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS, layout,
+    PORT_SPACE, PortEntry, RULE_LIMITED, RULE_OUTBOUND, RULE_SYN_PROXY, RuleClass, RuleLimit,
+    RuleMatch, SET_ANY, SET_PROTECTED, TRACKED_SLOT, TRANSPORT_TCP, TRANSPORT_UDP, TRANSPORTS,
+    layout,
 };
 use ipnet::IpNet;
 
@@ -442,8 +443,11 @@ fn compile_rules(
             } else {
                 0
             };
-            if limit.is_some() {
+            if let Some(l) = &limit {
                 flags |= RULE_LIMITED;
+                if l.limit.syn_proxy {
+                    flags |= RULE_SYN_PROXY;
+                }
             }
             let matcher = RuleMatch {
                 local_mask: mask_of(&r.local),
@@ -467,6 +471,22 @@ fn compile_rules(
         })
         .collect()
 }
+
+impl Compiled {
+    /// Whether a rule answers SYNs over its budget from XDP (`limit.syn_proxy`), which needs
+    /// `net.ipv4.tcp_syncookies = 2`.
+    pub fn has_syn_proxy(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.limit.as_ref().is_some_and(|l| l.limit.syn_proxy))
+    }
+}
+
+/// With `syn_proxy`, a SYN over the budget goes through to the listener once in this many
+/// seconds: the kernel accepts the ACK of a cookie only from a listener that sent a cookie of
+/// its own within the last two minutes, and with `tcp_syncookies = 2` the SYN let through gets
+/// one. Half a minute leaves a lost or refused one three more chances in those two minutes.
+pub const SYN_PROXY_PASS_SECONDS: u64 = 30;
 
 /// A rule's limit as the program reads it: budgets in kernel ticks at `hz`, source prefixes
 /// as masks over the address words, exempt sets as bits.
@@ -508,7 +528,11 @@ pub fn rule_limit(
             .map(|s| set_bit[s.as_str()])
             .fold(0, |a, b| a | b),
         generation: 0,
-        _pad: 0,
+        syn_proxy_ticks: if l.syn_proxy {
+            (SYN_PROXY_PASS_SECONDS * hz) as u32
+        } else {
+            0
+        },
         mask_v4: u64::from(u32::from_ne_bytes(v4.octets())),
         mask_v6: [
             u64::from_ne_bytes(v6[..8].try_into().expect("8 bytes")),
@@ -539,6 +563,7 @@ fn limit_bytes(e: &RuleLimit) -> impl Iterator<Item = u8> {
     let b = |x: &edge_classifier_common::Budget| [x.cost, x.refill, x.cap, x.fill_ticks];
     [
         e.exempt_mask,
+        u64::from(e.syn_proxy_ticks),
         e.mask_v4,
         e.mask_v6[0],
         e.mask_v6[1],
@@ -860,6 +885,7 @@ mod tests {
             prefix_v6: 48,
             exempt: vec!["partners".into()],
             own_budget: None,
+            syn_proxy: false,
         };
         let bits: HashMap<&str, u64> = [("partners", 1u64 << 5)].into();
         let e = rule_limit("r", &limit, &bits, 250);
@@ -892,6 +918,13 @@ mod tests {
         wider.prefix_v4 = 16;
         assert_ne!(rule_limit("r", &wider, &bits, 250).generation, e.generation);
         assert_ne!(rule_limit("s", &limit, &bits, 250).generation, e.generation);
+        assert_eq!(e.syn_proxy_ticks, 0, "no proxy unless asked");
+        let mut proxied = limit.clone();
+        proxied.syn_proxy = true;
+        let p = rule_limit("r", &proxied, &bits, 250);
+        // One SYN over the budget in 30 s goes through: 7,500 ticks at HZ 250.
+        assert_eq!(p.syn_proxy_ticks, 7_500);
+        assert_ne!(p.generation, e.generation);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use aya::{
 use edge_classifier_common::{
     AdmittedKey, BUFFERS, Bucket, BucketKey, BufferRecord, Counter, FlowKey, FlowKey4, FlowState,
     IFACE_SLOTS, IfaceInfo, InstanceRecord, LIMIT_BUCKETS, Locals, Lpm4, Lpm6, MAX_IFACES,
-    PORT_SPACE, PolicyEntry, PortEntry, RECORD_CHUNK, RECORD_CHUNKS, RECORD_COMPLETE,
+    PORT_SPACE, PolicyEntry, PortEntry, ProxyState, RECORD_CHUNK, RECORD_CHUNKS, RECORD_COMPLETE,
     RECORD_SETTLED, RECORD_WRITING, RuleClass, RuleLimit, Small4, Small6, StrideBlock,
     TRACKED_SLOT, TRANSPORTS, flow_stat, layout, limit_stat,
     monitor::{MONITOR_SLOTS, MonitorConfig, MonitorCpu},
@@ -110,6 +110,8 @@ maps! {
     "ADMITTED" => admitted: HashMap<MapData, AdmittedKey, u64>, LruHashMap;
     "LIMITED" => limited: PerCpuArray<MapData, u64>, PerCpuArray;
     "LIMIT_STATS" => limit_stats: PerCpuArray<MapData, u64>, PerCpuArray;
+    "SYN_PROXY" => syn_proxy: Array<MapData, ProxyState>, Array;
+    "SYN_PROXIED" => syn_proxied: PerCpuArray<MapData, u64>, PerCpuArray;
 }
 
 /// The ring buffers of the monitor slots, by slot. Pinned with the maps, but no `Maps` handle
@@ -573,13 +575,24 @@ impl Maps {
         }
         // The new flows a limit refused, per slot (not per interface).
         for slot in slots {
-            let zero = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| {
-                err("LIMITED")(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "per-cpu values",
-                    io_error: e,
-                }))
-            })?;
-            self.limited.set(*slot, zero, 0).map_err(err("LIMITED"))?;
+            let zero = || {
+                PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| {
+                    err("LIMITED")(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "per-cpu values",
+                        io_error: e,
+                    }))
+                })
+            };
+            self.limited
+                .set(*slot, zero()?, 0)
+                .map_err(err("LIMITED"))?;
+            // The SYNs its proxy answered, and its stamps: a new rule's proxy starts idle.
+            self.syn_proxied
+                .set(*slot, zero()?, 0)
+                .map_err(err("SYN_PROXIED"))?;
+            self.syn_proxy
+                .set(*slot, ProxyState::default(), 0)
+                .map_err(err("SYN_PROXY"))?;
         }
         Ok(())
     }
@@ -802,6 +815,33 @@ impl Maps {
             .iter()
             .map(|s| Ok(self.limited.get(s, 0).map_err(err("LIMITED"))?.iter().sum()))
             .collect()
+    }
+
+    /// SYNs each rule slot's proxy answered from XDP with a SYN cookie, summed over CPUs, in
+    /// the order of `slots`.
+    pub fn syn_proxied(&self, slots: &[u32]) -> Result<Vec<u64>, MapsError> {
+        slots
+            .iter()
+            .map(|s| {
+                Ok(self
+                    .syn_proxied
+                    .get(s, 0)
+                    .map_err(err("SYN_PROXIED"))?
+                    .iter()
+                    .sum())
+            })
+            .collect()
+    }
+
+    /// A rule slot's proxy state (`active_until`, `syn_passed` in `bpf_jiffies64` ticks).
+    pub fn syn_proxy_state(&self, slot: u32) -> Result<ProxyState, MapsError> {
+        self.syn_proxy.get(&slot, 0).map_err(err("SYN_PROXY"))
+    }
+
+    /// Writes a rule slot's proxy state (for tests: an older stamp shows the pass-through
+    /// without waiting for the clock).
+    pub fn set_syn_proxy_state(&mut self, slot: u32, st: ProxyState) -> Result<(), MapsError> {
+        self.syn_proxy.set(slot, st, 0).map_err(err("SYN_PROXY"))
     }
 
     /// The token-bucket table: occupancy, evictions, and per rule slot the source prefixes

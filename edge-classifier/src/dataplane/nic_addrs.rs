@@ -258,25 +258,39 @@ pub fn xdp_program(ifindex: u32) -> io::Result<Option<XdpProgram>> {
 }
 
 /// The kernel's own SYN-cookie setting (`net.ipv4.tcp_syncookies`, per network namespace), read
-/// when `run` starts: a warning unless it is 1. The limits at XDP bound the SYNs a flood gets
-/// through; those must not fill a listener's queue and lock out the partners, which the kernel's
-/// cookies prevent when a queue overflows (1). A listener completes a cookie made at XDP only
-/// while it sent cookies itself lately (`tests/syncookies.rs`), so the Edge has no SYN proxy at
-/// XDP and the kernel's cookies are its SYN protection behind the limits.
-pub fn syncookie_warning() -> Option<String> {
+/// when `run` starts and by `status`; the advice depends on whether a rule of the catalogue has
+/// `limit.syn_proxy`. Without a proxy it should be 1: the limits at XDP bound the SYNs a flood
+/// gets through, and those must not fill a listener's queue and lock out the partners, which
+/// the kernel's cookies prevent when a queue overflows. With a proxy it must be 2: a listener
+/// completes a cookie made at XDP only while it sent cookies itself within two minutes
+/// (`tests/syncookies.rs`), and with 1 a listener whose queue never overflows sends none, so
+/// every handshake the proxy answered would be refused.
+pub fn syncookie_warning(syn_proxy: bool) -> Option<String> {
     let value = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_syncookies").ok();
-    syncookie_advice(value.as_deref().map(str::trim))
+    syncookie_advice(value.as_deref().map(str::trim), syn_proxy)
 }
 
-/// The advice for a `tcp_syncookies` value as the file reads (`None`: no such file).
-pub fn syncookie_advice(value: Option<&str>) -> Option<String> {
+/// The advice for a `tcp_syncookies` value as the file reads (`None`: no such file), for a
+/// catalogue with (`syn_proxy`) or without a SYN proxy.
+pub fn syncookie_advice(value: Option<&str>, syn_proxy: bool) -> Option<String> {
+    if syn_proxy {
+        return match value {
+            Some("2") => None,
+            Some(v) => Some(format!(
+                "net.ipv4.tcp_syncookies is {v} but a rule has limit.syn_proxy: the listeners complete the handshakes the SYN proxy answers at XDP only while they send SYN cookies themselves (within two minutes), which they do for every SYN only with 2; set it to 2"
+            )),
+            None => Some(
+                "net.ipv4.tcp_syncookies cannot be read (a kernel without CONFIG_SYN_COOKIES?) but a rule has limit.syn_proxy: the listeners cannot complete the handshakes the SYN proxy answers".to_string(),
+            ),
+        };
+    }
     match value {
         Some("1") => None,
         Some("0") => Some(
             "net.ipv4.tcp_syncookies is 0: a SYN flood within the limits can fill a listener's queue, and the kernel then drops every new SYN, partners' too; set it to 1".to_string(),
         ),
         Some("2") => Some(
-            "net.ipv4.tcp_syncookies is 2: every connection gets a SYN cookie, which drops its TCP options (window scaling, SACK) unless the client sends timestamps; set it to 1 (cookies only when a listener's queue overflows)".to_string(),
+            "net.ipv4.tcp_syncookies is 2: every connection gets a SYN cookie, which drops its TCP options (window scaling, SACK) unless the client sends timestamps; set it to 1 (cookies only when a listener's queue overflows), or give a rule limit.syn_proxy, which needs 2".to_string(),
         ),
         Some(other) => Some(format!(
             "net.ipv4.tcp_syncookies is {other}: expected 1 (SYN cookies when a listener's queue overflows)"
@@ -317,15 +331,31 @@ mod tests {
 
     #[test]
     fn only_tcp_syncookies_1_goes_without_a_warning() {
-        assert_eq!(syncookie_advice(Some("1")), None);
+        assert_eq!(syncookie_advice(Some("1"), false), None);
         for (value, says) in [
             (Some("0"), "is 0"),
             (Some("2"), "every connection gets a SYN cookie"),
             (Some("3"), "expected 1"),
             (None, "cannot be read"),
         ] {
-            let w = syncookie_advice(value).unwrap_or_else(|| panic!("{value:?}: no warning"));
+            let w =
+                syncookie_advice(value, false).unwrap_or_else(|| panic!("{value:?}: no warning"));
             assert!(w.contains(says), "{value:?}: {w}");
         }
+    }
+
+    #[test]
+    fn with_a_syn_proxy_only_tcp_syncookies_2_goes_without_a_warning() {
+        assert_eq!(syncookie_advice(Some("2"), true), None);
+        for value in [Some("0"), Some("1"), Some("3"), None] {
+            let w =
+                syncookie_advice(value, true).unwrap_or_else(|| panic!("{value:?}: no warning"));
+            assert!(w.contains("limit.syn_proxy"), "{value:?}: {w}");
+        }
+        assert!(
+            syncookie_advice(Some("1"), true)
+                .unwrap()
+                .contains("set it to 2")
+        );
     }
 }

@@ -298,6 +298,9 @@ fn repair_pins(instance: &Instance) -> Result<()> {
         "ADMITTED",
         "LIMITED",
         "LIMIT_STATS",
+        // An idle proxy: the next SYN over the budget goes to the listener, then it answers.
+        "SYN_PROXY",
+        "SYN_PROXIED",
     ];
     if missing.iter().any(|m| !HARMLESS.contains(m)) {
         maps.begin_buffer(0)?;

@@ -27,7 +27,7 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/edge-classifier";
 pub const STATE_ROOT: &str = "/run/edge-classifier";
 pub const DEFAULT_INSTANCE: &str = "default";
 /// Bumped whenever map layouts change: pins of another layout are not adopted.
-pub const LAYOUT: u32 = 6;
+pub const LAYOUT: u32 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {

@@ -48,6 +48,8 @@ pub struct Status {
     pub protected: bool,
     /// The addresses DNS put in the running catalogue's sets, and where each came from.
     pub resolved: crate::catalogue::dns::Resolved,
+    /// Kernel settings the running catalogue needs otherwise (`net.ipv4.tcp_syncookies`).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,6 +201,11 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
         _ => None,
     };
     let protected = !interfaces.is_empty() && interfaces.iter().all(|n| n.xdp.live);
+    let warnings = crate::nic_addrs::syncookie_warning(
+        compiled.as_ref().is_some_and(|(_, c)| c.has_syn_proxy()),
+    )
+    .into_iter()
+    .collect();
     Ok(Status {
         instance: instance.name.clone(),
         daemon,
@@ -209,6 +216,7 @@ pub fn read(instance: &Instance) -> Result<Status, StatusError> {
         counters,
         protected,
         resolved,
+        warnings,
     })
 }
 
@@ -299,6 +307,9 @@ impl std::fmt::Display for Status {
                 link_text(&n.xdp),
                 link_text(&n.tc)
             );
+        }
+        for w in &self.warnings {
+            let _ = writeln!(out, "WARNING: {w}");
         }
         for (set, addrs) in &self.resolved {
             let _ = writeln!(out, "set {set}: {} addresses from DNS", addrs.len());

@@ -378,6 +378,15 @@ fn why(r: u32) -> &'static str {
         reason::PASS_MONITOR_RATE_LIMITED => {
             "a new flow over its rule's limit, passed because policy.default is pass (monitor mode)"
         }
+        reason::TX_SYN_COOKIE => {
+            "a SYN over its rule's limit, which has syn_proxy: answered from XDP with a SYN-ACK carrying a SYN cookie (sent back, never reaching the stack)"
+        }
+        reason::PASS_SYN_COOKIE_ACK => {
+            "an ACK of no connection carrying a valid SYN cookie while its rule's SYN proxy answers SYNs"
+        }
+        reason::DROP_SYN_COOKIE_INVALID => {
+            "an ACK of no connection without a valid SYN cookie while its rule's SYN proxy answers SYNs"
+        }
         _ => "",
     }
 }

@@ -66,6 +66,9 @@ pub struct FlowTable {
     pub buckets: HashMap<BucketKey, Bucket>,
     /// Admitted UDP flow → tick last seen.
     pub admitted: HashMap<AdmittedKey, u64>,
+    /// `syn_proxy` rules: (slot, 4 or 6) → tick a SYN over the budget last went through to the
+    /// listener (the kernel's `ProxyState::syn_passed_v4/v6`; 0 when never).
+    pub syn_passed: HashMap<(u32, u8), u64>,
 }
 
 // The parser. The protocol knowledge (field positions, header lengths, which field chains to
@@ -415,6 +418,67 @@ fn expired(state: &FlowState, now: u64, policy: &PolicyEntry, transport: u32) ->
 }
 
 /// The reference classifier over one compiled catalogue.
+/// A SYN over a `syn_proxy` rule's budget. One every `syn_proxy_ticks` per family goes
+/// through to the listener (the rule's), so that it keeps sending cookies of its own; the rest
+/// are answered from XDP with a SYN cookie (`syn_cookie`, sent back), when the frame is of the
+/// shape the kernel answers (untagged or one VLAN tag, IPv4 without options, IPv6 with TCP
+/// right after the fixed header); a SYN of another shape drops as `rate_limited`.
+///
+/// Not modelled: what the kernel does with an ACK (no SYN, no RST) of a `syn_proxy` rule while
+/// its proxy answers SYNs. It looks up the socket table (`bpf_skc_lookup_tcp`) and checks the
+/// cookie against the kernel's secret (`bpf_tcp_raw_check_syncookie_*`): `syn_cookie_ack`,
+/// `syn_cookie_invalid` or the rule's. Neither the socket table nor the secret is the
+/// reference's to know, so it gives such ACKs the rule's verdict, as the kernel does while the
+/// proxy is idle; the differential test's catalogue has no `syn_proxy` rule, and
+/// `tests/tests/syn_proxy.rs` checks the ACKs end to end against a real listener instead.
+fn syn_proxy(
+    frame: &[u8],
+    limit: &RuleLimit,
+    slot: u32,
+    family: u8,
+    flows: &mut FlowTable,
+    now: u64,
+) -> Verdict {
+    let passed = flows.syn_passed.entry((slot, family)).or_insert(0);
+    if now.saturating_sub(*passed) >= u64::from(limit.syn_proxy_ticks) {
+        *passed = now;
+        return Verdict::rule(slot);
+    }
+    if proxy_answers(frame) {
+        Verdict::pass(reason::TX_SYN_COOKIE)
+    } else {
+        Verdict::drop(reason::DROP_RATE_LIMITED)
+    }
+}
+
+/// Whether the proxy answers a SYN of this shape (see `syn_proxy`).
+fn proxy_answers(frame: &[u8]) -> bool {
+    let Ok(eth) = Ethernet2Slice::from_slice_without_fcs(frame) else {
+        return false;
+    };
+    let (ether_type, payload) = match eth.ether_type() {
+        EtherType::VLAN_TAGGED_FRAME | EtherType::PROVIDER_BRIDGING => {
+            match SingleVlanSlice::from_slice(eth.payload_slice()) {
+                Ok(v) => (v.ether_type(), v.payload_slice()),
+                Err(_) => return false,
+            }
+        }
+        t => (t, eth.payload_slice()),
+    };
+    match ether_type {
+        EtherType::IPV4 => Ipv4HeaderSlice::from_slice(payload).is_ok_and(|h| {
+            h.ihl() == 5
+                && h.protocol() == ip_number::TCP
+                && !h.more_fragments()
+                && h.fragments_offset().value() == 0
+        }),
+        EtherType::IPV6 => {
+            Ipv6HeaderSlice::from_slice(payload).is_ok_and(|h| h.next_header() == ip_number::TCP)
+        }
+        _ => false,
+    }
+}
+
 pub struct Reference<'a> {
     compiled: &'a Compiled,
     sets: Sets,
@@ -740,6 +804,12 @@ impl<'a> Reference<'a> {
                     remote,
                 };
                 if !self.admits(&limit, slot, &ip.src, transport, key, flows, now) {
+                    if limit.syn_proxy_ticks != 0
+                        && transport == TRANSPORT_TCP
+                        && policy.flags & POLICY_DEFAULT_PASS == 0
+                    {
+                        return Ok(syn_proxy(frame, &limit, slot, family as u8, flows, now));
+                    }
                     return Ok(if policy.flags & POLICY_DEFAULT_PASS != 0 {
                         Verdict::pass(reason::PASS_MONITOR_RATE_LIMITED)
                     } else {

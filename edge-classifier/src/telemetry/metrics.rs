@@ -115,7 +115,7 @@ fn interface_families(s: &Snapshot) -> Vec<Family> {
     );
     let mut passed = Family::counter(
         "edge_classifier_passed_packets_total",
-        "Frames passed without a rule (ARP, ICMP, unprotected, egress, ...), by reason and interface.",
+        "Frames passed without a rule (ARP, ICMP, unprotected, egress, ...; syn_cookie: SYNs answered from XDP, sent back rather than passed to the stack), by reason and interface.",
     );
     let mut passed_bytes = Family::counter(
         "edge_classifier_passed_bytes_total",
@@ -262,11 +262,24 @@ fn limit_families(l: &crate::snapshot::Limits) -> Vec<Family> {
         "edge_classifier_rate_limited_sources",
         "Source prefixes whose token bucket for the rule is empty now: the sources being limited.",
     );
+    let mut cookies = Family::counter(
+        "edge_classifier_syn_cookies_sent_total",
+        "SYNs over a syn_proxy rule's limit answered from XDP with a SYN-ACK carrying a SYN cookie, by rule (only rules with syn_proxy).",
+    );
     for r in &l.rules {
         limited.push(&[("rule", r.id.as_str())], r.limited as f64);
         sources.push(&[("rule", r.id.as_str())], r.limited_sources as f64);
+        if let Some(c) = r.syn_cookies {
+            cookies.push(&[("rule", r.id.as_str())], c as f64);
+        }
     }
-    vec![
+    let cookies = if l.rules.iter().all(|r| r.syn_cookies.is_none()) {
+        // A family without a metric does not render; no rule has the proxy.
+        Vec::new()
+    } else {
+        vec![cookies]
+    };
+    let mut out = vec![
         limited,
         sources,
         one(
@@ -304,7 +317,9 @@ fn limit_families(l: &crate::snapshot::Limits) -> Vec<Family> {
             ),
             l.exempt as f64,
         ),
-    ]
+    ];
+    out.extend(cookies);
+    out
 }
 
 /// Per set and DNS name: addresses in force, last success, failures by kind, staleness. Every

@@ -19,8 +19,15 @@ pub fn limits(l: &crate::snapshot::Limits) -> String {
     for r in &l.rules {
         let _ = writeln!(
             out,
-            "limit of {} ({}): {} new flows refused, {} sources limited now",
-            r.id, r.limit, r.limited, r.limited_sources
+            "limit of {} ({}): {} new flows refused, {} sources limited now{}",
+            r.id,
+            r.limit,
+            r.limited,
+            r.limited_sources,
+            match r.syn_cookies {
+                Some(c) => format!(", {c} SYNs answered with a SYN cookie"),
+                None => String::new(),
+            }
         );
     }
     if !l.rules.is_empty() {

@@ -71,6 +71,10 @@ pub struct LimitedRule {
     pub limited: u64,
     /// Source prefixes whose bucket is empty now.
     pub limited_sources: u64,
+    /// With `syn_proxy`: SYNs over the limit answered from XDP with a SYN cookie (not in
+    /// `limited`); `None` without.
+    #[serde(default)]
+    pub syn_cookies: Option<u64>,
 }
 
 /// One name of one set as `status`, the logs and `/metrics` report it.
@@ -290,17 +294,19 @@ fn read_limits(maps: &Maps, compiled: &Compiled) -> Result<Limits, MapsError> {
     }
     let slots: Vec<u32> = limited.iter().map(|(r, _)| r.slot).collect();
     let counts = maps.limited(&slots)?;
+    let cookies = maps.syn_proxied(&slots)?;
     let entries: Vec<_> = limited.iter().map(|(r, l)| (r.slot, l.entry)).collect();
     let t = maps.limit_stats(&entries)?;
     Ok(Limits {
         rules: limited
             .iter()
-            .zip(counts)
-            .map(|((r, l), n)| LimitedRule {
+            .zip(counts.into_iter().zip(cookies))
+            .map(|((r, l), (n, c))| LimitedRule {
                 id: r.id.clone(),
                 limit: l.limit.to_string(),
                 limited: n,
                 limited_sources: t.limited_sources.get(&r.slot).copied().unwrap_or(0),
+                syn_cookies: l.limit.syn_proxy.then_some(c),
             })
             .collect(),
         bucket_capacity: t.capacity,

@@ -380,3 +380,14 @@ impl Rng {
         &v[self.below(v.len())]
     }
 }
+
+/// jiffies now, as the kernel's `bpf_jiffies64` reads them: the clock of the flow tables and the
+/// limits' buckets, which the reference classifier is given to model them.
+pub fn jiffies() -> u64 {
+    std::fs::read_to_string("/proc/timer_list")
+        .expect("/proc/timer_list")
+        .lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))
+        .and_then(|j| j.trim().parse().ok())
+        .expect("a jiffies line")
+}

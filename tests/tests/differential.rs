@@ -999,16 +999,6 @@ fn kernel_and_reference_agree_on_adversarial_frames() {
     }
 }
 
-/// jiffies now, as the kernel's `bpf_jiffies64` reads them (the flow tables' clock).
-fn jiffies() -> u64 {
-    std::fs::read_to_string("/proc/timer_list")
-        .expect("/proc/timer_list")
-        .lines()
-        .find_map(|l| l.strip_prefix("jiffies: "))
-        .and_then(|j| j.trim().parse().ok())
-        .expect("a jiffies line")
-}
-
 /// Sleeps until the kernel's tick moves on: the per-CPU reply cache holds an answer for one
 /// tick, so a table rewritten by the test is only seen from the next one.
 fn next_tick() -> u64 {

@@ -38,16 +38,6 @@ fn limited(limit: &str, stun: &str) -> edge_classifier::catalogue::Catalogue {
     edited_default_catalogue(&edits)
 }
 
-/// The kernel's jiffies (`bpf_jiffies64`), the clock the reference is given.
-fn jiffies() -> u64 {
-    std::fs::read_to_string("/proc/timer_list")
-        .expect("/proc/timer_list")
-        .lines()
-        .find_map(|l| l.strip_prefix("jiffies: "))
-        .and_then(|j| j.trim().parse().ok())
-        .expect("a jiffies line")
-}
-
 /// The kernel program and the reference, fed the same frames.
 struct Both {
     h: Harness,

@@ -188,17 +188,7 @@ fn sysctl(lab: &Lab, value: u8) {
 
 /// TcpExt SyncookiesSent of the Edge's namespace: the cookies its listeners sent themselves.
 fn cookies_sent(lab: &Lab) -> u64 {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", Lab::netns_path(&lab.edge)))
-        .args(["cat", "/proc/net/netstat"])
-        .output()
-        .expect("nsenter cat");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let names: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    let values: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    let i = names.iter().position(|x| *x == "SyncookiesSent").unwrap();
-    values[i].parse().unwrap()
+    tcp_ext(&lab.edge, &["SyncookiesSent"])[0]
 }
 
 /// An ACK from the client to 443 of a handshake that never was, acknowledging `ack`.

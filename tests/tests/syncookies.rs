@@ -33,7 +33,7 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use edge_classifier::loader::SYNCOOKIE_PROBE_OBJECT;
-use edge_classifier_lab::{EDGE_EXT, Lab, RawSender, in_netns, mac};
+use edge_classifier_lab::{EDGE_EXT, Lab, RawSender, in_netns, mac, tcp_ext};
 
 const EDGE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -95,24 +95,11 @@ fn accepted(listener: &TcpListener, wait: Duration) -> Option<SocketAddr> {
 
 /// TcpExt counters of the Edge's namespace: SyncookiesSent, SyncookiesRecv, SyncookiesFailed.
 fn cookie_counters(lab: &Lab) -> (u64, u64, u64) {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", Lab::netns_path(&lab.edge)))
-        .args(["cat", "/proc/net/netstat"])
-        .output()
-        .expect("nsenter cat");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let names: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    let values: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    let get = |n: &str| -> u64 {
-        let i = names.iter().position(|x| *x == n).unwrap();
-        values[i].parse().unwrap()
-    };
-    (
-        get("SyncookiesSent"),
-        get("SyncookiesRecv"),
-        get("SyncookiesFailed"),
-    )
+    let c = tcp_ext(
+        &lab.edge,
+        &["SyncookiesSent", "SyncookiesRecv", "SyncookiesFailed"],
+    );
+    (c[0], c[1], c[2])
 }
 
 #[test]

@@ -772,3 +772,32 @@ pub fn count(frames: &[Vec<u8>], pred: impl Fn(&Tuple) -> bool) -> u64 {
         .filter(|t| pred(t))
         .count() as u64
 }
+
+/// Counters of `TcpExt:` in `/proc/net/netstat` of namespace `ns`, in the order `names` gives
+/// them (the kernel's own SYN-cookie counters, say).
+pub fn tcp_ext(ns: &str, names: &[&str]) -> Vec<u64> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", Lab::netns_path(ns)))
+        .args(["cat", "/proc/net/netstat"])
+        .output()
+        .expect("nsenter cat /proc/net/netstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no TcpExt lines in {ns}'s /proc/net/netstat: {text}");
+    };
+    let header: Vec<&str> = header.split_whitespace().collect();
+    let values: Vec<&str> = values.split_whitespace().collect();
+    names
+        .iter()
+        .map(|n| {
+            let i = header
+                .iter()
+                .position(|h| h == n)
+                .unwrap_or_else(|| panic!("no TcpExt counter {n} in {ns}"));
+            values[i]
+                .parse()
+                .unwrap_or_else(|e| panic!("TcpExt {n} = {:?}: {e}", values[i]))
+        })
+        .collect()
+}

@@ -51,6 +51,23 @@ fn nic<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no interface {name} in {status:#}"))
 }
 
+/// Every line `child` writes to stdout and stderr, as it comes (read by threads of their own).
+fn capture_lines(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    for stream in [
+        Box::new(child.stdout.take().expect("stdout piped")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("stderr piped")),
+    ] {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    lines
+}
+
 #[test]
 fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_anywhere() {
     let lab = Lab::create("st").expect("lab");
@@ -88,18 +105,7 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
         .stderr(Stdio::piped())
         .spawn()
         .expect("run");
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stream).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(l);
-            }
-        });
-    }
+    let lines = capture_lines(&mut child);
     let daemon = Process(child, "edge-classifier");
     let wait_for = |what: &str, pred: &dyn Fn(&str) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -457,18 +463,7 @@ fn a_catalogue_with_a_syn_proxy_asks_for_tcp_syncookies_2() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run");
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stream).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(l);
-            }
-        });
-    }
+    let lines = capture_lines(&mut child);
     let _daemon = Process(child, "edge-classifier");
     let deadline = Instant::now() + Duration::from_secs(60);
     let warned = |l: &String| {

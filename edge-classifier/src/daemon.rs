@@ -52,6 +52,9 @@ struct Daemon {
     running: watch::Sender<Loaded>,
     /// The DNS names' status as the follower last left it.
     dns: Arc<Mutex<Vec<NameStatus>>>,
+    /// The `tcp_syncookies` advice last logged: a reload that adds or removes `limit.syn_proxy`
+    /// changes the setting the Edge needs, and says so once.
+    syncookie_warning: Option<String>,
 }
 
 fn catalogue_info(state: &State) -> anyhow::Result<(CatalogueInfo, Compiled)> {
@@ -110,6 +113,7 @@ impl Daemon {
                 new
             });
         }
+        self.warn_syncookies(compiled.has_syn_proxy());
         self.classifier.set_compiled(compiled);
         self.catalogue = info;
         self.generation = state.generation;
@@ -122,6 +126,18 @@ impl Daemon {
         }
         self.reloads_logged = state.reloads.succeeded + state.reloads.failed;
         Ok(())
+    }
+
+    /// Logs the kernel's SYN-cookie setting when it does not suit the running catalogue, unless
+    /// the same advice was the last one logged.
+    fn warn_syncookies(&mut self, syn_proxy: bool) {
+        let w = edge_classifier::nic_addrs::syncookie_warning(syn_proxy);
+        if w != self.syncookie_warning
+            && let Some(w) = &w
+        {
+            log::warn!("{w}");
+        }
+        self.syncookie_warning = w;
     }
 
     /// Makes the kernel's table of the bound NICs' own addresses match what is configured now;
@@ -394,21 +410,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         unprotected: BTreeMap::new(),
         running,
         dns: dns_status.clone(),
+        syncookie_warning: None,
     }));
     for (nic, _) in &specs {
         for w in edge_classifier::nic_addrs::routing_warnings(nic) {
             log::warn!("{nic}: {w}");
         }
     }
-    if let Some(w) = edge_classifier::nic_addrs::syncookie_warning(
+    daemon.lock().expect("lock").warn_syncookies(
         started
             .state
             .active()
             .and_then(|l| l.compile().ok())
             .is_some_and(|(_, c)| c.has_syn_proxy()),
-    ) {
-        log::warn!("{w}");
-    }
+    );
     // The NICs' own addresses are in the kernel before the service says it is ready, and are
     // followed from then on.
     daemon

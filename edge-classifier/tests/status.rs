@@ -493,4 +493,21 @@ fn a_catalogue_with_a_syn_proxy_asks_for_tcp_syncookies_2() {
     syncookies("2");
     let (_, st) = status_json(&lab.edge, &instance);
     assert_eq!(st["warnings"], serde_json::json!([]), "{st:#}");
+
+    // A reload that takes the proxy away changes the advice (2 costs every connection its TCP
+    // options): the running daemon says so then, not only at its start.
+    std::fs::write(dir.join("edge.toml"), DEFAULT_CATALOGUE).unwrap();
+    let (code, out, err) = cli_in(&lab.edge, &dir, &["reload", "--instance", &instance]);
+    assert_eq!(code, 0, "reload: {out}{err}");
+    let advised =
+        |l: &String| l.contains("net.ipv4.tcp_syncookies is 2") && l.contains("set it to 1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !lines.lock().unwrap().iter().any(advised) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lines.lock().unwrap().iter().any(advised),
+        "the daemon gives the new advice after the reload: {:#?}",
+        lines.lock().unwrap()
+    );
 }

@@ -12,11 +12,9 @@
 use std::net::IpAddr;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use edge_classifier_tests::{ACK, Harness, edited_default_catalogue, tcp_segment};
-use etherparse::{PacketBuilder, TcpOptionElement::*};
-
-const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+use edge_classifier_tests::{
+    ACK, Harness, edited_default_catalogue, syn_with_options, tcp_segment,
+};
 
 fn run(h: &mut Harness, frame: &[u8], repeat: u32) -> (u32, f64) {
     let r = h
@@ -54,26 +52,7 @@ fn main() {
     let mut h = Harness::new(&cat, "external");
     let client: IpAddr = "198.51.100.1".parse().unwrap();
     let edge: IpAddr = "198.51.100.10".parse().unwrap();
-    let syn = |dport: u16| {
-        let (IpAddr::V4(s), IpAddr::V4(d)) = (client, edge) else {
-            unreachable!()
-        };
-        let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
-            .ipv4(s.octets(), d.octets(), 64)
-            .tcp(40000, dport, 1000, 64240)
-            .syn()
-            .options(&[
-                MaximumSegmentSize(1460),
-                SelectiveAcknowledgementPermitted,
-                Timestamp(12345, 0),
-                Noop,
-                WindowScale(7),
-            ])
-            .unwrap();
-        let mut out = Vec::new();
-        b.write(&mut out, &[]).unwrap();
-        out
-    };
+    let syn = |dport: u16| syn_with_options(client, 40000, edge, dport);
     let (proxied, refused) = (syn(443), syn(5269));
     // The first of each is within the budget, the second of the proxied one goes through to
     // the listener (the stamp); from then on: XDP_TX (3) and XDP_DROP (1).

@@ -391,3 +391,29 @@ pub fn jiffies() -> u64 {
         .and_then(|j| j.trim().parse().ok())
         .expect("a jiffies line")
 }
+
+/// A SYN as a Linux client sends it: MSS 1460, SACK permitted, timestamps, window scale (a
+/// 40-byte TCP header), sequence number 1000.
+pub fn syn_with_options(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    use etherparse::TcpOptionElement::*;
+    let ip = PacketBuilder::ethernet2(SRC_MAC, DST_MAC);
+    let ip = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ip.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ip.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!(),
+    };
+    let b = ip
+        .tcp(sport, dport, 1000, 64240)
+        .syn()
+        .options(&[
+            MaximumSegmentSize(1460),
+            SelectiveAcknowledgementPermitted,
+            Timestamp(12345, 0),
+            Noop,
+            WindowScale(7),
+        ])
+        .unwrap();
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).unwrap();
+    out
+}

@@ -618,32 +618,6 @@ fn a_new_rule_on_a_reused_slot_starts_with_no_limited_flows() {
 /// XDP_TX, as BPF_PROG_TEST_RUN returns it.
 const XDP_TX: u32 = 3;
 
-/// A SYN as a Linux client sends it: MSS 1460, SACK permitted, timestamps, window scale (a
-/// 40-byte TCP header), sequence number 1000.
-fn syn_with_options(src: IpAddr, sport: u16, dst: IpAddr) -> Vec<u8> {
-    use etherparse::TcpOptionElement::*;
-    let ip = PacketBuilder::ethernet2(SRC_MAC, DST_MAC);
-    let ip = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => ip.ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => ip.ipv6(s.octets(), d.octets(), 64),
-        _ => unreachable!(),
-    };
-    let b = ip
-        .tcp(sport, 443, 1000, 64240)
-        .syn()
-        .options(&[
-            MaximumSegmentSize(1460),
-            SelectiveAcknowledgementPermitted,
-            Timestamp(12345, 0),
-            Noop,
-            WindowScale(7),
-        ])
-        .unwrap();
-    let mut out = Vec::new();
-    b.write(&mut out, &[]).unwrap();
-    out
-}
-
 use aya::programs::TestRun as _;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -810,12 +784,12 @@ fn a_syn_proxy_rule_answers_syns_over_the_budget_with_a_cookie_and_checks_the_ac
         &tcp(client, 40001, dst, 443),
         Expected::Rule(P3),
     );
-    let syn = syn_with_options(client, 40002, dst);
+    let syn = syn_with_options(client, 40002, dst, 443);
     let cookie = b.expect_syn_ack("IPv4 SYN with options", &syn);
     b.expect_syn_ack("IPv4 SYN without options", &tcp(client, 40003, dst, 443));
     b.expect_syn_ack(
         "VLAN-tagged SYN",
-        &with_vlans(&syn_with_options(client, 40004, dst), &[(0x8100, 7)]),
+        &with_vlans(&syn_with_options(client, 40004, dst, 443), &[(0x8100, 7)]),
     );
     assert_eq!(b.syn_proxied(P3), 3, "counted per rule");
     assert_eq!(b.limited(P3), 0, "nothing dropped as rate_limited");
@@ -845,7 +819,10 @@ fn a_syn_proxy_rule_answers_syns_over_the_budget_with_a_cookie_and_checks_the_ac
         &tcp(c6, 40001, dst6, 443),
         Expected::Rule(P3),
     );
-    b.expect_syn_ack("IPv6 SYN with options", &syn_with_options(c6, 40002, dst6));
+    b.expect_syn_ack(
+        "IPv6 SYN with options",
+        &syn_with_options(c6, 40002, dst6, 443),
+    );
 
     // The ACKs, while the proxy is active (no socket holds these tuples in the test's
     // namespace): the cookie's ACK passes, a wrong one drops. The reference cannot know the

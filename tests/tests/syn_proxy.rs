@@ -35,7 +35,7 @@ use edge_classifier::{
 };
 use edge_classifier_common::{ProxyState, reason};
 use edge_classifier_lab::*;
-use edge_classifier_tests::edited_default_catalogue;
+use edge_classifier_tests::{edited_default_catalogue, jiffies};
 
 const P3: &str = "client-sip-tls-in";
 const PORT: u16 = 443;
@@ -371,14 +371,6 @@ fn an_idle_proxy_costs_established_segments_no_socket_lookup_and_the_stamp_lets_
 
 /// `bpf_jiffies64` ticks per second (CONFIG_HZ), from two readings of the kernel's jiffies.
 fn ticks_per_second() -> u64 {
-    let jiffies = || -> u64 {
-        std::fs::read_to_string("/proc/timer_list")
-            .expect("/proc/timer_list")
-            .lines()
-            .find_map(|l| l.strip_prefix("jiffies: "))
-            .and_then(|j| j.trim().parse().ok())
-            .expect("a jiffies line")
-    };
     let (j0, t0) = (jiffies(), Instant::now());
     std::thread::sleep(Duration::from_millis(500));
     let (j1, t1) = (jiffies(), Instant::now());

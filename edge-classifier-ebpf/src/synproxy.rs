@@ -26,13 +26,9 @@ use edge_classifier_common::reason;
 use crate::{
     classify::{PROXY_ACK, PROXY_ANSWER, Verdict},
     maps::{LIMITED, SYN_PROXIED},
+    parse::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP},
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPPROTO_TCP: u8 = 6;
 /// `struct bpf_sock::state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
 /// The window of the SYN-ACK: no window scaling is offered (the cookie carries none without

@@ -149,6 +149,17 @@ fn key(proto: &str, src: &str, sport: u64, dst: &str, dport: u64) -> String {
     format!("{proto} {src}:{sport} -> {dst}:{dport}")
 }
 
+/// The `key` of a JSON event (`monitor --json`, `/events`).
+fn event_key(v: &serde_json::Value) -> String {
+    key(
+        v["protocol"].as_str().unwrap_or("-"),
+        v["src"].as_str().unwrap_or("-"),
+        v["sport"].as_u64().unwrap_or(0),
+        v["dst"].as_str().unwrap_or("-"),
+        v["dport"].as_u64().unwrap_or(0),
+    )
+}
+
 #[test]
 fn disallowed_frames_appear_exactly_in_json_pcap_and_filtered() {
     let lab = Lab::create("mon").expect("lab");
@@ -204,18 +215,7 @@ fn disallowed_frames_appear_exactly_in_json_pcap_and_filtered() {
     let summary = lines.pop().expect("a summary line");
     assert_eq!(summary["summary"]["shown"], frames.len(), "{body}");
     assert_eq!(summary["summary"]["lost_rate_limit"], 0, "{body}");
-    let mut got: Vec<String> = lines
-        .iter()
-        .map(|v| {
-            key(
-                v["protocol"].as_str().unwrap_or("-"),
-                v["src"].as_str().unwrap_or("-"),
-                v["sport"].as_u64().unwrap_or(0),
-                v["dst"].as_str().unwrap_or("-"),
-                v["dport"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let mut got: Vec<String> = lines.iter().map(event_key).collect();
     got.sort();
     assert_eq!(got, want, "/events saw exactly the frames sent: {body}");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -288,13 +288,7 @@ fn disallowed_frames_appear_exactly_in_json_pcap_and_filtered() {
             assert_eq!(v["reason"], "no_rule", "{l}: all lines {lines:#?}");
             assert_eq!(v["iface"], EDGE_EXT, "{l}");
             assert_eq!(v["direction"], "in", "{l}");
-            key(
-                v["protocol"].as_str().unwrap_or("-"),
-                v["src"].as_str().unwrap_or("-"),
-                v["sport"].as_u64().unwrap_or(0),
-                v["dst"].as_str().unwrap_or("-"),
-                v["dport"].as_u64().unwrap_or(0),
-            )
+            event_key(&v)
         })
         .collect();
     got.sort();

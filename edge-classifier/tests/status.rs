@@ -68,6 +68,27 @@ fn capture_lines(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
     lines
 }
 
+/// Waits up to `secs` for a line of `lines` that `pred` accepts; panics with them all if none
+/// comes.
+fn wait_for_line(lines: &Mutex<Vec<String>>, what: &str, secs: u64, pred: &dyn Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if lines.lock().unwrap().iter().any(|l| pred(l)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no log line {what} in {:#?}", lines.lock().unwrap());
+}
+
+/// `net.ipv4.tcp_syncookies` in namespace `ns`.
+fn set_syncookies(ns: &str, value: &'static str) {
+    in_netns(ns, move || {
+        Ok(std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", value)?)
+    })
+    .expect("tcp_syncookies in the lab")
+}
+
 #[test]
 fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_anywhere() {
     let lab = Lab::create("st").expect("lab");
@@ -88,10 +109,7 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     })
     .expect("seg6_enabled in the lab");
     // No SYN cookies in the Edge's namespace: the daemon must say to turn them on.
-    in_netns(&lab.edge, || {
-        Ok(std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "0")?)
-    })
-    .expect("tcp_syncookies in the lab");
+    set_syncookies(&lab.edge, "0");
     // The daemon as systemd runs it: output to the journal (JOURNAL_STREAM), started from the
     // catalogue's directory with a relative path.
     let mut child = in_ns(&lab.edge, BIN)
@@ -107,16 +125,7 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
         .expect("run");
     let lines = capture_lines(&mut child);
     let daemon = Process(child, "edge-classifier");
-    let wait_for = |what: &str, pred: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if lines.lock().unwrap().iter().any(|l| pred(l)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("no log line {what} in {:#?}", lines.lock().unwrap());
-    };
+    let wait_for = |what: &str, pred: &dyn Fn(&str) -> bool| wait_for_line(&lines, what, 60, pred);
     wait_for("serving metrics", &|l| l.contains("serving metrics"));
     wait_for("the seg6_enabled warning", &|l| {
         l.starts_with("<4>") && l.contains("ext0") && l.contains("seg6_enabled is on")
@@ -447,12 +456,7 @@ fn a_catalogue_with_a_syn_proxy_asks_for_tcp_syncookies_2() {
         1,
     );
     std::fs::write(dir.join("edge.toml"), text).unwrap();
-    let syncookies = |v: &'static str| {
-        in_netns(&lab.edge, move || {
-            Ok(std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", v)?)
-        })
-        .expect("tcp_syncookies in the lab")
-    };
+    let syncookies = |v: &'static str| set_syncookies(&lab.edge, v);
     syncookies("1");
     let mut child = in_ns(&lab.edge, BIN)
         .args(["run", "--instance", &instance, "--metrics", METRICS])
@@ -465,18 +469,14 @@ fn a_catalogue_with_a_syn_proxy_asks_for_tcp_syncookies_2() {
         .expect("run");
     let lines = capture_lines(&mut child);
     let _daemon = Process(child, "edge-classifier");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let warned = |l: &String| {
-        l.contains("net.ipv4.tcp_syncookies is 1 but a rule has limit.syn_proxy")
-            && l.contains("set it to 2")
-    };
-    while Instant::now() < deadline && !lines.lock().unwrap().iter().any(warned) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        lines.lock().unwrap().iter().any(warned),
-        "run warns that the proxy needs tcp_syncookies = 2: {:#?}",
-        lines.lock().unwrap()
+    wait_for_line(
+        &lines,
+        "warning that the proxy needs tcp_syncookies = 2",
+        60,
+        &|l| {
+            l.contains("net.ipv4.tcp_syncookies is 1 but a rule has limit.syn_proxy")
+                && l.contains("set it to 2")
+        },
     );
     let (_, st) = status_json(&lab.edge, &instance);
     assert!(
@@ -499,15 +499,7 @@ fn a_catalogue_with_a_syn_proxy_asks_for_tcp_syncookies_2() {
     std::fs::write(dir.join("edge.toml"), DEFAULT_CATALOGUE).unwrap();
     let (code, out, err) = cli_in(&lab.edge, &dir, &["reload", "--instance", &instance]);
     assert_eq!(code, 0, "reload: {out}{err}");
-    let advised =
-        |l: &String| l.contains("net.ipv4.tcp_syncookies is 2") && l.contains("set it to 1");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline && !lines.lock().unwrap().iter().any(advised) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        lines.lock().unwrap().iter().any(advised),
-        "the daemon gives the new advice after the reload: {:#?}",
-        lines.lock().unwrap()
-    );
+    wait_for_line(&lines, "with the new advice after the reload", 30, &|l| {
+        l.contains("net.ipv4.tcp_syncookies is 2") && l.contains("set it to 1")
+    });
 }

@@ -631,7 +631,11 @@ fn flood(
     let trafgen = std::thread::spawn({
         let ns = lab.remote.clone();
         move || {
-            // The qdisc path: the sender waits for the veth rather than losing frames.
+            // The qdisc path: the sender waits for the veth rather than losing frames. A rate
+            // makes trafgen send frame by frame (a blocking sendto): its TX ring, used without
+            // one, gives up with EAGAIN ("Flushing TX_RING failed") whenever the socket's send
+            // buffer is full as a flush starts, which a busy host makes likely. 2 Mpps is beyond
+            // what one core sends here, so the veth is still the limit.
             in_ns(&ns, "timeout")
                 .args([
                     "60", "taskset", "-c", "1", "trafgen", "--dev", "wan0", "--conf",
@@ -643,6 +647,8 @@ fn flood(
                     "--cpus",
                     "1",
                     "--qdisc-path",
+                    "--rate",
+                    "2000000pps",
                 ])
                 .output()
                 .expect("trafgen")

@@ -45,3 +45,39 @@ pub fn names() -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{catalogue::Catalogue, compile::compile};
+
+    /// The limits the profiles suggest in comments stay true to the catalogue language: with
+    /// them uncommented, each profile still parses and compiles, and the rule under the
+    /// comment carries the limit.
+    #[test]
+    fn the_suggested_limits_hold_when_uncommented() {
+        let mut suggested = Vec::new();
+        for p in PROFILES {
+            let text = p.text.replace("\n# limit = ", "\nlimit = ");
+            if text == p.text {
+                continue;
+            }
+            let cat = Catalogue::parse(p.name, &text).unwrap_or_else(|e| panic!("{}: {e}", p.name));
+            compile(&cat).unwrap_or_else(|e| panic!("{}: {e}", p.name));
+            suggested.extend(
+                cat.rules
+                    .iter()
+                    .filter(|r| r.limit.is_some())
+                    .map(|r| format!("{}: {}", p.name, r.id)),
+            );
+        }
+        assert_eq!(
+            suggested,
+            [
+                "sfb-edge: access-sip-federation-in",
+                "sip-xmpp-edge: sip-tls-in"
+            ],
+            "the rules under the suggested limits"
+        );
+    }
+}

@@ -103,18 +103,25 @@ fn ports() -> Vec<u16> {
     v
 }
 
+/// The seeded flows' (Edge port, peer port, transport, rule), in each family between the Edge
+/// and the peer.
+const SEEDED: [(u16, u16, u32, &str); 4] = [
+    (41000, 5061, TRANSPORT_TCP, "sip-federation-out"),
+    (41000, 5269, TRANSPORT_TCP, "xmpp-federation-out"),
+    (50010, 7000, TRANSPORT_TCP, "messenger-rtp-tcp-out"),
+    (42000, 3478, TRANSPORT_UDP, "messenger-stun-out"),
+];
+
+/// (Edge, peer) in each family.
+const PAIRS: [(IpAddr, IpAddr); 2] = [
+    (IpAddr::V4(EXT4), IpAddr::V4(PEER4)),
+    (IpAddr::V6(EXT6), IpAddr::V6(PEER6)),
+];
+
 fn flows_seeded() -> Vec<(FlowKey, &'static str)> {
     let mut out = Vec::new();
-    for (l, r) in [
-        (IpAddr::V4(EXT4), IpAddr::V4(PEER4)),
-        (IpAddr::V6(EXT6), IpAddr::V6(PEER6)),
-    ] {
-        for (lp, rp, t, rule) in [
-            (41000u16, 5061u16, TRANSPORT_TCP, "sip-federation-out"),
-            (41000, 5269, TRANSPORT_TCP, "xmpp-federation-out"),
-            (50010, 7000, TRANSPORT_TCP, "messenger-rtp-tcp-out"),
-            (42000, 3478, TRANSPORT_UDP, "messenger-stun-out"),
-        ] {
+    for (l, r) in PAIRS {
+        for (lp, rp, t, rule) in SEEDED {
             let mut k = FlowKey {
                 local_port: lp,
                 remote_port: rp,
@@ -165,6 +172,17 @@ fn structured(rng: &mut Rng) -> Vec<Vec<u8>> {
                     out.push(udp(src, rs, dst, rd));
                 }
             }
+        }
+    }
+    // A reply to each seeded flow, whatever the seed picked above: the mutations start from
+    // every outbound rule's counter.
+    for (edge, peer) in PAIRS {
+        for (lp, rp, t, _) in SEEDED {
+            out.push(if t == TRANSPORT_TCP {
+                tcp_segment(peer, rp, edge, lp, ACK)
+            } else {
+                udp(peer, rp, edge, lp)
+            });
         }
     }
     // First fragments whose L4 header is cut short, with consistent IP lengths.

@@ -52,6 +52,11 @@ impl Both {
         }
     }
 
+    /// A SYN from `src`:`sport` to P3 (TCP 443 of the Edge's IPv4 address), as `expect`.
+    fn syn_to_p3(&mut self, name: &str, src: IpAddr, sport: u16, counted: Expected) {
+        self.expect(name, &tcp(src, sport, IpAddr::V4(EXT4), 443), counted);
+    }
+
     /// One frame: the kernel's verdict and counter as expected, and the reference's the same.
     fn expect(&mut self, name: &str, frame: &[u8], counted: Expected) {
         let pass = match &counted {
@@ -111,15 +116,17 @@ fn syns_beyond_a_sources_burst_drop_as_rate_limited_and_established_segments_pas
     let client = v4("192.0.2.77");
     let dst = IpAddr::V4(EXT4);
     for port in 0..3 {
-        b.expect(
+        b.syn_to_p3(
             &format!("SYN {port} within the burst"),
-            &tcp(client, 40000 + port, dst, 443),
+            client,
+            40000 + port,
             Expected::Rule(P3),
         );
     }
-    b.expect(
+    b.syn_to_p3(
         "SYN beyond the burst",
-        &tcp(client, 40003, dst, 443),
+        client,
+        40003,
         drop_reason("rate_limited"),
     );
     assert_eq!(b.limited(P3), 1, "counted against the rule");
@@ -135,9 +142,10 @@ fn syns_beyond_a_sources_burst_drop_as_rate_limited_and_established_segments_pas
         Expected::Rule(P3),
     );
     // Another /32 has a bucket of its own; /32 is the default prefix.
-    b.expect(
+    b.syn_to_p3(
         "SYN from the neighbour address",
-        &tcp(v4("192.0.2.78"), 40000, dst, 443),
+        v4("192.0.2.78"),
+        40000,
         Expected::Rule(P3),
     );
     // IPv6 sources share a /64.
@@ -178,22 +186,14 @@ fn the_source_prefix_is_configurable() {
         r#"{ per_source = "1/h", burst = 1, prefix_v4 = 24 }"#,
         "",
     ));
-    let dst = IpAddr::V4(EXT4);
-    b.expect(
-        "first of the /24",
-        &tcp(v4("192.0.2.1"), 1, dst, 443),
-        Expected::Rule(P3),
-    );
-    b.expect(
+    b.syn_to_p3("first of the /24", v4("192.0.2.1"), 1, Expected::Rule(P3));
+    b.syn_to_p3(
         "second address of the /24",
-        &tcp(v4("192.0.2.200"), 1, dst, 443),
+        v4("192.0.2.200"),
+        1,
         drop_reason("rate_limited"),
     );
-    b.expect(
-        "next /24",
-        &tcp(v4("192.0.3.1"), 1, dst, 443),
-        Expected::Rule(P3),
-    );
+    b.syn_to_p3("next /24", v4("192.0.3.1"), 1, Expected::Rule(P3));
 }
 
 #[test]
@@ -202,26 +202,19 @@ fn the_total_budget_is_spent_only_by_admitted_sources() {
         r#"{ per_source = "1/h", burst = 1, total = "1/h", total_burst = 2 }"#,
         "",
     ));
-    let dst = IpAddr::V4(EXT4);
-    b.expect(
-        "source A",
-        &tcp(v4("192.0.2.1"), 1, dst, 443),
-        Expected::Rule(P3),
-    );
+    b.syn_to_p3("source A", v4("192.0.2.1"), 1, Expected::Rule(P3));
     // A's second SYN is refused by its own bucket and does not spend the total.
-    b.expect(
+    b.syn_to_p3(
         "source A again",
-        &tcp(v4("192.0.2.1"), 2, dst, 443),
+        v4("192.0.2.1"),
+        2,
         drop_reason("rate_limited"),
     );
-    b.expect(
-        "source B",
-        &tcp(v4("192.0.2.2"), 1, dst, 443),
-        Expected::Rule(P3),
-    );
-    b.expect(
+    b.syn_to_p3("source B", v4("192.0.2.2"), 1, Expected::Rule(P3));
+    b.syn_to_p3(
         "source C: the total is spent",
-        &tcp(v4("192.0.2.3"), 1, dst, 443),
+        v4("192.0.2.3"),
+        1,
         drop_reason("rate_limited"),
     );
     assert_eq!(b.limited(P3), 2);
@@ -233,21 +226,18 @@ fn exempt_partners_are_never_limited() {
         r#"{ per_source = "1/h", burst = 1, total = "1/h", total_burst = 1, exempt = ["public_im_partners"] }"#,
         "",
     ));
-    let dst = IpAddr::V4(EXT4);
-    b.expect(
-        "a stranger",
-        &tcp(v4("192.0.2.1"), 1, dst, 443),
-        Expected::Rule(P3),
-    );
-    b.expect(
+    b.syn_to_p3("a stranger", v4("192.0.2.1"), 1, Expected::Rule(P3));
+    b.syn_to_p3(
         "another stranger: the total is spent",
-        &tcp(v4("192.0.2.2"), 1, dst, 443),
+        v4("192.0.2.2"),
+        1,
         drop_reason("rate_limited"),
     );
     for port in 0..20 {
-        b.expect(
+        b.syn_to_p3(
             &format!("partner SYN {port}"),
-            &tcp(IpAddr::V4(PARTNER4), 40000 + port, dst, 443),
+            IpAddr::V4(PARTNER4),
+            40000 + port,
             Expected::Rule(P3),
         );
     }
@@ -259,36 +249,30 @@ fn a_set_with_its_own_budget_neither_spends_nor_is_spent_by_the_others() {
         r#"{ per_source = "1/h", burst = 1, total = "1/h", total_burst = 2, own_budget = { sets = ["public_im_partners"], rate = "1/h", burst = 3 } }"#,
         "",
     ));
-    let dst = IpAddr::V4(EXT4);
     let partner = IpAddr::V4(PARTNER4);
     // The partner set's budget: 3 new flows from one partner address, where the per-source
     // budget would have allowed 1.
     for port in 0..3 {
-        b.expect(
+        b.syn_to_p3(
             &format!("partner SYN {port}"),
-            &tcp(partner, 40000 + port, dst, 443),
+            partner,
+            40000 + port,
             Expected::Rule(P3),
         );
     }
-    b.expect(
+    b.syn_to_p3(
         "partner SYN beyond its set's budget",
-        &tcp(partner, 40003, dst, 443),
+        partner,
+        40003,
         drop_reason("rate_limited"),
     );
     // Everyone else: the total of 2 is whole, the partners took none of it.
-    b.expect(
-        "stranger A",
-        &tcp(v4("192.0.2.1"), 1, dst, 443),
-        Expected::Rule(P3),
-    );
-    b.expect(
-        "stranger B",
-        &tcp(v4("192.0.2.2"), 1, dst, 443),
-        Expected::Rule(P3),
-    );
-    b.expect(
+    b.syn_to_p3("stranger A", v4("192.0.2.1"), 1, Expected::Rule(P3));
+    b.syn_to_p3("stranger B", v4("192.0.2.2"), 1, Expected::Rule(P3));
+    b.syn_to_p3(
         "stranger C: the total is spent",
-        &tcp(v4("192.0.2.3"), 1, dst, 443),
+        v4("192.0.2.3"),
+        1,
         drop_reason("rate_limited"),
     );
     assert_eq!(b.limited(P3), 2);
@@ -325,7 +309,7 @@ fn an_empty_bucket_refills_with_time() {
     let mut b = Both::new(&limited(r#"{ per_source = "2/s", burst = 1 }"#, ""));
     let client = v4("192.0.2.77");
     let dst = IpAddr::V4(EXT4);
-    b.expect("first SYN", &tcp(client, 1, dst, 443), Expected::Rule(P3));
+    b.syn_to_p3("first SYN", client, 1, Expected::Rule(P3));
     // The test may cross a tick here, but half a second it does not.
     b.h.expect(
         "second SYN",
@@ -380,15 +364,11 @@ fn monitor_mode_passes_what_the_limit_would_drop() {
     let mut cat = limited(r#"{ per_source = "1/h", burst = 1 }"#, "");
     cat.policy.default = edge_classifier::catalogue::Action::Pass;
     let mut b = Both::new(&cat);
-    let dst = IpAddr::V4(EXT4);
-    b.expect(
-        "first",
-        &tcp(v4("192.0.2.1"), 1, dst, 443),
-        Expected::Rule(P3),
-    );
-    b.expect(
+    b.syn_to_p3("first", v4("192.0.2.1"), 1, Expected::Rule(P3));
+    b.syn_to_p3(
         "over the limit",
-        &tcp(v4("192.0.2.1"), 2, dst, 443),
+        v4("192.0.2.1"),
+        2,
         pass_reason("monitor_rate_limited"),
     );
     assert_eq!(b.limited(P3), 1, "counted as limited all the same");
@@ -494,18 +474,14 @@ fn the_snapshot_and_metrics_show_limited_flows_sources_and_buckets() {
         rules: 10,
     };
     let mut b = Both::new(&limited(r#"{ per_source = "1/h", burst = 1 }"#, ""));
-    let dst = IpAddr::V4(EXT4);
     for src in ["192.0.2.1", "192.0.2.2"] {
-        b.expect("first", &tcp(v4(src), 1, dst, 443), Expected::Rule(P3));
-        b.expect(
-            "limited",
-            &tcp(v4(src), 2, dst, 443),
-            drop_reason("rate_limited"),
-        );
+        b.syn_to_p3("first", v4(src), 1, Expected::Rule(P3));
+        b.syn_to_p3("limited", v4(src), 2, drop_reason("rate_limited"));
     }
-    b.expect(
+    b.syn_to_p3(
         "third source, first SYN",
-        &tcp(v4("192.0.2.3"), 1, dst, 443),
+        v4("192.0.2.3"),
+        1,
         Expected::Rule(P3),
     );
     let s = Snapshot::read(&b.h.classifier, info(), Default::default()).unwrap();
@@ -774,14 +750,11 @@ fn a_syn_proxy_rule_answers_syns_over_the_budget_with_a_cookie_and_checks_the_ac
     ));
     let client = v4("192.0.2.77");
     let dst = IpAddr::V4(EXT4);
-    b.expect(
-        "SYN within the budget",
-        &tcp(client, 40000, dst, 443),
-        Expected::Rule(P3),
-    );
-    b.expect(
+    b.syn_to_p3("SYN within the budget", client, 40000, Expected::Rule(P3));
+    b.syn_to_p3(
         "the first SYN over the budget goes through to the listener (its stamp)",
-        &tcp(client, 40001, dst, 443),
+        client,
+        40001,
         Expected::Rule(P3),
     );
     let syn = syn_with_options(client, 40002, dst, 443);
@@ -903,12 +876,12 @@ fn monitor_mode_does_not_proxy() {
         ),
     ]));
     let client = v4("192.0.2.77");
-    let dst = IpAddr::V4(EXT4);
-    b.expect("within", &tcp(client, 40000, dst, 443), Expected::Rule(P3));
+    b.syn_to_p3("within", client, 40000, Expected::Rule(P3));
     for port in 40001..40004 {
-        b.expect(
+        b.syn_to_p3(
             "over the budget in monitor mode",
-            &tcp(client, port, dst, 443),
+            client,
+            port,
             pass_reason("monitor_rate_limited"),
         );
     }

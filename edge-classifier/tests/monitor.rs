@@ -28,9 +28,10 @@ struct Mon {
     stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-fn start_monitor(ns: &str, args: &[&str]) -> Mon {
+/// `edge-classifier monitor --instance INSTANCE ARGS…` in `ns`, once it says it is attached.
+fn start_monitor(ns: &str, instance: &str, args: &[&str]) -> Mon {
     let mut child: Child = in_ns(ns, BIN)
-        .arg("monitor")
+        .args(["monitor", "--instance", instance])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -231,34 +232,18 @@ fn disallowed_frames_appear_exactly_in_json_pcap_and_filtered() {
     drop(daemon);
     let all = start_monitor(
         &lab.edge,
-        &[
-            "--instance",
-            &instance,
-            "--json",
-            "--count",
-            &n,
-            "--duration",
-            "30",
-        ],
+        &instance,
+        &["--json", "--count", &n, "--duration", "30"],
     );
     let written = start_monitor(
         &lab.edge,
-        &[
-            "--instance",
-            &instance,
-            "--write",
-            &pcap_s,
-            "--count",
-            &n,
-            "--duration",
-            "30",
-        ],
+        &instance,
+        &["--write", &pcap_s, "--count", &n, "--duration", "30"],
     );
     let ssh = start_monitor(
         &lab.edge,
+        &instance,
         &[
-            "--instance",
-            &instance,
             "--json",
             "--reason",
             "no_rule",
@@ -394,9 +379,8 @@ fn egress_and_rule_events_four_monitors_and_a_killed_one_leaves_nothing() {
     // The Edge's SYN-ACK to an allowed connection: an egress pass from the TC program.
     let egress = start_monitor(
         &lab.edge,
+        &instance,
         &[
-            "--instance",
-            &instance,
             "--json",
             "--verdict",
             "pass",
@@ -411,9 +395,8 @@ fn egress_and_rule_events_four_monitors_and_a_killed_one_leaves_nothing() {
     // The allowed SYN itself, selected by its rule in the kernel.
     let by_rule = start_monitor(
         &lab.edge,
+        &instance,
         &[
-            "--instance",
-            &instance,
             "--json",
             "--verdict",
             "pass",
@@ -426,7 +409,7 @@ fn egress_and_rule_events_four_monitors_and_a_killed_one_leaves_nothing() {
         ],
     );
     let others: Vec<Mon> = (0..2)
-        .map(|_| start_monitor(&lab.edge, &["--instance", &instance, "--duration", "60"]))
+        .map(|_| start_monitor(&lab.edge, &instance, &["--duration", "60"]))
         .collect();
     assert_eq!(
         maps().iface(ext).unwrap().monitors,
@@ -515,7 +498,7 @@ fn egress_and_rule_events_four_monitors_and_a_killed_one_leaves_nothing() {
         0,
         "nothing left behind"
     );
-    let again = start_monitor(&lab.edge, &["--instance", &instance, "--duration", "1"]);
+    let again = start_monitor(&lab.edge, &instance, &["--duration", "1"]);
     again.finish(Duration::from_secs(10));
     assert_eq!(maps().iface(ext).unwrap().monitors, 0);
 
@@ -607,9 +590,8 @@ fn flood(
     let veth_before = veth_drops(&lab.remote, "wan0") + veth_drops(&lab.edge, EDGE_EXT);
     let mon = start_monitor(
         &lab.edge,
+        instance,
         &[
-            "--instance",
-            instance,
             "--reason",
             "no_rule",
             "--iface",

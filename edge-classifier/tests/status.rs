@@ -94,8 +94,8 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
     let lab = Lab::create("st").expect("lab");
     let instance = format!("st{}", std::process::id());
     let _stop = Stop(instance.clone());
-    let dir = std::env::temp_dir().join(format!("ec-status-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("status");
+    let dir = tmp.0.clone();
     std::fs::write(dir.join("edge.toml"), DEFAULT_CATALOGUE).unwrap();
     let _listeners = Listeners::start(&lab.edge, &[443], &[]).expect("listeners");
 
@@ -278,7 +278,6 @@ fn status_reads_pins_with_and_without_the_daemon_and_reload_finds_the_file_from_
         &["status", "--instance", &instance],
     );
     assert!(text.contains("NOT every bound NIC is protected"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
     drop(lab);
 }
 
@@ -448,8 +447,8 @@ fn a_catalogue_with_a_syn_proxy_asks_for_tcp_syncookies_2() {
     let lab = Lab::create("stp").expect("lab");
     let instance = format!("stp{}", std::process::id());
     let _stop = Stop(instance.clone());
-    let dir = std::env::temp_dir().join(format!("ec-status-proxy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("status-proxy");
+    let dir = tmp.0.clone();
     let text = DEFAULT_CATALOGUE.replacen(
         "id = \"client-sip-tls-in\"",
         "id = \"client-sip-tls-in\"\nlimit = { per_source = \"20/s\", syn_proxy = true }",

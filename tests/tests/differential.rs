@@ -605,17 +605,22 @@ fn large_catalogue(outgrow_stride: bool) -> Harness {
     )
 }
 
-fn agree_with_large(mut c: Checker, seed: u64, name: &str) {
+/// The structured frames, then mutations of them until `c` has checked `until` frames.
+fn structured_then_mutated(c: &mut Checker, seed: u64, until: u64) {
     let mut rng = seeded(seed);
     let base = structured(&mut rng);
     for f in &base {
         c.check(f);
     }
-    while c.checked < 20_000 {
+    while c.checked < until {
         let i = rng.below(base.len());
         let f = mutate(&mut rng, &base[i]);
         c.check(&f);
     }
+}
+
+fn agree_with_large(mut c: Checker, seed: u64, name: &str) {
+    structured_then_mutated(&mut c, seed, 20_000);
     c.finish(name);
 }
 
@@ -666,16 +671,7 @@ fn kernel_and_reference_agree_on_limits() {
             c.check(&tcp_segment(src, 41000 + port, dst, 5269, SYN));
         }
     }
-    let mut rng = seeded(0x0bad_cafe_f00d_0020);
-    let base = structured(&mut rng);
-    for f in &base {
-        c.check(f);
-    }
-    while c.checked < 20_000 {
-        let i = rng.below(base.len());
-        let f = mutate(&mut rng, &base[i]);
-        c.check(&f);
-    }
+    structured_then_mutated(&mut c, 0x0bad_cafe_f00d_0020, 20_000);
     let seen = c.seen.clone();
     c.finish("limits");
     for want in [

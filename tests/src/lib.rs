@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use aya::programs::{TestRun as _, TestRunOptions};
 use edge_classifier::{
     catalogue::Catalogue,
-    compile::compile,
+    compile::{Compiled, compile, compile_with},
     loader::{Binding, Classifier},
-    maps::IfaceStats,
+    maps::{Holds, IfaceStats},
 };
 use edge_classifier_common::{Counter, reason};
 use etherparse::{
@@ -62,6 +62,8 @@ pub fn drop_reason(name: &'static str) -> Expected {
 pub struct Harness {
     pub classifier: Classifier,
     pub binding: Binding,
+    /// What each buffer holds, as the daemon's reload tracks it (`reload`).
+    held: [Option<Compiled>; 2],
 }
 
 impl Harness {
@@ -72,10 +74,34 @@ impl Harness {
             .bind("lo", role)
             .unwrap_or_else(|e| panic!("bind lo: {e}"))
             .clone();
+        let mut held = [None, None];
+        held[classifier.maps().active().expect("the active buffer") as usize] =
+            Some(classifier.compiled().clone());
         Harness {
             classifier,
             binding,
+            held,
         }
+    }
+
+    /// Compiles `cat` keeping the running rules' slots and swaps it in through the other
+    /// buffer, as `reload` does; panics naming `step` on error.
+    pub fn reload(&mut self, cat: &Catalogue, step: &str) {
+        let c = &mut self.classifier;
+        let next = compile_with(cat, &c.compiled().assignments)
+            .unwrap_or_else(|e| panic!("{step}: compile: {e}"));
+        let running = c.compiled().clone();
+        let target = 1 - c.maps().active().unwrap() as usize;
+        let holds = self.held[target]
+            .as_ref()
+            .map_or(Holds::Empty, Holds::Compiled);
+        let now = c
+            .maps_mut()
+            .swap_in(&next, holds, Some(&running))
+            .unwrap_or_else(|e| panic!("{step}: swap_in: {e} ({:?})", e.source));
+        assert_eq!(now as usize, target, "{step}");
+        self.held[target] = Some(next.clone());
+        c.set_compiled(next);
     }
 
     pub fn default_catalogue(role: &str) -> Harness {

@@ -11,11 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edge_classifier::{
-    catalogue::{Catalogue, PortRange},
-    compile::{Compiled, compile_with},
-    maps::Holds,
-};
+use edge_classifier::catalogue::{Catalogue, PortRange};
 use edge_classifier_common::{
     FlowKey, FlowState, MAX_PREFIXES_PER_BUFFER, MAX_RULES_PER_CATALOGUE,
 };
@@ -89,41 +85,6 @@ fn check_partners(h: &mut Harness, v: u32, n: u32, step: &str) {
     }
 }
 
-/// What each buffer holds, as the reload code tracks it, and the reload itself.
-struct Reloads {
-    h: Harness,
-    held: [Option<Compiled>; 2],
-}
-
-impl Reloads {
-    fn new(first: &Catalogue) -> Reloads {
-        let h = Harness::new(first, "external");
-        let mut held = [None, None];
-        held[h.classifier.maps().active().unwrap() as usize] =
-            Some(h.classifier.compiled().clone());
-        Reloads { h, held }
-    }
-
-    /// Compiles `cat` keeping the running slots and swaps it in; panics naming `step` on error.
-    fn reload(&mut self, cat: &Catalogue, step: &str) {
-        let c = &mut self.h.classifier;
-        let next = compile_with(cat, &c.compiled().assignments)
-            .unwrap_or_else(|e| panic!("{step}: compile: {e}"));
-        let running = c.compiled().clone();
-        let target = 1 - c.maps().active().unwrap() as usize;
-        let holds = self.held[target]
-            .as_ref()
-            .map_or(Holds::Empty, Holds::Compiled);
-        let now = c
-            .maps_mut()
-            .swap_in(&next, holds, Some(&running))
-            .unwrap_or_else(|e| panic!("{step}: swap_in: {e} ({:?})", e.source));
-        assert_eq!(now as usize, target, "{step}");
-        self.held[target] = Some(next.clone());
-        c.set_compiled(next);
-    }
-}
-
 /// Catalogues of exactly `MAX_PREFIXES_PER_BUFFER` IPv4 and IPv6 prefixes (the default route
 /// included), each disjoint from the one before: after the first reload both buffers are full,
 /// and the second replaces every entry of the buffer it writes while the running buffer's stay,
@@ -137,8 +98,8 @@ fn reloads_of_catalogues_at_the_prefix_limit_fit_with_both_buffers_full() {
     let n = MAX_PREFIXES_PER_BUFFER - OTHER_PREFIXES;
     let started = Instant::now();
     let cats: Vec<Catalogue> = (0..3).map(|v| with_partners(v, n)).collect();
-    let mut r = Reloads::new(&cats[0]);
-    let c = r.h.classifier.compiled();
+    let mut h = Harness::new(&cats[0], "external");
+    let c = h.classifier.compiled();
     assert_eq!(c.prefixes_v4.len(), MAX_PREFIXES_PER_BUFFER as usize);
     assert_eq!(c.prefixes_v6.len(), MAX_PREFIXES_PER_BUFFER as usize);
     assert_eq!(
@@ -148,13 +109,13 @@ fn reloads_of_catalogues_at_the_prefix_limit_fit_with_both_buffers_full() {
     );
     assert_eq!(c.trie_v6().len(), MAX_PREFIXES_PER_BUFFER as usize);
     eprintln!("loaded in {:?}", started.elapsed());
-    check_partners(&mut r.h, 0, n, "loaded");
+    check_partners(&mut h, 0, n, "loaded");
     for (step, v) in [1u32, 2].into_iter().enumerate() {
         let name = format!("reload {} (catalogue {v})", step + 1);
         let t = Instant::now();
-        r.reload(&cats[v as usize], &name);
+        h.reload(&cats[v as usize], &name);
         eprintln!("{name} in {:?}", t.elapsed());
-        check_partners(&mut r.h, v, n, &name);
+        check_partners(&mut h, v, n, &name);
     }
     eprintln!("{:?} in all", started.elapsed());
 }
@@ -180,13 +141,13 @@ fn reloads_of_catalogues_at_the_rule_limit_fit_with_every_id_new() {
         cat
     };
     let partner = IpAddr::V4(edge_classifier_lab::v4_of(edge_classifier_lab::PARTNER_V4));
-    let mut r = Reloads::new(&at_limit(0));
+    let mut h = Harness::new(&at_limit(0), "external");
     for (step, v) in [1u32, 2, 0, 1].into_iter().enumerate() {
         let name = format!("reload {} (catalogue {v})", step + 1);
-        r.reload(&at_limit(v), &name);
+        h.reload(&at_limit(v), &name);
         for i in [0, MAX_RULES_PER_CATALOGUE - 1] {
             let id: &'static str = Box::leak(format!("v{v}-r{i}").into_boxed_str());
-            r.h.expect(
+            h.expect(
                 &format!("{name}: rule {i}"),
                 &tcp(partner, 40000, IpAddr::V4(EXT4), 10000 + i as u16),
                 XDP_PASS,

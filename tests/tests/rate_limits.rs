@@ -7,11 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use edge_classifier::{
-    compile::compile_with,
-    maps::Holds,
-    reference::{Counted, FlowTable, Reference},
-};
+use edge_classifier::reference::{Counted, FlowTable, Reference};
 use edge_classifier_common::reason;
 use edge_classifier_tests::*;
 
@@ -392,20 +388,6 @@ fn a_reload_that_changes_the_limit_starts_fresh_buckets_and_one_that_keeps_it_ke
         XDP_DROP,
         &drop_reason("rate_limited"),
     );
-    let mut held: [Option<edge_classifier::compile::Compiled>; 2] = [None, None];
-    held[h.classifier.maps().active().unwrap() as usize] = Some(h.classifier.compiled().clone());
-    let mut reload = |h: &mut Harness, cat: &edge_classifier::catalogue::Catalogue| {
-        let next = compile_with(cat, &h.classifier.compiled().assignments).unwrap();
-        let running = h.classifier.compiled().clone();
-        let target = 1 - h.classifier.maps().active().unwrap() as usize;
-        let holds = held[target].as_ref().map_or(Holds::Empty, Holds::Compiled);
-        h.classifier
-            .maps_mut()
-            .swap_in(&next, holds, Some(&running))
-            .unwrap();
-        held[target] = Some(next.clone());
-        h.classifier.set_compiled(next);
-    };
     // The same limit (another rule's note changed): the empty bucket stands.
     let same = edited_default_catalogue(&[
         (
@@ -417,7 +399,7 @@ fn a_reload_that_changes_the_limit_starts_fresh_buckets_and_one_that_keeps_it_ke
             "Internal Edge interface address.",
         ),
     ]);
-    reload(&mut h, &same);
+    h.reload(&same, "same limit");
     h.expect(
         "same limit: still limited",
         &tcp(client, 3, dst, 443),
@@ -426,7 +408,7 @@ fn a_reload_that_changes_the_limit_starts_fresh_buckets_and_one_that_keeps_it_ke
     );
     // A larger burst: a new budget, fresh buckets.
     let two = limited(r#"{ per_source = "1/h", burst = 2 }"#, "");
-    reload(&mut h, &two);
+    h.reload(&two, "larger burst");
     h.expect(
         "new limit: a fresh bucket",
         &tcp(client, 4, dst, 443),
@@ -446,9 +428,9 @@ fn a_reload_that_changes_the_limit_starts_fresh_buckets_and_one_that_keeps_it_ke
         &drop_reason("rate_limited"),
     );
     // The limit removed: nothing is limited.
-    reload(
-        &mut h,
+    h.reload(
         &edge_classifier::catalogue::Catalogue::default_catalogue(),
+        "no limit",
     );
     for port in 7..12 {
         h.expect(
@@ -543,25 +525,7 @@ fn a_new_rule_on_a_reused_slot_starts_with_no_limited_flows() {
     );
     let old_slot = h.classifier.compiled().rule_slot(P3);
     assert_eq!(h.classifier.maps().limited(&[old_slot]).unwrap(), [1]);
-    let mut held: [Option<edge_classifier::compile::Compiled>; 2] = [None, None];
-    held[h.classifier.maps().active().unwrap() as usize] = Some(h.classifier.compiled().clone());
-    let mut reload = |h: &mut Harness, text: &str| {
-        let cat = edge_classifier::catalogue::Catalogue::parse("t.toml", text).unwrap();
-        let next = compile_with(&cat, &h.classifier.compiled().assignments).unwrap();
-        let running = h.classifier.compiled().clone();
-        let target = 1 - h.classifier.maps().active().unwrap() as usize;
-        let holds = held[target].as_ref().map_or(Holds::Empty, Holds::Compiled);
-        h.classifier
-            .maps_mut()
-            .swap_in(&next, holds, Some(&running))
-            .unwrap();
-        h.classifier
-            .maps_mut()
-            .activate(target as u32, &next)
-            .unwrap();
-        held[target] = Some(next.clone());
-        h.classifier.set_compiled(next);
-    };
+    let parse = |text: &str| edge_classifier::catalogue::Catalogue::parse("t.toml", text).unwrap();
     let default = edge_classifier::catalogue::DEFAULT_CATALOGUE;
     // P3 removed, then a new rule on 443 under another id: it gets P3's old slot.
     let without = default.replacen(
@@ -575,13 +539,13 @@ fn a_new_rule_on_a_reused_slot_starts_with_no_limited_flows() {
     let end = start + 9 + without[start + 9..].find("[[rule]]").unwrap();
     let mut removed = without.clone();
     removed.replace_range(start..end, "");
-    reload(&mut h, &removed);
+    h.reload(&parse(&removed), "P3 removed");
     let renamed = default.replacen(
         "id = \"client-sip-tls-in\"",
         "id = \"client-sip-tls-in-2\"\nlimit = { per_source = \"1/h\", burst = 1 }",
         1,
     );
-    reload(&mut h, &renamed);
+    h.reload(&parse(&renamed), "a new rule on 443");
     let new_slot = h.classifier.compiled().rule_slot("client-sip-tls-in-2");
     assert_eq!(new_slot, old_slot, "the test needs the slot reused");
     assert_eq!(

@@ -609,7 +609,6 @@ interface = "external"
 /// catalogue's partners.
 #[test]
 fn reloads_rewrite_the_stride_table() {
-    use edge_classifier::{compile::compile_with, maps::Holds};
     use ipnet::IpNet;
 
     let partners = |nets: Vec<String>| {
@@ -670,9 +669,6 @@ fn reloads_rewrite_the_stride_table() {
         "A uses the stride table"
     );
     check(&mut h, &a, "start with A");
-    // What each buffer holds, as the reload code tracks it.
-    let mut held: [Option<edge_classifier::compile::Compiled>; 2] = [None, None];
-    held[h.classifier.maps().active().unwrap() as usize] = Some(h.classifier.compiled().clone());
     for (step, nets) in [
         ("A -> B (fresh buffer)", &b),
         ("B -> small (stride region left stale)", &small),
@@ -681,25 +677,7 @@ fn reloads_rewrite_the_stride_table() {
         ("B -> B (nothing to write)", &b),
         ("B -> A", &a),
     ] {
-        let next = compile_with(
-            &partners(nets.clone()),
-            &h.classifier.compiled().assignments,
-        )
-        .unwrap_or_else(|e| panic!("{step}: {e}"));
-        let running = h.classifier.compiled().clone();
-        let target = 1 - h.classifier.maps().active().unwrap() as usize;
-        let holds = match &held[target] {
-            Some(c) => Holds::Compiled(c),
-            None => Holds::Empty,
-        };
-        let now = h
-            .classifier
-            .maps_mut()
-            .swap_in(&next, holds, Some(&running))
-            .unwrap_or_else(|e| panic!("{step}: {e}"));
-        assert_eq!(now as usize, target, "{step}");
-        held[target] = Some(next.clone());
-        h.classifier.set_compiled(next);
+        h.reload(&partners(nets.clone()), step);
         check(&mut h, nets, step);
     }
 }
